@@ -1,0 +1,365 @@
+"""The agent: runs inside each rank, owns the live state, answers commands over NATS.
+
+Async programs use it directly::
+
+    async with Agent(state, run="exp1") as agent:
+        ...
+
+Sync programs call :func:`agent.control`, which runs this same class on a background
+event-loop thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Generic, Self, TypeVar
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import BaseModel
+
+from bus import messages as m
+from bus.connection import DEFAULT_URL, connect, env_url
+from bus.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RunctlError,
+    ServerStartError,
+)
+from bus.registry import Registry
+from bus.server import NatsServer
+from bus.subjects import (
+    check_rank,
+    check_token,
+    command_wildcards,
+    event_subject,
+    state_subject,
+)
+from agent.env import detect_rank, detect_run, detect_world_size
+from agent.state import LiveState
+
+__all__ = ["Agent"]
+
+M = TypeVar("M", bound=BaseModel)
+DEFAULT_MAX_PAYLOAD: Final = 1 << 20
+#: bound on every wait for the server while serving: the program never waits on a dead bus
+PUBLISH_TIMEOUT: Final = 1.0
+EMBEDDED_PORT: Final = 4222
+
+log = structlog.get_logger()
+
+
+class Agent(Generic[M]):
+    def __init__(
+        self,
+        state: M,
+        *,
+        run: str | None = None,
+        rank: str | int | None = None,
+        url: str | None = None,
+        heartbeat: float = 1.0,
+        lock: threading.RLock | None = None,
+        on_stop: Callable[[str], object] | None = None,
+        embedded: bool | None = None,
+        data_dir: str | os.PathLike[str] = ".runctl",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.live = LiveState(state, lock)
+        self.run = check_token(run if run is not None else detect_run(), "run")
+        self.rank = check_rank(rank if rank is not None else detect_rank(), allow_all=False)
+        self.world_size = detect_world_size()
+        self.url = url or env_url(default=None)
+        # Zero-setup: with no URL configured, start a server if nothing listens on 4222.
+        self.embedded = self.url is None if embedded is None else embedded
+        self.heartbeat_interval = heartbeat
+        self.data_dir = Path(data_dir)
+        self.max_payload = max_payload
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.stop_requested = False
+        self.stop_reason = ""
+        self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
+        self.ready = threading.Event()
+        self.closed = threading.Event()
+        self.nc: NATS | None = None
+        self.registry: Registry | None = None
+        self.server: NatsServer | None = None
+        self._subs: list[Subscription] = []
+        self._closing: anyio.Event | None = None
+        self._record_lock: anyio.Lock | None = None
+        self._tg: TaskGroup | None = None
+        self._exited = False
+        self.log = log.bind(run=self.run, rank=self.rank)
+
+    # --- public -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> M:
+        return self.live.model
+
+    @property
+    def version(self) -> int:
+        return self.live.version
+
+    def on_stop(self, callback: Callable[[str], object]) -> Callable[[str], object]:
+        """Register ``callback(reason)``; it runs on the agent's thread when a stop arrives."""
+        self._stop_callbacks.append(callback)
+        return callback
+
+    async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        await self._tg.start(self.serve)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+        assert self._tg is not None
+        await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+
+    async def serve(self, *, task_status: TaskStatus[Self] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve commands and heartbeat until :meth:`aclose`; then say goodbye."""
+        self._closing = anyio.Event()
+        self._record_lock = anyio.Lock()
+        try:
+            await self._connect()
+            await self._subscribe()
+            await self._announce()
+            self.ready.set()
+            task_status.started(self)
+            self.log.info("agent ready", url=self.url, subject=state_subject(self.run, self.rank))
+            while not self._closing.is_set():
+                with anyio.move_on_after(self.heartbeat_interval):
+                    await self._closing.wait()
+                if not self._closing.is_set():
+                    await self._beat()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+
+    # --- connection -------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        if self.embedded and self.url is None:
+            self.url = self._ensure_embedded_server()
+        self.nc = await connect(
+            self.url or DEFAULT_URL,
+            name=f"runctl-agent:{self.run}:{self.rank}",
+            retry_initial=True,
+        )
+        try:
+            with anyio.fail_after(5):
+                self.registry = await Registry.open(self.nc.jetstream())
+        except Exception as exc:
+            # Control still works without JetStream; only discovery and reads from KV don't.
+            self.log.warning("rank registry unavailable", error=str(exc) or type(exc).__name__)
+
+    def _ensure_embedded_server(self) -> str:
+        url = f"nats://127.0.0.1:{EMBEDDED_PORT}"
+        if _listening("127.0.0.1", EMBEDDED_PORT):
+            return url
+        server = NatsServer(
+            port=EMBEDDED_PORT, store_dir=self.data_dir / "nats", die_with_parent=True
+        )
+        try:
+            # Started from this (the agent's) thread: it dies with the thread, no orphan.
+            self.server = server.start()
+            self.log.info("started embedded nats-server", url=url, store=str(server.store_dir))
+        except ServerStartError as exc:
+            if "address already in use" not in exc.log_line:
+                raise
+            # another rank won the race to start it: use theirs
+        return url
+
+    async def _subscribe(self) -> None:
+        assert self.nc is not None
+        for subject in command_wildcards(self.run, self.rank):
+            self._subs.append(await self.nc.subscribe(subject, cb=self._on_command))
+        await self.nc.flush(timeout=5)
+
+    async def _announce(self) -> None:
+        if self.registry is not None:
+            schema = msgspec.json.encode(self.live.schema())
+            await self._bounded(self.registry.put_schema(self.run, self.rank, schema))
+        await self._publish_state(self.live.dump_json(), cause="started")
+        await self._event("started", host=self.host, pid=self.pid,
+                          model=type(self.state).__name__, world_size=self.world_size)
+
+    async def _shutdown(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            self._exited = True
+            if self.nc.is_connected:
+                await self._put_record(self.live.dump_json())
+                await self._event("exited", reason=self.stop_reason)
+            for sub in self._subs:
+                with anyio.move_on_after(PUBLISH_TIMEOUT):
+                    await sub.unsubscribe()
+            with anyio.move_on_after(2):
+                await self.nc.drain()
+            if not self.nc.is_closed:
+                await self.nc.close()
+        if self.server is not None:
+            await anyio.to_thread.run_sync(self.server.stop)
+        self.closed.set()
+
+    # --- commands ---------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        reply, new_state = self._execute(verb, msg.data)
+        if new_state is not None:
+            await self._publish_state(new_state, cause=verb)
+            await self._event(verb, version=self.live.version)
+        elif verb == "stop" and isinstance(reply, m.Ok):
+            await self._put_record(self.live.dump_json())
+            await self._event("stop_requested", reason=self.stop_reason)
+        elif isinstance(reply, m.Err) and reply.code == "validation":
+            await self._event("rejected", verb=verb, errors=len(reply.detail))
+        if msg.reply:
+            try:
+                await msg.respond(m.encode(reply))
+            except Exception as exc:  # the asker is gone or the bus is down: nothing to do
+                self.log.debug("reply failed", error=str(exc))
+
+    def _execute(self, verb: str, data: bytes) -> tuple[m.Reply, bytes | None]:
+        """Run one command against the live state. Never raises: errors become replies."""
+        live = self.live
+        new_state: bytes | None = None
+        value: Any = None
+        changed = False
+        try:
+            if len(data) > self.max_payload:
+                raise PayloadTooLarge(len(data), self.max_payload)
+            if verb not in m.COMMAND_TYPES:
+                raise BadRequest(f"unknown verb {verb!r}")
+            try:
+                cmd = m.decode_command(verb, data)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+                raise BadRequest(f"malformed {verb} command: {exc}") from None
+            match cmd:
+                case m.Get(path=path):
+                    value = msgspec.Raw(live.get(path))
+                case m.Set(path=path, value=new):
+                    changed = live.set(path, new)
+                case m.Patch(value=new, path=path):
+                    changed = live.patch(new, path)
+                case m.Reset():
+                    changed = live.reset()
+                case m.Stop(reason=reason):
+                    self._request_stop(reason)
+                    value = {"stop_requested": True}
+                case m.Schema():
+                    value = live.schema()
+                case m.Ping():
+                    value = {"host": self.host, "pid": self.pid,
+                             "uptime": round(time.time() - self.started, 3)}
+            if isinstance(cmd, m.Set | m.Patch | m.Reset):
+                new_state = live.dump_json()
+                value = msgspec.Raw(new_state)
+                if not changed:
+                    new_state = None
+            return m.Ok(run=self.run, rank=self.rank, version=live.version, value=value,
+                        changed=changed), new_state
+        except RunctlError as exc:
+            return m.Err(run=self.run, rank=self.rank, code=exc.code, message=str(exc),
+                         detail=getattr(exc, "errors", []), version=live.version), None
+        except Exception as exc:  # a user validator's bug must not crash the program
+            self.log.exception("command failed", verb=verb)
+            return m.Err(run=self.run, rank=self.rank, code="internal",
+                         message=f"{type(exc).__name__}: {exc}", version=live.version), None
+
+    def _request_stop(self, reason: str) -> None:
+        first = not self.stop_requested
+        self.stop_requested = True
+        self.stop_reason = reason
+        if not first:
+            return
+        self.log.info("stop requested", reason=reason)
+        for callback in self._stop_callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                self.log.exception("stop callback failed")
+
+    # --- publishing -------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        changed = self.live.poll_changed()
+        if changed is not None:
+            await self._publish_state(changed, cause="changed")
+            await self._event("changed", version=self.live.version)
+        else:
+            await self._publish_state(self.live.dump_json(), cause="heartbeat")
+
+    async def _publish_state(self, state: bytes, *, cause: str) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        msg = m.StateMsg(run=self.run, rank=self.rank, version=self.live.version,
+                         ts=time.time(), state=msgspec.Raw(state), cause=cause)
+        try:
+            await self.nc.publish(state_subject(self.run, self.rank), m.encode(msg))
+        except Exception as exc:
+            self.log.debug("state publish failed", error=str(exc))
+        await self._put_record(state)
+
+    async def _put_record(self, state: bytes) -> None:
+        if self.registry is None or self._record_lock is None:
+            return
+        async with self._record_lock:  # records land in version order
+            record = m.RankRecord(
+                run=self.run, rank=self.rank, host=self.host, pid=self.pid,
+                started=self.started, heartbeat=time.time(),
+                heartbeat_interval=self.heartbeat_interval, version=self.live.version,
+                state=msgspec.Raw(state), status="exited" if self._exited else "running",
+                stop_requested=self.stop_requested, world_size=self.world_size,
+                model=type(self.state).__name__,
+            )
+            await self._bounded(self.registry.put(record))
+
+    async def _event(self, kind: str, **data: Any) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        event = m.Event(run=self.run, rank=self.rank, kind=kind, ts=time.time(),
+                        version=self.live.version, data=data)
+        try:
+            await self.nc.publish(event_subject(self.run, self.rank, kind), m.encode(event))
+        except Exception as exc:
+            self.log.debug("event publish failed", error=str(exc))
+
+    async def _bounded(self, awaitable: Any) -> None:
+        """A JetStream write that may not hold up the agent longer than PUBLISH_TIMEOUT."""
+        try:
+            with anyio.fail_after(PUBLISH_TIMEOUT):
+                await awaitable
+        except Exception as exc:
+            self.log.debug("registry write failed", error=str(exc) or type(exc).__name__)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+

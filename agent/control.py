@@ -1,0 +1,172 @@
+"""``control()``: the one line a sync program adds.
+
+    ctl = control(state, run="exp1")          # returns at once
+    for epoch in range(100):
+        if ctl.stop_requested:
+            break
+        with ctl.lock:                        # several fields, consistently
+            lr, momentum = state.optimizer.lr, state.optimizer.momentum
+        ...
+    ctl.close()                               # or: with control(state) as ctl: ...
+
+The agent runs on its own daemon thread with its own event loop, reached through an anyio
+BlockingPortal. The program's thread never waits on the network: commands are applied by
+the agent thread under ``ctl.lock``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import anyio
+from anyio.from_thread import BlockingPortal
+from pydantic import BaseModel
+
+from bus.errors import Unavailable
+from agent.agent import Agent
+
+__all__ = ["Control", "control"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Control(Generic[M]):
+    """Handle returned by :func:`control`. Also a context manager."""
+
+    def __init__(self, agent: Agent[M]) -> None:
+        self.agent = agent
+        self._portal, self._thread = _start_loop_thread(f"runctl-agent-{agent.rank}")
+        self._future: Future[None] = self._portal.start_task_soon(agent.serve)
+        self._closed = False
+        atexit.register(self.close)
+
+    # --- what the program reads ----------------------------------------------------------
+
+    @property
+    def state(self) -> M:
+        return self.agent.state
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Hold it to read several fields consistently; changes are applied under it."""
+        return self.agent.live.lock
+
+    @property
+    def version(self) -> int:
+        """Bumped by every applied change (and by changes the program makes, at heartbeat)."""
+        return self.agent.live.version
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.agent.stop_requested
+
+    @property
+    def stop_reason(self) -> str:
+        return self.agent.stop_reason
+
+    @property
+    def run(self) -> str:
+        return self.agent.run
+
+    @property
+    def rank(self) -> str:
+        return self.agent.rank
+
+    @property
+    def url(self) -> str | None:
+        return self.agent.url
+
+    def on_stop(self, callback: Callable[[str], object]) -> Callable[[str], object]:
+        """``callback(reason)`` runs on the agent thread when a stop command arrives."""
+        return self.agent.on_stop(callback)
+
+    def wait_ready(self, timeout: float = 10.0) -> Self:
+        """Block until the agent is connected and registered (tests, scripts)."""
+        if not self.agent.ready.wait(timeout):
+            if self._future.done() and (exc := self._future.exception()) is not None:
+                raise Unavailable(f"runctl agent failed to start: {exc}") from exc
+            raise Unavailable(f"runctl agent not connected after {timeout:g}s (url {self.url})")
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish ``exited``, drain the connection, stop the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            self._portal.call(self.agent.aclose)
+            self._future.result(timeout)
+        except Exception:  # a failed agent must not fail the program's exit
+            pass
+        finally:
+            try:
+                self._portal.call(self._portal.stop, True)
+            except Exception:
+                pass
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Control run={self.run!r} rank={self.rank!r} version={self.version}>"
+
+
+def control(
+    state: M,
+    run: str | None = None,
+    rank: str | int | None = None,
+    *,
+    url: str | None = None,
+    heartbeat: float = 1.0,
+    on_stop: Callable[[str], object] | None = None,
+    **options: Any,
+) -> Control[M]:
+    """Make ``state`` controllable from outside. Returns at once; see the module docs.
+
+    ``run`` defaults to ``RUNCTL_RUN`` (or the launcher's job id, or a generated id);
+    ``rank`` to ``RUNCTL_RANK``, ``RANK``, ``SLURM_PROCID``, else 0. ``url`` defaults to
+    ``RUNCTL_NATS_URL``; with neither, a nats-server is started if none listens on 4222.
+    """
+    agent = Agent(state, run=run, rank=rank, url=url, heartbeat=heartbeat, on_stop=on_stop,
+                  **options)
+    return Control(agent)
+
+
+def _start_loop_thread(name: str) -> tuple[BlockingPortal, threading.Thread]:
+    """An event loop on a *daemon* thread (anyio's start_blocking_portal uses a non-daemon
+    pool thread, which would hang interpreter exit if the program never calls close())."""
+    handoff: queue.Queue[BlockingPortal | BaseException] = queue.Queue()
+
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            handoff.put(portal)
+            await portal.sleep_until_stopped()
+
+    def run() -> None:
+        try:
+            anyio.run(main, backend="asyncio")
+        except BaseException as exc:  # surfaced to the caller below
+            handoff.put(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    got = handoff.get()
+    if isinstance(got, BaseException):
+        raise got
+    return got, thread

@@ -1,0 +1,347 @@
+"""The live pydantic state and every change applied to it. Pure: no network, no threads.
+
+How a change is applied (set, patch, reset):
+
+1. The path is checked against the model: every segment must be a declared field of a
+   model (or a key of a dict / an index of a list inside one). ``__dict__``, ``__class__``,
+   private attributes, class variables and properties are refused.
+2. The change is applied to a JSON copy of the whole state, and that whole document is
+   validated by the model class, exactly as declared (constraints, Literal, Optional,
+   unions, validators). If anything is invalid, nothing changes.
+3. Keys the model does not declare are rejected (pydantic would silently ignore them).
+4. The validated values are mirrored into the live objects in place: nested models keep
+   their identity, so ``opt = state.optimizer`` held by the program sees the new values;
+   lists and dicts are updated in place too. Frozen models are replaced, not mutated.
+
+All of it runs under ``lock`` (a ``threading.RLock``), which the program may hold to read
+several fields consistently.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final, Generic, TypeVar
+
+import msgspec
+from pydantic import BaseModel, ValidationError
+
+from bus.errors import BadPath, BadRequest, ValidationRejected
+from bus.paths import split_path
+
+__all__ = ["LiveState", "check_path"]
+
+M = TypeVar("M", bound=BaseModel)
+_MISSING: Final = object()
+_encoder = msgspec.json.Encoder()
+
+
+class LiveState(Generic[M]):
+    def __init__(self, model: M, lock: threading.RLock | None = None) -> None:
+        if not isinstance(model, BaseModel):
+            raise TypeError(f"runctl controls a pydantic BaseModel, not {type(model).__name__}")
+        self.model = model
+        self.cls: type[M] = type(model)
+        self.lock = lock or threading.RLock()
+        self.version = 0
+        with self.lock:
+            self._initial = self._json()
+            self._last_dump = self.dump_json()
+
+    # --- reading ------------------------------------------------------------------
+
+    def _json(self) -> dict[str, Any]:
+        data = self.model.model_dump(mode="json", round_trip=True)
+        return copy.deepcopy(data)
+
+    def dump_json(self) -> bytes:
+        with self.lock:
+            return self.model.model_dump_json().encode()
+
+    def get(self, path: str | None = None) -> bytes:
+        """JSON of the state, or of the value at ``path`` (checked against the model)."""
+        with self.lock:
+            if not path:
+                return self.dump_json()
+            parts = check_path(self.model, path, for_write=False)
+            node: Any = self.model.model_dump(mode="json")
+            for part in parts:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            return _encoder.encode(node)
+
+    def schema(self) -> dict[str, Any]:
+        return self.cls.model_json_schema()
+
+    def poll_changed(self) -> bytes | None:
+        """Heartbeat: the state's JSON if the program changed it since last time."""
+        with self.lock:
+            dumped = self.dump_json()
+            if dumped == self._last_dump:
+                return None
+            self._last_dump = dumped
+            self.version += 1
+            return dumped
+
+    # --- changing -----------------------------------------------------------------
+
+    def set(self, path: str, value: Any) -> bool:
+        """Replace the value at ``path``; the empty path replaces the whole state."""
+        with self.lock:
+            parts = check_path(self.model, path, for_write=True)
+            if not parts:
+                if not isinstance(value, dict):
+                    raise BadRequest("the whole state can only be set to a JSON object")
+                return self._apply(value, value)
+            data = self._json()
+            parent = _walk(data, parts[:-1])
+            last = parts[-1]
+            if isinstance(parent, list):
+                parent[int(last)] = value
+            else:
+                parent[last] = value
+            return self._apply(data, _nest(parts, value))
+
+    def patch(self, value: dict[str, Any], path: str | None = None) -> bool:
+        """Merge ``value`` recursively (objects merge, everything else replaces)."""
+        if not isinstance(value, dict):
+            raise BadRequest("a patch must be a JSON object")
+        with self.lock:
+            parts = check_path(self.model, path or "", for_write=True)
+            data = self._json()
+            target = _walk(data, parts)
+            if not isinstance(target, dict):
+                raise BadPath(path or "", "a patch applies to an object; use set for a value")
+            _merge(target, value)
+            return self._apply(data, _nest(parts, value))
+
+    def reset(self) -> bool:
+        """Back to the state at ``control()`` time."""
+        with self.lock:
+            return self._apply(copy.deepcopy(self._initial), None)
+
+    def _apply(self, data: dict[str, Any], change: Any) -> bool:
+        """Validate the whole document; reject undeclared keys; mirror in place."""
+        if self.cls.model_config.get("frozen"):
+            raise BadRequest(f"{self.cls.__name__} is frozen: it cannot be changed")
+        try:
+            new = self.cls.model_validate_json(_encoder.encode(data), by_alias=True, by_name=True)
+        except ValidationError as exc:
+            raise ValidationRejected(
+                f"{exc.error_count()} validation error(s) for {self.cls.__name__}",
+                _clean_errors(exc),
+            ) from None
+        except (ValueError, TypeError) as exc:  # a validator raising outside pydantic's types
+            raise ValidationRejected(f"{self.cls.__name__} refused the change: {exc}") from None
+        if change is not None:
+            _reject_undeclared(new, change, [])
+        changed = _mirror_model(self.model, new)
+        if changed:
+            self.version += 1
+            self._last_dump = self.dump_json()
+        return changed
+
+    @contextmanager
+    def locked(self) -> Iterator[M]:
+        with self.lock:
+            yield self.model
+
+
+# --- path checks ----------------------------------------------------------------------
+
+
+def check_path(model: BaseModel, path: str, *, for_write: bool) -> list[str]:
+    """Resolve ``path`` against the live model, allowing only declared data.
+
+    Returns the segments. A write may name a new key of a dict field; nothing else new.
+    """
+    parts = split_path(path)
+    node: Any = model
+    walked: list[str] = []
+    for i, part in enumerate(parts):
+        where = ".".join(walked) or type(model).__name__
+        if isinstance(node, BaseModel):
+            cls = type(node)
+            if part in cls.model_fields:
+                node = node.__dict__.get(part)
+            elif not for_write and part in cls.model_computed_fields:
+                node = getattr(node, part)
+            elif node.model_extra is not None and part in node.model_extra:
+                node = node.model_extra[part]
+            else:
+                raise BadPath(path, f"{part!r} is not a declared field of {where}")
+        elif isinstance(node, dict):
+            if part in node:
+                node = node[part]
+            elif for_write and i == len(parts) - 1:
+                node = None  # a new key in a dict field; the model validates it
+            else:
+                raise BadPath(path, f"no key {part!r} in {where}")
+        elif isinstance(node, list | tuple):
+            try:
+                index = int(part)
+            except ValueError:
+                raise BadPath(path, f"{part!r} is not an index of the list {where}") from None
+            if not 0 <= index < len(node):
+                raise BadPath(path, f"index {index} out of range for {where} ({len(node)})")
+            node = node[index]
+        else:
+            raise BadPath(path, f"{where} is a {type(node).__name__}: it has no {part!r}")
+        walked.append(part)
+    return parts
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _walk(data: Any, parts: list[str]) -> Any:
+    for part in parts:
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+def _nest(parts: list[str], value: Any) -> Any:
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        current = target.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, value)
+        else:
+            target[key] = value
+
+
+def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
+    """Every key the change names inside a model must be a declared field of it."""
+    if isinstance(model, BaseModel) and isinstance(change, dict):
+        cls = type(model)
+        extra = model.model_extra
+        errors = []
+        for key, value in change.items():
+            field = cls.model_fields.get(key)
+            if field is None:
+                field = next(
+                    (f for f in cls.model_fields.values() if f.alias == key), None
+                )
+            if field is None and (extra is None or key not in extra):
+                errors.append(
+                    {
+                        "type": "extra_forbidden",
+                        "loc": [*loc, key],
+                        "msg": f"{key!r} is not a field of {cls.__name__}",
+                        "input": _preview(value),
+                    }
+                )
+                continue
+            name = next((n for n, f in cls.model_fields.items() if f is field), key)
+            _reject_undeclared(model.__dict__.get(name), value, [*loc, key])
+        if errors:
+            raise ValidationRejected(f"unknown field(s) for {cls.__name__}", errors)
+    elif isinstance(model, list) and isinstance(change, list):
+        for i, (item, sub) in enumerate(zip(model, change, strict=False)):
+            _reject_undeclared(item, sub, [*loc, i])
+    elif isinstance(model, dict) and isinstance(change, dict):
+        for key, sub in change.items():
+            if key in model:
+                _reject_undeclared(model[key], sub, [*loc, key])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _mirror_model(live: BaseModel, new: BaseModel) -> bool:
+    changed = False
+    live_dict = live.__dict__
+    for name in type(new).model_fields:
+        nv = new.__dict__.get(name, _MISSING)
+        if nv is _MISSING:
+            continue
+        lv = live_dict.get(name, _MISSING)
+        merged, did_change = _mirror_value(lv, nv)
+        if did_change:
+            changed = True
+            if merged is not lv:
+                live_dict[name] = merged
+    if new.__pydantic_extra__ is not None and live.__pydantic_extra__ is not None:
+        merged, did_change = _mirror_value(live.__pydantic_extra__, new.__pydantic_extra__)
+        changed |= did_change
+    live.__pydantic_fields_set__.update(new.__pydantic_fields_set__)
+    return changed
+
+
+def _mirror_value(lv: Any, nv: Any) -> tuple[Any, bool]:
+    """Make ``lv`` equal ``nv``, in place where identity matters. Returns (value, changed)."""
+    if isinstance(lv, BaseModel) and type(lv) is type(nv):
+        if type(lv).model_config.get("frozen"):
+            return (lv, False) if _same(lv, nv) else (nv, True)
+        return lv, _mirror_model(lv, nv)
+    if type(lv) is list and type(nv) is list:
+        if len(lv) != len(nv):
+            lv[:] = nv
+            return lv, True
+        changed = False
+        for i, item in enumerate(nv):
+            merged, did = _mirror_value(lv[i], item)
+            if did:
+                changed = True
+                if merged is not lv[i]:
+                    lv[i] = merged
+        return lv, changed
+    if type(lv) is dict and type(nv) is dict:
+        changed = False
+        for key in [k for k in lv if k not in nv]:
+            del lv[key]
+            changed = True
+        for key, item in nv.items():
+            cur = lv.get(key, _MISSING)
+            if cur is _MISSING:
+                lv[key] = item
+                changed = True
+                continue
+            merged, did = _mirror_value(cur, item)
+            if did:
+                changed = True
+                if merged is not cur:
+                    lv[key] = merged
+        return lv, changed
+    if _same(lv, nv):
+        return lv, False
+    return nv, True
+
+
+def _preview(value: Any, limit: int = 200) -> Any:
+    """Inputs are shown back only when small: a 10 MB body is never echoed."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value if not isinstance(value, str) or len(value) <= limit else value[:limit] + "…"
+    text = _encoder.encode(value)
+    return value if len(text) <= limit else f"<{type(value).__name__} of {len(text)} bytes>"
+
+
+def _clean_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """pydantic's error list, JSON-safe and without large inputs."""
+    out = []
+    for err in exc.errors(include_url=False):
+        item: dict[str, Any] = {
+            "type": err["type"],
+            "loc": list(err["loc"]),
+            "msg": err["msg"],
+            "input": _preview(err.get("input")),
+        }
+        if ctx := err.get("ctx"):
+            item["ctx"] = {k: v if isinstance(v, str | int | float | bool) else str(v)
+                           for k, v in ctx.items()}
+        out.append(item)
+    return out

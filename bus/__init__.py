@@ -1,0 +1,45 @@
+"""What agents, the gateway and users' scripts share: subjects, messages, errors,
+connection and server helpers, the rank registry and the client API."""
+
+from bus import messages, subjects
+from bus.client import Client, Gathered, Result
+from bus.connection import DEFAULT_URL, connect
+from bus.errors import (
+    BadPath,
+    BadRequest,
+    BadToken,
+    NotFound,
+    PayloadTooLarge,
+    RemoteError,
+    RunctlError,
+    ServerStartError,
+    Timeout,
+    Unavailable,
+    ValidationRejected,
+)
+from bus.registry import RankInfo, Registry
+from bus.server import NatsServer
+
+__all__ = [
+    "DEFAULT_URL",
+    "BadPath",
+    "BadRequest",
+    "BadToken",
+    "Client",
+    "Gathered",
+    "NatsServer",
+    "NotFound",
+    "PayloadTooLarge",
+    "RankInfo",
+    "Registry",
+    "RemoteError",
+    "Result",
+    "RunctlError",
+    "ServerStartError",
+    "Timeout",
+    "Unavailable",
+    "ValidationRejected",
+    "connect",
+    "messages",
+    "subjects",
+]

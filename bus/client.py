@@ -1,0 +1,328 @@
+"""The Python client: what the gateway, the CLI and users' scripts call.
+
+Single-rank calls return a :class:`Result` or raise a :class:`~bus.errors.RunctlError`.
+Calls with ``rank="all"`` scatter-gather: one request on ``runctl.<run>.all.cmd.<verb>``,
+replies collected until every rank the registry knows alive has answered (or a deadline),
+returned as a :class:`Gathered` with per-rank results, per-rank errors and the ranks that
+did not answer.
+
+Reads (``get`` without ``fresh=True``) come from the registry's last published state and
+never wake the controlled program.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from bus import messages as m
+from bus.connection import connect
+from bus.errors import (
+    NotFound,
+    PayloadTooLarge,
+    RunctlError,
+    Timeout,
+    Unavailable,
+    from_code,
+    map_nats_error,
+)
+from bus.paths import resolve
+from bus.registry import RankInfo, Registry
+from bus.subjects import ALL, check_rank, check_token, command_subject
+
+__all__ = ["DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
+
+DEFAULT_MAX_PAYLOAD: Final = 1 << 20
+#: with no known live ranks, a broadcast stops this long after the last reply
+QUIET_AFTER_LAST_REPLY: Final = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    rank: str
+    version: int
+    value: Any
+    changed: bool = False
+    #: "agent" (answered by the rank) or "registry" (its last published state)
+    source: str = "agent"
+    liveness: str = "alive"
+    age: float = 0.0
+
+
+@dataclass(slots=True)
+class Gathered:
+    run: str
+    verb: str
+    results: dict[str, Result] = field(default_factory=dict)
+    errors: dict[str, RunctlError] = field(default_factory=dict)
+    #: ranks the registry knows alive that did not answer before the deadline
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> list[str]:
+        return sorted([*self.results, *self.errors], key=_rank_key)
+
+    def to_json(self) -> dict[str, Any]:
+        ranks: dict[str, Any] = {}
+        for rank, res in self.results.items():
+            ranks[rank] = {
+                "outcome": "applied" if self.verb in _WRITES else "ok",
+                "version": res.version,
+                "changed": res.changed,
+                "value": res.value,
+                **({"status": res.liveness} if res.source == "registry" else {}),
+            }
+        for rank, err in self.errors.items():
+            entry: dict[str, Any] = {"outcome": "rejected", "error": err.code, "message": str(err)}
+            if detail := getattr(err, "errors", None):
+                entry["detail"] = detail
+            ranks[rank] = entry
+        for rank in self.missing:
+            ranks[rank] = {"outcome": "no_answer"}
+        return {
+            "run": self.run,
+            "verb": self.verb,
+            "acknowledged": self.acknowledged,
+            "missing": sorted(self.missing, key=_rank_key),
+            "ranks": dict(sorted(ranks.items(), key=lambda kv: _rank_key(kv[0]))),
+        }
+
+
+_WRITES = frozenset({"set", "patch", "reset", "stop"})
+
+
+class Client:
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        timeout: float = 2.0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.nc = nc
+        self.timeout = timeout
+        self.max_payload = max_payload
+        self._registry: Registry | None = None
+
+    @classmethod
+    async def connect(cls, url: str | None = None, **kwargs: Any) -> Client:
+        options = {k: kwargs.pop(k) for k in ("timeout", "max_payload") if k in kwargs}
+        nc = await connect(url, name=kwargs.pop("name", "runctl-client"), **kwargs)
+        return cls(nc, **options)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if not self.nc.is_closed:
+                await self.nc.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- discovery ----------------------------------------------------------------
+
+    async def registry(self) -> Registry:
+        if self._registry is None:
+            try:
+                self._registry = await Registry.open(self.nc.jetstream())
+            except Exception as exc:
+                raise Unavailable(f"rank registry unavailable: {map_nats_error(exc)}") from exc
+        return self._registry
+
+    async def runs(self) -> list[RankInfo]:
+        """Every rank of every run the registry holds, with its liveness."""
+        now = time.time()
+        return [RankInfo.of(r, now) for r in await (await self.registry()).records()]
+
+    async def ranks(self, run: str) -> list[RankInfo]:
+        check_token(run, "run")
+        now = time.time()
+        infos = [RankInfo.of(r, now) for r in await (await self.registry()).records(run)]
+        if not infos:
+            raise NotFound(run)
+        return infos
+
+    async def rank(self, run: str, rank: str | int) -> RankInfo:
+        record = await (await self.registry()).get(run, check_rank(rank, allow_all=False))
+        if record is None:
+            raise NotFound(run, str(rank))
+        return RankInfo.of(record)
+
+    async def schema(self, run: str, rank: str | int) -> Any:
+        """The model's JSON schema (from the registry; asks the rank if not registered)."""
+        rank = check_rank(rank, allow_all=False)
+        schema = await (await self.registry()).schema(run, rank)
+        if schema is None:
+            result = await self.send(run, rank, m.Schema())
+            assert isinstance(result, Result)
+            return result.value
+        return schema
+
+    # --- commands -----------------------------------------------------------------
+
+    async def get(
+        self, run: str, rank: str | int, path: str | None = None, *, fresh: bool = False
+    ) -> Result | Gathered:
+        """The state (or the value at ``path``). From the registry unless ``fresh``."""
+        if fresh:
+            return await self.send(run, rank, m.Get(path=path or None))
+        rank = check_rank(rank)
+        if rank == ALL:
+            gathered = Gathered(run=run, verb="get")
+            for info in await self.ranks(run):
+                try:
+                    gathered.results[info.record.rank] = _from_registry(info, path)
+                except RunctlError as exc:
+                    gathered.errors[info.record.rank] = exc
+            return gathered
+        return _from_registry(await self.rank(run, rank), path)
+
+    async def set(self, run: str, rank: str | int, path: str, value: Any) -> Result | Gathered:
+        return await self.send(run, rank, m.Set(path=path, value=value))
+
+    async def patch(
+        self, run: str, rank: str | int, value: dict[str, Any], path: str | None = None
+    ) -> Result | Gathered:
+        return await self.send(run, rank, m.Patch(value=value, path=path or None))
+
+    async def reset(self, run: str, rank: str | int) -> Result | Gathered:
+        return await self.send(run, rank, m.Reset())
+
+    async def stop(self, run: str, rank: str | int, reason: str = "") -> Result | Gathered:
+        return await self.send(run, rank, m.Stop(reason=reason))
+
+    async def ping(self, run: str, rank: str | int) -> Result | Gathered:
+        return await self.send(run, rank, m.Ping())
+
+    async def send(
+        self, run: str, rank: str | int, cmd: m.Command, *, timeout: float | None = None
+    ) -> Result | Gathered:
+        verb = _verb_of(cmd)
+        subject = command_subject(run, rank, verb)
+        payload = m.encode(cmd)
+        limit = min(self.max_payload, self.nc.max_payload or self.max_payload)
+        if len(payload) > limit:
+            raise PayloadTooLarge(len(payload), limit)
+        timeout = self.timeout if timeout is None else timeout
+        rank = str(rank)
+        if rank == ALL:
+            return await self._gather(run, verb, subject, payload, timeout)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout)
+        except Exception as exc:
+            raise map_nats_error(exc, run=run, rank=rank) from exc
+        reply = _decode_reply(msg)
+        if isinstance(reply, m.Err):
+            raise from_code(reply.code, reply.message, reply.detail)
+        return Result(reply.rank, reply.version, reply.value, reply.changed)
+
+    async def _gather(
+        self, run: str, verb: str, subject: str, payload: bytes, timeout: float
+    ) -> Gathered:
+        expected: set[str] = set()
+        try:
+            registry = await self.registry()
+            expected = {
+                info.record.rank
+                for info in (RankInfo.of(r) for r in await registry.records(run))
+                if info.liveness == "alive"
+            }
+        except Unavailable:
+            pass  # no JetStream: fall back to "until quiet or deadline"
+        gathered = Gathered(run=run, verb=verb)
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+            await self.nc.flush(timeout)
+            deadline = anyio.current_time() + timeout
+            answered: set[str] = set()
+            while not (expected and expected <= answered):
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    break
+                wait = remaining if expected or not answered else min(
+                    remaining, QUIET_AFTER_LAST_REPLY
+                )
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except Exception:  # nats TimeoutError: deadline or quiet period reached
+                    break
+                if _is_no_responders(msg):
+                    if not answered:
+                        raise NotFound(run)
+                    continue
+                try:
+                    reply = _decode_reply(msg)
+                except RunctlError:
+                    continue
+                answered.add(reply.rank)
+                if isinstance(reply, m.Err):
+                    gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
+                else:
+                    gathered.results[reply.rank] = Result(
+                        reply.rank, reply.version, reply.value, reply.changed
+                    )
+            gathered.missing = sorted(expected - answered, key=_rank_key)
+        except RunctlError:
+            raise
+        except Exception as exc:
+            raise map_nats_error(exc, run=run) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        if not gathered.results and not gathered.errors:
+            if gathered.missing:
+                raise Timeout(
+                    f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing
+                )
+            raise NotFound(run)
+        return gathered
+
+
+def _verb_of(cmd: m.Command) -> str:
+    for verb, cls in m.COMMAND_TYPES.items():
+        if type(cmd) is cls:
+            return verb
+    raise TypeError(f"not a command: {cmd!r}")
+
+
+def _is_no_responders(msg: Msg) -> bool:
+    return bool(msg.headers) and msg.headers.get("Status") == "503" and not msg.data
+
+
+def _decode_reply(msg: Msg) -> m.Reply:
+    try:
+        return m.decode_reply(msg.data)
+    except msgspec.DecodeError as exc:
+        raise RunctlError(f"undecodable reply on {msg.subject}: {exc}") from exc
+
+
+def _from_registry(info: RankInfo, path: str | None) -> Result:
+    r = info.record
+    return Result(
+        r.rank,
+        r.version,
+        resolve(r.state, path),
+        source="registry",
+        liveness=info.liveness,
+        age=info.age,
+    )
+
+
+def _rank_key(rank: str) -> tuple[int, str]:
+    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)

@@ -1,0 +1,107 @@
+"""Connect to NATS the way every runctl process should: reconnect forever, quiet errors.
+
+Credentials come from the URL (``nats://user:pass@host``, ``nats://token@host``) or from
+the environment: ``RUNCTL_NATS_CREDS`` (a .creds file), ``RUNCTL_NATS_NKEY`` (an nkey
+seed file), ``RUNCTL_NATS_TOKEN``, ``RUNCTL_NATS_USER`` + ``RUNCTL_NATS_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+from bus.errors import Unavailable, map_nats_error
+
+__all__ = ["DEFAULT_URL", "connect", "env_url"]
+
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+log = structlog.get_logger()
+
+
+def env_url(default: str | None = DEFAULT_URL) -> str | None:
+    return os.environ.get("RUNCTL_NATS_URL") or default
+
+
+def _auth_from_env() -> dict[str, Any]:
+    env = os.environ
+    options: dict[str, Any] = {}
+    if creds := env.get("RUNCTL_NATS_CREDS"):
+        options["user_credentials"] = creds
+    if nkey := env.get("RUNCTL_NATS_NKEY"):
+        options["nkeys_seed"] = nkey
+    if token := env.get("RUNCTL_NATS_TOKEN"):
+        options["token"] = token
+    if (user := env.get("RUNCTL_NATS_USER")) is not None:
+        options["user"] = user
+        options["password"] = env.get("RUNCTL_NATS_PASSWORD", "")
+    return options
+
+
+async def connect(
+    url: str | None = None,
+    *,
+    name: str = "runctl",
+    retry_initial: bool = False,
+    connect_timeout: float = 2.0,
+    reconnect_wait: float = 0.25,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    **options: Any,
+) -> NATS:
+    """Connect and keep reconnecting forever (with nats-py's jittered backoff).
+
+    ``retry_initial=True`` also retries the first connection until it succeeds (agents
+    start before the server sometimes); otherwise a failed first connect raises
+    :class:`~bus.errors.Unavailable` at once.
+    """
+    servers = [s.strip() for s in (url or env_url() or DEFAULT_URL).split(",") if s.strip()]
+    seen: set[str] = set()
+
+    async def error_cb(exc: Exception) -> None:
+        # One line per distinct error kind, no tracebacks: a restarting server is not news.
+        key = type(exc).__name__
+        if key not in seen:
+            seen.add(key)
+            log.warning("nats error", error=str(exc) or key, kind=key)
+
+    async def disconnected_cb() -> None:
+        log.info("nats disconnected", servers=servers)
+
+    async def reconnected_cb() -> None:
+        seen.clear()
+        log.info("nats reconnected")
+        if on_reconnected is not None:
+            await on_reconnected()
+
+    params: dict[str, Any] = {
+        "servers": servers,
+        "name": name,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": reconnect_wait,
+        "connect_timeout": connect_timeout,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        **_auth_from_env(),
+        **options,
+    }
+    delay = reconnect_wait
+    while True:
+        try:
+            return await nats.connect(**params)
+        except Exception as exc:  # nats-py raises many kinds on a failed first connect
+            if not retry_initial:
+                raise Unavailable(
+                    f"cannot connect to NATS at {', '.join(servers)}: {map_nats_error(exc)}"
+                ) from exc
+            await error_cb(exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)

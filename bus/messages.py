@@ -1,0 +1,212 @@
+"""Wire messages: msgspec Structs, JSON on the wire so ``nats sub 'runctl.>'`` is readable.
+
+Every message is tagged with a versioned tag in the field ``t`` (``"get/1"``, ``"ok/1"``,
+``"state/1"`` ...). New fields always get defaults, so an older reader ignores them and a
+newer reader accepts older messages. A breaking change gets a new tag (``"get/2"``).
+
+One union per subject kind, one Decoder for each, built once at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+__all__ = [
+    "COMMAND_TYPES",
+    "Command",
+    "Err",
+    "Event",
+    "Get",
+    "Ok",
+    "Patch",
+    "Ping",
+    "RankRecord",
+    "Reply",
+    "Reset",
+    "Schema",
+    "Set",
+    "StateMsg",
+    "Stop",
+    "StopMode",
+    "decode_command",
+    "decode_event",
+    "decode_record",
+    "decode_reply",
+    "decode_state",
+    "encode",
+]
+
+_TAG = {"tag_field": "t", "kw_only": True, "omit_defaults": False}
+
+
+# --- commands: runctl.<run>.<rank|all>.cmd.<verb> ------------------------------------
+
+
+class Get(msgspec.Struct, tag="get/1", **_TAG):  # type: ignore[call-arg]
+    """Read the state, or the value at a dotted ``path``."""
+
+    path: str | None = None
+
+
+class Set(msgspec.Struct, tag="set/1", **_TAG):  # type: ignore[call-arg]
+    """Replace the value at ``path`` (a leaf or a whole sub-tree)."""
+
+    path: str
+    value: Any
+
+
+class Patch(msgspec.Struct, tag="patch/1", **_TAG):  # type: ignore[call-arg]
+    """Merge ``value`` into the state (or into the sub-tree at ``path``): objects merge
+    recursively, everything else replaces."""
+
+    value: dict[str, Any]
+    path: str | None = None
+
+
+class Reset(msgspec.Struct, tag="reset/1", **_TAG):  # type: ignore[call-arg]
+    """Back to the state the program had when it called ``control()``."""
+
+
+StopMode = Literal["graceful"]
+
+
+class Stop(msgspec.Struct, tag="stop/1", **_TAG):  # type: ignore[call-arg]
+    reason: str = ""
+    mode: StopMode = "graceful"
+
+
+class Schema(msgspec.Struct, tag="schema/1", **_TAG):  # type: ignore[call-arg]
+    """The model's JSON schema."""
+
+
+class Ping(msgspec.Struct, tag="ping/1", **_TAG):  # type: ignore[call-arg]
+    pass
+
+
+Command = Get | Set | Patch | Reset | Stop | Schema | Ping
+COMMAND_TYPES: Final[dict[str, type[Command]]] = {
+    "get": Get,
+    "set": Set,
+    "patch": Patch,
+    "reset": Reset,
+    "stop": Stop,
+    "schema": Schema,
+    "ping": Ping,
+}
+
+
+# --- replies ------------------------------------------------------------------------
+
+
+class Ok(msgspec.Struct, tag="ok/1", **_TAG):  # type: ignore[call-arg]
+    run: str
+    rank: str
+    version: int
+    value: Any = None
+    #: True when the command changed the state (set/patch/reset that altered something)
+    changed: bool = False
+
+
+class Err(msgspec.Struct, tag="err/1", **_TAG):  # type: ignore[call-arg]
+    run: str
+    rank: str
+    code: str
+    message: str
+    #: pydantic's error list for code "validation"
+    detail: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    version: int = 0
+
+
+Reply = Ok | Err
+
+
+# --- published by agents ---------------------------------------------------------------
+
+
+class StateMsg(msgspec.Struct, tag="state/1", **_TAG):  # type: ignore[call-arg]
+    """Full state on ``runctl.<run>.<rank>.state``: after each change and on heartbeat."""
+
+    run: str
+    rank: str
+    version: int
+    ts: float
+    state: Any
+    #: "changed" when published because the state changed, "heartbeat" otherwise
+    cause: str = "heartbeat"
+
+
+class Event(msgspec.Struct, tag="event/1", **_TAG):  # type: ignore[call-arg]
+    """On ``runctl.<run>.<rank>.evt.<kind>``."""
+
+    run: str
+    rank: str
+    kind: str
+    ts: float
+    version: int = 0
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+RankStatus = Literal["running", "exited"]
+
+
+class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):  # type: ignore[call-arg]
+    """KV bucket ``RUNCTL_RANKS``, key ``<run>.<rank>``: discovery and last state."""
+
+    run: str
+    rank: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+    heartbeat_interval: float
+    version: int
+    state: Any
+    status: RankStatus = "running"
+    stop_requested: bool = False
+    world_size: int | None = None
+    model: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+_command_decoder: Final = msgspec.json.Decoder(Command)
+_reply_decoder: Final = msgspec.json.Decoder(Reply)
+_state_decoder: Final = msgspec.json.Decoder(StateMsg)
+_event_decoder: Final = msgspec.json.Decoder(Event)
+_record_decoder: Final = msgspec.json.Decoder(RankRecord)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_command(verb: str, payload: bytes) -> Command:
+    """Decode a command; an empty payload means the verb's defaults (``nats req ... ''``).
+
+    Raises ``msgspec.ValidationError``/``DecodeError`` on a malformed payload and
+    ``ValueError`` when the payload's tag does not match the subject's verb.
+    """
+    expected = COMMAND_TYPES[verb]
+    if not payload.strip():
+        return expected()  # type: ignore[call-arg]
+    cmd = _command_decoder.decode(payload)
+    if type(cmd) is not expected:
+        raise ValueError(f"payload is a {type(cmd).__name__} command, subject says {verb!r}")
+    return cmd
+
+
+def decode_reply(payload: bytes) -> Reply:
+    return _reply_decoder.decode(payload)
+
+
+def decode_state(payload: bytes) -> StateMsg:
+    return _state_decoder.decode(payload)
+
+
+def decode_event(payload: bytes) -> Event:
+    return _event_decoder.decode(payload)
+
+
+def decode_record(payload: bytes) -> RankRecord:
+    return _record_decoder.decode(payload)

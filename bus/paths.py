@@ -1,0 +1,64 @@
+"""Dotted paths into JSON-like data: ``optimizer.lr``, ``layers.0.width``, ``tags.-1``.
+
+Pure functions, shared by the client (reading the published state) and the agent (which
+first checks the path against the model's declared fields, see ``agent.state``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from bus.errors import BadPath
+
+__all__ = ["MAX_PATH_LENGTH", "resolve", "split_path"]
+
+MAX_PATH_LENGTH: Final = 1024
+MAX_DEPTH: Final = 64
+
+
+def split_path(path: str) -> list[str]:
+    """``"a.b.0"`` -> ``["a", "b", "0"]``; ``""`` and ``None``-like paths mean the root."""
+    if len(path) > MAX_PATH_LENGTH:
+        raise BadPath(path, f"longer than {MAX_PATH_LENGTH} characters")
+    if path in ("", "."):
+        return []
+    parts = path.split(".")
+    if len(parts) > MAX_DEPTH:
+        raise BadPath(path, f"deeper than {MAX_DEPTH} levels")
+    for part in parts:
+        if not part:
+            raise BadPath(path, "has an empty segment")
+        if part.startswith("_"):
+            raise BadPath(path, f"segment {part!r} is private")
+    return parts
+
+
+def resolve(data: Any, path: str | None) -> Any:
+    """The value at ``path`` inside dicts and lists; raise :class:`BadPath` if absent."""
+    if not path:
+        return data
+    node = data
+    walked: list[str] = []
+    for part in split_path(path):
+        if isinstance(node, dict):
+            if part not in node:
+                raise BadPath(path, f"no field {part!r} in {'.'.join(walked) or 'the state'}")
+            node = node[part]
+        elif isinstance(node, list):
+            index = _index(path, part, len(node))
+            node = node[index]
+        else:
+            where = ".".join(walked) or "the state"
+            raise BadPath(path, f"{where} is a {type(node).__name__}, it has no {part!r}")
+        walked.append(part)
+    return node
+
+
+def _index(path: str, part: str, length: int) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise BadPath(path, f"{part!r} is not a list index") from None
+    if not -length <= index < length:
+        raise BadPath(path, f"index {index} out of range for a list of {length}")
+    return index

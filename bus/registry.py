@@ -1,0 +1,142 @@
+"""The rank registry: JetStream KV bucket ``RUNCTL_RANKS``.
+
+Keys: ``<run>.<rank>`` holds a :class:`~bus.messages.RankRecord` (last state, heartbeat,
+host, pid, status), rewritten by the agent after every change and on every heartbeat;
+``<run>.<rank>.schema`` holds the model's JSON schema, written once at start.
+
+Entries live ``ttl`` seconds after their last write (default 7 days), so a dead rank's last
+state stays readable and is reported ``stale`` once its heartbeat is overdue.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from bus.messages import RankRecord, decode_record
+from bus.subjects import check_rank, check_token
+
+__all__ = ["BUCKET", "Liveness", "RankInfo", "Registry", "liveness"]
+
+BUCKET: Final = "RUNCTL_RANKS"
+DEFAULT_TTL: Final = 7 * 24 * 3600.0
+#: a rank is stale once this many heartbeats are overdue
+STALE_AFTER_BEATS: Final = 3.0
+
+Liveness = Literal["alive", "stale", "exited"]
+
+
+def liveness(record: RankRecord, now: float | None = None) -> Liveness:
+    if record.status == "exited":
+        return "exited"
+    now = time.time() if now is None else now
+    overdue = now - record.heartbeat > max(STALE_AFTER_BEATS * record.heartbeat_interval, 1.5)
+    return "stale" if overdue else "alive"
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """A registry record plus what a reader derives from it."""
+
+    record: RankRecord
+    liveness: Liveness
+    age: float
+
+    @classmethod
+    def of(cls, record: RankRecord, now: float | None = None) -> RankInfo:
+        now = time.time() if now is None else now
+        return cls(record, liveness(record, now), max(0.0, now - record.heartbeat))
+
+    def summary(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "run": r.run,
+            "rank": r.rank,
+            "status": self.liveness,
+            "version": r.version,
+            "heartbeat_age_s": round(self.age, 3),
+            "host": r.host,
+            "pid": r.pid,
+            "started": r.started,
+            "stop_requested": r.stop_requested,
+            "model": r.model,
+        }
+
+
+class Registry:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, *, create: bool = True, ttl: float = DEFAULT_TTL
+    ) -> Registry:
+        try:
+            return cls(await js.key_value(BUCKET))
+        except BucketNotFoundError:
+            if not create:
+                raise
+        # Two processes may race to create it: same config is accepted by the server.
+        return cls(await js.create_key_value(bucket=BUCKET, history=1, ttl=ttl))
+
+    @staticmethod
+    def key(run: str, rank: str) -> str:
+        return f"{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}"
+
+    async def put(self, record: RankRecord) -> int:
+        return await self.kv.put(self.key(record.run, record.rank), msgspec.json.encode(record))
+
+    async def put_schema(self, run: str, rank: str, schema: bytes) -> int:
+        return await self.kv.put(self.key(run, rank) + ".schema", schema)
+
+    async def get(self, run: str, rank: str) -> RankRecord | None:
+        try:
+            entry = await self.kv.get(self.key(run, rank))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        if entry.value is None:
+            return None
+        return decode_record(entry.value)
+
+    async def schema(self, run: str, rank: str) -> Any:
+        try:
+            entry = await self.kv.get(self.key(run, rank) + ".schema")
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return msgspec.json.decode(entry.value) if entry.value else None
+
+    async def records(self, run: str | None = None) -> list[RankRecord]:
+        """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
+        pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
+        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        records: list[RankRecord] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=5.0)
+                if entry is None:  # end of the initial values
+                    break
+                if entry.value:
+                    try:
+                        records.append(decode_record(entry.value))
+                    except msgspec.DecodeError:
+                        continue  # a foreign value in our bucket is not ours to report
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
+        return records
+
+    async def delete(self, run: str, rank: str) -> None:
+        await self.kv.purge(self.key(run, rank))
+        await self.kv.purge(self.key(run, rank) + ".schema")
+
+
+def _rank_order(rank: str) -> tuple[int, str]:
+    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)

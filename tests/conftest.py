@@ -1,0 +1,78 @@
+"""Shared fixtures. Integration tests start the real nats-server binary (free port chosen
+by the server itself, temporary store dir): the bus and HTTP are never mocked."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bus.server import NatsServer
+
+ROOT = Path(__file__).resolve().parent.parent
+_run_ids = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One server for tests that only need a bus; each test uses its own run id."""
+    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats-session")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(session_server: NatsServer) -> str:
+    return session_server.url
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A private server, for tests that kill or restart it."""
+    server = NatsServer(store_dir=tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def run_id(request: pytest.FixtureRequest) -> str:
+    """A run id unique to the test (tokens allow letters, digits, '_' and '-')."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    return f"t{os.getpid()}-{next(_run_ids)}-{name}".strip("-")
+
+
+def spawn_python(code: str, *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen[str]:
+    """Run ``code`` in a separate Python process (a real rank), stdout/stderr piped."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=str(cwd or ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` until truthy (for state that arrives asynchronously)."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s: {predicate}")
