@@ -29,6 +29,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
+from agent.env import detect_rank, detect_run, detect_world_size
+from agent.state import LiveState
 from bus import messages as m
 from bus.connection import DEFAULT_URL, connect, env_url
 from bus.errors import (
@@ -46,8 +48,6 @@ from bus.subjects import (
     event_subject,
     state_subject,
 )
-from agent.env import detect_rank, detect_run, detect_world_size
-from agent.state import LiveState
 
 __all__ = ["Agent"]
 

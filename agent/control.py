@@ -17,6 +17,7 @@ the agent thread under ``ctl.lock``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -28,8 +29,8 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
-from bus.errors import Unavailable
 from agent.agent import Agent
+from bus.errors import Unavailable
 
 __all__ = ["Control", "control"]
 
@@ -103,13 +104,12 @@ class Control(Generic[M]):
         try:
             self._portal.call(self.agent.aclose)
             self._future.result(timeout)
-        except Exception:  # a failed agent must not fail the program's exit
-            pass
+        except Exception as exc:  # a failed agent must not fail the program's exit
+            self.agent.log.debug("agent close failed", error=str(exc))
         finally:
-            try:
+            # the loop may already be gone (interpreter shutdown): nothing left to stop
+            with contextlib.suppress(Exception):
                 self._portal.call(self._portal.stop, True)
-            except Exception:
-                pass
             self._thread.join(timeout)
 
     def __enter__(self) -> Self:

@@ -35,10 +35,9 @@ def detect_run(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     if run := env.get("RUNCTL_RUN"):
         return run  # explicit: validated as given, never rewritten
-    if run := env.get("TORCHELASTIC_RUN_ID"):
-        # torchrun's default run id is "none" when --rdzv-id is not given
-        if run != "none":
-            return _token(run)
+    # torchrun's default run id is "none" when --rdzv-id is not given
+    if (run := env.get("TORCHELASTIC_RUN_ID")) and run != "none":
+        return _token(run)
     if job := env.get("SLURM_JOB_ID"):
         step = env.get("SLURM_STEP_ID")
         return _token(f"slurm-{job}" + (f"-{step}" if step else ""))

@@ -248,7 +248,7 @@ class Client:
         sub = await self.nc.subscribe(inbox)
         try:
             await self.nc.publish(subject, payload, reply=inbox)
-            await self.nc.flush(timeout)
+            await self.nc.flush(max(1, int(timeout)))
             deadline = anyio.current_time() + timeout
             answered: set[str] = set()
             while not (expected and expected <= answered):
@@ -302,7 +302,8 @@ def _verb_of(cmd: m.Command) -> str:
 
 
 def _is_no_responders(msg: Msg) -> bool:
-    return bool(msg.headers) and msg.headers.get("Status") == "503" and not msg.data
+    headers = msg.headers or {}
+    return headers.get("Status") == "503" and not msg.data
 
 
 def _decode_reply(msg: Msg) -> m.Reply:

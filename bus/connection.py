@@ -61,6 +61,7 @@ async def connect(
     """
     servers = [s.strip() for s in (url or env_url() or DEFAULT_URL).split(",") if s.strip()]
     seen: set[str] = set()
+    holder: list[NATS] = []
 
     async def error_cb(exc: Exception) -> None:
         # One line per distinct error kind, no tracebacks: a restarting server is not news.
@@ -70,6 +71,8 @@ async def connect(
             log.warning("nats error", error=str(exc) or key, kind=key)
 
     async def disconnected_cb() -> None:
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own close(): not worth a log line
         log.info("nats disconnected", servers=servers)
 
     async def reconnected_cb() -> None:
@@ -96,7 +99,9 @@ async def connect(
     delay = reconnect_wait
     while True:
         try:
-            return await nats.connect(**params)
+            nc = await nats.connect(**params)
+            holder.append(nc)
+            return nc
         except Exception as exc:  # nats-py raises many kinds on a failed first connect
             if not retry_initial:
                 raise Unavailable(

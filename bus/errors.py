@@ -6,7 +6,7 @@
     ├── BadToken            a run id, rank, verb or step name that cannot be a subject token
     ├── BadPath             a dotted path that does not name a declared field (or dict key/index)
     ├── BadRequest          a malformed command (wrong JSON, wrong shape)
-    ├── ValidationRejected  pydantic refused the change; ``errors`` is pydantic's list; nothing changed
+    ├── ValidationRejected  refused by pydantic; ``errors`` is its list; nothing changed
     ├── PayloadTooLarge     a message over the size limit (never echoed back)
     ├── NotFound            no such run or rank (no responders: known in milliseconds)
     ├── Unavailable         the bus cannot be reached, or the server could not start

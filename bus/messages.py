@@ -44,20 +44,20 @@ _TAG = {"tag_field": "t", "kw_only": True, "omit_defaults": False}
 # --- commands: runctl.<run>.<rank|all>.cmd.<verb> ------------------------------------
 
 
-class Get(msgspec.Struct, tag="get/1", **_TAG):  # type: ignore[call-arg]
+class Get(msgspec.Struct, tag="get/1", **_TAG):
     """Read the state, or the value at a dotted ``path``."""
 
     path: str | None = None
 
 
-class Set(msgspec.Struct, tag="set/1", **_TAG):  # type: ignore[call-arg]
+class Set(msgspec.Struct, tag="set/1", **_TAG):
     """Replace the value at ``path`` (a leaf or a whole sub-tree)."""
 
     path: str
     value: Any
 
 
-class Patch(msgspec.Struct, tag="patch/1", **_TAG):  # type: ignore[call-arg]
+class Patch(msgspec.Struct, tag="patch/1", **_TAG):
     """Merge ``value`` into the state (or into the sub-tree at ``path``): objects merge
     recursively, everything else replaces."""
 
@@ -65,23 +65,23 @@ class Patch(msgspec.Struct, tag="patch/1", **_TAG):  # type: ignore[call-arg]
     path: str | None = None
 
 
-class Reset(msgspec.Struct, tag="reset/1", **_TAG):  # type: ignore[call-arg]
+class Reset(msgspec.Struct, tag="reset/1", **_TAG):
     """Back to the state the program had when it called ``control()``."""
 
 
 StopMode = Literal["graceful"]
 
 
-class Stop(msgspec.Struct, tag="stop/1", **_TAG):  # type: ignore[call-arg]
+class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     reason: str = ""
     mode: StopMode = "graceful"
 
 
-class Schema(msgspec.Struct, tag="schema/1", **_TAG):  # type: ignore[call-arg]
+class Schema(msgspec.Struct, tag="schema/1", **_TAG):
     """The model's JSON schema."""
 
 
-class Ping(msgspec.Struct, tag="ping/1", **_TAG):  # type: ignore[call-arg]
+class Ping(msgspec.Struct, tag="ping/1", **_TAG):
     pass
 
 
@@ -100,7 +100,7 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
 # --- replies ------------------------------------------------------------------------
 
 
-class Ok(msgspec.Struct, tag="ok/1", **_TAG):  # type: ignore[call-arg]
+class Ok(msgspec.Struct, tag="ok/1", **_TAG):
     run: str
     rank: str
     version: int
@@ -109,7 +109,7 @@ class Ok(msgspec.Struct, tag="ok/1", **_TAG):  # type: ignore[call-arg]
     changed: bool = False
 
 
-class Err(msgspec.Struct, tag="err/1", **_TAG):  # type: ignore[call-arg]
+class Err(msgspec.Struct, tag="err/1", **_TAG):
     run: str
     rank: str
     code: str
@@ -125,7 +125,7 @@ Reply = Ok | Err
 # --- published by agents ---------------------------------------------------------------
 
 
-class StateMsg(msgspec.Struct, tag="state/1", **_TAG):  # type: ignore[call-arg]
+class StateMsg(msgspec.Struct, tag="state/1", **_TAG):
     """Full state on ``runctl.<run>.<rank>.state``: after each change and on heartbeat."""
 
     run: str
@@ -137,7 +137,7 @@ class StateMsg(msgspec.Struct, tag="state/1", **_TAG):  # type: ignore[call-arg]
     cause: str = "heartbeat"
 
 
-class Event(msgspec.Struct, tag="event/1", **_TAG):  # type: ignore[call-arg]
+class Event(msgspec.Struct, tag="event/1", **_TAG):
     """On ``runctl.<run>.<rank>.evt.<kind>``."""
 
     run: str
@@ -151,7 +151,7 @@ class Event(msgspec.Struct, tag="event/1", **_TAG):  # type: ignore[call-arg]
 RankStatus = Literal["running", "exited"]
 
 
-class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):  # type: ignore[call-arg]
+class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     """KV bucket ``RUNCTL_RANKS``, key ``<run>.<rank>``: discovery and last state."""
 
     run: str
@@ -189,6 +189,7 @@ def decode_command(verb: str, payload: bytes) -> Command:
     """
     expected = COMMAND_TYPES[verb]
     if not payload.strip():
+        # set/patch have required fields: the TypeError is reported as a bad command
         return expected()  # type: ignore[call-arg]
     cmd = _command_decoder.decode(payload)
     if type(cmd) is not expected:
@@ -197,7 +198,8 @@ def decode_command(verb: str, payload: bytes) -> Command:
 
 
 def decode_reply(payload: bytes) -> Reply:
-    return _reply_decoder.decode(payload)
+    reply: Reply = _reply_decoder.decode(payload)
+    return reply
 
 
 def decode_state(payload: bytes) -> StateMsg:

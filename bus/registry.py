@@ -118,7 +118,7 @@ class Registry:
         records: list[RankRecord] = []
         try:
             while True:
-                entry = await watcher.updates(timeout=5.0)
+                entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 if entry is None:  # end of the initial values
                     break
                 if entry.value:
@@ -129,7 +129,7 @@ class Registry:
                 if entry.delta == 0:
                     break
         finally:
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
         records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
         return records
 

@@ -101,7 +101,7 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C meant for the program does not kill its bus first.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         finally:
             log.close()
