@@ -11,11 +11,15 @@ event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
@@ -30,6 +34,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from agent.env import detect_rank, detect_run, detect_world_size
+from agent.pending import PendingChanges, StepClock
 from agent.state import LiveState
 from bus import messages as m
 from bus.connection import DEFAULT_URL, connect, env_url
@@ -38,8 +43,9 @@ from bus.errors import (
     PayloadTooLarge,
     RunctlError,
     ServerStartError,
+    TooLate,
 )
-from bus.registry import Registry
+from bus.registry import Registry, liveness
 from bus.server import NatsServer
 from bus.subjects import (
     check_rank,
@@ -56,6 +62,9 @@ DEFAULT_MAX_PAYLOAD: Final = 1 << 20
 #: bound on every wait for the server while serving: the program never waits on a dead bus
 PUBLISH_TIMEOUT: Final = 1.0
 EMBEDDED_PORT: Final = 4222
+#: a recorded run-wide stop applies to a rank starting this long after it was issued,
+#: or at any time while another rank of the run is still alive
+STOP_RECORD_WINDOW: Final = 60.0
 
 log = structlog.get_logger()
 
@@ -91,6 +100,10 @@ class Agent(Generic[M]):
         self.stop_requested = False
         self.stop_reason = ""
         self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
+        self.pending = PendingChanges()
+        self.clock = StepClock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: TaskGroup | None = None
         self.ready = threading.Event()
         self.closed = threading.Event()
         self.nc: NATS | None = None
@@ -113,10 +126,31 @@ class Agent(Generic[M]):
     def version(self) -> int:
         return self.live.version
 
+    @property
+    def step(self) -> int | None:
+        return self.clock.step
+
     def on_stop(self, callback: Callable[[str], object]) -> Callable[[str], object]:
-        """Register ``callback(reason)``; it runs on the agent's thread when a stop arrives."""
+        """Register ``callback(reason)``; it runs on the agent's thread when a stop arrives
+        (on the program's thread for a stop deferred to a step)."""
         self._stop_callbacks.append(callback)
         return callback
+
+    def sync(self, step: int) -> int:
+        """A step boundary: apply the deferred changes due at ``step``; return how many.
+
+        Call it from the program's loop with the same step numbers on every rank (the
+        global step). Costs a few hundred nanoseconds when nothing is due; never waits on
+        the network (publishing the result is handed to the agent's thread).
+        """
+        self.clock.observe(step)
+        due = self.pending.pop_due(step)
+        if not due:
+            return 0
+        for item in due:
+            reply, new_state = self._run(item.command, defer=False)
+            self._soon(partial(self._after_deferred, item.command, reply, new_state, step))
+        return len(due)
 
     async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()
@@ -142,18 +176,25 @@ class Agent(Generic[M]):
         """Connect, serve commands and heartbeat until :meth:`aclose`; then say goodbye."""
         self._closing = anyio.Event()
         self._record_lock = anyio.Lock()
+        self._loop = asyncio.get_running_loop()
         try:
-            await self._connect()
-            await self._subscribe()
-            await self._announce()
-            self.ready.set()
-            task_status.started(self)
-            self.log.info("agent ready", url=self.url, subject=state_subject(self.run, self.rank))
-            while not self._closing.is_set():
-                with anyio.move_on_after(self.heartbeat_interval):
-                    await self._closing.wait()
-                if not self._closing.is_set():
-                    await self._beat()
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                await self._connect()
+                await self._subscribe()
+                await self._load_run_record()
+                await self._announce()
+                self.ready.set()
+                task_status.started(self)
+                self.log.info(
+                    "agent ready", url=self.url, subject=state_subject(self.run, self.rank)
+                )
+                while not self._closing.is_set():
+                    with anyio.move_on_after(self.heartbeat_interval):
+                        await self._closing.wait()
+                    if not self._closing.is_set():
+                        await self._beat()
+                tasks.cancel_scope.cancel()  # pending escalation timers end with the agent
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
@@ -198,6 +239,28 @@ class Agent(Generic[M]):
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_command))
         await self.nc.flush(timeout=5)
 
+    async def _load_run_record(self) -> None:
+        """A run-wide stop issued before this rank started applies to it too."""
+        if self.registry is None:
+            return
+        try:
+            with anyio.fail_after(PUBLISH_TIMEOUT):
+                record = await self.registry.get_run(self.run)
+                if record is None or not record.stop_requested:
+                    return
+                recent = time.time() - record.ts < STOP_RECORD_WINDOW
+                others = not recent and any(
+                    r.rank != self.rank and liveness(r) == "alive"
+                    for r in await self.registry.records(self.run)
+                )
+        except Exception as exc:
+            self.log.debug("run record unavailable", error=str(exc) or type(exc).__name__)
+            return
+        if recent or others:
+            self._request_stop(record.reason or "run stopped before this rank started")
+            if record.mode == "terminate":
+                self._soon(partial(self._escalate, record.grace))
+
     async def _announce(self) -> None:
         if self.registry is not None:
             schema = msgspec.json.encode(self.live.schema())
@@ -227,27 +290,49 @@ class Agent(Generic[M]):
 
     async def _on_command(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
-        reply, new_state = self._execute(verb, msg.data)
-        if new_state is not None:
-            await self._publish_state(new_state, cause=verb)
-            await self._event(verb, version=self.live.version)
-        elif verb == "stop" and isinstance(reply, m.Ok):
-            await self._put_record(self.live.dump_json())
-            await self._event("stop_requested", reason=self.stop_reason)
-        elif isinstance(reply, m.Err) and reply.code == "validation":
-            await self._event("rejected", verb=verb, errors=len(reply.detail))
+        command, reply, new_state = self._execute(verb, msg.data)
+        await self._after(verb, command, reply, new_state)
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # the asker is gone or the bus is down: nothing to do
                 self.log.debug("reply failed", error=str(exc))
 
-    def _execute(self, verb: str, data: bytes) -> tuple[m.Reply, bytes | None]:
-        """Run one command against the live state. Never raises: errors become replies."""
-        live = self.live
-        new_state: bytes | None = None
-        value: Any = None
-        changed = False
+    async def _after(
+        self, verb: str, command: m.Command | None, reply: m.Reply, new_state: bytes | None,
+        **data: Any,
+    ) -> None:
+        """Tell the world what a command did: state, record, event."""
+        if new_state is not None:
+            await self._publish_state(new_state, cause=verb)
+            await self._event(verb, **data)
+        elif isinstance(command, m.Stop) and isinstance(reply, m.Ok) and command.at_step is None:
+            await self._put_record(self.live.dump_json())
+            await self._event("stop_requested", reason=self.stop_reason, mode=command.mode,
+                              **data)
+        elif isinstance(reply, m.Err) and reply.code == "validation":
+            await self._event("rejected", verb=verb, errors=len(reply.detail), **data)
+        elif isinstance(reply, m.Ok) and isinstance(reply.value, dict) and (
+            reply.value.get("pending")
+        ):
+            await self._put_record(self.live.dump_json())
+            await self._event("deferred", verb=verb, **reply.value)
+
+    async def _after_deferred(
+        self, command: m.Command, reply: m.Reply, new_state: bytes | None, step: int
+    ) -> None:
+        verb = next(v for v, cls in m.COMMAND_TYPES.items() if type(command) is cls)
+        change_id = getattr(command, "change_id", "")
+        await self._after(verb, command, reply, new_state, at_step=step, change_id=change_id)
+        if isinstance(command, m.Stop):
+            await self._put_record(self.live.dump_json())
+            await self._event("stop_requested", reason=self.stop_reason, mode=command.mode,
+                              at_step=step, change_id=change_id)
+
+    def _execute(
+        self, verb: str, data: bytes
+    ) -> tuple[m.Command | None, m.Reply, bytes | None]:
+        """Decode and run one command. Never raises: errors become replies."""
         try:
             if len(data) > self.max_payload:
                 raise PayloadTooLarge(len(data), self.max_payload)
@@ -257,6 +342,23 @@ class Agent(Generic[M]):
                 cmd = m.decode_command(verb, data)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
                 raise BadRequest(f"malformed {verb} command: {exc}") from None
+        except RunctlError as exc:
+            return None, self._err(exc), None
+        return (cmd, *self._run(cmd, defer=True))
+
+    def _err(self, exc: RunctlError) -> m.Err:
+        return m.Err(run=self.run, rank=self.rank, code=exc.code, message=str(exc),
+                     detail=getattr(exc, "errors", []), version=self.live.version)
+
+    def _run(self, cmd: m.Command, *, defer: bool) -> tuple[m.Reply, bytes | None]:
+        """Run a decoded command now, or park it until its step. Never raises."""
+        live = self.live
+        new_state: bytes | None = None
+        value: Any = None
+        changed = False
+        try:
+            if defer and isinstance(cmd, m.DEFERRABLE) and cmd.at_step is not None:
+                return self._defer(cmd), None
             match cmd:
                 case m.Get(path=path):
                     value = msgspec.Raw(live.get(path))
@@ -266,14 +368,20 @@ class Agent(Generic[M]):
                     changed = live.patch(new, path)
                 case m.Reset():
                     changed = live.reset()
-                case m.Stop(reason=reason):
+                case m.Stop(reason=reason, mode=mode, grace=grace):
                     self._request_stop(reason)
-                    value = {"stop_requested": True}
+                    if mode == "terminate":
+                        self._soon(partial(self._escalate, grace))
+                    value = {"stop_requested": True, "mode": mode}
                 case m.Schema():
                     value = live.schema()
                 case m.Ping():
                     value = {"host": self.host, "pid": self.pid,
-                             "uptime": round(time.time() - self.started, 3)}
+                             "uptime": round(time.time() - self.started, 3),
+                             "step": self.clock.step, "step_rate": round(self.clock.rate, 3),
+                             "pending": self.pending.snapshot()}
+                case m.Cancel(change_id=change_id):
+                    value = {"cancelled": self.pending.cancel(change_id)}
             if isinstance(cmd, m.Set | m.Patch | m.Reset):
                 new_state = live.dump_json()
                 value = msgspec.Raw(new_state)
@@ -282,12 +390,64 @@ class Agent(Generic[M]):
             return m.Ok(run=self.run, rank=self.rank, version=live.version, value=value,
                         changed=changed), new_state
         except RunctlError as exc:
-            return m.Err(run=self.run, rank=self.rank, code=exc.code, message=str(exc),
-                         detail=getattr(exc, "errors", []), version=live.version), None
+            return self._err(exc), None
         except Exception as exc:  # a user validator's bug must not crash the program
-            self.log.exception("command failed", verb=verb)
+            self.log.exception("command failed", command=type(cmd).__name__)
             return m.Err(run=self.run, rank=self.rank, code="internal",
                          message=f"{type(exc).__name__}: {exc}", version=live.version), None
+
+    def _defer(self, cmd: m.Set | m.Patch | m.Reset | m.Stop) -> m.Reply:
+        """Validate now (every rank refuses a bad change before any applies), apply later."""
+        assert cmd.at_step is not None
+        current = self.clock.step
+        if current is not None and current >= cmd.at_step:
+            raise TooLate(
+                f"rank {self.rank} is at step {current}, past at_step {cmd.at_step}"
+            )
+        match cmd:
+            case m.Set(path=path, value=new):
+                self.live.set(path, new, dry_run=True)
+            case m.Patch(value=new, path=path):
+                self.live.patch(new, path, dry_run=True)
+            case m.Reset():
+                self.live.reset(dry_run=True)
+        change_id = cmd.change_id or uuid.uuid4().hex
+        self.pending.add(cmd.at_step, change_id, cmd)
+        return m.Ok(run=self.run, rank=self.rank, version=self.live.version,
+                    value={"pending": True, "at_step": cmd.at_step, "change_id": change_id,
+                           "step": current})
+
+    def _soon(self, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``job`` on the agent's loop; callable from any thread, never blocks."""
+        loop, tasks = self._loop, self._tasks
+        if loop is None or tasks is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            tasks.start_soon(job)
+        else:
+            loop.call_soon_threadsafe(tasks.start_soon, job)
+
+    async def _escalate(self, grace: float) -> None:
+        """The operator asked for it: SIGTERM after ``grace``, SIGKILL after twice that.
+        Cancelled when the agent closes, i.e. when the program stopped by itself."""
+        await anyio.sleep(grace)
+        self.log.warning("rank did not stop in time: SIGTERM", grace=grace)
+        await self._event("escalated", signal="SIGTERM", grace=grace)
+        await self._flush()
+        os.kill(self.pid, signal.SIGTERM)
+        await anyio.sleep(grace)
+        self.log.warning("rank ignored SIGTERM: SIGKILL", grace=grace)
+        await self._event("escalated", signal="SIGKILL", grace=grace)
+        await self._flush()
+        os.kill(self.pid, signal.SIGKILL)
+
+    async def _flush(self) -> None:
+        if self.nc is not None and self.nc.is_connected:
+            await self._bounded(self.nc.flush(timeout=1))
 
     def _request_stop(self, reason: str) -> None:
         first = not self.stop_requested
@@ -333,7 +493,8 @@ class Agent(Generic[M]):
                 heartbeat_interval=self.heartbeat_interval, version=self.live.version,
                 state=msgspec.Raw(state), status="exited" if self._exited else "running",
                 stop_requested=self.stop_requested, world_size=self.world_size,
-                model=type(self.state).__name__,
+                model=type(self.state).__name__, step=self.clock.step,
+                step_rate=round(self.clock.rate, 3), pending=len(self.pending),
             )
             await self._bounded(self.registry.put(record))
 

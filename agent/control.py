@@ -83,9 +83,24 @@ class Control(Generic[M]):
     def url(self) -> str | None:
         return self.agent.url
 
+    @property
+    def step(self) -> int | None:
+        """The last step passed to :meth:`sync`."""
+        return self.agent.step
+
     def on_stop(self, callback: Callable[[str], object]) -> Callable[[str], object]:
         """``callback(reason)`` runs on the agent thread when a stop command arrives."""
         return self.agent.on_stop(callback)
+
+    def sync(self, step: int) -> int:
+        """Call at every step boundary with the global step (the same on every rank).
+
+        Applies the synchronised changes due at ``step`` (including a synchronised stop) on
+        this thread, before returning; returns how many. Reports the step, so operators
+        can see progress and the client can pick a step every rank has not reached yet.
+        Never waits on the network.
+        """
+        return self.agent.sync(step)
 
     def wait_ready(self, timeout: float = 10.0) -> Self:
         """Block until the agent is connected and registered (tests, scripts)."""

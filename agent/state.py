@@ -86,14 +86,17 @@ class LiveState(Generic[M]):
 
     # --- changing -----------------------------------------------------------------
 
-    def set(self, path: str, value: Any) -> bool:
-        """Replace the value at ``path``; the empty path replaces the whole state."""
+    def set(self, path: str, value: Any, *, dry_run: bool = False) -> bool:
+        """Replace the value at ``path``; the empty path replaces the whole state.
+
+        ``dry_run`` validates exactly as a real change would, and changes nothing.
+        """
         with self.lock:
             parts = check_path(self.model, path, for_write=True)
             if not parts:
                 if not isinstance(value, dict):
                     raise BadRequest("the whole state can only be set to a JSON object")
-                return self._apply(value, value)
+                return self._apply(value, value, dry_run)
             data = self._json()
             parent = _walk(data, parts[:-1])
             last = parts[-1]
@@ -101,9 +104,11 @@ class LiveState(Generic[M]):
                 parent[int(last)] = value
             else:
                 parent[last] = value
-            return self._apply(data, _nest(parts, value))
+            return self._apply(data, _nest(parts, value), dry_run)
 
-    def patch(self, value: dict[str, Any], path: str | None = None) -> bool:
+    def patch(
+        self, value: dict[str, Any], path: str | None = None, *, dry_run: bool = False
+    ) -> bool:
         """Merge ``value`` recursively (objects merge, everything else replaces)."""
         if not isinstance(value, dict):
             raise BadRequest("a patch must be a JSON object")
@@ -114,14 +119,14 @@ class LiveState(Generic[M]):
             if not isinstance(target, dict):
                 raise BadPath(path or "", "a patch applies to an object; use set for a value")
             _merge(target, value)
-            return self._apply(data, _nest(parts, value))
+            return self._apply(data, _nest(parts, value), dry_run)
 
-    def reset(self) -> bool:
+    def reset(self, *, dry_run: bool = False) -> bool:
         """Back to the state at ``control()`` time."""
         with self.lock:
-            return self._apply(copy.deepcopy(self._initial), None)
+            return self._apply(copy.deepcopy(self._initial), None, dry_run)
 
-    def _apply(self, data: dict[str, Any], change: Any) -> bool:
+    def _apply(self, data: dict[str, Any], change: Any, dry_run: bool = False) -> bool:
         """Validate the whole document; reject undeclared keys; mirror in place."""
         if self.cls.model_config.get("frozen"):
             raise BadRequest(f"{self.cls.__name__} is frozen: it cannot be changed")
@@ -136,6 +141,8 @@ class LiveState(Generic[M]):
             raise ValidationRejected(f"{self.cls.__name__} refused the change: {exc}") from None
         if change is not None:
             _reject_undeclared(new, change, [])
+        if dry_run:
+            return False
         changed = _mirror_model(self.model, new)
         if changed:
             self.version += 1

@@ -12,7 +12,9 @@ never wake the controlled program.
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -25,6 +27,7 @@ from nats.aio.msg import Msg
 from bus import messages as m
 from bus.connection import connect
 from bus.errors import (
+    BadRequest,
     NotFound,
     PayloadTooLarge,
     RunctlError,
@@ -40,6 +43,9 @@ from bus.subjects import ALL, check_rank, check_token, command_subject
 __all__ = ["DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 
 DEFAULT_MAX_PAYLOAD: Final = 1 << 20
+#: a synchronised change must reach every rank within this many seconds of its progress
+SYNC_LATENCY_BUDGET: Final = 1.0
+MIN_SYNC_MARGIN: Final = 2
 #: with no known live ranks, a broadcast stops this long after the last reply
 QUIET_AFTER_LAST_REPLY: Final = 0.15
 
@@ -64,6 +70,9 @@ class Gathered:
     errors: dict[str, RunctlError] = field(default_factory=dict)
     #: ranks the registry knows alive that did not answer before the deadline
     missing: list[str] = field(default_factory=list)
+    #: for a synchronised change: the step at which every rank applies it
+    at_step: int | None = None
+    change_id: str = ""
 
     @property
     def acknowledged(self) -> list[str]:
@@ -86,9 +95,11 @@ class Gathered:
             ranks[rank] = entry
         for rank in self.missing:
             ranks[rank] = {"outcome": "no_answer"}
+        sync = {"at_step": self.at_step, "change_id": self.change_id} if self.change_id else {}
         return {
             "run": self.run,
             "verb": self.verb,
+            **sync,
             "acknowledged": self.acknowledged,
             "missing": sorted(self.missing, key=_rank_key),
             "ranks": dict(sorted(ranks.items(), key=lambda kv: _rank_key(kv[0]))),
@@ -191,19 +202,87 @@ class Client:
             return gathered
         return _from_registry(await self.rank(run, rank), path)
 
-    async def set(self, run: str, rank: str | int, path: str, value: Any) -> Result | Gathered:
-        return await self.send(run, rank, m.Set(path=path, value=value))
+    async def set(
+        self, run: str, rank: str | int, path: str, value: Any, *, sync: bool = False,
+        margin: int | None = None,
+    ) -> Result | Gathered:
+        cmd = m.Set(path=path, value=value)
+        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
 
     async def patch(
-        self, run: str, rank: str | int, value: dict[str, Any], path: str | None = None
+        self, run: str, rank: str | int, value: dict[str, Any], path: str | None = None,
+        *, sync: bool = False, margin: int | None = None,
     ) -> Result | Gathered:
-        return await self.send(run, rank, m.Patch(value=value, path=path or None))
+        cmd = m.Patch(value=value, path=path or None)
+        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
 
-    async def reset(self, run: str, rank: str | int) -> Result | Gathered:
-        return await self.send(run, rank, m.Reset())
+    async def reset(
+        self, run: str, rank: str | int, *, sync: bool = False, margin: int | None = None
+    ) -> Result | Gathered:
+        cmd = m.Reset()
+        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
 
-    async def stop(self, run: str, rank: str | int, reason: str = "") -> Result | Gathered:
-        return await self.send(run, rank, m.Stop(reason=reason))
+    async def stop(
+        self, run: str, rank: str | int, reason: str = "", *, mode: m.StopMode = "graceful",
+        grace: float = 30.0, sync: bool = False, margin: int | None = None,
+    ) -> Result | Gathered:
+        """Stop one rank, or every rank (``"all"``). A run-wide stop is also recorded in
+        the registry, so a rank that starts later in the same run stops too."""
+        cmd = m.Stop(reason=reason, mode=mode, grace=grace)
+        if str(rank) == ALL:
+            await self._record_run_stop(run, cmd)
+        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+
+    async def _record_run_stop(self, run: str, cmd: m.Stop) -> None:
+        check_token(run, "run")
+        try:
+            registry = await self.registry()
+            record = m.RunRecord(run=run, stop_requested=True, reason=cmd.reason,
+                                 ts=time.time(), mode=cmd.mode, grace=cmd.grace)
+            with anyio.fail_after(self.timeout):
+                await registry.put_run(record)
+        except Exception as exc:  # the broadcast itself still goes out
+            if isinstance(exc, RunctlError | TimeoutError):
+                return
+            raise map_nats_error(exc, run=run) from exc
+
+    async def send_synced(
+        self, run: str, cmd: m.Set | m.Patch | m.Reset | m.Stop, margin: int | None = None
+    ) -> Gathered:
+        """Apply ``cmd`` on every rank at the same step (see agent/pending.py for the rule).
+
+        Asks every rank for its step, picks ``at_step = max(steps) + margin``, sends the
+        change deferred to that step, and cancels it everywhere if any rank was too late.
+        """
+        pings = await self.send(run, ALL, m.Ping())
+        assert isinstance(pings, Gathered)
+        steps: dict[str, int] = {}
+        rate = 0.0
+        for rank, res in pings.results.items():
+            step = res.value.get("step") if isinstance(res.value, dict) else None
+            if step is None:
+                raise BadRequest(
+                    f"rank {rank} of run {run!r} has not reported a step: a synchronised "
+                    "change needs the program to call ctl.sync(step) at each step"
+                )
+            steps[rank] = int(step)
+            rate = max(rate, float(res.value.get("step_rate") or 0.0))
+        if margin is None:
+            margin = max(MIN_SYNC_MARGIN, math.ceil(rate * SYNC_LATENCY_BUDGET) + 1)
+        at_step = max(steps.values()) + margin
+        change_id = uuid.uuid4().hex
+        deferred = msgspec.structs.replace(cmd, at_step=at_step, change_id=change_id)
+        gathered = await self.send(run, ALL, deferred)
+        assert isinstance(gathered, Gathered)
+        gathered.at_step = at_step
+        gathered.change_id = change_id
+        if gathered.errors or gathered.missing or set(steps) - set(gathered.results):
+            # Not every rank took it: take it back everywhere, so no rank applies it alone.
+            await self.send(run, ALL, m.Cancel(change_id=change_id))
+        return gathered
+
+    async def cancel(self, run: str, rank: str | int, change_id: str) -> Result | Gathered:
+        return await self.send(run, rank, m.Cancel(change_id=change_id))
 
     async def ping(self, run: str, rank: str | int) -> Result | Gathered:
         return await self.send(run, rank, m.Ping())

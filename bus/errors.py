@@ -12,6 +12,7 @@
     ├── Unavailable         the bus cannot be reached, or the server could not start
     │   └── ServerStartError    nats-server exited; ``log_line`` is its own fatal line
     ├── Timeout             a rank did not answer in time; ``missing`` names who
+    ├── TooLate             a deferred change arrived after the rank passed its step
     └── RemoteError         the agent failed unexpectedly while handling a command
 
 nats-py's exceptions are mapped to these in one place, :func:`map_nats_error`.
@@ -32,6 +33,7 @@ __all__ = [
     "RunctlError",
     "ServerStartError",
     "Timeout",
+    "TooLate",
     "Unavailable",
     "ValidationRejected",
     "from_code",
@@ -90,8 +92,8 @@ class ValidationRejected(RunctlError, ValueError):
 class PayloadTooLarge(RunctlError):
     code = "too_large"
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"payload of {size} bytes is over the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"payload of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
 
@@ -124,12 +126,18 @@ class Timeout(RunctlError, TimeoutError):
         self.missing = list(missing)
 
 
+class TooLate(RunctlError):
+    """A change deferred to ``at_step`` reached a rank already past that step."""
+
+    code = "too_late"
+
+
 class RemoteError(RunctlError):
     code = "internal"
 
 
 _BY_CODE: dict[str, type[RunctlError]] = {
-    cls.code: cls for cls in (BadRequest, RemoteError, RunctlError)
+    cls.code: cls for cls in (BadRequest, RemoteError, RunctlError, TooLate)
 }
 
 
@@ -141,6 +149,8 @@ def from_code(code: str, message: str, detail: Sequence[dict[str, Any]] = ()) ->
         return BadPath("", message, message)
     if code == BadToken.code:
         return BadRequest(message)
+    if code == PayloadTooLarge.code:
+        return PayloadTooLarge(0, 0, message)
     return _BY_CODE.get(code, RemoteError)(message)
 
 

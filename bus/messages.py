@@ -15,6 +15,8 @@ import msgspec
 
 __all__ = [
     "COMMAND_TYPES",
+    "DEFERRABLE",
+    "Cancel",
     "Command",
     "Err",
     "Event",
@@ -25,6 +27,7 @@ __all__ = [
     "RankRecord",
     "Reply",
     "Reset",
+    "RunRecord",
     "Schema",
     "Set",
     "StateMsg",
@@ -34,6 +37,7 @@ __all__ = [
     "decode_event",
     "decode_record",
     "decode_reply",
+    "decode_run_record",
     "decode_state",
     "encode",
 ]
@@ -55,6 +59,9 @@ class Set(msgspec.Struct, tag="set/1", **_TAG):
 
     path: str
     value: Any
+    #: apply at the first ``ctl.sync(step)`` with step >= at_step instead of now
+    at_step: int | None = None
+    change_id: str = ""
 
 
 class Patch(msgspec.Struct, tag="patch/1", **_TAG):
@@ -63,18 +70,35 @@ class Patch(msgspec.Struct, tag="patch/1", **_TAG):
 
     value: dict[str, Any]
     path: str | None = None
+    at_step: int | None = None
+    change_id: str = ""
 
 
 class Reset(msgspec.Struct, tag="reset/1", **_TAG):
     """Back to the state the program had when it called ``control()``."""
 
+    at_step: int | None = None
+    change_id: str = ""
 
-StopMode = Literal["graceful"]
+
+#: graceful: the program sees ``stop_requested`` and finishes its step. terminate: as
+#: graceful, then SIGTERM after ``grace`` seconds and SIGKILL after twice that, if the
+#: rank's process is still running (only when the operator asks for it).
+StopMode = Literal["graceful", "terminate"]
 
 
 class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     reason: str = ""
     mode: StopMode = "graceful"
+    grace: float = 30.0
+    at_step: int | None = None
+    change_id: str = ""
+
+
+class Cancel(msgspec.Struct, tag="cancel/1", **_TAG):
+    """Drop a deferred change (``at_step``) that has not been applied yet."""
+
+    change_id: str
 
 
 class Schema(msgspec.Struct, tag="schema/1", **_TAG):
@@ -85,7 +109,7 @@ class Ping(msgspec.Struct, tag="ping/1", **_TAG):
     pass
 
 
-Command = Get | Set | Patch | Reset | Stop | Schema | Ping
+Command = Get | Set | Patch | Reset | Stop | Schema | Ping | Cancel
 COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     "get": Get,
     "set": Set,
@@ -94,7 +118,10 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     "stop": Stop,
     "schema": Schema,
     "ping": Ping,
+    "cancel": Cancel,
 }
+#: commands that may be deferred to a step boundary
+DEFERRABLE: Final = (Set, Patch, Reset, Stop)
 
 
 # --- replies ------------------------------------------------------------------------
@@ -167,6 +194,24 @@ class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     stop_requested: bool = False
     world_size: int | None = None
     model: str = ""
+    #: last step the program passed to ``ctl.sync(step)``; None if it never did
+    step: int | None = None
+    #: steps per second, recent average
+    step_rate: float = 0.0
+    #: deferred changes waiting for their step
+    pending: int = 0
+
+
+class RunRecord(msgspec.Struct, tag="run/1", **_TAG):
+    """KV key ``<run>.all``: what applies to the whole run, e.g. a broadcast stop, so a
+    rank that starts later in the same run sees it."""
+
+    run: str
+    stop_requested: bool = False
+    reason: str = ""
+    ts: float = 0.0
+    mode: StopMode = "graceful"
+    grace: float = 30.0
 
 
 _encoder = msgspec.json.Encoder()
@@ -175,6 +220,7 @@ _reply_decoder: Final = msgspec.json.Decoder(Reply)
 _state_decoder: Final = msgspec.json.Decoder(StateMsg)
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _record_decoder: Final = msgspec.json.Decoder(RankRecord)
+_run_record_decoder: Final = msgspec.json.Decoder(RunRecord)
 
 
 def encode(msg: msgspec.Struct) -> bytes:
@@ -212,3 +258,7 @@ def decode_event(payload: bytes) -> Event:
 
 def decode_record(payload: bytes) -> RankRecord:
     return _record_decoder.decode(payload)
+
+
+def decode_run_record(payload: bytes) -> RunRecord:
+    return _run_record_decoder.decode(payload)

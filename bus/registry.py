@@ -19,8 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from bus.messages import RankRecord, decode_record
-from bus.subjects import check_rank, check_token
+from bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
+from bus.subjects import ALL, check_rank, check_token
 
 __all__ = ["BUCKET", "Liveness", "RankInfo", "Registry", "liveness"]
 
@@ -111,6 +111,17 @@ class Registry:
             return None
         return msgspec.json.decode(entry.value) if entry.value else None
 
+    async def put_run(self, record: RunRecord) -> int:
+        return await self.kv.put(f"{check_token(record.run, 'run')}.{ALL}",
+                                 msgspec.json.encode(record))
+
+    async def get_run(self, run: str) -> RunRecord | None:
+        try:
+            entry = await self.kv.get(f"{check_token(run, 'run')}.{ALL}")
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return decode_run_record(entry.value) if entry.value else None
+
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
@@ -121,7 +132,7 @@ class Registry:
                 entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 if entry is None:  # end of the initial values
                     break
-                if entry.value:
+                if entry.value and not entry.key.endswith(f".{ALL}"):
                     try:
                         records.append(decode_record(entry.value))
                     except msgspec.DecodeError:

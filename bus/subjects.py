@@ -45,8 +45,10 @@ ALL: Final = "all"
 RUN_SCOPE: Final = "run"
 MAX_TOKEN_LENGTH: Final = 128
 
-Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping"]
-VERBS: Final[tuple[Verb, ...]] = ("get", "set", "patch", "reset", "stop", "schema", "ping")
+Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping", "cancel"]
+VERBS: Final[tuple[Verb, ...]] = (
+    "get", "set", "patch", "reset", "stop", "schema", "ping", "cancel",
+)
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -91,7 +93,7 @@ def state_subject(run: str, rank: str | int) -> str:
 
 
 def states_wildcard(run: str | None = None) -> str:
-    return f"{PREFIX}.{check_token(run, 'run') if run else '*'}.*.state"
+    return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.state"
 
 
 def event_subject(run: str, rank: str | int, kind: str) -> str:
@@ -102,7 +104,7 @@ def event_subject(run: str, rank: str | int, kind: str) -> str:
 
 
 def events_wildcard(run: str | None = None) -> str:
-    return f"{PREFIX}.{check_token(run, 'run') if run else '*'}.*.evt.*"
+    return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.evt.*"
 
 
 def step_subject(run: str, scope: str | int, step: str) -> str:
@@ -114,7 +116,7 @@ def step_subject(run: str, scope: str | int, step: str) -> str:
 
 
 def steps_wildcard(run: str | None = None, scope: str | int | None = None) -> str:
-    run_part = check_token(run, "run") if run else "*"
+    run_part = check_token(run, "run") if run is not None else "*"
     scope_part = check_token(scope, "rank") if scope is not None else "*"
     return f"{PREFIX}.{run_part}.{scope_part}.done.*"
 
