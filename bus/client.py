@@ -258,6 +258,7 @@ class Client:
         assert isinstance(pings, Gathered)
         steps: dict[str, int] = {}
         rate = 0.0
+        latest_pending = 0
         for rank, res in pings.results.items():
             step = res.value.get("step") if isinstance(res.value, dict) else None
             if step is None:
@@ -267,9 +268,12 @@ class Client:
                 )
             steps[rank] = int(step)
             rate = max(rate, float(res.value.get("step_rate") or 0.0))
+            queued = [p["at_step"] for p in res.value.get("pending") or []]
+            latest_pending = max([latest_pending, *queued])
         if margin is None:
             margin = max(MIN_SYNC_MARGIN, math.ceil(rate * SYNC_LATENCY_BUDGET) + 1)
-        at_step = max(steps.values()) + margin
+        # Never before a change already waiting: synchronised changes keep their order.
+        at_step = max(max(steps.values()) + margin, latest_pending)
         change_id = uuid.uuid4().hex
         deferred = msgspec.structs.replace(cmd, at_step=at_step, change_id=change_id)
         gathered = await self.send(run, ALL, deferred)

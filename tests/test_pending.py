@@ -1,0 +1,46 @@
+"""Pure tests of the deferred-change queue and the step clock."""
+
+from __future__ import annotations
+
+from agent.pending import PendingChanges, StepClock
+
+
+def test_due_changes_come_out_in_step_then_arrival_order() -> None:
+    pending = PendingChanges()
+    pending.add(5, "b", "second-at-5")
+    pending.add(3, "a", "first-at-3")
+    pending.add(5, "c", "third-at-5")
+    pending.add(9, "d", "later")
+    assert pending.pop_due(2) == []
+    assert [p.command for p in pending.pop_due(5)] == ["first-at-3", "second-at-5", "third-at-5"]
+    assert len(pending) == 1
+    assert [p.change_id for p in pending.pop_due(100)] == ["d"]
+    assert len(pending) == 0
+
+
+def test_cancel_removes_only_that_change() -> None:
+    pending = PendingChanges()
+    pending.add(4, "keep", 1)
+    pending.add(4, "drop", 2)
+    assert pending.cancel("drop") == 1
+    assert pending.cancel("drop") == 0
+    assert [p.change_id for p in pending.pop_due(4)] == ["keep"]
+
+
+def test_snapshot_describes_pending_changes() -> None:
+    pending = PendingChanges()
+    pending.add(7, "x", 1.5)
+    assert pending.snapshot() == [{"at_step": 7, "change_id": "x", "kind": "float"}]
+
+
+def test_step_clock_tracks_step_and_rate() -> None:
+    clock = StepClock()
+    assert clock.step is None and clock.rate == 0.0
+    clock.observe(0, now=100.0)
+    clock.observe(10, now=101.0)
+    assert clock.step == 10
+    assert clock.rate == 10.0
+    clock.observe(30, now=102.0)  # 20/s, smoothed
+    assert 10.0 < clock.rate < 20.0
+    clock.observe(30, now=103.0)  # same step again: no rate update
+    assert clock.step == 30
