@@ -36,8 +36,10 @@ from pydantic import BaseModel
 from agent.env import detect_rank, detect_run, detect_world_size
 from agent.pending import PendingChanges, StepClock
 from agent.state import LiveState
+from agent.steps import Steps
 from bus import messages as m
 from bus.connection import DEFAULT_URL, connect, env_url
+from bus.credentials import redact_url
 from bus.errors import (
     BadRequest,
     PayloadTooLarge,
@@ -47,6 +49,7 @@ from bus.errors import (
 )
 from bus.registry import Registry, liveness
 from bus.server import NatsServer
+from bus.steplog import StepLog
 from bus.subjects import (
     check_rank,
     check_token,
@@ -112,9 +115,15 @@ class Agent(Generic[M]):
         self._subs: list[Subscription] = []
         self._closing: anyio.Event | None = None
         self._record_lock: anyio.Lock | None = None
+        #: registry acks of the command being answered (see _on_command)
+        self._acks: list[asyncio.Future[Any]] | None = None
         self._tg: TaskGroup | None = None
         self._exited = False
         self.log = log.bind(run=self.run, rank=self.rank)
+        # resumable steps (issue #3): the API, and the log it reads (set once loaded)
+        self.steps = Steps(self)
+        self.steplog: StepLog | None = None
+        self.steplog_error = ""
 
     # --- public -----------------------------------------------------------------------
 
@@ -171,6 +180,10 @@ class Agent(Generic[M]):
     async def aclose(self) -> None:
         if self._closing is not None:
             self._closing.set()
+        if not self.ready.is_set() and self._tasks is not None:
+            # still trying to reach the bus (which may never answer): give up now rather
+            # than hold up the program's exit
+            self._tasks.cancel_scope.cancel()
 
     async def serve(self, *, task_status: TaskStatus[Self] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve commands and heartbeat until :meth:`aclose`; then say goodbye."""
@@ -184,10 +197,12 @@ class Agent(Generic[M]):
                 await self._subscribe()
                 await self._load_run_record()
                 await self._announce()
+                await self._open_steplog()
                 self.ready.set()
                 task_status.started(self)
                 self.log.info(
-                    "agent ready", url=self.url, subject=state_subject(self.run, self.rank)
+                    "agent ready", url=redact_url(self.url or ""),
+                    subject=state_subject(self.run, self.rank),
                 )
                 while not self._closing.is_set():
                     with anyio.move_on_after(self.heartbeat_interval):
@@ -269,8 +284,22 @@ class Agent(Generic[M]):
         await self._event("started", host=self.host, pid=self.pid,
                           model=type(self.state).__name__, world_size=self.world_size)
 
+    async def _open_steplog(self) -> None:
+        """Load this rank's and the run's completed steps before ``ready`` (issue #3), so a
+        program's first ``is_done()`` after ``wait_ready()`` is right. Without JetStream the
+        agent still serves; the step API then raises Unavailable naming the cause."""
+        assert self.nc is not None
+        try:
+            self.steplog = await StepLog.open(self.nc, run=self.run, rank=self.rank,
+                                              host=self.host, pid=self.pid)
+        except Exception as exc:
+            self.steplog_error = str(exc) or type(exc).__name__
+            self.log.warning("step log unavailable", error=self.steplog_error)
+
     async def _shutdown(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
+            if self.steplog is not None:  # flush queued step completions (bounded)
+                await self.steplog.aclose()
             self._exited = True
             if self.nc.is_connected:
                 await self._put_record(self.live.dump_json())
@@ -291,12 +320,21 @@ class Agent(Generic[M]):
     async def _on_command(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         command, reply, new_state = self._execute(verb, msg.data)
-        await self._after(verb, command, reply, new_state)
+        # The record write is sent before the reply (a reader of the registry sees the
+        # change once the reply is in) but its ack is awaited after: every wait on the
+        # network is a GIL hand-off (~5 ms when the program's loop holds the GIL).
+        self._acks = []
+        try:
+            await self._after(verb, command, reply, new_state)
+        finally:
+            acks, self._acks = self._acks, None
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # the asker is gone or the bus is down: nothing to do
                 self.log.debug("reply failed", error=str(exc))
+        for ack in acks:
+            await self._bounded(ack)
 
     async def _after(
         self, verb: str, command: m.Command | None, reply: m.Reply, new_state: bytes | None,
@@ -486,7 +524,7 @@ class Agent(Generic[M]):
     async def _put_record(self, state: bytes) -> None:
         if self.registry is None or self._record_lock is None:
             return
-        async with self._record_lock:  # records land in version order
+        async with self._record_lock:  # records are sent in version order
             record = m.RankRecord(
                 run=self.run, rank=self.rank, host=self.host, pid=self.pid,
                 started=self.started, heartbeat=time.time(),
@@ -496,7 +534,15 @@ class Agent(Generic[M]):
                 model=type(self.state).__name__, step=self.clock.step,
                 step_rate=round(self.clock.rate, 3), pending=len(self.pending),
             )
-            await self._bounded(self.registry.put(record))
+            try:
+                ack = await self.registry.put_nowait(record)
+            except Exception as exc:
+                self.log.debug("registry write failed", error=str(exc) or type(exc).__name__)
+                return
+        if self._acks is not None:  # a command is being answered: it waits after replying
+            self._acks.append(ack)
+        else:
+            await self._bounded(ack)
 
     async def _event(self, kind: str, **data: Any) -> None:
         if self.nc is None or self.nc.is_closed:

@@ -30,6 +30,7 @@ from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
 from agent.agent import Agent
+from agent.steps import StepsMixin
 from bus.errors import Unavailable
 
 __all__ = ["Control", "control"]
@@ -37,7 +38,7 @@ __all__ = ["Control", "control"]
 M = TypeVar("M", bound=BaseModel)
 
 
-class Control(Generic[M]):
+class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/... (issue #3)
     """Handle returned by :func:`control`. Also a context manager."""
 
     def __init__(self, agent: Agent[M]) -> None:

@@ -2,8 +2,10 @@
 
 Order (first that is set wins):
 - run:   ``RUNCTL_RUN``, ``TORCHELASTIC_RUN_ID`` (torchrun), ``SLURM_JOB_ID`` (+ ``_<step>``),
+         ``torchrun-<MASTER_ADDR>-<MASTER_PORT>`` (torchrun without ``--rdzv-id``),
          else a generated id shared by the process tree through ``RUNCTL_RUN``.
-- rank:  ``RUNCTL_RANK``, ``RANK`` (torchrun, Lightning), ``SLURM_PROCID``, ``PMI_RANK``,
+- rank:  ``RUNCTL_RANK``, ``RANK`` (torchrun), ``LOCAL_RANK`` with ``NODE_RANK`` (ranks
+         started by Lightning's DDP launcher), ``SLURM_PROCID``, ``PMI_RANK``,
          ``OMPI_COMM_WORLD_RANK``, else 0.
 - world: ``RUNCTL_WORLD_SIZE``, ``WORLD_SIZE``, ``SLURM_NTASKS``, ``PMI_SIZE``,
          ``OMPI_COMM_WORLD_SIZE``.
@@ -41,6 +43,12 @@ def detect_run(env: Mapping[str, str] | None = None) -> str:
     if job := env.get("SLURM_JOB_ID"):
         step = env.get("SLURM_STEP_ID")
         return _token(f"slurm-{job}" + (f"-{step}" if step else ""))
+    if "TORCHELASTIC_RUN_ID" in env and (addr := env.get("MASTER_ADDR")) and (
+        port := env.get("MASTER_PORT")
+    ):
+        # torchrun without --rdzv-id: its workers are not our children, so a generated id
+        # would differ per rank; the rendezvous address is what they all share
+        return _token(f"torchrun-{addr}-{port}")
     run = generate_run_id()
     if isinstance(env, os._Environ):
         # children (DDP workers spawned by this process) join the same run
@@ -50,9 +58,16 @@ def detect_run(env: Mapping[str, str] | None = None) -> str:
 
 def detect_rank(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
-    for key in ("RUNCTL_RANK", "RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if (value := env.get(key)) not in (None, ""):
-            return str(value)
+    for key in ("RUNCTL_RANK", "RANK"):
+        if value := env.get(key):
+            return value
+    # Lightning's DDP launcher sets only LOCAL_RANK and NODE_RANK in the ranks it starts
+    # (before SLURM_PROCID: they all inherit the launching task's)
+    if (local := env.get("LOCAL_RANK")) and (node := env.get("NODE_RANK")) is not None:
+        return local if node in ("", "0") else f"{node}-{local}"
+    for key in ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if value := env.get(key):
+            return value
     return "0"
 
 

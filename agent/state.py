@@ -252,6 +252,11 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
     elif isinstance(model, list) and isinstance(change, list):
         for i, (item, sub) in enumerate(zip(model, change, strict=False)):
             _reject_undeclared(item, sub, [*loc, i])
+    elif isinstance(model, list) and isinstance(change, dict):
+        # a path through a list index (set "layers.1", patch at "layers.0") nests as a dict
+        for key, sub in change.items():
+            if key.lstrip("-").isdigit() and -len(model) <= int(key) < len(model):
+                _reject_undeclared(model[int(key)], sub, [*loc, int(key)])
     elif isinstance(model, dict) and isinstance(change, dict):
         for key, sub in change.items():
             if key in model:

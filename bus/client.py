@@ -168,13 +168,16 @@ class Client:
         return infos
 
     async def rank(self, run: str, rank: str | int) -> RankInfo:
-        record = await (await self.registry()).get(run, check_rank(rank, allow_all=False))
+        check_token(run, "run")  # before the registry is opened: nothing sent for a bad name
+        rank = check_rank(rank, allow_all=False)
+        record = await (await self.registry()).get(run, rank)
         if record is None:
             raise NotFound(run, str(rank))
         return RankInfo.of(record)
 
     async def schema(self, run: str, rank: str | int) -> Any:
         """The model's JSON schema (from the registry; asks the rank if not registered)."""
+        check_token(run, "run")
         rank = check_rank(rank, allow_all=False)
         schema = await (await self.registry()).schema(run, rank)
         if schema is None:

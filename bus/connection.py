@@ -2,11 +2,14 @@
 
 Credentials come from the URL (``nats://user:pass@host``, ``nats://token@host``) or from
 the environment: ``RUNCTL_NATS_CREDS`` (a .creds file), ``RUNCTL_NATS_NKEY`` (an nkey
-seed file), ``RUNCTL_NATS_TOKEN``, ``RUNCTL_NATS_USER`` + ``RUNCTL_NATS_PASSWORD``.
+seed file), ``RUNCTL_NATS_TOKEN``, ``RUNCTL_NATS_USER`` + ``RUNCTL_NATS_PASSWORD``; with
+none of these, from the caller's role file written by ``runctl up`` (bus/credentials.py).
+URLs are logged with their password masked.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -16,6 +19,7 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 
+from bus.credentials import NatsRole, redact_url, role_auth
 from bus.errors import Unavailable, map_nats_error
 
 __all__ = ["DEFAULT_URL", "connect", "env_url"]
@@ -51,6 +55,7 @@ async def connect(
     connect_timeout: float = 2.0,
     reconnect_wait: float = 0.25,
     on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    role: NatsRole | None = None,
     **options: Any,
 ) -> NATS:
     """Connect and keep reconnecting forever (with nats-py's jittered backoff).
@@ -58,12 +63,21 @@ async def connect(
     ``retry_initial=True`` also retries the first connection until it succeeds (agents
     start before the server sometimes); otherwise a failed first connect raises
     :class:`~bus.errors.Unavailable` at once.
+
+    ``role`` (agent, operator): with no credentials in the URL or the environment, log in
+    with that role's file from ``runctl up``'s credentials directory, if there is one.
     """
     servers = [s.strip() for s in (url or env_url() or DEFAULT_URL).split(",") if s.strip()]
     seen: set[str] = set()
     holder: list[NATS] = []
 
+    last_error: list[Exception] = []
+    first_scope: list[anyio.CancelScope] = []  # set while a bounded first connect runs
+
     async def error_cb(exc: Exception) -> None:
+        last_error.append(exc)
+        if first_scope and len(last_error) >= len(servers):
+            first_scope[0].cancel()  # every server refused once: fail now, not in seconds
         # One line per distinct error kind, no tracebacks: a restarting server is not news.
         key = type(exc).__name__
         if key not in seen:
@@ -73,7 +87,7 @@ async def connect(
     async def disconnected_cb() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
             return  # our own close(): not worth a log line
-        log.info("nats disconnected", servers=servers)
+        log.info("nats disconnected", servers=redact_url(",".join(servers)))
 
     async def reconnected_cb() -> None:
         seen.clear()
@@ -94,19 +108,30 @@ async def connect(
         "ping_interval": 10,
         "max_outstanding_pings": 3,
         **_auth_from_env(),
+        **(role_auth(role) if role and not any("@" in s for s in servers) else {}),
         **options,
     }
     delay = reconnect_wait
     while True:
         try:
-            nc = await nats.connect(**params)
+            # nats-py retries a failed *first* connect forever when max_reconnect_attempts
+            # is -1: without retry_initial, bound it to about one pass over the servers.
+            limit = math.inf if retry_initial else connect_timeout * len(servers) + 1.0
+            with anyio.fail_after(limit) as first_pass:
+                first_scope[:] = [] if retry_initial else [first_pass]
+                nc = await nats.connect(**params)
+            first_scope.clear()
+            if first_pass.cancel_called:  # error_cb saw every server refuse
+                raise last_error[-1]
             holder.append(nc)
             return nc
         except Exception as exc:  # nats-py raises many kinds on a failed first connect
+            first_scope.clear()
             if not retry_initial:
-                raise Unavailable(
-                    f"cannot connect to NATS at {', '.join(servers)}: {map_nats_error(exc)}"
-                ) from exc
+                cause = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
+                why = "timed out" if isinstance(cause, TimeoutError) else map_nats_error(cause)
+                where = redact_url(",".join(servers))  # never a password in a message
+                raise Unavailable(f"cannot connect to NATS at {where}: {why}") from exc
             await error_cb(exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -10,6 +10,7 @@ state stays readable and is reported ``stale`` once its heartbeat is overdue.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -91,6 +92,14 @@ class Registry:
 
     async def put(self, record: RankRecord) -> int:
         return await self.kv.put(self.key(record.run, record.rank), msgspec.json.encode(record))
+
+    async def put_nowait(self, record: RankRecord) -> asyncio.Future[Any]:
+        """Send the write now (in call order) and return the future of the server's ack,
+        so a caller can answer first and wait after. The future never times out by
+        itself: bound the wait (a cancelled future frees its in-flight slot)."""
+        js: JetStreamContext = self.kv._js  # the context the bucket was opened with
+        subject = f"$KV.{BUCKET}.{self.key(record.run, record.rank)}"
+        return await js.publish_async(subject, msgspec.json.encode(record))
 
     async def put_schema(self, run: str, rank: str, schema: bytes) -> int:
         return await self.kv.put(self.key(run, rank) + ".schema", schema)

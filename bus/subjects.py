@@ -7,6 +7,8 @@ Layout (prefix ``runctl``)::
     runctl.<run>.<rank>.state          full state: after each change and on heartbeat
     runctl.<run>.<rank>.evt.<kind>     events: started, changed, stop_requested, exited, step_*
     runctl.<run>.<rank>.done.<step>    completed-step records (JetStream stream, see steplog)
+    runctl.<run>.<scope>.done.<step>.<id>  one step record: <id> = <key hash>-<config hash>
+                                       (or ``_forgotten``: the step's last forget marker)
 
 A token never contains ``.``, ``*``, ``>`` or whitespace: every token is checked
 against ``^[A-Za-z0-9_-]+$`` before a subject is built, so no subject is ever built
@@ -35,7 +37,10 @@ __all__ = [
     "parse_subject",
     "state_subject",
     "states_wildcard",
+    "step_record_subject",
+    "step_records_filter",
     "step_subject",
+    "steps_stream_subjects",
     "steps_wildcard",
 ]
 
@@ -119,6 +124,30 @@ def steps_wildcard(run: str | None = None, scope: str | int | None = None) -> st
     run_part = check_token(run, "run") if run is not None else "*"
     scope_part = check_token(scope, "rank") if scope is not None else "*"
     return f"{PREFIX}.{run_part}.{scope_part}.done.*"
+
+
+# --- step records (issue #3, see bus/steplog.py): one more token for the record id ---------
+
+
+def step_record_subject(run: str, scope: str | int, step: str, record_id: str) -> str:
+    """``runctl.<run>.<scope>.done.<step>.<id>``: one step record (``<id>`` names the item
+    and config, so purging that subject forgets exactly that step)."""
+    return f"{step_subject(run, scope, step)}.{check_token(record_id, 'step id')}"
+
+
+def step_records_filter(
+    run: str | None = None, scope: str | int | None = None, step: str | None = None
+) -> str:
+    """Filter for the records of a run / scope / step name (``*`` where not given)."""
+    run_part = check_token(run, "run") if run else "*"
+    scope_part = check_token(scope, "rank") if scope is not None else "*"
+    step_part = check_token(step, "step") if step else "*"
+    return f"{PREFIX}.{run_part}.{scope_part}.done.{step_part}.*"
+
+
+def steps_stream_subjects() -> list[str]:
+    """What the step-log stream captures; disjoint from every command subject."""
+    return [f"{PREFIX}.*.*.done.>"]
 
 
 def parse_subject(subject: str) -> tuple[str, str, str, str | None]:

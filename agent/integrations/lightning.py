@@ -1,0 +1,201 @@
+"""PyTorch Lightning: every rank serves its state, stops together, applies synchronised changes.
+
+    from agent.integrations.lightning import RunctlCallback
+
+    state = TrainConfig()
+    trainer = L.Trainer(strategy="ddp", devices=2,
+                        callbacks=[RunctlCallback(state, lr_field="lr")])
+    trainer.fit(model)
+
+What it does, on every rank (not only rank 0):
+
+- ``setup`` starts the rank's own agent (``control(state, run, rank=trainer.global_rank)``);
+  ``teardown`` closes it, so the rank is reported ``exited``.
+- At every training batch end it calls ``ctl.sync(trainer.global_step)``: the synchronised
+  changes due at that step are applied on every rank at the same global step (Lightning's
+  global step is the same on every rank). Then, if the state changed, ``lr_field`` is copied
+  into every optimizer's param groups and ``on_change(trainer, pl_module, state)`` runs.
+- Stopping without a deadlock: a rank that leaves the loop while the others wait in the
+  next gradient all-reduce hangs them (Lightning #379). So a rank never decides alone:
+  a *synchronised* stop (``runctl stop RUN --sync``) is applied by every rank at the same
+  step, and any other stop is agreed on by a tiny all-reduce of the stop flag that every
+  rank runs at the same batches (``stop_check_every``), so all ranks set
+  ``trainer.should_stop`` at the same step (or epoch, with ``stop_on="epoch"``).
+
+The run id is resolved when the callback is built, i.e. in the launching process before
+Lightning starts the other ranks: a generated id is exported (``RUNCTL_RUN``) and the
+ranks Lightning starts inherit it, so they join the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar
+
+import lightning.pytorch as pl
+import structlog
+from pydantic import BaseModel
+
+from agent.control import Control, control
+from agent.env import detect_run
+from agent.state import check_path
+from bus.subjects import check_token
+
+__all__ = ["RunctlCallback"]
+
+M = TypeVar("M", bound=BaseModel)
+log = structlog.get_logger()
+
+
+class RunctlCallback(pl.Callback, Generic[M]):
+    """Serve ``state`` on every rank of a Lightning fit; stop and change it consistently.
+
+    Args:
+        state: the pydantic model the program reads its settings from.
+        run: run id; default from the environment (``RUNCTL_RUN``, torchrun, SLURM) or a
+            generated id shared with the ranks Lightning starts.
+        url: NATS URL (default ``RUNCTL_NATS_URL``, else the embedded server).
+        lr_field: dotted path of a float in ``state`` (e.g. ``"optimizer.lr"``) copied into
+            every optimizer param group at fit start and whenever the state changes.
+        on_change: ``on_change(trainer, pl_module, state)`` called at the step boundary
+            after the state changed (on every rank at the same step for a synchronised
+            change).
+        stop_check_every: all-reduce the stop flag every this many training batches (the
+            same batches on every rank: it can never deadlock). 1 costs one tiny
+            collective per batch; larger values stop up to that many batches later.
+            Synchronised stops do not need it.
+        stop_on: ``"step"`` stops at the next batch boundary, ``"epoch"`` lets every rank
+            finish the current epoch.
+        options: passed to :func:`agent.control` (``heartbeat``, ``data_dir`` ...).
+    """
+
+    def __init__(
+        self,
+        state: M,
+        run: str | None = None,
+        *,
+        url: str | None = None,
+        lr_field: str | None = None,
+        on_change: Callable[[pl.Trainer, pl.LightningModule, M], object] | None = None,
+        stop_check_every: int = 1,
+        stop_on: Literal["step", "epoch"] = "step",
+        **options: Any,
+    ) -> None:
+        if stop_check_every < 1:
+            raise ValueError("stop_check_every must be >= 1")
+        if stop_on not in ("step", "epoch"):
+            raise ValueError("stop_on must be 'step' or 'epoch'")
+        if lr_field is not None:
+            check_path(state, lr_field, for_write=False)  # a typo fails here, not mid-fit
+        self.state = state
+        # Resolved now, before Lightning launches the other ranks (see the module docs).
+        self.run = check_token(run if run is not None else detect_run(), "run")
+        self.url = url
+        self.lr_field = lr_field
+        self.on_change = on_change
+        self.stop_check_every = stop_check_every
+        self.stop_on = stop_on
+        self.options = options
+        self.ctl: Control[M] | None = None
+        #: (epoch, global_step) at which this callback told the trainer to stop
+        self.stopped_at: tuple[int, int] | None = None
+        self._applied_version = -1
+        self._batches = 0
+        self._loop_thread: int | None = None
+        self._synced_stop = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Runs in every rank's process, after Lightning launched them.
+        if stage != "fit" or self.ctl is not None:
+            return
+        self._loop_thread = threading.get_ident()
+        self.ctl = control(self.state, run=self.run, rank=trainer.global_rank, url=self.url,
+                           **self.options)
+        self.ctl.on_stop(self._on_stop)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.ctl is not None:
+            self.ctl.close()
+
+    def _on_stop(self, reason: str) -> None:
+        # Deferred (synchronised) stops are applied inside ctl.sync() on the training
+        # thread, on every rank at the same step: those need no agreement.
+        if threading.get_ident() == self._loop_thread:
+            self._synced_stop = True
+
+    # --- the step boundary ----------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ctl = self._control()
+        ctl.sync(trainer.global_step)  # report the step (a resumed fit starts past 0)
+        self._apply(trainer, pl_module, force=True)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        ctl = self._control()
+        ctl.sync(trainer.global_step)
+        self._apply(trainer, pl_module)
+        self._batches += 1
+        if self.stop_on == "step":
+            check = self._batches % self.stop_check_every == 0
+            self._decide_stop(trainer, check)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop_on == "epoch" and not trainer.should_stop:
+            self._decide_stop(trainer, check=True)
+
+    def _decide_stop(self, trainer: pl.Trainer, check: bool) -> None:
+        ctl = self._control()
+        stop = self._synced_stop
+        if trainer.world_size == 1:
+            stop = stop or ctl.stop_requested
+        elif check:
+            # Every rank runs this at the same batches, whatever its own flag: no rank can
+            # be left waiting in a collective the others skipped.
+            agreed = trainer.strategy.reduce_boolean_decision(ctl.stop_requested, all=False)
+            stop = stop or agreed
+        if stop and not trainer.should_stop:
+            trainer.should_stop = True
+            self.stopped_at = (trainer.current_epoch, trainer.global_step)
+            log.info("runctl: stopping the fit", run=self.run, rank=ctl.rank,
+                     epoch=trainer.current_epoch, step=trainer.global_step,
+                     reason=ctl.stop_reason, synchronised=self._synced_stop)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+               force: bool = False) -> None:
+        ctl = self._control()
+        version = ctl.version
+        if version == self._applied_version and not force:
+            return
+        self._applied_version = version
+        if self.lr_field is not None:
+            lr = float(json.loads(ctl.agent.live.get(self.lr_field)))
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+        if self.on_change is not None and not force:
+            self.on_change(trainer, pl_module, self.state)
+
+    def _control(self) -> Control[M]:
+        if self.ctl is None:  # a hook before setup("fit"): Lightning never does this
+            raise RuntimeError("RunctlCallback used outside of Trainer.fit")
+        return self.ctl

@@ -1,0 +1,325 @@
+"""Fan-out: a broadcast get and stop to 1, 8, 32, 64 ranks, until every rank acknowledged.
+
+    python -m bench.bench_fanout                    # default: one process per rank
+    python -m bench.bench_fanout --quick            # tiny sizes: checks the harness
+    python -m bench.bench_fanout --layout packed    # ranks share 4 processes
+    python -m bench fanout                          # via the bench runner
+
+Each rank is a real agent with its own NATS connection. ``--layout process`` (default) runs
+every rank in its own Python process, a sync program whose main thread steps (``ctl.sync``)
+and sleeps, as a training waiting on its accelerator would; ``--layout packed`` hosts the
+ranks as async agents on a few processes (less memory and scheduling noise; same protocol).
+
+What one sample measures, from the client's side (``bus.Client`` in this process):
+
+- ``get``: ``client.get(run, "all", fresh=True)`` -- the registry read that tells the
+  client which ranks are alive, the request on ``runctl.<run>.all.cmd.get``, and the wait
+  until every one of them replied with its state;
+- ``stop``: ``client.stop(run, "all")`` -- the run-wide stop record written to the KV, the
+  broadcast, and the wait for every rank's acknowledgement (the ranks keep running, so
+  the stop can be repeated);
+- ``registry``: the registry read alone (``Registry.records(run)``), to show its share.
+
+A sample counts only if every rank acknowledged; the table shows how many did not.
+Prints a table and writes ``bench/results/fanout-<time>.json`` with machine facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from bus import Client, Gathered
+from bus.server import NatsServer, find_binary
+
+__all__ = ["main"]
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+RESULTS: Final = Path(__file__).resolve().parent / "results"
+TARGET_MS: Final = 25.0  # 64 ranks, every one acknowledged, p50 (issue #4)
+TARGET_RANKS: Final = 64
+
+RANK_PROGRAM: Final = textwrap.dedent("""
+    import time
+    from pydantic import BaseModel
+    from agent import control
+
+    class State(BaseModel):
+        lr: float = 0.001
+        quit: bool = False
+
+    state = State()
+    ctl = control(state)  # run, rank and url from the environment
+    step = 0
+    while not state.quit:
+        ctl.sync(step)
+        step += 1
+        time.sleep(0.01)
+    ctl.close()
+""")
+
+PACKED_PROGRAM: Final = textwrap.dedent("""
+    import os, sys, anyio
+    from contextlib import AsyncExitStack
+    from pydantic import BaseModel
+    from agent import Agent
+
+    class State(BaseModel):
+        lr: float = 0.001
+        quit: bool = False
+
+    async def main():
+        first, count = int(sys.argv[1]), int(sys.argv[2])
+        async with AsyncExitStack() as stack:
+            agents = [await stack.enter_async_context(Agent(State(), rank=first + i))
+                      for i in range(count)]
+            step = 0
+            while not any(a.state.quit for a in agents):
+                for a in agents:
+                    a.sync(step)
+                step += 1
+                await anyio.sleep(0.01)
+
+    anyio.run(main)
+""")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_fanout",
+                                description="broadcast get/stop latency to N ranks")
+    p.add_argument("--sizes", default="1,8,32,64", help="comma-separated rank counts")
+    p.add_argument("--iterations", type=int, default=200, help="samples per verb and size")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--layout", choices=("process", "packed"), default="process")
+    p.add_argument("--procs", type=int, default=4, help="processes for --layout packed")
+    p.add_argument("--url", default=None, help="use this nats-server instead of starting one")
+    p.add_argument("--quick", action="store_true", help="sizes 1,4 and 20 samples")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.iterations, args.warmup = "1,4", 20, 3
+    args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    server: NatsServer | None = None
+    with tempfile.TemporaryDirectory(prefix="runctl-fanout-") as tmp:
+        url = args.url
+        if url is None:
+            server = NatsServer(store_dir=Path(tmp) / "nats").start()
+            url = server.url
+        try:
+            results = anyio.run(_run_all, args, url)
+        finally:
+            if server is not None:
+                server.stop()
+    report = {
+        "benchmark": "fanout",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "target": {"ranks": TARGET_RANKS, "p50_ms": TARGET_MS},
+        "results": results,
+    }
+    print(render(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+async def _run_all(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+    results = []
+    for n in args.sizes:
+        run = f"fanout-{n}-{os.getpid()}"
+        procs = start_ranks(args, url, run, n)
+        try:
+            async with await Client.connect(url, timeout=5.0) as client:
+                await wait_alive(client, run, n, timeout=30 + n)
+                row = await measure(client, run, n, args.iterations, args.warmup)
+                await client.set(run, "all", "quit", True)
+            row["layout"] = args.layout
+            results.append(row)
+            print(f"  {n:>3} ranks: get p50 {row['get']['p50_ms']:.2f} ms, "
+                  f"stop p50 {row['stop']['p50_ms']:.2f} ms", flush=True)
+        finally:
+            stop_ranks(procs)
+    return results
+
+
+def start_ranks(args: argparse.Namespace, url: str, run: str, n: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "RUNCTL_RUN": run, "RUNCTL_NATS_URL": url,
+           "PYTHONPATH": str(ROOT), "RUNCTL_WORLD_SIZE": str(n)}
+    procs = []
+    if args.layout == "process":
+        for rank in range(n):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", RANK_PROGRAM], env={**env, "RUNCTL_RANK": str(rank)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT))
+    else:
+        workers = max(1, min(args.procs, n))
+        per, extra = divmod(n, workers)
+        first = 0
+        for w in range(workers):
+            count = per + (1 if w < extra else 0)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", PACKED_PROGRAM, str(first), str(count)], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT))
+            first += count
+    return procs
+
+
+def stop_ranks(procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 15
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def wait_alive(client: Client, run: str, n: int, timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                infos = await client.ranks(run)
+            except Exception:
+                infos = []
+            if sum(i.liveness == "alive" for i in infos) == n:
+                return
+            await anyio.sleep(0.2)
+
+
+async def measure(client: Client, run: str, n: int, iterations: int,
+                  warmup: int) -> dict[str, Any]:
+    registry = await client.registry()
+
+    async def get() -> int:
+        res = await client.get(run, "all", fresh=True)
+        return _acked(res)
+
+    async def stop() -> int:
+        return _acked(await client.stop(run, "all", reason="bench"))
+
+    async def read_registry() -> int:
+        return len(await registry.records(run))
+
+    row: dict[str, Any] = {"ranks": n}
+    for name, call in (("get", get), ("stop", stop), ("registry", read_registry)):
+        row[name] = await sample(call, n, iterations, warmup)
+    return row
+
+
+async def sample(call: Callable[[], Awaitable[int]], n: int, iterations: int,
+                 warmup: int) -> dict[str, Any]:
+    times: list[float] = []
+    incomplete = 0
+    for i in range(warmup + iterations):
+        t0 = time.perf_counter()
+        acked = await call()
+        dt = time.perf_counter() - t0
+        if i < warmup:
+            continue
+        if acked != n:
+            incomplete += 1
+            continue
+        times.append(dt * 1e3)
+    return {
+        "p50_ms": statistics.median(times) if times else float("nan"),
+        "p99_ms": percentile(times, 99),
+        "mean_ms": statistics.fmean(times) if times else float("nan"),
+        "min_ms": min(times, default=float("nan")),
+        "max_ms": max(times, default=float("nan")),
+        "samples": len(times),
+        "incomplete": incomplete,
+    }
+
+
+def _acked(res: object) -> int:
+    assert isinstance(res, Gathered)
+    return len(res.results) if not res.missing else -1
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip()
+                    for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        server = subprocess.run([find_binary(), "--version"], capture_output=True, text=True,
+                                timeout=5, check=False).stdout.strip()
+    except Exception as exc:
+        server = f"unknown ({exc})"
+    return {
+        "platform": platform.platform(), "python": sys.version.split()[0],
+        "cpus": len(os.sched_getaffinity(0)), "cpu": cpu, "loadavg": os.getloadavg(),
+        "nats_server": server, "nats_py": _version("nats-py"), "msgspec": _version("msgspec"),
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [
+        f"fan-out: broadcast until every rank acknowledged ({report['parameters']['layout']} "
+        f"layout, {report['machine']['cpus']} cpus, load {report['machine']['loadavg'][0]:.2f})",
+        "",
+        "| ranks | get p50 | get p99 | stop p50 | stop p99 | registry read p50 | incomplete |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        g, s, r = row["get"], row["stop"], row["registry"]
+        lines.append(
+            f"| {row['ranks']} | {g['p50_ms']:.2f} ms | {g['p99_ms']:.2f} ms | "
+            f"{s['p50_ms']:.2f} ms | {s['p99_ms']:.2f} ms | {r['p50_ms']:.2f} ms | "
+            f"{g['incomplete'] + s['incomplete']} |"
+        )
+    target = next((row for row in report["results"] if row["ranks"] == TARGET_RANKS), None)
+    if target is not None:
+        worst = max(target["get"]["p50_ms"], target["stop"]["p50_ms"])
+        verdict = "ok" if worst < TARGET_MS else "MISSED"
+        lines += ["", f"target: {TARGET_RANKS} ranks acknowledged, p50 < {TARGET_MS:g} ms: "
+                  f"{verdict} (worst p50 {worst:.2f} ms)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""One run of the control-path benchmark: start everything, measure, collect figures.
+
+Both tools control the same program (``bench.control.program``), each in its own process,
+both started once; the loop's work mode is switched through the shared page. Every round
+measures each mode with each tool in turn (the tool order alternates between rounds), so
+a ratio between the tools compares numbers taken seconds apart, on the same machine load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.control import freakenv
+from bench.control.procs import REPO, BenchError, Gateway, Program, free_port, tail
+from bench.control.report import Figure
+
+__all__ = ["Config", "Run", "machine_info"]
+
+FULL_PATH = "/get"
+FIELD_PATH = "/get/lr"
+SET_PATH = "/set/marker?value={value}"
+
+
+@dataclass
+class Config:
+    tools: list[str] = field(default_factory=lambda: ["freak", "runctl"])
+    modes: list[str] = field(default_factory=lambda: ["sleep", "release", "hold"])
+    rounds: int = 3
+    #: seconds per loop-rate window (five windows per mode and tool per round)
+    window: float = 2.0
+    settle: float = 0.3
+    #: sequential requests per latency figure per round
+    n: int = 200
+    sets: int = 100
+    startup_repeats: int = 5
+    startup_settle: float = 1.2
+    throughput_s: float = 3.0
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    agent_env: dict[str, str] = field(default_factory=dict)
+    keep: bool = False
+
+
+@dataclass
+class Run:
+    cfg: Config
+    figs: dict[str, Figure] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _marker: int = 1
+
+    def fig(self, name: str, unit: str) -> Figure:
+        if name not in self.figs:
+            self.figs[name] = Figure(unit)
+        return self.figs[name]
+
+    # --- the whole run ------------------------------------------------------------------
+
+    def execute(self) -> None:
+        from bus.server import NatsServer
+
+        cfg = self.cfg
+        workdir = Path(tempfile.mkdtemp(prefix="runctl-bench-"))
+        self.meta = {
+            "machine": machine_info(),
+            "config": _jsonable(cfg),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "workdir": str(workdir),
+        }
+        freak_python = freakenv.ensure() if "freak" in cfg.tools else None
+        self.meta["versions"] = versions(freak_python)
+        started = time.monotonic()
+        server = NatsServer(store_dir=workdir / "nats", die_with_parent=True).start()
+        programs: dict[str, Program] = {}
+        gateway: Gateway | None = None
+        try:
+            run_id = f"bench-{os.getpid()}"
+            if "runctl" in cfg.tools:
+                gateway = Gateway(server.url, run_id, "0", workdir, cfg.gateway_env)
+                programs["runctl"] = Program(
+                    "runctl",
+                    sys.executable,
+                    workdir,
+                    ["--nats", server.url, "--run", run_id, "--rank", "0"],
+                    base=f"{gateway.url}/runs/{run_id}/ranks/0",
+                    env=cfg.agent_env,
+                ).start()
+                gateway.start(probe=f"/runs/{run_id}/ranks/0{FULL_PATH}")
+            if freak_python is not None:
+                port = free_port()
+                programs["freak"] = Program(
+                    "freak",
+                    freak_python,
+                    workdir,
+                    ["--port", str(port)],
+                    base=f"http://127.0.0.1:{port}",
+                ).start()
+            for program in programs.values():
+                self.sanity(program)
+            for rnd in range(cfg.rounds):
+                order = [programs[t] for t in cfg.tools]
+                if rnd % 2:
+                    order.reverse()
+                for mode in cfg.modes:
+                    for program in order:
+                        self.measure(program, mode)
+                for program in order:
+                    self.throughput(program)
+                print(
+                    f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            for tool, program in programs.items():
+                loaded = (program.rss_kb() - program.ready["rss_before_kb"]) / 1024
+                self.fig(f"{tool}.rss_overhead_loaded", "MB").add_round([loaded])
+                self.meta[f"{tool}_program"] = program.ready
+        except BenchError:
+            if gateway is not None:
+                print(f"gateway log:\n{tail(gateway.log)}", file=sys.stderr)
+            raise
+        finally:
+            for program in programs.values():
+                program.stop()
+            if gateway is not None:
+                gateway.stop()
+        try:
+            if "runctl" in cfg.tools and cfg.startup_repeats:
+                self.startup(server.url, workdir)
+        finally:
+            server.stop()
+            self.meta["duration_s"] = time.monotonic() - started
+            self.meta["loadavg_end"] = os.getloadavg()
+            if not cfg.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    # --- pieces -------------------------------------------------------------------------
+
+    def sanity(self, p: Program) -> None:
+        """Both tools answer the same routes with the same data, and a set is read back."""
+        full = p.call("fetch", base=p.base, method="GET", path=FULL_PATH)
+        if full["status"] != 200:
+            raise BenchError(f"{p.tool}: GET {FULL_PATH} -> {full['status']} {full['body']}")
+        body = json.loads(full["body"])
+        state = body.get("value", body) if isinstance(body, dict) else body
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise BenchError(f"{p.tool}: GET {FULL_PATH} is not the state: {full['body'][:300]}")
+        value = self.next_marker(1)
+        put = p.call("set", base=p.base, path=SET_PATH, n=1, first=value)
+        if put["errors"] or put["lost"]:
+            raise BenchError(f"{p.tool}: a set was refused or never reached the loop")
+        got = p.call("fetch", base=p.base, method="GET", path="/get/marker")
+        if str(value) not in got["body"]:
+            self.notes.append(
+                f"{p.tool}: GET /get/marker right after a set answered "
+                f"{got['body'][:100]!r}, expected {value}"
+            )
+
+    def next_marker(self, n: int) -> int:
+        first = self._marker
+        self._marker += n
+        return first
+
+    def measure(self, p: Program, mode: str) -> None:
+        cfg, t = self.cfg, p.tool
+        p.call("mode", mode=mode)
+        time.sleep(cfg.settle)
+        p.call("latency", base=p.base, method="GET", path=FULL_PATH, n=5)  # warm the path
+        windows = []
+        for rate in (0, 100, 0, -1, 0):
+            w = p.call("window", base=p.base, path=FULL_PATH, rate=rate, duration=cfg.window)
+            self._errors(t, mode, f"window@{rate}", w)
+            windows.append(w)
+        idle = [w["loop_rate"] for w in windows[0::2]]
+        self.fig(f"{t}.{mode}.idle_rate", "it/s").add_round(idle)
+        self.fig(f"{t}.{mode}.rate_100", "ratio").add_round(
+            [windows[1]["loop_rate"] / ((idle[0] + idle[1]) / 2)]
+        )
+        self.fig(f"{t}.{mode}.rate_max", "ratio").add_round(
+            [windows[3]["loop_rate"] / ((idle[1] + idle[2]) / 2)]
+        )
+        self.fig(f"{t}.{mode}.rps_100", "/s").add_round([windows[1]["request_rate"]])
+        self.fig(f"{t}.{mode}.max_rps", "/s").add_round([windows[3]["request_rate"]])
+        for key, path in (("get_full", FULL_PATH), ("get_field", FIELD_PATH)):
+            r = p.call("latency", base=p.base, method="GET", path=path, n=cfg.n)
+            self._errors(t, mode, key, r)
+            self.fig(f"{t}.{mode}.{key}", "s").add_round(r["times"])
+        s = p.call("set", base=p.base, path=SET_PATH, n=cfg.sets, first=self.next_marker(cfg.sets))
+        self._errors(t, mode, "set", s)
+        self.fig(f"{t}.{mode}.set", "s").add_round(s["times"])
+        self.fig(f"{t}.{mode}.observe", "s").add_round(s["observe"])
+        p.call("mode", mode="pause")
+
+    def throughput(self, p: Program) -> None:
+        r = p.call(
+            "throughput", base=p.base, path=FULL_PATH, concurrency=4, duration=self.cfg.throughput_s
+        )
+        self._errors(p.tool, "pause", "throughput", r)
+        self.fig(f"{p.tool}.gateway_rps4", "/s").add_round([r["rps"]])
+
+    def startup(self, nats_url: str, workdir: Path) -> None:
+        """Fresh processes: control() against the running server, then with its own."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.control.startup",
+            "--settle",
+            str(self.cfg.startup_settle),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.cfg.agent_env}
+        for variant in ("existing", "embedded"):
+            for i in range(self.cfg.startup_repeats):
+                extra = (
+                    ["--url", nats_url, "--run", f"bench-start-{i}"]
+                    if variant == "existing"
+                    else [
+                        "--embedded",
+                        "--port",
+                        str(free_port()),
+                        "--data-dir",
+                        str(workdir / f"embedded-{i}"),
+                    ]
+                )
+                out = subprocess.run(
+                    [*cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+                )
+                lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+                if out.returncode or not lines:
+                    raise BenchError(f"startup measurement failed:\n{out.stdout}{out.stderr}")
+                r = json.loads(lines[-1])
+                self.fig(f"runctl.control_{variant}", "s").add_round([r["control_s"]])
+                self.fig(f"runctl.ready_{variant}", "s").add_round([r["ready_s"]])
+                if variant == "existing":
+                    self.fig("runctl.import", "s").add_round([r["import_s"]])
+                    self.fig("runctl.rss_overhead", "MB").add_round(
+                        [(r["rss_settled_kb"] - r["rss_base_kb"]) / 1024]
+                    )
+
+    def _errors(self, tool: str, mode: str, what: str, reply: dict[str, Any]) -> None:
+        bad = reply.get("errors", 0) + reply.get("lost", 0)
+        if bad:
+            self.notes.append(
+                f"{tool} {mode} {what}: {reply.get('errors', 0)} non-200 "
+                f"answers, {reply.get('lost', 0)} writes never seen by the loop"
+            )
+
+
+# --- facts about the machine and the software ----------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    free = subprocess.run(["free", "-h"], capture_output=True, text=True, check=False).stdout
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "free_h": free.strip(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def versions(freak_python: Path | None) -> dict[str, Any]:
+    from bus.server import find_binary
+
+    ours = {}
+    for dist in (
+        "runctl",
+        "pydantic",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "nats-py",
+        "msgspec",
+        "anyio",
+        "structlog",
+        "uvloop",
+        "httptools",
+    ):
+        try:
+            ours[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    server = subprocess.run(
+        [find_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    out: dict[str, Any] = {"runctl_env": ours, "nats_server": server}
+    if freak_python is not None:
+        out["freak_env"] = freakenv.freeze(freak_python)
+    return out
+
+
+def _jsonable(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in vars(cfg).items()}

@@ -1,0 +1,315 @@
+"""The step-log stream on JetStream: its config, fast read-back, and forgetting.
+
+Stream ``RUNCTL_STEPS`` (file storage, limits retention) captures ``runctl.*.*.done.>``,
+which no command subject can match. It keeps **one message per subject**: the latest record
+of each step identity (see :mod:`bus.steprecords`). So resuming reads one message per step,
+a retried write can never leave two records, and a record left at ``started`` is an
+interrupted attempt.
+
+Reads use an ephemeral push consumer with flow control, no acks and in-memory state, read
+through a plain subscription callback: the fast path (~100k records/s; ``stream_info``
+with a subjects filter would stop at 100,000 subjects).
+
+The writing side, which lives in each agent, is :class:`bus.steplog.StepLog`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js import errors as js_errors
+
+from bus.errors import RunctlError, Timeout, Unavailable, map_nats_error
+from bus.steprecords import (
+    FORGOTTEN_ID,
+    ForgetMarker,
+    RunLog,
+    Selector,
+    covered,
+    decode_entry,
+    encode_entry,
+    parse_selector,
+    plan_forget,
+    scopes_for,
+    step_label,
+)
+from bus.subjects import (
+    check_token,
+    step_record_subject,
+    step_records_filter,
+    steps_stream_subjects,
+)
+
+__all__ = [
+    "DUPLICATE_WINDOW",
+    "STREAM",
+    "ForgetReport",
+    "ensure_stream",
+    "fast_read",
+    "forget",
+    "read_log",
+    "stream_config",
+]
+
+STREAM: Final = "RUNCTL_STEPS"
+#: a read-back fails if the server sends nothing (not even a heartbeat) for this long
+READ_IDLE_TIMEOUT: Final = 5.0
+#: Nats-Msg-Id dedup window; a retry after it is still harmless (one message per subject)
+DUPLICATE_WINDOW: Final = 120.0
+_ERR_STREAM_CONFIG_DIFFERS: Final = 10058
+_ERR_STREAM_NOT_FOUND: Final = 10059
+
+log = structlog.get_logger()
+
+
+# --- the stream ------------------------------------------------------------------------
+
+
+def stream_config(*, replicas: int = 1, max_age: float = 0.0) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=STREAM,
+        description="runctl completed-step log (latest record per step)",
+        subjects=steps_stream_subjects(),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        discard=api.DiscardPolicy.OLD,
+        max_msgs_per_subject=1,
+        max_age=max_age,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW,
+        allow_direct=True,
+    )
+
+
+async def ensure_stream(
+    js: JetStreamContext, *, replicas: int = 1, max_age: float = 0.0
+) -> None:
+    """Create the stream, or update it when its config differs. Safe to race: the server
+    accepts an identical create."""
+    config = stream_config(replicas=replicas, max_age=max_age)
+    try:
+        await js.add_stream(config)
+    except js_errors.BadRequestError as exc:
+        if exc.err_code != _ERR_STREAM_CONFIG_DIFFERS:
+            raise Unavailable(f"cannot create stream {STREAM}: {exc.description}") from exc
+        try:
+            await js.update_stream(config)
+        except js_errors.APIError as upd:
+            raise Unavailable(f"cannot update stream {STREAM}: {upd.description}") from upd
+
+
+# --- reading back ------------------------------------------------------------------------
+
+
+class _Gap(Exception):
+    """The push consumer skipped a message (slow consumer): read again."""
+
+
+async def fast_read(
+    nc: NATS,
+    filters: list[str],
+    on_entry: Callable[[str, bytes, int], None],
+    *,
+    idle_timeout: float = READ_IDLE_TIMEOUT,
+    attempts: int = 3,
+) -> int:
+    """Deliver every stored message matching ``filters`` to ``on_entry(subject, data, seq)``
+    in stream order; returns how many. A missing stream reads as empty."""
+    for attempt in range(attempts):
+        try:
+            return await _read_once(nc, filters, on_entry, idle_timeout)
+        except _Gap:
+            log.info("step log read skipped a message, reading again", attempt=attempt + 1)
+    raise Unavailable(f"could not read the step log consistently in {attempts} attempts")
+
+
+async def _read_once(
+    nc: NATS, filters: list[str], on_entry: Callable[[str, bytes, int], None],
+    idle_timeout: float,
+) -> int:
+    js = nc.jetstream()
+    inbox = nc.new_inbox()
+    finished = asyncio.Event()
+    count = 0
+    active = time.monotonic()
+    failure: list[BaseException] = []
+
+    async def callback(msg: Msg) -> None:
+        nonlocal count, active
+        active = time.monotonic()
+        if not msg.data and msg.headers and msg.headers.get("Status") == "100":
+            if msg.reply:  # flow control: everything before it has been processed
+                with contextlib.suppress(Exception):
+                    await nc.publish(msg.reply)
+            return
+        tokens = msg.reply.split(".")
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2
+        # form with domain and account hash in front and a token at the end
+        sseq, cseq, pending = (tokens[5], tokens[6], tokens[8]) if len(tokens) == 9 else (
+            tokens[7], tokens[8], tokens[10])
+        if int(cseq) != count + 1:
+            failure.append(_Gap())
+            finished.set()
+            return
+        count += 1
+        try:
+            on_entry(msg.subject, msg.data, int(sseq))
+        except Exception as exc:  # a foreign message in our stream is not ours to read
+            log.debug("unreadable step record skipped", subject=msg.subject, error=str(exc))
+        if pending == "0":
+            finished.set()
+
+    sub = await nc.subscribe(inbox, cb=callback, pending_msgs_limit=1 << 21,
+                             pending_bytes_limit=1 << 29)
+    config = api.ConsumerConfig(
+        deliver_subject=inbox,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.NONE,
+        max_deliver=1,
+        flow_control=True,
+        idle_heartbeat=1.0,
+        mem_storage=True,
+        num_replicas=1,
+        inactive_threshold=30.0,
+    )
+    if len(filters) == 1:
+        config.filter_subject = filters[0]
+    else:
+        config.filter_subjects = list(filters)
+    name = ""
+    try:
+        try:
+            info = await js._jsm.add_consumer(STREAM, config=config)
+        except js_errors.NotFoundError as exc:
+            if exc.err_code == _ERR_STREAM_NOT_FOUND:
+                return 0
+            raise
+        name = info.name
+        if not info.num_pending and not (info.delivered and info.delivered.consumer_seq):
+            return 0
+        while not finished.is_set():
+            with anyio.move_on_after(min(1.0, idle_timeout)):
+                await finished.wait()
+            if not finished.is_set() and time.monotonic() - active > idle_timeout:
+                raise Timeout(f"step log read stalled after {count} records")
+        if failure:
+            raise failure[0]
+        return count
+    finally:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if name:
+                with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+                    await js.delete_consumer(STREAM, name)
+
+
+async def read_log(nc: NATS, run: str, *, rank: str | None = None) -> RunLog:
+    """The run's log: every scope, or ``rank``'s and the run-wide one."""
+    check_token(run, "run")
+    scopes = scopes_for(rank)
+    filters = (
+        [step_records_filter(run)] if scopes is None
+        else [step_records_filter(run, s) for s in sorted(scopes)]
+    )
+    result = RunLog(run)
+
+    def on_entry(subject: str, data: bytes, seq: int) -> None:
+        result.add(seq, decode_entry(data))
+
+    try:
+        await fast_read(nc, filters, on_entry)
+    except RunctlError:
+        raise
+    except Exception as exc:
+        raise map_nats_error(exc, run=run) from exc
+    return result
+
+
+# --- forget ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ForgetReport:
+    """What a forget removed: one marker per (scope, step name)."""
+
+    run: str
+    selector: str
+    rank: str | None
+    markers: list[ForgetMarker] = field(default_factory=list)
+
+    @property
+    def forgotten(self) -> int:
+        return sum(mk.count for mk in self.markers)
+
+    def to_json(self, limit: int = 1000) -> dict[str, Any]:
+        listed = [
+            {"scope": mk.scope, "step": step_label(mk.name, gone.key),
+             "config_hash": gone.config_hash, "status": gone.status}
+            for mk in self.markers for gone in mk.forgotten
+        ]
+        return {"run": self.run, "selector": self.selector, "rank": self.rank,
+                "forgotten": self.forgotten, "steps": listed[:limit]}
+
+
+async def forget(
+    nc: NATS,
+    run: str,
+    selector: str | Selector | None,
+    *,
+    rank: str | None = None,
+    by: str = "",
+) -> ForgetReport:
+    """Forget steps so they run again: ``selector`` ``name``, ``name:key``, either with ``+``
+    (and every step started after it), or ``None`` for the whole run. ``rank`` limits it to
+    that rank's log (``"run"``: the run-wide log); by default every scope of the run.
+
+    Purges the records, then writes one :class:`ForgetMarker` per (scope, step name) on
+    ``...done.<name>._forgotten``; live agents receive it and drop the steps from their
+    in-memory done set; ``--explain`` reads it to say "forced".
+    """
+    check_token(run, "run")
+    sel = parse_selector(selector) if isinstance(selector, str) else selector
+    js = nc.jetstream()
+    report = ForgetReport(run, "*" if sel is None else str(sel), rank)
+    try:
+        runlog = await read_log(nc, run)
+        report.markers = plan_forget(runlog, sel, scopes=scopes_for(rank), by=by)
+        for marker in report.markers:
+            if marker.all:
+                await js.purge_stream(STREAM, subject=step_records_filter(run, marker.scope,
+                                                                          marker.name))
+                continue
+            subjects = [
+                step_record_subject(run, rec.scope, rec.name, rec.id)
+                for _, rec in runlog.records.values() if covered(marker, rec)
+            ]
+            for chunk in range(0, len(subjects), 256):  # pipelined: a big "+" is many purges
+                await asyncio.gather(*(
+                    js.purge_stream(STREAM, subject=s) for s in subjects[chunk:chunk + 256]
+                ))
+        if report.markers:
+            # everything stored up to here that a marker covers is purged (or newer than the
+            # read, and then dropped by live agents too: it only runs again)
+            upto = (await js.stream_info(STREAM)).state.last_seq
+            for marker in report.markers:
+                marker.upto_seq = upto
+                await js.publish(
+                    step_record_subject(run, marker.scope, marker.name, FORGOTTEN_ID),
+                    encode_entry(marker),
+                )
+    except RunctlError:
+        raise
+    except Exception as exc:
+        raise map_nats_error(exc, run=run) from exc
+    return report

@@ -1,0 +1,83 @@
+"""A plain PyTorch DDP loop under torchrun (CPU, gloo) controlled by runctl.
+
+    torchrun --standalone --nproc-per-node 2 examples/torchrun_train.py
+    runctl ls RUN                       # RUN is printed at start: torchrun's run id
+    runctl set RUN lr=0.01 --sync       # every rank switches at the same step
+    runctl stop RUN                     # every rank stops at the same step, exit code 0
+
+Epochs go through the step iterator (``ctl.steps``): an epoch is logged done once its body
+completed, so a restarted job skips the epochs already done (it reloads ``--checkpoint``).
+``--log-dir DIR`` writes each rank's ``rank<N>.jsonl``: one ``[step, lr]`` line per step (the
+lr the optimizer used) and a final ``{"done": ...}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+from torch.nn.parallel import DistributedDataParallel
+
+from agent import control
+
+
+class TrainConfig(BaseModel):
+    lr: float = Field(0.05, gt=0)
+    epochs: int = Field(1000, ge=1)
+    batches_per_epoch: int = Field(16, ge=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    args = parser.parse_args(argv)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    model = DistributedDataParallel(torch.nn.Linear(16, 1))
+    if args.checkpoint is not None and args.checkpoint.exists():
+        model.module.load_state_dict(torch.load(args.checkpoint))
+    log = open(args.log_dir / f"rank{rank}.jsonl", "a") if args.log_dir else None  # noqa: SIM115
+
+    state = TrainConfig()
+    ctl = control(state)  # run and rank from torchrun's environment
+    print(f"runctl run: {ctl.run} rank: {ctl.rank}", flush=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=state.lr)
+    step, epoch, stop = 0, -1, torch.zeros(1)
+    for epoch in ctl.steps("epoch", range(state.epochs), scope="run"):
+        for _ in range(state.batches_per_epoch):
+            ctl.sync(step)  # synchronised changes land here, at the same step on every rank
+            stop[0] = ctl.stop_requested
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one rank's stop stops them all
+            if stop.item():
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+            x, y = torch.randn(8, 16), torch.randn(8, 1)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if log:
+                log.write(json.dumps([step, optimizer.param_groups[0]["lr"]]) + "\n")
+            step += 1
+        if stop.item():
+            break  # this epoch is not logged done: a restart runs it again
+        if args.checkpoint is not None and rank == 0:
+            torch.save(model.module.state_dict(), args.checkpoint)
+
+    if log:
+        log.write(json.dumps({"done": True, "step": step, "epoch": epoch,
+                              "stop_reason": ctl.stop_reason}) + "\n")
+        log.close()
+    ctl.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``create_app(settings)``: the FastAPI gateway.
+
+The app holds one NATS connection (a :class:`bus.Client`), opened by the lifespan and
+closed with it. If NATS is not reachable at start the gateway still starts, answers 503,
+and keeps trying in the background: it can be started before the bus, and restarted at
+any time, since it keeps nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Any
+
+import anyio
+import structlog
+from fastapi import Depends, FastAPI
+
+from bus.client import Client
+from bus.credentials import CredentialsError, redact_url, role_auth
+from bus.errors import Unavailable
+from gateway import errors, page, routes, steps_api
+from gateway.auth import require
+from gateway.settings import Settings
+
+__all__ = ["connect_client", "create_app"]
+
+log = structlog.get_logger()
+
+DESCRIPTION = """\
+Read and change the live pydantic state of running programs, on one rank or on every rank
+of a run (`all`), through the runctl bus (NATS).
+
+* Reads come from each rank's last published state and never wake the program; add
+  `?fresh=true` to ask the rank itself.
+* Changes are validated by the program's own model: an invalid change is refused as a whole
+  (422 with pydantic's errors) and nothing changes.
+* A write to `all` answers each rank's outcome: applied, rejected (with the reason) or
+  no_answer.
+"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("runctl")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0"
+
+
+async def connect_client(settings: Settings, *, retry: bool = False) -> Client:
+    """The gateway's connection, logged in as the operator role when `runctl up`'s
+    credentials are in reach (see bus.credentials)."""
+    try:
+        auth: dict[str, Any] = role_auth("operator")
+    except CredentialsError as exc:
+        raise Unavailable(str(exc)) from exc
+    return await Client.connect(
+        settings.nats_url, name="runctl-gateway", timeout=settings.timeout,
+        max_payload=settings.max_body, retry_initial=retry, **auth,
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+
+    async def connect_later() -> None:
+        app.state.client = await connect_client(settings, retry=True)
+        log.info("gateway connected to NATS")
+
+    async with anyio.create_task_group() as tg:
+        try:
+            app.state.client = await connect_client(settings)
+        except Unavailable as exc:
+            log.warning("NATS not reachable: answering 503 and retrying", error=str(exc),
+                        url=redact_url(settings.nats_url or ""))
+            tg.start_soon(connect_later)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+            client: Client | None = app.state.client
+            app.state.client = None
+            if client is not None:
+                await client.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="runctl gateway",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+        openapi_tags=[
+            {"name": "runs", "description": "What runs and ranks the registry knows."},
+            {"name": "state", "description": "One rank's (or every rank's) live state."},
+            {"name": "steps", "description": "The completed-step log (JetStream)."},
+            {"name": "freak-compatible",
+             "description": "Freak's routes, on the run and rank given at start."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.tokens = settings.tokens  # read by gateway.auth.require()
+    app.state.client = None
+    errors.install(app)
+    guarded = [Depends(require())]
+    app.include_router(routes.router, dependencies=guarded)
+    app.include_router(steps_api.router, dependencies=guarded)
+    app.include_router(page.router)  # static page: it fetches the API with the user's token
+    app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
+    return app

@@ -1,0 +1,330 @@
+"""Bearer tokens for the HTTP gateway: who may read, change, or stop (docs/security.md).
+
+Roles are ordered ``read < write < admin``; a route needs one of them:
+
+* ``read``  every ``GET`` (state, ranks, schema, events, step log)
+* ``write`` changes a program can take back: set, patch, reset (also synchronised)
+* ``admin`` what cannot be taken back: stop (a stopped training does not restart itself)
+  and forgetting steps (their work is recomputed)
+
+Tokens come from ``RUNCTL_GATEWAY_TOKENS`` (``admin:TOKEN,read:TOKEN2``) and/or a tokens
+file (one ``role token`` per line). Only SHA-256 digests are kept; a presented token is
+compared with every configured digest by :func:`hmac.compare_digest`, without stopping at
+the first match, so neither the timing nor the outcome says which token (or how much of one)
+matched. No token ever appears in a log line, an error message or a ``repr``.
+
+With no token configured the gateway is open, which is allowed only on a loopback address:
+:func:`check_bind` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, cast
+
+import structlog
+from fastapi import HTTPException
+from starlette.requests import HTTPConnection
+
+__all__ = [
+    "MIN_TOKEN_LENGTH",
+    "ROLES",
+    "TOKENS_ENV",
+    "TOKEN_ENV",
+    "TOKEN_FILE_ENV",
+    "InsecureBind",
+    "Role",
+    "TokenError",
+    "TokenTable",
+    "authorize",
+    "bearer_headers",
+    "check_bind",
+    "client_token",
+    "generate_tokens_file",
+    "is_loopback",
+    "load_tokens",
+    "parse_env",
+    "parse_file",
+    "require",
+    "required_role",
+]
+
+Role = Literal["read", "write", "admin"]
+ROLES: Final[tuple[Role, ...]] = ("read", "write", "admin")
+_RANK: Final[Mapping[str, int]] = {role: i for i, role in enumerate(ROLES)}
+#: configured tokens shorter than this are refused: a guessable token is no token
+MIN_TOKEN_LENGTH: Final = 16
+#: server side: the tokens the gateway accepts
+TOKENS_ENV: Final = "RUNCTL_GATEWAY_TOKENS"
+#: client side (CLI, scripts): the token to present, or a file holding it
+TOKEN_ENV: Final = "RUNCTL_GATEWAY_TOKEN"  # noqa: S105 - a variable name, not a secret
+TOKEN_FILE_ENV: Final = "RUNCTL_GATEWAY_TOKEN_FILE"  # noqa: S105 - a variable name
+_CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="runctl"'}
+
+log = structlog.get_logger()
+
+
+class TokenError(ValueError):
+    """A malformed tokens setting. The message names the place, never the token."""
+
+
+class InsecureBind(RuntimeError):
+    """The gateway was asked to listen beyond loopback with no token configured."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTable:
+    """The configured tokens as (digest, role) pairs. Empty means authentication is off."""
+
+    entries: tuple[tuple[bytes, Role], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __repr__(self) -> str:  # never the digests either: they identify tokens
+        counts = {role: sum(1 for _, r in self.entries if r == role) for role in ROLES}
+        return f"TokenTable({', '.join(f'{r}={n}' for r, n in counts.items() if n)})"
+
+    @classmethod
+    def of(cls, entries: Iterable[tuple[str, str, str]], *, where: str = "tokens") -> TokenTable:
+        """``entries``: (label, role, token) triples; the label ("line 3") names a bad one."""
+        roles: dict[bytes, Role] = {}
+        for label, role, token in entries:
+            if role not in _RANK:
+                raise TokenError(
+                    f"{where}: {label}: unknown role {role!r} (roles: {', '.join(ROLES)})"
+                )
+            if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+                raise TokenError(
+                    f"{where}: {label} ({role}): a token must be at least "
+                    f"{MIN_TOKEN_LENGTH} characters without spaces "
+                    "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+            if roles.setdefault(_digest(token), cast(Role, role)) != role:
+                raise TokenError(f"{where}: {label}: the same token is given two roles")
+        return cls(tuple(roles.items()))
+
+    def role_of(self, token: str | None) -> Role | None:
+        """The role of ``token``, or None. Compares with every entry (no early exit)."""
+        if not token:
+            return None
+        presented = _digest(token)
+        found: Role | None = None
+        for digest, role in self.entries:
+            if hmac.compare_digest(presented, digest):
+                found = role
+        return found
+
+    def merged(self, other: TokenTable) -> TokenTable:
+        roles: dict[bytes, Role] = {}
+        for digest, role in (*self.entries, *other.entries):
+            if roles.setdefault(digest, role) != role:
+                raise TokenError("the same token is given two roles (environment and file)")
+        return TokenTable(tuple(roles.items()))
+
+
+def parse_env(value: str) -> TokenTable:
+    """``admin:TOKEN1,read:TOKEN2`` (spaces around entries are ignored)."""
+    entries: list[tuple[str, str, str]] = []
+    for i, item in enumerate((p.strip() for p in value.split(",")), 1):
+        if not item:
+            continue
+        role, sep, token = item.partition(":")
+        if not sep:
+            raise TokenError(f"{TOKENS_ENV}: entry {i}: expected role:token")
+        entries.append((f"entry {i}", role.strip(), token.strip()))
+    return TokenTable.of(entries, where=TOKENS_ENV)
+
+
+def parse_file(path: str | os.PathLike[str]) -> TokenTable:
+    """One ``role token`` (or ``role:token``) per line; ``#`` starts a comment."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise TokenError(f"tokens file {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("tokens file is readable by other users: chmod 600 it", path=str(path),
+                    mode=oct(stat.S_IMODE(mode)))
+    entries: list[tuple[str, str, str]] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        role, _, token = line.replace(":", " ", 1).partition(" ")
+        if not token.strip():
+            raise TokenError(f"tokens file {path}: line {n}: expected 'role token'")
+        entries.append((f"line {n}", role.strip(), token.strip()))
+    return TokenTable.of(entries, where=f"tokens file {path}")
+
+
+def load_tokens(
+    tokens_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> TokenTable:
+    """Tokens from ``RUNCTL_GATEWAY_TOKENS`` and ``tokens_file`` together."""
+    env = os.environ if env is None else env
+    table = parse_env(env.get(TOKENS_ENV, ""))
+    if tokens_file:
+        table = table.merged(parse_file(tokens_file))
+    return table
+
+
+def is_loopback(host: str) -> bool:
+    """True only for addresses nobody else can reach: 127.0.0.0/8, ::1, ``localhost``."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to a public address
+
+
+def check_bind(host: str, tokens: TokenTable) -> None:
+    """Refuse to serve an unauthenticated gateway beyond loopback."""
+    if not tokens and not is_loopback(host):
+        raise InsecureBind(
+            f"refusing to listen on {host} without authentication: anyone who can reach it "
+            f"could change or stop your runs. Configure tokens ({TOKENS_ENV}=admin:<token> "
+            "or --tokens-file FILE; `runctl tokens` generates a file), or listen on "
+            "127.0.0.1. See docs/security.md."
+        )
+
+
+# --- which role a request needs ---------------------------------------------------------
+
+_READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+#: path segments whose routes cannot be taken back
+_ADMIN_SEGMENTS: Final = frozenset({"stop", "forget"})
+
+
+def required_role(method: str, path: str) -> Role:
+    """The least role for ``method`` on ``path`` (a route template or a concrete path).
+
+    Deny by default: any method that is not a read needs ``write``; stop, forget and every
+    ``DELETE`` need ``admin``.
+    """
+    method = method.upper()
+    if method in _READ_METHODS:
+        return "read"
+    if method == "DELETE" or {s for s in path.split("/") if s} & _ADMIN_SEGMENTS:
+        return "admin"
+    return "write"
+
+
+def _bearer(conn: HTTPConnection) -> str | None:
+    header = conn.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return credentials.strip()
+
+
+def authorize(tokens: TokenTable, conn: HTTPConnection, needed: Role) -> Role:
+    """The caller's role if it may do ``needed``; else 401 (who are you) or 403 (not you).
+
+    With no tokens configured (loopback only, see :func:`check_bind`) everyone is admin.
+    """
+    if not tokens:
+        return "admin"
+    token = _bearer(conn)
+    if token is None:
+        raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
+                            headers=_CHALLENGE)
+    role = tokens.role_of(token)
+    if role is None:
+        raise HTTPException(401, "unknown bearer token", headers=_CHALLENGE)
+    if _RANK[role] < _RANK[needed]:
+        raise HTTPException(403, f"this needs the {needed} role; the token has {role}")
+    return role
+
+
+def _tokens_of(conn: HTTPConnection) -> TokenTable:
+    tokens = getattr(conn.app.state, "tokens", None)
+    return tokens if isinstance(tokens, TokenTable) else TokenTable()
+
+
+def require(
+    role: Role | None = None,
+) -> Callable[[HTTPConnection], Awaitable[Role]]:
+    """A FastAPI dependency. ``require("write")`` pins the role; ``require()`` derives it
+    from the method and the matched route (:func:`required_role`), so it can guard a whole
+    app: ``FastAPI(dependencies=[Depends(require())])``. Tokens: ``app.state.tokens``."""
+
+    async def dependency(conn: HTTPConnection) -> Role:
+        needed = role
+        if needed is None:
+            route = conn.scope.get("route")
+            path = getattr(route, "path_format", None) or conn.url.path
+            needed = required_role(conn.scope.get("method", "GET"), path)
+        return authorize(_tokens_of(conn), conn, needed)
+
+    return dependency
+
+
+# --- the client side (CLI, scripts) -----------------------------------------------------
+
+
+def client_token(
+    token_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str | None:
+    """The token a client presents: ``token_file``, else ``RUNCTL_GATEWAY_TOKEN_FILE``, else
+    ``RUNCTL_GATEWAY_TOKEN``. A file holds the token alone, or ``role token`` lines (the
+    gateway's own tokens file: the first line with the highest role is used)."""
+    env = os.environ if env is None else env
+    path = token_file or env.get(TOKEN_FILE_ENV)
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise TokenError(f"token file {path}: {exc.strerror or exc}") from None
+        best: tuple[int, str] | None = None
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            role, _, token = line.replace(":", " ", 1).partition(" ")
+            rank, value = (_RANK[role], token.strip()) if role in _RANK else (-1, line)
+            if best is None or rank > best[0]:
+                best = (rank, value)
+        if best is None:
+            raise TokenError(f"token file {path} holds no token")
+        return best[1]
+    return env.get(TOKEN_ENV) or None
+
+
+def bearer_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def generate_tokens_file(path: str | os.PathLike[str]) -> Path:
+    """Write a new tokens file (one random token per role, mode 0600) unless one exists."""
+    import secrets
+
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lines = [
+        "# runctl gateway tokens: `role token` per line (roles: read < write < admin).",
+        "# Keep this file private (mode 0600). Give each person the least role they need.",
+        *(f"{role} {secrets.token_urlsafe(32)}" for role in ROLES),
+    ]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

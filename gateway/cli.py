@@ -1,0 +1,118 @@
+"""``runctl``: the operator's command line. It talks to NATS directly (not through a gateway).
+
+    runctl up                      nats-server in the foreground (nats.conf if present)
+    runctl gateway                 the HTTP gateway
+    runctl demo                    a server, a few ranks of a training-like loop, a gateway
+    runctl ls [RUN]                runs and ranks
+    runctl get RUN[/RANK] [PATH]   state (from the registry; --fresh asks the rank)
+    runctl set RUN[/RANK] PATH=VALUE...   one atomic change (VALUE: JSON, else a string)
+    runctl patch RUN[/RANK] JSON   merge a partial object
+    runctl reset RUN[/RANK]        back to the initial state
+    runctl stop RUN[/RANK]         ask the program to stop
+    runctl schema RUN[/RANK]       the model's JSON schema
+    runctl tail [RUN]              live state changes, events and commands
+    runctl steps RUN / forget RUN STEP    the completed-step log
+    runctl tokens                  a tokens file for the gateway
+
+``RUN`` alone means every rank of the run (``all``); ``RUN/0`` means rank 0. ``schema``
+on ``RUN`` alone shows the first rank's.
+
+Exit codes: 0 ok, 1 other error, 2 bad usage or input, 3 not found, 4 rejected by the
+model, 5 timeout or bus unavailable. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from bus.connection import DEFAULT_URL
+from bus.credentials import CredentialsError
+from bus.errors import RunctlError
+from gateway import cli_server, cli_state, cli_tail, demo, steps_cli
+from gateway.auth import InsecureBind, TokenError
+from gateway.cli_common import EXIT_USAGE, exit_code
+from gateway.ops import describe_error
+from gateway.settings import configure_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Options valid before and after the sub-command (``runctl --nats U ls`` and
+    ``runctl ls --nats U``). A sub-parser's default would overwrite the top-level value,
+    hence SUPPRESS there."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--nats", "--url", dest="url", metavar="URL", default=default,
+        help=f"NATS URL (default: $RUNCTL_NATS_URL or {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", default=2.0 if top else argparse.SUPPRESS,
+        help="how long to wait for ranks to answer (default: 2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runctl",
+        description="Read and change the live state of running programs.",
+        epilog="RUN alone addresses every rank of the run; RUN/RANK one rank. "
+               "Exit codes: 2 usage, 3 not found, 4 rejected, 5 timeout/unavailable.",
+    )
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
+                                                    **kwargs)  # type: ignore[arg-type]
+        _common(p, top=False)
+        return p
+
+    cli_server.register(add)
+    demo.register(add)
+    cli_state.register(add)
+    cli_tail.register(add)
+    steps_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "url", None) is None:
+        args.url = os.environ.get("RUNCTL_NATS_URL") or DEFAULT_URL
+    if not hasattr(args, "timeout"):
+        args.timeout = 2.0
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    # Commands that serve log what they do; one-shot commands only print their result.
+    configure_logging(getattr(args, "log_level", None) or "error")
+    try:
+        code: int = args.func(args)
+        return code
+    except RunctlError as exc:
+        return _fail(describe_error(exc), exit_code(exc))
+    except (CredentialsError, TokenError, InsecureBind) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `runctl tail | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # a bug of ours: still one line, and the way to see more
+        if os.environ.get("RUNCTL_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the "
+                     "traceback)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"runctl: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

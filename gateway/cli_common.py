@@ -1,0 +1,88 @@
+"""What the ``runctl`` sub-commands share: exit codes, targets, the connection, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import anyio
+
+from bus.client import Client
+from bus.credentials import role_auth
+from bus.errors import (
+    BadPath,
+    BadRequest,
+    BadToken,
+    NotFound,
+    PayloadTooLarge,
+    Timeout,
+    Unavailable,
+    ValidationRejected,
+)
+from bus.subjects import ALL, check_rank, check_token
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_REJECTED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "exit_code",
+    "parse_target",
+    "print_json",
+    "with_client",
+]
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_NOT_FOUND: Final = 3
+EXIT_REJECTED: Final = 4
+EXIT_UNAVAILABLE: Final = 5
+
+T = TypeVar("T")
+
+
+def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, ValidationRejected):
+        return EXIT_REJECTED
+    if isinstance(exc, BadToken | BadPath | BadRequest | PayloadTooLarge):
+        return EXIT_USAGE
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, Timeout | Unavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_ERROR
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """``RUN`` -> (RUN, "all"); ``RUN/RANK`` -> (RUN, RANK); both checked as tokens."""
+    run, sep, rank = text.partition("/")
+    if sep and not rank:
+        raise BadToken("rank", "", "is empty (RUN/RANK, or RUN alone for every rank)")
+    return check_token(run, "run"), check_rank(rank) if sep else ALL
+
+
+def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) -> T:
+    """Connect (as the operator role when `runctl up`'s credentials are in reach), run
+    ``fn(client)``, close."""
+
+    async def go() -> T:
+        client = await Client.connect(args.url, name="runctl-cli", timeout=args.timeout,
+                                      **role_auth("operator"))
+        async with client:
+            return await fn(client)
+
+    return anyio.run(go)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def note(message: str) -> None:
+    print(f"runctl: {message}", file=sys.stderr)

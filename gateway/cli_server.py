@@ -1,0 +1,136 @@
+"""``runctl up``, ``runctl gateway`` and ``runctl tokens``: the long-running pieces."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
+from bus.errors import BadRequest
+from bus.server import find_binary
+from gateway.auth import check_bind, generate_tokens_file, load_tokens
+from gateway.settings import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, Settings
+
+__all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
+
+AddParser = Callable[..., argparse.ArgumentParser]
+DEFAULT_CONFIG: Final = "nats.conf"
+DEFAULT_STORE: Final = Path(".runctl") / "nats"
+DEFAULT_TOKENS_FILE: Final = Path(".runctl") / "gateway-tokens"
+
+
+def register(add: AddParser) -> None:
+    p = add("up", "run nats-server (JetStream on) in the foreground",
+            epilog=f"Uses ./{DEFAULT_CONFIG} if present (its users' passwords are generated "
+                   f"into {DEFAULT_DIR} on first start); else listens on 127.0.0.1.")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"nats-server config (default: ./{DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--no-config", action="store_true", help=f"ignore ./{DEFAULT_CONFIG}")
+    p.add_argument("--port", type=int, help="client port (default: the config's, else 4222)")
+    p.add_argument("--store-dir", default=str(DEFAULT_STORE), metavar="DIR",
+                   help=f"JetStream store (default: {DEFAULT_STORE})")
+    p.set_defaults(func=up_command)
+
+    p = add("gateway", "serve the HTTP gateway (FastAPI; docs at /docs)")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default: {DEFAULT_HOST}; another needs tokens)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"default: {DEFAULT_PORT}")
+    p.add_argument("--run", help="default run of the Freak-compatible root routes (/get ...)")
+    p.add_argument("--rank", default="0", help="default rank of the root routes (default: 0)")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                   help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY})")
+    p.add_argument("--tokens-file", metavar="FILE",
+                   help="bearer tokens, 'role token' per line (also $RUNCTL_GATEWAY_TOKENS)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=gateway_command)
+
+    p = add("tokens", "write a gateway tokens file: one random token per role")
+    p.add_argument("--file", default=str(DEFAULT_TOKENS_FILE),
+                   help=f"default: {DEFAULT_TOKENS_FILE}")
+    p.set_defaults(func=tokens_command)
+
+
+# --- up ----------------------------------------------------------------------------------
+
+
+def up_argv(binary: str, *, config: str | None, port: int | None, store_dir: str) -> list[str]:
+    """nats-server's command line. A config file brings its own listen address; without
+    one, loopback only."""
+    argv = [binary]
+    if config is not None:
+        argv += ["-c", config]
+        if port is not None:
+            argv += ["-p", str(port)]
+    else:
+        argv += ["-a", "127.0.0.1", "-p", str(4222 if port is None else port)]
+    return [*argv, "-js", "-sd", store_dir]
+
+
+def up_command(args: argparse.Namespace) -> int:
+    config: str | None = args.config
+    if config is None and not args.no_config and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG
+    if config is not None and not Path(config).is_file():
+        raise BadRequest(f"config file {config} not found")
+    env = dict(os.environ)
+    if config is not None and "$RUNCTL_" in Path(config).read_text():
+        # the config reads passwords from the environment: bring (or make) them
+        creds = ensure_credentials(DEFAULT_DIR)
+        env.update(creds.server_env())
+        if creds.created:
+            print(f"runctl: generated NATS passwords in {creds.dir}/ (agent.env, "
+                  "operator.env, observer.env); programs and runctl started in this "
+                  "directory use them", file=sys.stderr)
+    Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+    binary = find_binary()
+    argv = up_argv(binary, config=config, port=args.port, store_dir=args.store_dir)
+    where = f"config {config}" if config else f"127.0.0.1:{args.port or 4222}"
+    print(f"runctl: nats-server ({where}, JetStream in {args.store_dir}); Ctrl-C stops it",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # exec: the server gets Ctrl-C and SIGTERM itself, and no runctl process is left over
+    os.execve(binary, argv, env)  # noqa: S606 - argv list, our own binary
+    return 0  # pragma: no cover - execve does not return
+
+
+# --- gateway -----------------------------------------------------------------------------
+
+
+def gateway_command(args: argparse.Namespace) -> int:
+    from gateway.serve import serve  # uvicorn is imported only by the commands that serve
+
+    tokens = load_tokens(args.tokens_file)
+    check_bind(args.host, tokens)
+    settings = Settings(
+        nats_url=args.url, host=args.host, port=args.port, default_run=args.run,
+        default_rank=args.rank, timeout=args.timeout, max_body=args.max_body, tokens=tokens,
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"runctl: gateway on http://{host}:{args.port} (docs /docs) for NATS "
+          f"{redact_url(args.url)}" + ("" if tokens else ", no tokens: loopback only"),
+          file=sys.stderr, flush=True)
+    serve(settings, log_level=args.log_level, access_log=not args.no_access_log)
+    return 0
+
+
+# --- tokens ------------------------------------------------------------------------------
+
+
+def tokens_command(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    existed = path.exists()
+    generate_tokens_file(path)
+    if existed:
+        print(f"runctl: {path} exists: kept as it is")
+    else:
+        print(f"runctl: wrote {path} (mode 0600): one token per role (read, write, admin)")
+    print(f"  serve with:   runctl gateway --tokens-file {path}")
+    print("  call with:    curl -H 'Authorization: Bearer <token>' ...")
+    return 0

@@ -1,0 +1,295 @@
+"""``runctl ls | get | set | patch | reset | stop | schema``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bus.client import Client, Gathered, Result
+from bus.errors import BadRequest
+from bus.messages import StopMode
+from bus.registry import RankInfo
+from bus.subjects import ALL
+from gateway import ops
+from gateway.cli_common import (
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    exit_code,
+    note,
+    parse_target,
+    print_json,
+    with_client,
+)
+
+__all__ = ["register", "render_ranks"]
+
+AddParser = Callable[..., argparse.ArgumentParser]
+TARGET_HELP = "RUN (every rank) or RUN/RANK"
+
+
+def register(add: AddParser) -> None:
+    p = add("ls", "list runs and their ranks")
+    p.add_argument("run", nargs="?", help="only this run")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=ls_command)
+
+    p = add("get", "print the state (or one value) as JSON")
+    p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
+    p.add_argument("path", nargs="?", help="dotted path, e.g. optimizer.lr")
+    p.add_argument("--fresh", action="store_true",
+                   help="ask the rank itself, not its last published state")
+    p.set_defaults(func=get_command)
+
+    p = add("set", "change values, all or nothing (VALUE: JSON, else a string)",
+            epilog="Several assignments are applied as one patch: all or none of them.")
+    p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
+    p.add_argument("assignments", metavar="PATH=VALUE", nargs="+")
+    _write_options(p)
+    p.set_defaults(func=set_command)
+
+    p = add("patch", "merge a partial JSON object into the state")
+    p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
+    p.add_argument("json", metavar="JSON", help="a JSON object; '-' reads stdin, @FILE a file")
+    p.add_argument("--path", help="merge into the object at this dotted path")
+    _write_options(p)
+    p.set_defaults(func=patch_command)
+
+    p = add("reset", "back to the state at control() time")
+    p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
+    _write_options(p)
+    p.set_defaults(func=reset_command)
+
+    p = add("stop", "ask the program to stop (ctl.stop_requested)")
+    p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
+    p.add_argument("--reason", default="", help="shown to the program")
+    p.add_argument("--terminate", action="store_true",
+                   help="also SIGTERM the rank's process after --grace seconds")
+    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS")
+    _write_options(p)
+    p.set_defaults(func=stop_command)
+
+    p = add("schema", "print the model's JSON schema")
+    p.add_argument("target", metavar="RUN[/RANK]", help="RUN (its first rank) or RUN/RANK")
+    p.set_defaults(func=schema_command)
+
+
+def _write_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sync", action="store_true",
+                   help="apply on every rank at the same step (the program calls ctl.sync)")
+    p.add_argument("--margin", type=int, metavar="STEPS",
+                   help="with --sync: how many steps ahead to apply")
+    p.add_argument("--json", action="store_true", help="print each rank's outcome as JSON")
+
+
+def _sync_options(args: argparse.Namespace, rank: str) -> dict[str, Any]:
+    if not args.sync:
+        if args.margin is not None:
+            raise BadRequest("--margin needs --sync")
+        return {}
+    if rank != ALL:
+        raise BadRequest("--sync applies to every rank: name the run alone (RUN, not RUN/RANK)")
+    return {"sync": True, "margin": args.margin}
+
+
+# --- ls ---------------------------------------------------------------------------------
+
+
+def ls_command(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> list[RankInfo]:
+        return await (client.ranks(args.run) if args.run else client.runs())
+
+    infos = with_client(args, go)
+    if args.json:
+        from gateway.routes import rank_summary
+
+        print_json([rank_summary(i) for i in infos])
+    elif not infos:
+        print("no runs")
+    else:
+        print(render_ranks(infos))
+    return EXIT_OK
+
+
+def render_ranks(infos: Sequence[RankInfo]) -> str:
+    rows = [("RUN", "RANK", "STATUS", "VERSION", "STEP", "HEARTBEAT", "HOST", "PID", "MODEL")]
+    for info in infos:
+        r = info.record
+        status = info.liveness + (" (stopping)" if r.stop_requested and
+                                  info.liveness == "alive" else "")
+        rows.append((r.run, r.rank, status, str(r.version),
+                     "-" if r.step is None else str(r.step), _ago(info.age), r.host,
+                     str(r.pid), r.model))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+# --- get / schema --------------------------------------------------------------------------
+
+
+def get_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+
+    async def go(client: Client) -> Result | Gathered:
+        return await client.get(run, rank, args.path or None, fresh=args.fresh)
+
+    result = with_client(args, go)
+    if isinstance(result, Result):
+        if result.liveness != "alive":
+            note(f"rank {result.rank} of run {run!r} is {result.liveness} (last heartbeat "
+                 f"{_ago(result.age)}): this is its last published state")
+        print_json(result.value)
+        return EXIT_OK
+    values: dict[str, Any] = {r: res.value for r, res in sorted_items(result.results)}
+    print_json(values)
+    code = EXIT_OK
+    for r, err in sorted_items(result.errors):
+        note(f"rank {r}: {ops.describe_error(err)}")
+        code = code or exit_code(err)
+    for r in result.missing:
+        note(f"rank {r}: no answer")
+        code = code or EXIT_UNAVAILABLE
+    return code
+
+
+def schema_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+
+    async def go(client: Client) -> Any:
+        target = rank if rank != ALL else (await client.ranks(run))[0].record.rank
+        return await client.schema(run, target)
+
+    print_json(with_client(args, go))
+    return EXIT_OK
+
+
+# --- writes -------------------------------------------------------------------------------
+
+
+def set_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+    assignments = [ops.parse_assignment(a) for a in args.assignments]
+    options = _sync_options(args, rank)
+    if len(assignments) > 1:
+        ops.assignments_patch(assignments)  # conflicts are usage errors, before connecting
+
+    async def go(client: Client) -> Result | Gathered:
+        if len(assignments) == 1:
+            a = assignments[0]
+            return await ops.set_text(client, run, rank, a.path, a.text, **options)
+        return await ops.patch_assignments(client, run, rank, assignments, **options)
+
+    return report(args, run, with_client(args, go))
+
+
+def patch_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+    options = _sync_options(args, rank)
+    value = _read_json_arg(args.json)
+
+    async def go(client: Client) -> Result | Gathered:
+        return await client.patch(run, rank, value, args.path or None, **options)
+
+    return report(args, run, with_client(args, go))
+
+
+def reset_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+    options = _sync_options(args, rank)
+
+    async def go(client: Client) -> Result | Gathered:
+        return await client.reset(run, rank, **options)
+
+    return report(args, run, with_client(args, go))
+
+
+def stop_command(args: argparse.Namespace) -> int:
+    run, rank = parse_target(args.target)
+    options = _sync_options(args, rank)
+    if args.grace <= 0:
+        raise BadRequest("--grace must be positive")
+    mode: StopMode = "terminate" if args.terminate else "graceful"
+
+    async def go(client: Client) -> Result | Gathered:
+        return await client.stop(run, rank, args.reason, mode=mode, grace=args.grace,
+                                 **options)
+
+    return report(args, run, with_client(args, go))
+
+
+def _read_json_arg(text: str) -> dict[str, Any]:
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise BadRequest(f"cannot read {text[1:]}: {exc.strerror or exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int:
+    """Print each rank's outcome; the exit code says whether every rank applied it."""
+    verb = args.command
+    if isinstance(result, Result):
+        if args.json:
+            print_json({"run": run, "rank": result.rank, "outcome": "applied",
+                        "version": result.version, "changed": result.changed,
+                        "value": result.value})
+        else:
+            print(f"rank {result.rank}: {_applied(verb, result)}")
+        return EXIT_OK
+    if result.errors and not result.results:
+        messages = {ops.describe_error(e) for e in result.errors.values()}
+        if len(messages) == 1 and not result.missing:
+            # every rank refused it for the same reason: one line, as for one rank
+            raise next(iter(result.errors.values()))
+    if args.json:
+        print_json(result.to_json())
+    else:
+        if result.change_id:
+            taken = not (result.errors or result.missing)
+            print(f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
+                  + ("" if taken else ": not every rank took it, cancelled everywhere"))
+        for r, res in sorted_items(result.results):
+            print(f"rank {r}: {_applied(verb, res)}")
+        for r, err in sorted_items(result.errors):
+            print(f"rank {r}: rejected: {ops.describe_error(err)}")
+        for r in result.missing:
+            print(f"rank {r}: no answer")
+    for _, err in sorted_items(result.errors):
+        return exit_code(err)
+    return EXIT_UNAVAILABLE if result.missing else EXIT_OK
+
+
+def _applied(verb: str, res: Result) -> str:
+    if verb == "stop":
+        return "stop requested"
+    return f"{'applied' if res.changed else 'unchanged'} (version {res.version})"
+
+
+def sorted_items(mapping: dict[str, Any]) -> list[tuple[str, Any]]:
+    return sorted(mapping.items(), key=lambda kv: _rank_key(kv[0]))
+
+
+def _rank_key(rank: str) -> tuple[int, str]:
+    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)
+

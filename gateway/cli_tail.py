@@ -1,0 +1,115 @@
+"""``runctl tail [RUN]``: what happens on a run, live, one readable line per message.
+
+It subscribes to ``runctl.<run>.>``: state changes (heartbeats only with ``--heartbeats``),
+events, commands sent by anyone, and step records. ``--json`` prints each message as
+``{"subject": ..., "data": ...}`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import anyio
+import msgspec
+
+from bus import messages as m
+from bus.client import Client
+from bus.subjects import PREFIX, check_token
+from gateway.cli_common import EXIT_OK, with_client
+
+__all__ = ["format_message", "register", "tail_command"]
+
+AddParser = Callable[..., argparse.ArgumentParser]
+MAX_VALUE_CHARS: Final = 160
+
+
+def register(add: AddParser) -> None:
+    p = add("tail", "print a run's state changes, events and commands as they happen")
+    p.add_argument("run", nargs="?", help="the run (default: every run)")
+    p.add_argument("--json", action="store_true", help="one raw JSON message per line")
+    p.add_argument("--heartbeats", action="store_true",
+                   help="also print the state republished on every heartbeat")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N lines")
+    p.set_defaults(func=tail_command)
+
+
+def tail_command(args: argparse.Namespace) -> int:
+    subject = f"{PREFIX}.{check_token(args.run, 'run')}.>" if args.run else f"{PREFIX}.>"
+
+    async def go(client: Client) -> int:
+        sub = await client.nc.subscribe(subject)
+        await client.nc.flush()
+        print(f"runctl: tailing {subject} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        printed = 0
+        async for msg in sub.messages:
+            line = format_message(msg.subject, msg.data, raw=args.json,
+                                  heartbeats=args.heartbeats)
+            if line is None:
+                continue
+            print(line, flush=True)
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                break
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
+        return EXIT_OK
+
+    try:
+        return with_client(args, go)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def format_message(subject: str, data: bytes, *, raw: bool = False,
+                   heartbeats: bool = False) -> str | None:
+    """One line for one message, or None for a heartbeat nobody asked to see."""
+    parts = subject.split(".")
+    if len(parts) < 4 or parts[0] != PREFIX:
+        return None
+    run, rank, kind, name = parts[1], parts[2], parts[3], ".".join(parts[4:])
+    if raw:
+        return json.dumps({"subject": subject, "data": _json_or_text(data)},
+                          ensure_ascii=False, separators=(",", ":"))
+    who = f"{run}/{rank}"
+    try:
+        if kind == "state":
+            state = m.decode_state(data)
+            if state.cause == "heartbeat" and not heartbeats:
+                return None
+            return (f"{_clock(state.ts)}  {who:<12} state    v{state.version} "
+                    f"({state.cause})  {_compact(state.state)}")
+        if kind == "evt":
+            event = m.decode_event(data)
+            detail = _compact(event.data) if event.data else ""
+            return f"{_clock(event.ts)}  {who:<12} event    {event.kind} v{event.version}  {detail}"
+        if kind == "cmd":
+            cmd = m.decode_command(name, data) if name in m.COMMAND_TYPES else None
+            fields = {k: v for k, v in msgspec.to_builtins(cmd).items() if k != "t"} if cmd else {}
+            return f"{_clock(time.time())}  {who:<12} command  {name}  {_compact(fields)}"
+        if kind == "done":
+            record = _compact(_json_or_text(data))
+            return f"{_clock(time.time())}  {who:<12} step     {name}  {record}"
+    except (msgspec.DecodeError, ValueError, TypeError):
+        pass  # not one of ours, or a newer version: show it as it is
+    return f"{_clock(time.time())}  {who:<12} {kind:<8} {name}  {_compact(_json_or_text(data))}"
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+
+
+def _json_or_text(data: bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+
+
+def _compact(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."

@@ -1,0 +1,204 @@
+"""``runctl demo``: a nats-server, N ranks of a training-like loop, and the HTTP gateway.
+
+Everything it starts, it stops: on Ctrl-C, at the end of ``--duration`` (counted from the
+moment every rank is ready), or when every rank has stopped (``runctl stop demo``). The
+ranks run in their own session, so Ctrl-C reaches the demo only and it stops them
+gracefully; they also exit on their own if the demo dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import anyio
+
+from bus.client import Client
+from bus.errors import BadRequest, RunctlError, Unavailable
+from bus.server import NatsServer
+from bus.subjects import ALL, check_token
+from gateway.settings import Settings
+
+__all__ = ["demo_command", "instructions", "register"]
+
+AddParser = Callable[..., argparse.ArgumentParser]
+DEFAULT_STORE: Final = Path(".runctl") / "demo"
+MAX_RANKS: Final = 32
+
+
+def register(add: AddParser) -> None:
+    p = add("demo", "run a nats-server, N ranks of a training-like loop and the gateway",
+            epilog="Stops everything it started on Ctrl-C, after --duration, or once every "
+                   "rank has stopped.")
+    p.add_argument("--ranks", type=int, default=2, help="how many ranks (default: 2)")
+    p.add_argument("--port", type=int, default=4444, help="gateway port (default: 4444)")
+    p.add_argument("--nats-port", type=int, default=None, metavar="PORT",
+                   help="nats-server port (default: 4222 if free, else any; 0: any)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="stop after this long once the ranks are ready (default: Ctrl-C)")
+    p.add_argument("--store-dir", default=str(DEFAULT_STORE), metavar="DIR",
+                   help=f"nats-server data (default: {DEFAULT_STORE})")
+    p.add_argument("--run", default="demo", help="run id (default: demo)")
+    p.add_argument("--step-time", type=float, default=0.2, metavar="SECONDS",
+                   help="seconds per training step (default: 0.2)")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=demo_command)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    from gateway.serve import GatewayThread
+
+    run = check_token(args.run, "run")
+    if not 1 <= args.ranks <= MAX_RANKS:
+        raise BadRequest(f"--ranks must be between 1 and {MAX_RANKS}")
+    if args.duration is not None and args.duration < 0:
+        raise BadRequest("--duration must not be negative")
+    nats_port = args.nats_port
+    if nats_port is None:
+        nats_port = 4222 if _port_free(4222) else -1
+    elif nats_port == 0:
+        nats_port = -1
+    if args.port != 0 and not _port_free(args.port):
+        raise Unavailable(f"port {args.port} is in use: pick another with --port")
+
+    server = NatsServer(port=nats_port, store_dir=args.store_dir, die_with_parent=True)
+    ranks: list[subprocess.Popen[bytes]] = []
+    gateway: GatewayThread | None = None
+    try:
+        server.start()
+        anyio.run(_forget_previous, server.url, run)
+        env = {**os.environ, "RUNCTL_NATS_URL": server.url, "PYTHONUNBUFFERED": "1",
+               "RUNCTL_WORLD_SIZE": str(args.ranks)}
+        for rank in range(args.ranks):
+            ranks.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway.demo_train", "--run", run, "--rank", str(rank),
+                 "--url", server.url, "--step-time", str(args.step_time)],
+                env=env, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C is the demo's to handle, not theirs
+            ))
+        _wait_ready(server.url, run, args.ranks, ranks)
+        gateway = GatewayThread(Settings(nats_url=server.url, port=args.port,
+                                         default_run=run, default_rank="0"),
+                                log_level=args.log_level).start()
+        _say(instructions(run, gateway.url, server.url, args.ranks))
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while deadline is None or time.monotonic() < deadline:
+            if all(p.poll() is not None for p in ranks):
+                _say("runctl demo: every rank has stopped; shutting down")
+                break
+            time.sleep(0.1)
+        else:
+            _say(f"runctl demo: {args.duration:g}s are up; stopping the ranks")
+    except KeyboardInterrupt:
+        _say("\nrunctl demo: stopping")
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            _stop_ranks(server.url if server.running else None, run, ranks)
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+    return 0
+
+
+async def _forget_previous(url: str, run: str) -> None:
+    """A stop recorded for the run by an earlier demo would stop these ranks at once."""
+    async with await Client.connect(url, name="runctl-demo") as client:
+        registry = await client.registry()
+        with contextlib.suppress(Exception):
+            await registry.kv.purge(f"{run}.{ALL}")
+        for record in await registry.records(run):
+            await registry.delete(run, record.rank)
+
+
+def _wait_ready(url: str, run: str, count: int, procs: list[subprocess.Popen[bytes]],
+                timeout: float = 60.0) -> None:
+    async def alive() -> int:
+        async with await Client.connect(url, name="runctl-demo") as client:
+            try:
+                infos = await client.ranks(run)
+            except RunctlError:
+                return 0
+            return sum(1 for i in infos if i.liveness == "alive")
+
+    deadline = time.monotonic() + timeout
+    while anyio.run(alive) < count:
+        if any(p.poll() is not None for p in procs):
+            raise Unavailable("a demo rank exited during start (see its output above)")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the demo ranks were not ready after {timeout:g}s")
+        time.sleep(0.1)
+
+
+def _stop_ranks(url: str | None, run: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Ask nicely over the bus, then SIGTERM, then SIGKILL: nothing is left behind."""
+    running = [p for p in procs if p.poll() is None]
+    if not running:
+        return
+    if url is not None:
+
+        async def stop() -> None:
+            async with await Client.connect(url, name="runctl-demo", timeout=2.0) as client:
+                await client.stop(run, ALL, "the demo is ending")
+
+        with contextlib.suppress(RunctlError, OSError):
+            anyio.run(stop)
+    for sig, wait in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+        if sig is not None:
+            for p in running:
+                if p.poll() is None:
+                    p.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(p.poll() is None for p in running):
+            time.sleep(0.05)
+        if all(p.poll() is not None for p in running):
+            return
+
+
+def instructions(run: str, gateway_url: str, nats_url: str, ranks: int) -> str:
+    host = gateway_url.removeprefix("http://")
+    env = "" if nats_url == "nats://127.0.0.1:4222" else f"RUNCTL_NATS_URL={nats_url} "
+    return f"""
+runctl demo: {ranks} rank(s) of run '{run}' are training.
+  NATS     {nats_url}
+  gateway  {gateway_url}   (state in a browser: {gateway_url}/ , API docs: {gateway_url}/docs)
+
+Try, from another terminal:
+  curl -s {host}/runs
+  curl -s {host}/runs/{run}/ranks/0/get
+  curl -s -X PUT '{host}/runs/{run}/ranks/all/set/optimizer.lr?value=0.05'
+  curl -s -X PATCH {host}/runs/{run}/ranks/0/set -d '{{"optimizer": {{"kind": "adam"}}}}'
+  curl -s -X PUT '{host}/runs/{run}/ranks/0/set/optimizer.kind?value=rmsprop'   # refused: 422
+  curl -s -X POST '{host}/runs/{run}/ranks/all/stop?reason=enough'
+
+or with the CLI:
+  {env}runctl ls
+  {env}runctl get {run}/0 optimizer
+  {env}runctl set {run} optimizer.lr=0.05 optimizer.kind=adam
+  {env}runctl tail {run}
+  {env}runctl stop {run}
+
+Ctrl-C stops everything.
+"""

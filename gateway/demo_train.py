@@ -1,0 +1,103 @@
+"""The program ``runctl demo`` runs as each rank: a training-like loop with runctl.
+
+It is also what adding runctl to a program looks like: a pydantic model for the settings,
+one ``control()`` line, the loop reads the settings at each step and honours
+``ctl.stop_requested``.
+
+    python -m gateway.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from agent import control
+from gateway.settings import configure_logging
+
+__all__ = ["Optimizer", "TrainState", "main"]
+
+
+class Optimizer(BaseModel):
+    kind: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float | None = None
+
+
+class TrainState(BaseModel):
+    optimizer: Optimizer = Optimizer()
+    batch_size: int = Field(32, ge=1, le=4096)
+    #: stop on its own after this many steps (None: until stopped)
+    max_steps: int | None = None
+    #: print a line every this many steps
+    log_every: int = Field(10, ge=1)
+    #: written by the program itself: published with the next heartbeat
+    step: int = 0
+    loss: float = 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo_train")
+    parser.add_argument("--run", default="demo")
+    parser.add_argument("--rank", default="0")
+    parser.add_argument("--url", default=None, help="NATS URL (default: $RUNCTL_NATS_URL)")
+    parser.add_argument("--step-time", type=float, default=0.2, help="seconds per step")
+    args = parser.parse_args(argv)
+    configure_logging("warning")
+
+    state = TrainState()
+    ctl = control(state, run=args.run, rank=args.rank, url=args.url)
+    parent = os.getppid()
+    rng = random.Random(int(args.rank) if args.rank.isdigit() else 0)  # noqa: S311 - noise
+    tag = f"[rank {args.rank}]"
+    try:
+        ctl.wait_ready(15)
+        print(f"{tag} pid {os.getpid()} ready: {_describe(state)}", flush=True)
+        step, loss, seen = 0, 2.5, _describe(state)
+        while not ctl.stop_requested:
+            if os.getppid() != parent:
+                break  # whoever started us is gone: do not linger as an orphan
+            if state.max_steps is not None and step >= state.max_steps:
+                print(f"{tag} reached max_steps={state.max_steps}", flush=True)
+                break
+            ctl.sync(step)  # lets `runctl set --sync` apply a change at the same step everywhere
+            with ctl.lock:  # several fields, read consistently
+                lr, kind, batch = state.optimizer.lr, state.optimizer.kind, state.batch_size
+            speed = lr * (3.0 if kind == "adam" else 1.0) * math.sqrt(batch / 32)
+            loss = max(0.01, loss * (1 - min(speed, 0.5) * 0.1) + rng.gauss(0, 0.01))
+            with ctl.lock:
+                state.step, state.loss = step, round(loss, 4)
+            if (now := _describe(state)) != seen:  # changed from outside
+                seen = now
+                print(f"{tag} step {step}: now {now} (version {ctl.version})", flush=True)
+            elif step % state.log_every == 0:
+                print(f"{tag} step {step}: loss {loss:.4f}  {_describe(state)}", flush=True)
+            time.sleep(args.step_time)
+            step += 1
+        if ctl.stop_requested:
+            print(f"{tag} stop requested at step {step} ({ctl.stop_reason or 'no reason'}): "
+                  "finishing cleanly", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctl.close()
+    return 0
+
+
+def _describe(state: TrainState) -> str:
+    o = state.optimizer
+    wd = "" if o.weight_decay is None else f" wd={o.weight_decay:g}"
+    return f"{o.kind} lr={o.lr:g} momentum={o.momentum:g}{wd} batch={state.batch_size}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

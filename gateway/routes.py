@@ -1,0 +1,388 @@
+"""The HTTP API: runs, ranks, and each rank's live state.
+
+``{rank}`` is a rank or ``all``. Reads come from the registry's last published state (they
+never wake the program) unless ``?fresh=true``. A one-rank read answers with the state's
+JSON itself (as Freak did), its version and liveness in ``X-Runctl-*`` headers; ``all``
+answers with every rank's outcome.
+
+A write to ``all`` answers 200 when every rank applied it, 207 when some did not (each
+rank's ``outcome``: applied, rejected with its detail, or no_answer), and the error's own
+status (422, 400 ...) when none did.
+
+The Freak-compatible root routes (``/get``, ``/set/...``, ``/reset``, ``/get_from_path``)
+act on the run and rank the gateway was started with (``--run``, ``--rank``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from fastapi import APIRouter, Depends, Path, Query, Request
+from starlette.responses import Response
+
+from bus.client import Client, Gathered, Result
+from bus.credentials import redact_url
+from bus.errors import BadRequest, NotFound, RunctlError, Unavailable
+from bus.paths import split_path
+from bus.registry import RankInfo
+from bus.subjects import ALL, check_rank, check_token
+from gateway import ops
+from gateway.errors import json_response, status_of
+from gateway.settings import Settings
+
+__all__ = ["get_client", "rank_summary", "router"]
+
+router = APIRouter()
+R: Final = "/runs/{run}/ranks/{rank}"
+_PATCH_BODY: Final = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "additionalProperties": True},
+                "example": {"optimizer": {"lr": 0.01}},
+            }
+        },
+    }
+}
+
+
+def get_client(request: Request) -> Client:
+    client = getattr(request.app.state, "client", None)
+    if not isinstance(client, Client):
+        settings: Settings = request.app.state.settings
+        where = f" at {redact_url(settings.nats_url)}" if settings.nats_url else ""
+        raise Unavailable(f"the gateway is not connected to NATS{where} yet")
+    if not client.nc.is_connected:
+        raise Unavailable("the gateway lost its NATS connection (reconnecting)")
+    return client
+
+
+ClientDep = Annotated[Client, Depends(get_client)]
+RunParam = Annotated[str, Path(description="run id", examples=["demo"])]
+RankParam = Annotated[str, Path(description="a rank, or `all` for every rank", examples=["0"])]
+PathParam = Annotated[
+    str, Path(description="dotted path (`optimizer.lr`); `/` also separates (`optimizer/lr`)")
+]
+Fresh = Annotated[
+    bool, Query(description="ask the rank itself instead of reading its last published state")
+]
+Sync = Annotated[
+    bool,
+    Query(description="apply on every rank at the same step (needs `ctl.sync(step)` in the "
+                      "program; rank must be `all`)"),
+]
+Margin = Annotated[int | None, Query(ge=0, description="with sync: steps ahead to apply at")]
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _target(run: str, rank: str) -> tuple[str, str]:
+    return check_token(run, "run"), check_rank(rank)
+
+
+def _dotted(path: str | None) -> str | None:
+    """``a/b.c`` -> ``a.b.c``; checked here so a bad path never reaches the bus."""
+    if path is None:
+        return None
+    dotted = path.strip("/").replace("/", ".")
+    split_path(dotted)
+    return dotted or None
+
+
+def _sync_options(rank: str, sync: bool, margin: int | None) -> dict[str, Any]:
+    if not sync:
+        if margin is not None:
+            raise BadRequest("margin applies only to a synchronised change (sync=true)")
+        return {}
+    if rank != ALL:
+        raise BadRequest("a synchronised change applies to every rank: use rank 'all'")
+    return {"sync": True, "margin": margin}
+
+
+def _default_target(request: Request) -> tuple[str, str]:
+    settings: Settings = request.app.state.settings
+    if settings.default_run is None:
+        raise NotFound("", message=(
+            "no default run: start the gateway with --run RUN [--rank RANK] to use the "
+            "root routes, or use /runs/{run}/ranks/{rank}/..."))
+    return settings.default_run, settings.default_rank
+
+
+def rank_summary(info: RankInfo) -> dict[str, Any]:
+    r = info.record
+    return {
+        **info.summary(),
+        "world_size": r.world_size,
+        "heartbeat_interval": r.heartbeat_interval,
+        "step": r.step,
+        "step_rate": r.step_rate,
+        "pending": r.pending,
+    }
+
+
+def _counts(infos: list[RankInfo]) -> dict[str, int]:
+    counts = {"alive": 0, "stale": 0, "exited": 0}
+    for info in infos:
+        counts[info.liveness] += 1
+    return counts
+
+
+def _gathered_status(g: Gathered) -> int:
+    if g.results:
+        return 200 if not g.errors and not g.missing else 207
+    if g.errors:  # nobody applied it: the first rank's error says why
+        return status_of(g.errors[g.acknowledged[0]])
+    return 504  # pragma: no cover - the client raises Timeout for this case
+
+
+def _gathered_response(g: Gathered, *, freak: bool = False) -> Response:
+    status = _gathered_status(g)
+    headers = {"X-Runctl-Missing": ",".join(g.missing)} if g.missing else None
+    if freak and status == 200 and g.verb != "get":
+        return json_response("success", headers=headers)
+    return json_response(g.to_json(), status, headers)
+
+
+def _read_response(result: Result | Gathered) -> Response:
+    if isinstance(result, Gathered):
+        return _gathered_response(result)
+    return json_response(result.value, headers={
+        "X-Runctl-Version": str(result.version),
+        "X-Runctl-Status": result.liveness,
+        "X-Runctl-Age": f"{result.age:.3f}",
+        "X-Runctl-Source": result.source,
+    })
+
+
+def _write_response(run: str, result: Result | Gathered, *, freak: bool = False) -> Response:
+    if isinstance(result, Gathered):
+        return _gathered_response(result, freak=freak)
+    headers = {"X-Runctl-Version": str(result.version),
+               "X-Runctl-Changed": "true" if result.changed else "false"}
+    if freak:
+        return json_response("success", headers=headers)
+    return json_response({"run": run, "rank": result.rank, "outcome": "applied",
+                          "version": result.version, "changed": result.changed,
+                          "value": result.value}, headers=headers)
+
+
+async def _patch_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()  # size-capped by the BodyLimit middleware
+    if not raw.strip():
+        raise BadRequest("a patch needs a JSON object as the request body")
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+# --- shared implementations ------------------------------------------------------------
+
+
+async def _read(client: Client, run: str, rank: str, path: str | None, fresh: bool) -> Response:
+    run, rank = _target(run, rank)
+    return _read_response(await client.get(run, rank, _dotted(path), fresh=fresh))
+
+
+async def _set(client: Client, run: str, rank: str, path: str, value: str,
+               options: dict[str, Any], *, freak: bool = False) -> Response:
+    run, rank = _target(run, rank)
+    dotted = _dotted(path) or ""
+    return _write_response(run, await ops.set_text(client, run, rank, dotted, value, **options),
+                           freak=freak)
+
+
+async def _patch(client: Client, request: Request, run: str, rank: str, path: str | None,
+                 options: dict[str, Any], *, freak: bool = False) -> Response:
+    run, rank = _target(run, rank)
+    dotted = _dotted(path)
+    body = await _patch_body(request)
+    return _write_response(run, await client.patch(run, rank, body, dotted, **options),
+                           freak=freak)
+
+
+async def _reset(client: Client, run: str, rank: str, options: dict[str, Any], *,
+                 freak: bool = False) -> Response:
+    run, rank = _target(run, rank)
+    return _write_response(run, await client.reset(run, rank, **options), freak=freak)
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+@router.get("/runs", summary="List runs and their ranks", tags=["runs"])
+async def list_runs(client: ClientDep) -> Response:
+    """Every run the registry knows, each rank with its liveness (alive / stale / exited),
+    state version, heartbeat age, host and pid."""
+    by_run: dict[str, list[RankInfo]] = {}
+    for info in await client.runs():
+        by_run.setdefault(info.record.run, []).append(info)
+    return json_response({"runs": [
+        {"run": run, "counts": _counts(infos), "ranks": [rank_summary(i) for i in infos]}
+        for run, infos in by_run.items()
+    ]})
+
+
+@router.get("/runs/{run}", summary="One run and its ranks", tags=["runs"])
+async def get_run(run: RunParam, client: ClientDep) -> Response:
+    """The run's ranks (404 if the registry has none), and a run-wide stop if one was sent."""
+    run = check_token(run, "run")
+    infos = await client.ranks(run)
+    body: dict[str, Any] = {"run": run, "counts": _counts(infos),
+                            "ranks": [rank_summary(i) for i in infos]}
+    try:
+        record = await (await client.registry()).get_run(run)
+    except (RunctlError, OSError):
+        record = None
+    if record is not None:
+        body["run_record"] = msgspec.to_builtins(record)
+    return json_response(body)
+
+
+# --- one rank, or all --------------------------------------------------------------------
+
+
+@router.get(R + "/get", summary="Read the whole state", tags=["state"])
+async def get_state(run: RunParam, rank: RankParam, client: ClientDep,
+                    fresh: Fresh = False) -> Response:
+    """The state's JSON itself, with `X-Runctl-Version`, `X-Runctl-Status` (alive, stale,
+    exited) and `X-Runctl-Age` (seconds since the rank's last heartbeat)."""
+    return await _read(client, run, rank, None, fresh)
+
+
+@router.get(R + "/get/{path:path}", summary="Read one value", tags=["state"])
+async def get_value(run: RunParam, rank: RankParam, path: PathParam, client: ClientDep,
+                    fresh: Fresh = False) -> Response:
+    """The value at a dotted path (`optimizer.lr` or `optimizer/lr`)."""
+    return await _read(client, run, rank, path, fresh)
+
+
+@router.get(R + "/get_from_path", summary="Read one value (path in the query)", tags=["state"])
+async def get_from_path(
+    run: RunParam, rank: RankParam, client: ClientDep,
+    path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
+    fresh: Fresh = False,
+) -> Response:
+    return await _read(client, run, rank, path, fresh)
+
+
+@router.put(R + "/set/{path:path}", summary="Set one value", tags=["state"])
+async def set_value(
+    run: RunParam, rank: RankParam, path: PathParam, client: ClientDep,
+    value: Annotated[str, Query(description="JSON (`0.01`, `null`, `[1,2]`), else a string")],
+    sync: Sync = False, margin: Margin = None,
+) -> Response:
+    """Replace the value at `path`, validated by the program's model; 422 with pydantic's
+    errors (and nothing changed) if it does not fit."""
+    return await _set(client, run, rank, path, value, _sync_options(rank, sync, margin))
+
+
+@router.patch(R + "/set", summary="Merge a partial state", tags=["state"],
+              openapi_extra=_PATCH_BODY)
+async def patch_state(run: RunParam, rank: RankParam, request: Request, client: ClientDep,
+                      sync: Sync = False, margin: Margin = None) -> Response:
+    """Merge a JSON object into the state: nested objects merge (siblings are kept),
+    everything else replaces. All or nothing."""
+    return await _patch(client, request, run, rank, None, _sync_options(rank, sync, margin))
+
+
+@router.patch(R + "/set/{path:path}", summary="Merge into a sub-tree", tags=["state"],
+              openapi_extra=_PATCH_BODY)
+async def patch_at(run: RunParam, rank: RankParam, path: PathParam, request: Request,
+                   client: ClientDep, sync: Sync = False, margin: Margin = None) -> Response:
+    """Merge a JSON object into the object at `path` (e.g. `optimizer`)."""
+    return await _patch(client, request, run, rank, path, _sync_options(rank, sync, margin))
+
+
+@router.delete(R + "/reset", summary="Back to the initial state", tags=["state"])
+async def reset_state(run: RunParam, rank: RankParam, client: ClientDep,
+                      sync: Sync = False, margin: Margin = None) -> Response:
+    """The state the program had when it called `control()`."""
+    return await _reset(client, run, rank, _sync_options(rank, sync, margin))
+
+
+@router.post(R + "/stop", summary="Ask the program to stop", tags=["state"])
+async def stop(
+    run: RunParam, rank: RankParam, client: ClientDep,
+    reason: Annotated[str, Query(max_length=1000, description="shown to the program")] = "",
+    mode: Annotated[Literal["graceful", "terminate"], Query(
+        description="graceful: the program sees `stop_requested`; terminate: also SIGTERM "
+                    "after `grace` seconds if it is still running")] = "graceful",
+    grace: Annotated[float, Query(gt=0, description="seconds, with mode=terminate")] = 30.0,
+    sync: Sync = False, margin: Margin = None,
+) -> Response:
+    """Sets `ctl.stop_requested` (and runs `on_stop` callbacks). On `all` it is also
+    recorded for the run, so a rank that starts later stops too."""
+    run, rank = _target(run, rank)
+    options = _sync_options(rank, sync, margin)
+    result = await client.stop(run, rank, reason, mode=mode, grace=grace, **options)
+    return _write_response(run, result)
+
+
+@router.get(R + "/schema", summary="The model's JSON schema", tags=["state"])
+async def schema(run: RunParam, rank: RankParam, client: ClientDep) -> Response:
+    """For `all`: `{"run": ..., "ranks": {rank: schema}}`."""
+    run, rank = _target(run, rank)
+    if rank != ALL:
+        return json_response(await client.schema(run, rank))
+    ranks = {i.record.rank: await client.schema(run, i.record.rank)
+             for i in await client.ranks(run)}
+    return json_response({"run": run, "ranks": ranks})
+
+
+# --- Freak-compatible root routes (the gateway's default run and rank) ---------------------
+
+_FREAK: Final[list[str | Enum]] = ["freak-compatible"]
+
+
+@router.get("/get", summary="Read the default rank's state", tags=_FREAK)
+async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -> Response:
+    return await _read(client, *_default_target(request), None, fresh)
+
+
+@router.get("/get/{path:path}", summary="Read one value of the default rank", tags=_FREAK)
+async def freak_get_value(request: Request, path: PathParam, client: ClientDep,
+                          fresh: Fresh = False) -> Response:
+    return await _read(client, *_default_target(request), path, fresh)
+
+
+@router.get("/get_from_path", summary="Read one value (path in the query)", tags=_FREAK)
+async def freak_get_from_path(
+    request: Request, client: ClientDep,
+    path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
+    fresh: Fresh = False,
+) -> Response:
+    return await _read(client, *_default_target(request), path, fresh)
+
+
+@router.put("/set/{path:path}", summary="Set one value of the default rank", tags=_FREAK)
+async def freak_set(
+    request: Request, path: PathParam, client: ClientDep,
+    value: Annotated[str, Query(description="JSON, else a string")],
+) -> Response:
+    """Answers `"success"` as Freak did."""
+    return await _set(client, *_default_target(request), path, value, {}, freak=True)
+
+
+@router.patch("/set", summary="Merge a partial state into the default rank", tags=_FREAK,
+              openapi_extra=_PATCH_BODY)
+async def freak_patch(request: Request, client: ClientDep) -> Response:
+    return await _patch(client, request, *_default_target(request), None, {}, freak=True)
+
+
+@router.patch("/set/{path:path}", summary="Merge into a sub-tree of the default rank",
+              tags=_FREAK, openapi_extra=_PATCH_BODY)
+async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
+    return await _patch(client, request, *_default_target(request), path, {}, freak=True)
+
+
+@router.delete("/reset", summary="Reset the default rank", tags=_FREAK)
+async def freak_reset(request: Request, client: ClientDep) -> Response:
+    return await _reset(client, *_default_target(request), {}, freak=True)

@@ -1,0 +1,93 @@
+"""Run the gateway: in the foreground (``runctl gateway``) or on a thread (the demo, tests).
+
+``port=0`` lets the OS pick a free port; :attr:`GatewayThread.port` tells which.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+from typing import Self
+
+import uvicorn
+
+from bus.errors import Unavailable
+from gateway.app import create_app
+from gateway.settings import Settings
+
+__all__ = ["GatewayThread", "serve"]
+
+
+def _config(settings: Settings, log_level: str, access_log: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="on",
+        # keep-alive clients must not hold up a stop
+        timeout_graceful_shutdown=2,
+        server_header=False,
+    )
+
+
+def serve(settings: Settings, *, log_level: str = "info", access_log: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's own signal handling)."""
+    uvicorn.Server(_config(settings, log_level, access_log)).run()
+
+
+class GatewayThread:
+    """A gateway on a daemon thread with its own event loop; ``start()`` returns once it
+    accepts connections (and has tried NATS once)."""
+
+    def __init__(self, settings: Settings, *, log_level: str = "warning",
+                 access_log: bool = False) -> None:
+        self.settings = settings
+        self.server = uvicorn.Server(_config(settings, log_level, access_log))
+        self.thread = threading.Thread(target=self.server.run, name="runctl-gateway",
+                                       daemon=True)
+
+    @property
+    def port(self) -> int:
+        for server in self.server.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return self.settings.port
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise Unavailable(
+                    f"the gateway could not listen on {self.settings.host}:{self.settings.port}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise Unavailable(f"the gateway did not start within {timeout:g}s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,69 @@
+"""What a gateway is started with, and the structlog setup entry points share.
+
+The gateway keeps nothing else: every answer comes from the bus (the registry's KV bucket
+or the ranks themselves), so it can be restarted at any time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from bus.subjects import check_rank, check_token
+from gateway.auth import TokenTable
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_MAX_BODY", "DEFAULT_PORT", "Settings", "configure_logging"]
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 4444  # Freak's port: Freak users' curl lines keep working
+DEFAULT_MAX_BODY: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: NATS URL(s), comma separated; None means $RUNCTL_NATS_URL or nats://127.0.0.1:4222
+    nats_url: str | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    #: target of the Freak-compatible root routes (/get, /set, /reset ...); None: no target
+    default_run: str | None = None
+    default_rank: str = "0"
+    #: how long a command waits for its rank(s), seconds
+    timeout: float = 2.0
+    #: request bodies over this many bytes get 413 without being read
+    max_body: int = DEFAULT_MAX_BODY
+    #: bearer tokens (gateway.auth); empty: open, which only a loopback bind allows
+    tokens: TokenTable = field(default_factory=TokenTable)
+
+    def __post_init__(self) -> None:
+        # Checked at start, so a bad --run fails the gateway instead of every request.
+        if self.default_run is not None:
+            check_token(self.default_run, "run")
+        check_rank(self.default_rank)
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.max_body < 1:
+            raise ValueError("max_body must be at least 1 byte")
+
+
+def configure_logging(level: str = "info") -> None:
+    """structlog for an entry point (CLI, gateway, demo): key=value lines on stderr.
+
+    Library code only calls ``structlog.get_logger()``; this is the one place that decides
+    where those lines go and which are shown.
+    """
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,205 @@
+"""HTTP routes for the completed-step log (issue #3), served from JetStream, so they work
+after every rank has exited.
+
+    GET    /runs/{run}/steps                 ?rank=R &status=done|running|interrupted|failed
+                                             &name=N &explain=true &config=NAME=JSON (repeat)
+    DELETE /runs/{run}/steps/{step}          ?successors=true &rank=R   (step: name, name:key)
+    DELETE /runs/{run}/steps?everything=true                            (the whole run)
+
+The routes need a connected :class:`bus.Client`: by default ``app.state.client``; a gateway
+that keeps it elsewhere overrides the :func:`steps_client` dependency
+(``app.dependency_overrides[steps_client] = ...``). Roles come from the app's own
+``require()`` dependency (DELETE needs admin).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any, Final
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from bus.canonical import hashed
+from bus.client import Client
+from bus.errors import BadRequest, BadToken, NotFound, RunctlError, Timeout, Unavailable
+from bus.steprecords import explain, parse_selector, record_row, scopes_for
+from bus.stepstore import forget, read_log
+from bus.subjects import RUN_SCOPE, check_token
+
+__all__ = ["STATUSES", "forget_steps", "router", "steps_client", "steps_view"]
+
+STATUSES: Final = ("done", "running", "interrupted", "failed")
+
+router = APIRouter(tags=["steps"])
+
+
+def steps_client(request: Request) -> Client:
+    client = getattr(request.app.state, "client", None)
+    if not isinstance(client, Client):
+        raise HTTPException(503, "the gateway is not connected to NATS")
+    return client
+
+
+# --- shared by the routes and the CLI ------------------------------------------------
+
+
+async def alive_processes(client: Client, run: str) -> set[tuple[str, int]]:
+    """(host, pid) of the run's live ranks, to tell "running" from "interrupted"."""
+    try:
+        infos = await client.ranks(run)
+    except (NotFound, Unavailable):
+        return set()
+    return {(i.record.host, i.record.pid) for i in infos if i.liveness == "alive"}
+
+
+def parse_configs(items: list[str] | None) -> dict[str, tuple[Any, str]]:
+    """``NAME=JSON`` pairs (the config a restart would use), normalised and hashed."""
+    out: dict[str, tuple[Any, str]] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise BadRequest(f"config {item!r} must be NAME=JSON")
+        check_token(name, "step")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"config for {name!r} is not JSON: {exc}") from None
+        try:
+            h = hashed(value)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"config for {name!r}: {exc}") from None
+        out[name] = (h.value, h.hash)
+    return out
+
+
+async def steps_view(
+    client: Client,
+    run: str,
+    *,
+    rank: str | None = None,
+    status: str | None = None,
+    name: str | None = None,
+    with_explain: bool = False,
+    configs: list[str] | None = None,
+) -> dict[str, Any]:
+    """The run's step log as JSON: ``steps`` (rows in first-start order) and, with
+    ``with_explain``, what a restart would skip or run and why."""
+    check_token(run, "run")
+    if rank is not None and rank != RUN_SCOPE:
+        check_token(rank, "rank")
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+    if name is not None:
+        check_token(name, "step")
+    runlog = await read_log(client.nc, run, rank=rank)
+    alive = await alive_processes(client, run)
+    rows = [
+        row for row in (record_row(seq, rec, alive) for seq, rec in
+                        runlog.ordered(scopes_for(rank)))
+        if (status is None or row["status"] == status) and (name is None or row["name"] == name)
+    ]
+    view: dict[str, Any] = {"run": run, "rank": rank, "count": len(rows), "steps": rows}
+    if with_explain:
+        now = time.time()
+        explained = [
+            e for e in explain(runlog, rank=rank, configs=parse_configs(configs), alive=alive,
+                               now=now)
+            if name is None or e.name == name
+        ]
+        view["explain"] = [e.to_json() for e in explained]
+        summary: dict[str, int] = {"skip": 0, "run": 0}
+        for e in explained:
+            summary[e.action] += 1
+            if e.action == "run":
+                summary[e.reason] = summary.get(e.reason, 0) + 1
+        view["summary"] = summary
+    return view
+
+
+async def forget_steps(
+    client: Client, run: str, step: str | None, *, successors: bool = False,
+    rank: str | None = None, by: str = "",
+) -> dict[str, Any]:
+    """Forget ``step`` (``name`` or ``name:key``; ``successors`` adds ``+``) or, with
+    ``step=None``, the whole run."""
+    if step is not None:
+        selector = parse_selector(step)
+        if successors and not selector.successors:
+            selector = parse_selector(f"{step}+")
+        text: str | None = str(selector)
+    else:
+        text = None
+    if rank is not None and rank != RUN_SCOPE:
+        check_token(rank, "rank")
+    report = await forget(client.nc, run, text, rank=rank, by=by)
+    return report.to_json()
+
+
+# --- routes --------------------------------------------------------------------------
+
+
+ClientDep = Annotated[Client, Depends(steps_client)]
+
+
+@router.get("/runs/{run}/steps")
+async def get_steps(
+    run: str,
+    client: ClientDep,
+    rank: str | None = None,
+    status: str | None = None,
+    name: str | None = None,
+    explain: bool = False,
+    config: Annotated[list[str] | None, Query()] = None,
+) -> Any:
+    """The run's completed-step log (every rank, or one rank and the run scope)."""
+    try:
+        view = await steps_view(client, run, rank=rank, status=status, name=name,
+                                with_explain=explain, configs=config)
+    except RunctlError as exc:
+        raise _http(exc) from None
+    return _json(view)
+
+
+@router.delete("/runs/{run}/steps/{step}")
+async def delete_step(
+    run: str, step: str, client: ClientDep, successors: bool = False, rank: str | None = None,
+) -> Any:
+    """Forget one step (``name`` or ``name:key``), with ``successors`` also every step
+    started after it; live agents drop them from their done sets."""
+    try:
+        return await forget_steps(client, run, step, successors=successors, rank=rank,
+                                  by="http")
+    except RunctlError as exc:
+        raise _http(exc) from None
+
+
+@router.delete("/runs/{run}/steps")
+async def delete_run_steps(
+    run: str, client: ClientDep, everything: bool = False, rank: str | None = None,
+) -> Any:
+    """Forget every step of the run (``everything=true`` is required: it cannot be undone)."""
+    if not everything:
+        raise HTTPException(400, "forgetting a whole run needs ?everything=true")
+    try:
+        return await forget_steps(client, run, None, rank=rank, by="http")
+    except RunctlError as exc:
+        raise _http(exc) from None
+
+
+def _json(view: dict[str, Any]) -> Any:
+    # records hold arbitrary JSON (configs, results): msgspec already made it plain data
+    return msgspec.to_builtins(view)
+
+
+def _http(exc: RunctlError) -> HTTPException:
+    if isinstance(exc, BadToken | BadRequest):
+        return HTTPException(400, str(exc))
+    if isinstance(exc, NotFound):
+        return HTTPException(404, str(exc))
+    if isinstance(exc, Timeout):
+        return HTTPException(504, str(exc))
+    if isinstance(exc, Unavailable):
+        return HTTPException(503, str(exc))
+    return HTTPException(500, str(exc))

@@ -1,0 +1,107 @@
+"""The control-path benchmark harness runs end to end at a tiny size (no timing asserted:
+numbers from a 2-core machine shared with other tests mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import discover
+from bench.control import freakenv
+from bench.control.report import Figure, Target, evaluate, percentile, render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+    assert math.isnan(percentile([], 50))
+
+
+def test_figure_pools_rounds_and_reports_the_spread_of_round_medians() -> None:
+    fig = Figure("s")
+    fig.add_round([1.0, 2.0, 3.0])
+    fig.add_round([10.0, 20.0, 30.0])
+    assert fig.p50 == 6.5
+    assert fig.spread == (2.0, 20.0)
+    assert fig.to_json()["samples"] == 6
+
+
+def test_targets_compare_runctl_with_freak_in_the_same_run() -> None:
+    figs = {
+        "freak.hold.set": Figure("s", [[0.010, 0.012]]),
+        "runctl.hold.set": Figure("s", [[0.004, 0.005]]),
+        "runctl.hold.get_full": Figure("s", [[0.002]]),
+        "runctl.hold.rate_100": Figure("ratio", [[0.97]]),
+    }
+    targets = {t.name: t for t in evaluate(figs, ["hold"], ["freak", "runctl"])}
+    assert targets["set p50 vs Freak, hold loop"].ok  # 4.5 / 11 = 0.41 <= 0.5
+    assert not targets["GET full state p50, hold loop"].ok  # 2 ms > 1.5 ms
+    assert not targets["loop rate under 100 GET/s, hold loop"].ok  # 97% < 98%
+    table = render(figs, list(targets.values()), ["hold"], ["freak", "runctl"])
+    assert "| set one field (ms) | hold | 11.0 [11.0-11.0] p99 12.0 | 4.50" in table
+    assert "**no**" in table
+    assert not Target("x", math.nan, 1.0, "le").ok
+
+
+def test_bench_runner_discovers_every_bench_module() -> None:
+    assert "bench_control" in discover()
+
+
+@pytest.mark.slow
+def test_control_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
+    tools = "freak,runctl" if freakenv.is_ready() else "runctl"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_control",
+            "--quick",
+            "--tools",
+            tools,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "| GET full state (ms) | hold |" in out.stdout
+    files = list(tmp_path.glob("control-quick-*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    for tool in tools.split(","):
+        for mode in ("sleep", "release", "hold"):
+            for what in ("get_full", "get_field", "set", "rate_100", "rate_max"):
+                fig = doc["figures"][f"{tool}.{mode}.{what}"]
+                assert fig["samples"] > 0 and fig["median"] is not None, (tool, mode, what)
+    assert doc["figures"]["runctl.control_existing"]["samples"] == 1
+    assert doc["figures"]["runctl.gateway_rps4"]["median"] > 0
+    assert doc["machine"]["nproc"] >= 1 and doc["versions"]["runctl_env"]["pydantic"]
+    assert {t["name"] for t in doc["targets"]} >= {
+        "agent RSS overhead",
+        "set p50 vs Freak, hold loop",
+    } - (set() if "freak" in tools else {"set p50 vs Freak, hold loop"})
+    assert not doc["notes"], doc["notes"]  # no refused request, no write the loop missed
+
+
+def test_freak_venv_holds_freaks_own_lock() -> None:
+    if not freakenv.is_ready():
+        pytest.skip(
+            "Freak's venv (bench/.venvs/freak) is absent: the smoke test ran runctl "
+            "alone; `just bench` creates it from PyPI (~10 s)"
+        )
+    installed = freakenv.freeze(freakenv.python_of(freakenv.VENVS / "freak"))
+    for pin in freakenv.FREAK_LOCK:
+        name, version = pin.split("==")
+        assert installed.get(name) == version, (pin, installed.get(name))

@@ -1,0 +1,305 @@
+"""The Python client against real agents on the real bus: one rank, unknown ranks, silent
+ranks, oversize and badly named requests, and a broadcast to in-process ranks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import anyio
+import nats
+import pytest
+from pydantic import BaseModel, Field
+
+from agent import Control, control
+from bus import (
+    BadPath,
+    BadToken,
+    Client,
+    Gathered,
+    NotFound,
+    PayloadTooLarge,
+    Result,
+    Timeout,
+    ValidationRejected,
+)
+from bus import messages as m
+from bus.subjects import command_subject
+
+
+class Opt(BaseModel):
+    lr: float = Field(0.1, gt=0)
+    momentum: float = 0.9
+    kind: Literal["sgd", "adam"] = "sgd"
+
+
+class Cfg(BaseModel):
+    epochs: int = 3
+    seed: int | None = None
+    opt: Opt = Opt()
+    tags: dict[str, int] = {}
+
+
+@pytest.fixture
+def ctl(nats_url: str, run_id: str) -> Iterator[Control[Cfg]]:
+    """Rank 0 of the test's run, in this process; a long heartbeat so the registry only
+    changes when a command changes the state."""
+    with control(Cfg(), run=run_id, rank=0, url=nats_url, heartbeat=30) as handle:
+        handle.wait_ready()
+        yield handle
+
+
+def one(result: Result | Gathered) -> Result:
+    assert isinstance(result, Result), result
+    return result
+
+
+def gathered(result: Result | Gathered) -> Gathered:
+    assert isinstance(result, Gathered), result
+    return result
+
+
+# --- reads ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_get_reads_the_registry_unless_fresh(
+    ctl: Control[Cfg], nats_url: str, run_id: str
+) -> None:
+    async with await Client.connect(nats_url) as client:
+        ctl.state.epochs = 11  # the program's own change: not published before a heartbeat
+        cached = one(await client.get(run_id, 0))
+        assert cached.source == "registry" and cached.liveness == "alive"
+        assert cached.value["epochs"] == 3
+        fresh = one(await client.get(run_id, 0, fresh=True))
+        assert fresh.source == "agent"
+        assert fresh.value["epochs"] == 11
+        assert one(await client.get(run_id, 0, "opt.lr")).value == 0.1
+        assert one(await client.get(run_id, "0", "opt.lr", fresh=True)).value == 0.1
+
+
+@pytest.mark.anyio
+async def test_runs_ranks_and_rank(ctl: Control[Cfg], nats_url: str, run_id: str) -> None:
+    async with await Client.connect(nats_url) as client:
+        mine = [info for info in await client.runs() if info.record.run == run_id]
+        assert [(i.record.rank, i.liveness) for i in mine] == [("0", "alive")]
+        [info] = await client.ranks(run_id)
+        assert info.record.model == "Cfg" and info.record.status == "running"
+        summary = (await client.rank(run_id, 0)).summary()
+        assert summary["status"] == "alive" and summary["run"] == run_id
+        assert summary["pid"] == ctl.agent.pid
+
+
+# --- writes -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_set_patch_reset_on_one_rank(ctl: Control[Cfg], nats_url: str, run_id: str) -> None:
+    state, held = ctl.state, ctl.state.opt
+    async with await Client.connect(nats_url) as client:
+        res = one(await client.set(run_id, 0, "opt.lr", 0.5))
+        assert (res.rank, res.version, res.changed) == ("0", 1, True)
+        assert res.value["opt"]["lr"] == 0.5  # a write answers with the whole new state
+        assert held.lr == 0.5
+        # read after write: the registry already holds it (the record is written first)
+        assert one(await client.get(run_id, 0, "opt.lr")).value == 0.5
+
+        res = one(await client.patch(run_id, 0, {"opt": {"kind": "adam"}, "tags": {"a": 1}}))
+        assert res.changed and res.version == 2
+        assert state.opt.model_dump() == {"lr": 0.5, "momentum": 0.9, "kind": "adam"}
+        assert state.tags == {"a": 1}
+
+        res = one(await client.patch(run_id, 0, {"momentum": 0.5}, path="opt"))
+        assert res.changed and held.momentum == 0.5
+
+        same = one(await client.set(run_id, 0, "opt.lr", 0.5))
+        assert not same.changed and same.version == 3
+
+        res = one(await client.reset(run_id, 0))
+        assert res.changed and res.version == 4
+        assert state.model_dump() == Cfg().model_dump()
+        assert state.opt is held
+        assert one(await client.get(run_id, 0)).value == Cfg().model_dump(mode="json")
+
+
+@pytest.mark.anyio
+async def test_rejections_come_back_as_the_same_errors(
+    ctl: Control[Cfg], nats_url: str, run_id: str
+) -> None:
+    async with await Client.connect(nats_url) as client:
+        with pytest.raises(ValidationRejected) as info:
+            await client.patch(run_id, 0, {"epochs": 5, "opt": {"lr": -1}})
+        assert info.value.errors[0]["type"] == "greater_than"
+        assert info.value.errors[0]["loc"] == ["opt", "lr"]
+        with pytest.raises(ValidationRejected) as info:
+            await client.patch(run_id, 0, {"opt": {"bogus": 1}})
+        assert info.value.errors[0]["type"] == "extra_forbidden"
+        with pytest.raises(BadPath) as bad_path:
+            await client.set(run_id, 0, "opt.nope", 1)
+        assert "nope" in str(bad_path.value)
+        assert ctl.state.model_dump() == Cfg().model_dump()
+        assert ctl.version == 0
+
+
+@pytest.mark.anyio
+async def test_stop_schema_ping(ctl: Control[Cfg], nats_url: str, run_id: str) -> None:
+    reasons: list[str] = []
+    ctl.on_stop(reasons.append)
+    async with await Client.connect(nats_url) as client:
+        pong = one(await client.ping(run_id, 0))
+        assert pong.value["pid"] == ctl.agent.pid and pong.value["host"] == ctl.agent.host
+
+        schema = await client.schema(run_id, 0)
+        assert schema == Cfg.model_json_schema()
+        fresh_schema = one(await client.send(run_id, 0, m.Schema()))
+        assert fresh_schema.value == Cfg.model_json_schema()
+
+        assert not ctl.stop_requested
+        res = one(await client.stop(run_id, 0, reason="enough"))
+        assert res.value["stop_requested"] is True
+        assert ctl.stop_requested and ctl.stop_reason == "enough"
+        assert reasons == ["enough"]
+        assert (await client.rank(run_id, 0)).record.stop_requested is True
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unknown_run_or_rank_is_not_found_not_a_timeout(
+    ctl: Control[Cfg], nats_url: str, run_id: str
+) -> None:
+    # A long timeout: if no-responders were not detected, these would be Timeouts.
+    async with await Client.connect(nats_url, timeout=10) as client:
+        nowhere = run_id + "-nope"
+        for call in (
+            lambda: client.get(nowhere, 0),
+            lambda: client.get(nowhere, 0, fresh=True),
+            lambda: client.get(nowhere, "all"),
+            lambda: client.set(nowhere, 0, "epochs", 1),
+            lambda: client.ping(nowhere, "all"),
+            lambda: client.get(run_id, 7),  # a run that exists, a rank that does not
+            lambda: client.get(run_id, 7, fresh=True),
+            lambda: client.patch(run_id, 7, {"epochs": 1}),
+            lambda: client.ranks(nowhere),
+        ):
+            with pytest.raises(NotFound) as info:
+                await call()
+            assert not isinstance(info.value, Timeout)
+
+
+@pytest.mark.anyio
+async def test_a_silent_rank_is_a_timeout_naming_it(nats_url: str, run_id: str) -> None:
+    nc = await nats.connect(nats_url)
+    heard: list[str] = []
+
+    async def never_answer(msg: Any) -> None:
+        heard.append(msg.subject)
+
+    await nc.subscribe(f"runctl.{run_id}.5.cmd.*", cb=never_answer)
+    await nc.flush()
+    try:
+        async with await Client.connect(nats_url, timeout=0.3) as client:
+            with pytest.raises(Timeout) as info:
+                await client.get(run_id, 5, fresh=True)
+            assert info.value.missing == ["5"]
+            assert "'5'" in str(info.value) and run_id in str(info.value)
+            with pytest.raises(Timeout):
+                await client.set(run_id, 5, "x", 1)
+        assert heard == [command_subject(run_id, 5, "get"), command_subject(run_id, 5, "set")]
+    finally:
+        await nc.close()
+
+
+@pytest.mark.anyio
+async def test_a_command_over_one_mib_is_refused_before_sending(
+    ctl: Control[Cfg], nats_url: str, run_id: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    seen: list[bytes] = []
+    arrived = anyio.Event()
+
+    async def tap(msg: Any) -> None:
+        seen.append(msg.data)
+        arrived.set()
+
+    await nc.subscribe(f"runctl.{run_id}.>", cb=tap)
+    await nc.flush()
+    try:
+        async with await Client.connect(nats_url) as client:
+            with pytest.raises(PayloadTooLarge) as info:
+                await client.set(run_id, 0, "tags", {"k": "x" * (1 << 20)})
+            assert info.value.limit == 1 << 20 and info.value.size > 1 << 20
+            assert len(str(info.value)) < 200
+            await client.ping(run_id, 0)  # something that does go out, as a marker
+        await nc.flush()
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert all(len(data) < 1000 for data in seen)
+        assert ctl.version == 0
+    finally:
+        await nc.close()
+
+
+BAD_NAMES: list[tuple[Any, Any]] = [("a.b", 0), ("exp1", "*"), ("exp1", ">"), ("", 0),
+                                    ("exp1", "a b"), ("r\u00e9", 0), ("x" * 10_240, 0)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("run", "rank"), BAD_NAMES)
+async def test_bad_tokens_raise_before_anything_is_sent(
+    nats_url: str, run: Any, rank: Any
+) -> None:
+    """On a closed connection: anything that tried to send would fail differently."""
+    client = await Client.connect(nats_url)
+    await client.close()
+    calls = [
+        lambda: client.get(run, rank, fresh=True),
+        lambda: client.set(run, rank, "x", 1),
+        lambda: client.patch(run, rank, {"x": 1}),
+        lambda: client.reset(run, rank),
+        lambda: client.stop(run, rank),
+        lambda: client.ping(run, rank),
+        lambda: client.send(run, rank, m.Schema()),
+        lambda: client.get(run, rank),
+        lambda: client.schema(run, rank),
+        lambda: client.ranks(run) if rank == 0 else client.rank(run, rank),
+    ]
+    for call in calls:
+        with pytest.raises(BadToken) as info:
+            await call()
+        assert info.value.value in (run, rank)
+
+
+# --- broadcast (in-process ranks; separate processes in test_agent_processes) -----------
+
+
+@pytest.mark.anyio
+async def test_broadcast_to_in_process_ranks(nats_url: str, run_id: str) -> None:
+    states = [Cfg(), Cfg()]
+    with (
+        control(states[0], run=run_id, rank=0, url=nats_url) as c0,
+        control(states[1], run=run_id, rank=1, url=nats_url) as c1,
+    ):
+        c0.wait_ready()
+        c1.wait_ready()
+        async with await Client.connect(nats_url) as client:
+            res = gathered(await client.patch(run_id, "all", {"opt": {"lr": 0.3}}))
+            assert res.acknowledged == ["0", "1"] and not res.missing and not res.errors
+            assert [s.opt.lr for s in states] == [0.3, 0.3]
+            report = res.to_json()
+            assert report["ranks"]["1"]["outcome"] == "applied"
+            assert report["ranks"]["0"]["changed"] is True
+            json.dumps(report)  # JSON-ready as promised
+
+            bad = gathered(await client.set(run_id, "all", "opt.kind", "nope"))
+            assert set(bad.errors) == {"0", "1"} and not bad.results
+            assert all(isinstance(e, ValidationRejected) for e in bad.errors.values())
+            assert bad.to_json()["ranks"]["0"]["outcome"] == "rejected"
+            assert bad.to_json()["ranks"]["0"]["detail"][0]["type"] == "literal_error"
+            assert [s.opt.kind for s in states] == ["sgd", "sgd"]
+
+            cached = gathered(await client.get(run_id, "all", "opt.lr"))
+            assert {r: x.value for r, x in cached.results.items()} == {"0": 0.3, "1": 0.3}
+            assert cached.to_json()["ranks"]["0"]["status"] == "alive"
