@@ -223,6 +223,7 @@ class Agent(Generic[M]):
             self.url or DEFAULT_URL,
             name=f"runctl-agent:{self.run}:{self.rank}",
             retry_initial=True,
+            role="agent",
         )
         try:
             with anyio.fail_after(5):

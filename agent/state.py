@@ -190,7 +190,7 @@ def check_path(model: BaseModel, path: str, *, for_write: bool) -> list[str]:
                 index = int(part)
             except ValueError:
                 raise BadPath(path, f"{part!r} is not an index of the list {where}") from None
-            if not 0 <= index < len(node):
+            if not -len(node) <= index < len(node):  # negative as in bus.paths.resolve
                 raise BadPath(path, f"index {index} out of range for {where} ({len(node)})")
             node = node[index]
         else:

@@ -98,8 +98,9 @@ PACKED_PROGRAM: Final = textwrap.dedent("""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_fanout",
-                                description="broadcast get/stop latency to N ranks")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_fanout", description="broadcast get/stop latency to N ranks"
+    )
     p.add_argument("--sizes", default="1,8,32,64", help="comma-separated rank counts")
     p.add_argument("--iterations", type=int, default=200, help="samples per verb and size")
     p.add_argument("--warmup", type=int, default=20)
@@ -156,31 +157,53 @@ async def _run_all(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
                 await client.set(run, "all", "quit", True)
             row["layout"] = args.layout
             results.append(row)
-            print(f"  {n:>3} ranks: get p50 {row['get']['p50_ms']:.2f} ms, "
-                  f"stop p50 {row['stop']['p50_ms']:.2f} ms", flush=True)
+            print(
+                f"  {n:>3} ranks: get p50 {row['get']['p50_ms']:.2f} ms, "
+                f"stop p50 {row['stop']['p50_ms']:.2f} ms",
+                flush=True,
+            )
         finally:
             stop_ranks(procs)
     return results
 
 
-def start_ranks(args: argparse.Namespace, url: str, run: str, n: int) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "RUNCTL_RUN": run, "RUNCTL_NATS_URL": url,
-           "PYTHONPATH": str(ROOT), "RUNCTL_WORLD_SIZE": str(n)}
+def start_ranks(
+    args: argparse.Namespace, url: str, run: str, n: int
+) -> list[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ,
+        "RUNCTL_RUN": run,
+        "RUNCTL_NATS_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "RUNCTL_WORLD_SIZE": str(n),
+    }
     procs = []
     if args.layout == "process":
         for rank in range(n):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", RANK_PROGRAM], env={**env, "RUNCTL_RANK": str(rank)},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", RANK_PROGRAM],
+                    env={**env, "RUNCTL_RANK": str(rank)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=ROOT,
+                )
+            )
     else:
         workers = max(1, min(args.procs, n))
         per, extra = divmod(n, workers)
         first = 0
         for w in range(workers):
             count = per + (1 if w < extra else 0)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-c", PACKED_PROGRAM, str(first), str(count)], env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", PACKED_PROGRAM, str(first), str(count)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    cwd=ROOT,
+                )
+            )
             first += count
     return procs
 
@@ -207,8 +230,7 @@ async def wait_alive(client: Client, run: str, n: int, timeout: float) -> None:
             await anyio.sleep(0.2)
 
 
-async def measure(client: Client, run: str, n: int, iterations: int,
-                  warmup: int) -> dict[str, Any]:
+async def measure(client: Client, run: str, n: int, iterations: int, warmup: int) -> dict[str, Any]:
     registry = await client.registry()
 
     async def get() -> int:
@@ -227,8 +249,9 @@ async def measure(client: Client, run: str, n: int, iterations: int,
     return row
 
 
-async def sample(call: Callable[[], Awaitable[int]], n: int, iterations: int,
-                 warmup: int) -> dict[str, Any]:
+async def sample(
+    call: Callable[[], Awaitable[int]], n: int, iterations: int, warmup: int
+) -> dict[str, Any]:
     times: list[float] = []
     incomplete = 0
     for i in range(warmup + iterations):
@@ -271,20 +294,31 @@ def percentile(values: list[float], q: float) -> float:
 def machine() -> dict[str, Any]:
     cpu = ""
     try:
-        cpu = next((line.split(":", 1)[1].strip()
-                    for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
     try:
-        server = subprocess.run([find_binary(), "--version"], capture_output=True, text=True,
-                                timeout=5, check=False).stdout.strip()
+        server = subprocess.run(
+            [find_binary(), "--version"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
     except Exception as exc:
         server = f"unknown ({exc})"
     return {
-        "platform": platform.platform(), "python": sys.version.split()[0],
-        "cpus": len(os.sched_getaffinity(0)), "cpu": cpu, "loadavg": os.getloadavg(),
-        "nats_server": server, "nats_py": _version("nats-py"), "msgspec": _version("msgspec"),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "loadavg": os.getloadavg(),
+        "nats_server": server,
+        "nats_py": _version("nats-py"),
+        "msgspec": _version("msgspec"),
     }
 
 
@@ -316,8 +350,11 @@ def render(report: dict[str, Any]) -> str:
     if target is not None:
         worst = max(target["get"]["p50_ms"], target["stop"]["p50_ms"])
         verdict = "ok" if worst < TARGET_MS else "MISSED"
-        lines += ["", f"target: {TARGET_RANKS} ranks acknowledged, p50 < {TARGET_MS:g} ms: "
-                  f"{verdict} (worst p50 {worst:.2f} ms)"]
+        lines += [
+            "",
+            f"target: {TARGET_RANKS} ranks acknowledged, p50 < {TARGET_MS:g} ms: "
+            f"{verdict} (worst p50 {worst:.2f} ms)",
+        ]
     return "\n".join(lines)
 
 

@@ -48,8 +48,13 @@ __all__ = ["main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"resume_100k_s": 2.0, "done_check_us": 5.0}
-CONFIG = {"lr": 0.001, "batch_size": 256, "model": {"depth": 12, "width": 768},
-          "data": "/datasets/shards", "_workers": 8}
+CONFIG = {
+    "lr": 0.001,
+    "batch_size": 256,
+    "model": {"depth": 12, "width": 768},
+    "data": "/datasets/shards",
+    "_workers": 8,
+}
 
 
 class State(BaseModel):
@@ -57,8 +62,9 @@ class State(BaseModel):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_steps",
-                                description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bench_steps", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes; numbers are meaningless")
     p.add_argument("--resume-sizes", default="10000,100000")
     p.add_argument("--sync", type=int, default=3000, help="completions, wait=True")
@@ -80,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         results["completions"] = bench_completions(url, args.sync, args.batched, args.rounds)
         results["resume"] = {str(n): bench_resume(url, n, args.rounds) for n in sizes}
         results["done_check"] = bench_done_check(url, min(sizes[-1], 10000))
-    report = {"bench": "steps", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "quick": args.quick, "machine": machine(), "targets": TARGETS,
-              "results": results}
+    report = {
+        "bench": "steps",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "machine": machine(),
+        "targets": TARGETS,
+        "results": results,
+    }
     print(render(report))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"steps{'-quick' if args.quick else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -109,8 +120,12 @@ def bench_completions(url: str, n_sync: int, n_batched: int, rounds: int) -> dic
             if not ctl.agent.steps.flush(120):
                 raise RuntimeError("batched completions not acknowledged")
             batched_rates.append(n_batched / (time.perf_counter() - t))
-    return {"sync_per_s": _stats(sync_rates), "batched_per_s": _stats(batched_rates),
-            "n_sync": n_sync, "n_batched": n_batched}
+    return {
+        "sync_per_s": _stats(sync_rates),
+        "batched_per_s": _stats(batched_rates),
+        "n_sync": n_sync,
+        "n_batched": n_batched,
+    }
 
 
 def bench_resume(url: str, n: int, rounds: int) -> dict[str, Any]:
@@ -137,13 +152,27 @@ async def populate(url: str, run: str, n: int) -> None:
         for start in range(0, n, 5000):
             for i in range(start, min(n, start + 5000)):
                 key, khash = key_digest(i)
-                rec = StepRecord(run=run, scope="0", name="epoch", key=key, key_hash=khash,
-                                 config=cfg.value, config_hash=cfg.hash, status="done",
-                                 started=now + i * 1e-3, ended=now + i * 1e-3 + 0.5,
-                                 duration=0.5, result={"loss": 1.0 / (i + 1)}, rank="0",
-                                 host="bench", pid=1, msg_id=f"{run}-{i}")
-                await js.publish_async(step_record_subject(run, "0", "epoch", rec.id),
-                                       encode_entry(rec))
+                rec = StepRecord(
+                    run=run,
+                    scope="0",
+                    name="epoch",
+                    key=key,
+                    key_hash=khash,
+                    config=cfg.value,
+                    config_hash=cfg.hash,
+                    status="done",
+                    started=now + i * 1e-3,
+                    ended=now + i * 1e-3 + 0.5,
+                    duration=0.5,
+                    result={"loss": 1.0 / (i + 1)},
+                    rank="0",
+                    host="bench",
+                    pid=1,
+                    msg_id=f"{run}-{i}",
+                )
+                await js.publish_async(
+                    step_record_subject(run, "0", "epoch", rec.id), encode_entry(rec)
+                )
             await asyncio.wait_for(js.publish_async_completed(), 60)
     finally:
         await nc.close()
@@ -178,9 +207,11 @@ def bench_done_check(url: str, n: int) -> dict[str, Any]:
         checks = {
             "is_done_no_config_us": _per_call(lambda i: ctl.is_done("plain", i), n),
             "is_done_prehashed_config_us": _per_call(
-                lambda i: ctl.is_done("epoch", i, config=pre), n),
+                lambda i: ctl.is_done("epoch", i, config=pre), n
+            ),
             "is_done_raw_small_config_us": _per_call(
-                lambda i: ctl.is_done("small", i, config=small), n),
+                lambda i: ctl.is_done("small", i, config=small), n
+            ),
         }
         assert ctl.is_done("epoch", n - 1, config=pre)
         rounds = []
@@ -212,14 +243,19 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def machine() -> dict[str, Any]:
     try:
-        server = subprocess.run([find_binary(), "--version"], capture_output=True, text=True,
-                                timeout=5, check=False).stdout.strip()
+        server = subprocess.run(
+            [find_binary(), "--version"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
     except Exception as exc:
         server = f"unknown ({exc})"
     return {
-        "platform": platform.platform(), "python": sys.version.split()[0],
-        "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-        "nats_server": server, "nats_py": _version("nats-py"), "msgspec": msgspec.__version__,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "nats_server": server,
+        "nats_py": _version("nats-py"),
+        "msgspec": msgspec.__version__,
     }
 
 
@@ -236,35 +272,53 @@ def render(report: dict[str, Any]) -> str:
     r = report["results"]
     c, d = r["completions"], r["done_check"]
     rows = [("measure", "median", "min .. max", "target")]
-    rows.append((f"completions/s, wait=True (n={c['n_sync']})", *_fmt(c["sync_per_s"], "{:,.0f}"),
-                 ""))
-    rows.append((f"completions/s, wait=False + flush (n={c['n_batched']})",
-                 *_fmt(c["batched_per_s"], "{:,.0f}"), ""))
+    rows.append(
+        (f"completions/s, wait=True (n={c['n_sync']})", *_fmt(c["sync_per_s"], "{:,.0f}"), "")
+    )
+    rows.append(
+        (
+            f"completions/s, wait=False + flush (n={c['n_batched']})",
+            *_fmt(c["batched_per_s"], "{:,.0f}"),
+            "",
+        )
+    )
     for n, res in r["resume"].items():
         target = f"< {TARGETS['resume_100k_s']:g} s" if int(n) >= 100_000 else ""
-        rows.append((f"resume: load {int(n):,} steps (s)", *_fmt(res["load_s"], "{:.3f}"),
-                     target))
-        rows.append((f"resume: control() to ready, {int(n):,} steps (s)",
-                     *_fmt(res["control_ready_s"], "{:.3f}"), ""))
-    for name, label in (("is_done_no_config_us", "is_done(name, key) (us)"),
-                        ("is_done_prehashed_config_us", "is_done(..., config=hashed) (us)"),
-                        ("is_done_raw_small_config_us", "is_done(..., config=dict) (us)"),
-                        ("iterator_skip_per_item_us", "steps() skipping a done item (us)")):
-        target = f"< {TARGETS['done_check_us']:g} us" if name != "is_done_raw_small_config_us" \
-            else ""
+        rows.append((f"resume: load {int(n):,} steps (s)", *_fmt(res["load_s"], "{:.3f}"), target))
+        rows.append(
+            (
+                f"resume: control() to ready, {int(n):,} steps (s)",
+                *_fmt(res["control_ready_s"], "{:.3f}"),
+                "",
+            )
+        )
+    for name, label in (
+        ("is_done_no_config_us", "is_done(name, key) (us)"),
+        ("is_done_prehashed_config_us", "is_done(..., config=hashed) (us)"),
+        ("is_done_raw_small_config_us", "is_done(..., config=dict) (us)"),
+        ("iterator_skip_per_item_us", "steps() skipping a done item (us)"),
+    ):
+        target = (
+            f"< {TARGETS['done_check_us']:g} us" if name != "is_done_raw_small_config_us" else ""
+        )
         rows.append((label, *_fmt(d[name], "{:.2f}"), target))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-             for row in rows]
+    lines = [
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     m = report["machine"]
-    return (f"step log benchmark ({m['cpus']} cpus, {m['nats_server']}, python {m['python']})\n"
-            + "\n".join(lines))
+    return (
+        f"step log benchmark ({m['cpus']} cpus, {m['nats_server']}, python {m['python']})\n"
+        + "\n".join(lines)
+    )
 
 
 def _fmt(stats: dict[str, float], spec: str) -> tuple[str, str]:
-    return spec.format(stats["median"]), f"{spec.format(stats['min'])} .. " \
-                                         f"{spec.format(stats['max'])}"
+    return spec.format(
+        stats["median"]
+    ), f"{spec.format(stats['min'])} .. {spec.format(stats['max'])}"
 
 
 if __name__ == "__main__":

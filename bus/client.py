@@ -125,6 +125,7 @@ class Client:
     @classmethod
     async def connect(cls, url: str | None = None, **kwargs: Any) -> Client:
         options = {k: kwargs.pop(k) for k in ("timeout", "max_payload") if k in kwargs}
+        kwargs.setdefault("role", "operator")  # runctl up's login file, if no other is given
         nc = await connect(url, name=kwargs.pop("name", "runctl-client"), **kwargs)
         return cls(nc, **options)
 
@@ -372,11 +373,11 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await sub.unsubscribe()
         if not gathered.results and not gathered.errors:
-            if gathered.missing:
-                raise Timeout(
-                    f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing
-                )
-            raise NotFound(run)
+            # Someone subscribes (no no-responders status came back) but nobody answered:
+            # that is a silent rank, not a missing run.
+            raise Timeout(
+                f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing
+            )
         return gathered
 
 

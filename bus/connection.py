@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
-import nats
 import structlog
 from nats.aio.client import Client as NATS
 
@@ -119,7 +118,7 @@ async def connect(
             limit = math.inf if retry_initial else connect_timeout * len(servers) + 1.0
             with anyio.fail_after(limit) as first_pass:
                 first_scope[:] = [] if retry_initial else [first_pass]
-                nc = await nats.connect(**params)
+                nc = await _connect_or_close(params)
             first_scope.clear()
             if first_pass.cancel_called:  # error_cb saw every server refuse
                 raise last_error[-1]
@@ -135,3 +134,21 @@ async def connect(
             await error_cb(exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+async def _connect_or_close(params: dict[str, Any]) -> NATS:
+    """``nats.connect``, but a failed or cancelled attempt closes its half-open socket
+    (nats-py leaves it to the garbage collector, on a loop that may be gone by then)."""
+    nc = NATS()
+    try:
+        await nc.connect(**params)
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await nc.close()
+        # a cancel that lands inside nats-py's own _close() leaves the client marked closed
+        # with its socket still open: close() above then does nothing
+        transport = getattr(nc, "_transport", None)
+        if transport:
+            transport.close()
+        raise
+    return nc

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import string
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "NatsRole",
     "ensure_credentials",
     "load_credentials",
+    "new_password",
     "read_env_file",
     "redact_url",
     "role_auth",
@@ -59,6 +61,9 @@ DEFAULT_DIR: Final = Path(".runctl") / "credentials"
 #: where processes look for their role's file (default: DEFAULT_DIR, relative to the cwd)
 CREDENTIALS_DIR_ENV: Final = "RUNCTL_NATS_CREDENTIALS_DIR"
 SERVER_FILE: Final = "server.env"
+_ALPHABET: Final = string.ascii_letters + string.digits
+#: what nats.conf can take through an environment variable and read back unchanged
+_SAFE_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9]{15,}")
 _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 #: nats-py's client environment: any of these means "credentials were given"
 _CLIENT_VARS: Final = (
@@ -95,8 +100,19 @@ class Credentials:
         return None if self.dir is None else self.dir / f"{role}.env"
 
 
+def new_password() -> str:
+    """40 random letters and digits (~238 bits), starting with a letter.
+
+    nats-server parses an environment variable's value as a config value, not as a string:
+    ``-x...`` or ``a b`` fail to parse, ``true`` becomes a bool, ``12k`` a number and ``#``
+    starts a comment (measured). Letters and digits after a letter are always a string.
+    """
+    first = secrets.choice(string.ascii_letters)
+    return first + "".join(secrets.choice(_ALPHABET) for _ in range(39))
+
+
 def _generate() -> dict[NatsRole, str]:
-    return {role: secrets.token_urlsafe(32) for role in ROLES}
+    return {role: new_password() for role in ROLES}
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -163,7 +179,19 @@ def _from_env(env: Mapping[str, str]) -> dict[NatsRole, str] | None:
             f"{', '.join(missing)} not set: give every role's password, or none "
             "(then `runctl up` generates them)"
         )
+    _check_safe(given, "the environment")
     return given
+
+
+def _check_safe(passwords: Mapping[NatsRole, str], where: str) -> None:
+    for role, password in passwords.items():
+        if not _SAFE_PASSWORD.fullmatch(password):
+            raise CredentialsError(
+                f"{PASSWORD_VARS[role]} in {where}: nats.conf needs at least 16 letters and "
+                "digits, starting with a letter (nats-server parses the value as config: "
+                "other characters can change it). python -c 'from bus.credentials import "
+                "new_password; print(new_password())' makes one."
+            )
 
 
 def load_credentials(
@@ -178,7 +206,9 @@ def load_credentials(
     missing = [PASSWORD_VARS[r] for r in ROLES if not values.get(PASSWORD_VARS[r])]
     if missing:
         raise CredentialsError(f"{path / SERVER_FILE}: {', '.join(missing)} missing")
-    return Credentials({r: values[PASSWORD_VARS[r]] for r in ROLES}, dir=path)
+    passwords: dict[NatsRole, str] = {r: values[PASSWORD_VARS[r]] for r in ROLES}
+    _check_safe(passwords, str(path / SERVER_FILE))
+    return Credentials(passwords, dir=path)
 
 
 def ensure_credentials(

@@ -99,6 +99,9 @@ async def ensure_stream(
     config = stream_config(replicas=replicas, max_age=max_age)
     try:
         await js.add_stream(config)
+    except js_errors.ServiceUnavailableError as exc:
+        raise Unavailable("JetStream is not enabled on the NATS server (nats-server -js)") \
+            from exc
     except js_errors.BadRequestError as exc:
         if exc.err_code != _ERR_STREAM_CONFIG_DIFFERS:
             raise Unavailable(f"cannot create stream {STREAM}: {exc.description}") from exc

@@ -2,10 +2,10 @@
 
 Roles are ordered ``read < write < admin``; a route needs one of them:
 
-* ``read``  every ``GET`` (state, ranks, schema, events, step log)
+* ``read``  every ``GET`` (state, ranks, schema, step log)
 * ``write`` changes a program can take back: set, patch, reset (also synchronised)
 * ``admin`` what cannot be taken back: stop (a stopped training does not restart itself)
-  and forgetting steps (their work is recomputed)
+  and forgetting steps (``DELETE .../steps``: their work is recomputed)
 
 Tokens come from ``RUNCTL_GATEWAY_TOKENS`` (``admin:TOKEN,read:TOKEN2``) and/or a tokens
 file (one ``role token`` per line). Only SHA-256 digests are kept; a presented token is
@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import secrets
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,16 +38,12 @@ __all__ = [
     "MIN_TOKEN_LENGTH",
     "ROLES",
     "TOKENS_ENV",
-    "TOKEN_ENV",
-    "TOKEN_FILE_ENV",
     "InsecureBind",
     "Role",
     "TokenError",
     "TokenTable",
     "authorize",
-    "bearer_headers",
     "check_bind",
-    "client_token",
     "generate_tokens_file",
     "is_loopback",
     "load_tokens",
@@ -61,11 +58,8 @@ ROLES: Final[tuple[Role, ...]] = ("read", "write", "admin")
 _RANK: Final[Mapping[str, int]] = {role: i for i, role in enumerate(ROLES)}
 #: configured tokens shorter than this are refused: a guessable token is no token
 MIN_TOKEN_LENGTH: Final = 16
-#: server side: the tokens the gateway accepts
+#: the tokens the gateway accepts
 TOKENS_ENV: Final = "RUNCTL_GATEWAY_TOKENS"
-#: client side (CLI, scripts): the token to present, or a file holding it
-TOKEN_ENV: Final = "RUNCTL_GATEWAY_TOKEN"  # noqa: S105 - a variable name, not a secret
-TOKEN_FILE_ENV: Final = "RUNCTL_GATEWAY_TOKEN_FILE"  # noqa: S105 - a variable name
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="runctl"'}
 
 log = structlog.get_logger()
@@ -207,20 +201,27 @@ def check_bind(host: str, tokens: TokenTable) -> None:
 # --- which role a request needs ---------------------------------------------------------
 
 _READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-#: path segments whose routes cannot be taken back
-_ADMIN_SEGMENTS: Final = frozenset({"stop", "forget"})
+#: a change on these cannot be taken back: stop, and forgetting steps (DELETE .../steps)
+_ADMIN_SEGMENTS: Final = frozenset({"stop", "steps"})
+#: the DELETE routes that are ordinary changes (Freak's ``DELETE /reset``)
+_WRITE_DELETES: Final = frozenset({"reset"})
 
 
 def required_role(method: str, path: str) -> Role:
-    """The least role for ``method`` on ``path`` (a route template or a concrete path).
+    """The least role for ``method`` on ``path``: a route template (``/runs/{run}/...``, so
+    a run or a field named "stop" is not mistaken for the route) or a concrete path.
 
-    Deny by default: any method that is not a read needs ``write``; stop, forget and every
-    ``DELETE`` need ``admin``.
+    Reads need ``read``; stop and anything on the step log but reading it need ``admin``;
+    other changes ``write``. Deny by default: a ``DELETE`` not known to be a reset needs
+    ``admin``, any other method ``write``.
     """
     method = method.upper()
     if method in _READ_METHODS:
         return "read"
-    if method == "DELETE" or {s for s in path.split("/") if s} & _ADMIN_SEGMENTS:
+    segments = [s for s in path.split("/") if s]
+    if set(segments) & _ADMIN_SEGMENTS:
+        return "admin"
+    if method == "DELETE" and (not segments or segments[-1] not in _WRITE_DELETES):
         return "admin"
     return "write"
 
@@ -275,46 +276,11 @@ def require(
     return dependency
 
 
-# --- the client side (CLI, scripts) -----------------------------------------------------
-
-
-def client_token(
-    token_file: str | os.PathLike[str] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> str | None:
-    """The token a client presents: ``token_file``, else ``RUNCTL_GATEWAY_TOKEN_FILE``, else
-    ``RUNCTL_GATEWAY_TOKEN``. A file holds the token alone, or ``role token`` lines (the
-    gateway's own tokens file: the first line with the highest role is used)."""
-    env = os.environ if env is None else env
-    path = token_file or env.get(TOKEN_FILE_ENV)
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise TokenError(f"token file {path}: {exc.strerror or exc}") from None
-        best: tuple[int, str] | None = None
-        for raw in text.splitlines():
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            role, _, token = line.replace(":", " ", 1).partition(" ")
-            rank, value = (_RANK[role], token.strip()) if role in _RANK else (-1, line)
-            if best is None or rank > best[0]:
-                best = (rank, value)
-        if best is None:
-            raise TokenError(f"token file {path} holds no token")
-        return best[1]
-    return env.get(TOKEN_ENV) or None
-
-
-def bearer_headers(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
+# --- a tokens file ----------------------------------------------------------------------
 
 
 def generate_tokens_file(path: str | os.PathLike[str]) -> Path:
     """Write a new tokens file (one random token per role, mode 0600) unless one exists."""
-    import secrets
-
     path = Path(path)
     if path.exists():
         return path

@@ -88,6 +88,8 @@ def up_command(args: argparse.Namespace) -> int:
             print(f"runctl: generated NATS passwords in {creds.dir}/ (agent.env, "
                   "operator.env, observer.env); programs and runctl started in this "
                   "directory use them", file=sys.stderr)
+        elif creds.dir is not None:
+            print(f"runctl: NATS passwords from {creds.dir}/", file=sys.stderr)
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     binary = find_binary()
     argv = up_argv(binary, config=config, port=args.port, store_dir=args.store_dir)

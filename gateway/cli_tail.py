@@ -1,8 +1,12 @@
 """``runctl tail [RUN]``: what happens on a run, live, one readable line per message.
 
-It subscribes to ``runctl.<run>.>``: state changes (heartbeats only with ``--heartbeats``),
-events, commands sent by anyone, and step records. ``--json`` prints each message as
-``{"subject": ..., "data": ...}`` instead.
+It subscribes to the run's state changes (heartbeats only with ``--heartbeats``), events
+and step records; with ``--commands`` also to the commands anyone sends. ``--json`` prints
+each message as ``{"subject": ..., "data": ...}`` instead.
+
+Commands are opt-in because a subscriber to a command subject is, for NATS, someone who
+may answer: while it listens, a command to a rank that does not exist waits for the full
+timeout (504) instead of failing at once with "no responders" (404).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Any, Final
 
 import anyio
 import msgspec
+from nats.aio.msg import Msg
 
 from bus import messages as m
 from bus.client import Client
 from bus.subjects import PREFIX, check_token
 from gateway.cli_common import EXIT_OK, with_client
 
-__all__ = ["format_message", "register", "tail_command"]
+__all__ = ["format_message", "register", "tail_command", "tail_subjects"]
 
 AddParser = Callable[..., argparse.ArgumentParser]
 MAX_VALUE_CHARS: Final = 160
@@ -34,35 +39,52 @@ def register(add: AddParser) -> None:
     p.add_argument("--json", action="store_true", help="one raw JSON message per line")
     p.add_argument("--heartbeats", action="store_true",
                    help="also print the state republished on every heartbeat")
+    p.add_argument("--commands", action="store_true",
+                   help="also print commands (while tailing, commands to ranks that do not "
+                        "exist time out instead of failing at once)")
     p.add_argument("--count", type=int, metavar="N", help="exit after N lines")
     p.set_defaults(func=tail_command)
 
 
 def tail_command(args: argparse.Namespace) -> int:
-    subject = f"{PREFIX}.{check_token(args.run, 'run')}.>" if args.run else f"{PREFIX}.>"
+    subjects = tail_subjects(args.run, commands=args.commands)
 
     async def go(client: Client) -> int:
-        sub = await client.nc.subscribe(subject)
+        send, receive = anyio.create_memory_object_stream[Msg](1000)
+
+        async def forward(msg: Msg) -> None:
+            await send.send(msg)
+
+        subs = [await client.nc.subscribe(s, cb=forward) for s in subjects]
         await client.nc.flush()
-        print(f"runctl: tailing {subject} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(f"runctl: tailing {', '.join(subjects)} (Ctrl-C to stop)", file=sys.stderr,
+              flush=True)
         printed = 0
-        async for msg in sub.messages:
-            line = format_message(msg.subject, msg.data, raw=args.json,
-                                  heartbeats=args.heartbeats)
-            if line is None:
-                continue
-            print(line, flush=True)
-            printed += 1
-            if args.count is not None and printed >= args.count:
-                break
+        async with receive:
+            async for msg in receive:
+                line = format_message(msg.subject, msg.data, raw=args.json,
+                                      heartbeats=args.heartbeats)
+                if line is None:
+                    continue
+                print(line, flush=True)
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    break
         with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
         return EXIT_OK
 
     try:
         return with_client(args, go)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def tail_subjects(run: str | None, *, commands: bool = False) -> list[str]:
+    scope = f"{PREFIX}.{check_token(run, 'run')}.*" if run else f"{PREFIX}.*.*"
+    kinds = ["state", "evt.*", "done.>", *(["cmd.*"] if commands else [])]
+    return [f"{scope}.{kind}" for kind in kinds]
 
 
 def format_message(subject: str, data: bytes, *, raw: bool = False,

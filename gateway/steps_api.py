@@ -2,7 +2,8 @@
 after every rank has exited.
 
     GET    /runs/{run}/steps                 ?rank=R &status=done|running|interrupted|failed
-                                             &name=N &explain=true &config=NAME=JSON (repeat)
+                                             &name=N &limit=N &explain=true
+                                             &config=NAME=JSON (repeatable)
     DELETE /runs/{run}/steps/{step}          ?successors=true &rank=R   (step: name, name:key)
     DELETE /runs/{run}/steps?everything=true                            (the whole run)
 
@@ -83,6 +84,7 @@ async def steps_view(
     name: str | None = None,
     with_explain: bool = False,
     configs: list[str] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """The run's step log as JSON: ``steps`` (rows in first-start order) and, with
     ``with_explain``, what a restart would skip or run and why."""
@@ -100,7 +102,11 @@ async def steps_view(
                         runlog.ordered(scopes_for(rank)))
         if (status is None or row["status"] == status) and (name is None or row["name"] == name)
     ]
-    view: dict[str, Any] = {"run": run, "rank": rank, "count": len(rows), "steps": rows}
+    if limit is not None and limit < 0:
+        raise BadRequest(f"limit must be positive, not {limit}")
+    shown = rows[-limit:] if limit else rows  # the most recent ones
+    view: dict[str, Any] = {"run": run, "rank": rank, "count": len(rows),
+                            "truncated": len(shown) < len(rows), "steps": shown}
     if with_explain:
         now = time.time()
         explained = [
@@ -152,11 +158,13 @@ async def get_steps(
     name: str | None = None,
     explain: bool = False,
     config: Annotated[list[str] | None, Query()] = None,
+    limit: int | None = None,
 ) -> Any:
-    """The run's completed-step log (every rank, or one rank and the run scope)."""
+    """The run's completed-step log (every rank, or one rank and the run scope), in
+    first-start order; ``limit`` keeps the last N rows (``count`` is always the total)."""
     try:
         view = await steps_view(client, run, rank=rank, status=status, name=name,
-                                with_explain=explain, configs=config)
+                                with_explain=explain, configs=config, limit=limit)
     except RunctlError as exc:
         raise _http(exc) from None
     return _json(view)

@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rank", help="one rank (and the run-wide steps); 'run' for run-wide only")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--name", help="only this step name")
+    p.add_argument("--limit", type=int, metavar="N", help="only the last N rows")
     p.add_argument("--explain", action="store_true",
                    help="what a restart would skip and run, and why")
     p.add_argument("--config", action="append", metavar="NAME=JSON",
@@ -81,7 +82,8 @@ def steps_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     async def go(client: Client) -> dict[str, Any]:
         return await steps_view(client, args.run, rank=args.rank, status=args.status,
-                                name=args.name, with_explain=args.explain, configs=args.config)
+                                name=args.name, with_explain=args.explain, configs=args.config,
+                                limit=args.limit)
 
     view = with_client(_defaults(args), go)
     if args.json:
@@ -147,7 +149,8 @@ def render_steps(view: dict[str, Any], now: float | None = None) -> str:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return _table(table) + f"\n{len(rows)} steps: {summary}"
+    more = f" (the last {len(rows)} of {view['count']})" if view.get("truncated") else ""
+    return _table(table) + f"\n{len(rows)} steps{more}: {summary}"
 
 
 def render_explain(view: dict[str, Any]) -> str:

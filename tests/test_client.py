@@ -3,8 +3,10 @@ ranks, oversize and badly named requests, and a broadcast to in-process ranks.""
 
 from __future__ import annotations
 
+import gc
 import json
-from collections.abc import Iterator
+import socket
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal
 
 import anyio
@@ -22,6 +24,7 @@ from bus import (
     PayloadTooLarge,
     Result,
     Timeout,
+    Unavailable,
     ValidationRejected,
 )
 from bus import messages as m
@@ -254,7 +257,7 @@ async def test_bad_tokens_raise_before_anything_is_sent(
     """On a closed connection: anything that tried to send would fail differently."""
     client = await Client.connect(nats_url)
     await client.close()
-    calls = [
+    calls: list[Callable[[], Awaitable[object]]] = [
         lambda: client.get(run, rank, fresh=True),
         lambda: client.set(run, rank, "x", 1),
         lambda: client.patch(run, rank, {"x": 1}),
@@ -303,3 +306,30 @@ async def test_broadcast_to_in_process_ranks(nats_url: str, run_id: str) -> None
             cached = gathered(await client.get(run_id, "all", "opt.lr"))
             assert {r: x.value for r, x in cached.results.items()} == {"0": 0.3, "1": 0.3}
             assert cached.to_json()["ranks"]["0"]["status"] == "alive"
+
+
+# --- no bus ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mute_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never speaks NATS."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    yield srv.getsockname()[1]  # the kernel completes handshakes from the backlog
+    srv.close()
+
+
+@pytest.mark.anyio
+async def test_connecting_to_nothing_or_to_a_mute_port_is_unavailable(mute_port: int) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(Unavailable) as refused:
+            await Client.connect(f"nats://127.0.0.1:{closed_port}")
+        assert str(closed_port) in str(refused.value)
+    with pytest.raises(Unavailable) as mute:
+        await Client.connect(f"nats://127.0.0.1:{mute_port}", connect_timeout=0.3)
+    assert str(mute_port) in str(mute.value)
+    gc.collect()  # the half-open connection was closed, not left to the garbage collector

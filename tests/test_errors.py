@@ -9,7 +9,7 @@ from bus import errors as e
 
 
 def test_every_error_derives_from_runctl_error_and_has_a_distinct_code() -> None:
-    classes = [
+    classes: list[type[e.RunctlError]] = [
         e.BadToken, e.BadPath, e.BadRequest, e.ValidationRejected, e.PayloadTooLarge,
         e.NotFound, e.Unavailable, e.Timeout, e.RemoteError,
     ]

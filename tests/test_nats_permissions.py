@@ -11,7 +11,7 @@ thing with a role that may, so the test cannot pass because nothing works at all
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from bus.credentials import Credentials, NatsRole, ensure_credentials
 from bus.errors import RunctlError, ServerStartError
 from bus.registry import BUCKET, Registry
 from bus.server import NatsServer
-from bus.stepstore import STREAM, ensure_stream, read_log
+from bus.stepstore import STREAM, ensure_stream, forget, read_log
 from bus.subjects import command_subject, state_subject, step_record_subject
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +79,15 @@ def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("RUNCTL_NATS_CREDENTIALS_DIR", str(tmp_path / "none"))
 
 
+async def until(predicate: Callable[[], object], timeout: float = 3.0) -> None:
+    """Poll ``predicate`` (something that arrives asynchronously) until it holds."""
+    with anyio.fail_after(timeout):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.01)
+
+
 def url_for(server: NatsServer, creds: Credentials, role: NatsRole) -> str:
     auth = creds.auth(role)
     return f"nats://{auth['user']}:{auth['password']}@127.0.0.1:{server.port}"
@@ -106,9 +115,7 @@ class Login:
                 if "permissions violation" in e and kind in e and subject.lower() in e.lower()]
 
     async def wait_violation(self, kind: str, subject: str) -> None:
-        with anyio.fail_after(3):
-            while not self.violations(kind, subject):
-                await anyio.sleep(0.01)
+        await until(lambda: self.violations(kind, subject))
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
@@ -214,15 +221,9 @@ async def test_agent_and_operator_run_the_whole_product(
         assert await a1.steps.adone("tokenize", "shard-0", scope="run")
         log = await read_log(client.nc, run_id)
         assert len(log.records) == 4
-        report = await a0.steps.aforget("epoch:1") if False else None  # see the denial test
-        assert report is None
-        from bus.stepstore import forget
-
         forgotten = await forget(client.nc, run_id, "epoch:1")
         assert forgotten.forgotten == 1
-        with anyio.fail_after(3):
-            while a0.steps.is_done("epoch", 1):
-                await anyio.sleep(0.01)
+        await until(lambda: not a0.steps.is_done("epoch", 1))
         assert a0.steps.is_done("epoch", 2)
         # a run-wide stop is recorded in the registry, and every rank gets it
         stopped = await client.stop(run_id, "all", "maintenance")
@@ -262,9 +263,7 @@ async def test_observer_sees_state_and_events(
         await Client.connect(url_for(secured, creds, "operator")) as client,
     ):
         await client.set(run_id, 0, "epochs", 9)
-        with anyio.fail_after(3):
-            while f"runctl.{run_id}.0.evt.set" not in tap.subjects:
-                await anyio.sleep(0.01)
+        await until(lambda: f"runctl.{run_id}.0.evt.set" in tap.subjects)
     assert state_subject(run_id, 0) in tap.subjects
     assert not observer.errors
 
@@ -356,12 +355,14 @@ async def test_agent_cannot_snoop_or_forge_what_is_not_its_own(
 async def test_an_agent_cannot_forget_steps(
     secured: NatsServer, creds: Credentials, run_id: str
 ) -> None:
-    """Forgetting is the operator's: a program's own ``aforget`` fails with the agent's login
-    and its steps stay done."""
+    """Forgetting is the operator's: a program's own ``aforget`` is refused with the agent's
+    login (it fails after the JetStream timeout, 5 s; the test gives up after 1 s) and its
+    steps stay done, in the agent and in the stream."""
     async with Agent(Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent")) as a0:
         assert await a0.steps.adone("epoch", 0)
-        with pytest.raises(RunctlError):
+        with anyio.move_on_after(1) as waited:
             await a0.steps.aforget("epoch")
+        assert waited.cancel_called
         assert a0.steps.is_done("epoch", 0)
         async with await Client.connect(url_for(secured, creds, "operator")) as client:
             assert len((await read_log(client.nc, run_id)).records) == 1

@@ -81,7 +81,8 @@ def live() -> LiveState[Cfg]:
 
 
 def dump(state: LiveState[Any]) -> str:
-    return state.model.model_dump_json()
+    text: str = state.model.model_dump_json()
+    return text
 
 
 def rejected(state: LiveState[Any], change: Any, exc: type[RunctlError]) -> RunctlError:
@@ -285,8 +286,8 @@ def test_optional_int_none_to_int_and_back() -> None:
 
 def test_union_field() -> None:
     s = live()
-    assert s.set("value", "abc") is True and s.model.value == "abc"
-    assert s.set("value", 5) is True and s.model.value == 5
+    assert s.set("value", "abc") is True and s.get("value") == b'"abc"'
+    assert s.set("value", 5) is True and s.get("value") == b"5"
     assert isinstance(s.model.value, int)
     rejected(s, lambda: s.set("value", [1]), ValidationRejected)
 

@@ -4,6 +4,7 @@ steps between live agents, and the async API."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +17,8 @@ from pydantic import BaseModel
 
 from agent import Agent, control
 from bus.canonical import hashed, key_digest
+from bus.errors import Unavailable
+from bus.server import NatsServer
 from bus.steplog import StepLog
 from bus.steprecords import StepRecord, encode_entry
 from bus.stepstore import STREAM, ensure_stream, forget, read_log, stream_config
@@ -221,3 +224,24 @@ def test_exceptions_and_breaks_leave_steps_not_done(nats_url: str, run_id: str) 
     assert seen["c[None]"] == "failed" and seen["d[None]"] == "failed"
     assert "a[3]" not in seen
     assert msgspec.json.encode(seen)  # plain data
+
+
+class NoJetStream(NatsServer):
+    def argv(self) -> list[str]:
+        return [a for a in super().argv() if a != "-js"]
+
+
+def test_without_jetstream_the_agent_serves_and_steps_say_why(tmp_path: Path) -> None:
+    with NoJetStream(store_dir=tmp_path) as server, \
+            control(S(), run="nojs", rank=0, url=server.url) as ctl:
+        ctl.wait_ready()
+        with pytest.raises(Unavailable, match="step log is unavailable: JetStream is not "):
+            ctl.steps("epoch", range(3))
+
+
+def test_after_close_steps_are_refused_clearly(nats_url: str, run_id: str) -> None:
+    with control(S(), run=run_id, rank=0, url=nats_url) as ctl:
+        ctl.done("a")
+    with pytest.raises(Unavailable, match="closed"):
+        ctl.done("b")
+    assert ctl.is_done("a")  # what is known stays readable

@@ -128,11 +128,13 @@ async def test_http_lists_explains_and_forgets_after_the_program_exited(
     got = (await http.get(f"/runs/{run_id}/steps")).json()
     assert got["count"] == 5
     assert [r["step"] for r in got["steps"]][:3] == ["shard[a]", "shard[b]", "shard[c]"]
+    last = (await http.get(f"/runs/{run_id}/steps", params={"limit": 2})).json()
+    assert last["count"] == 5 and last["truncated"] and len(last["steps"]) == 2
     rank1 = (await http.get(f"/runs/{run_id}/steps", params={"rank": 1})).json()
     assert sorted((r["scope"], r["step"]) for r in rank1["steps"]) == [
         ("1", "shard[a]"), ("run", "prepare")]
-    assert rank1["steps"][-1]["result"] == {"rows": 3} or rank1["steps"][0]["result"] == {
-        "rows": 3}
+    (prepare,) = [r for r in rank1["steps"] if r["name"] == "prepare"]
+    assert prepare["result"] == {"rows": 3} and prepare["rank"] == "0"
     explained = (await http.get(f"/runs/{run_id}/steps",
                                 params={"explain": "true", "rank": "0"})).json()
     assert explained["summary"] == {"skip": 4, "run": 0}

@@ -6,9 +6,9 @@ Reads one JSON command per line on stdin, answers one JSON line on stdout. Stand
 only, so the same code drives both tools. Operations:
 
 - ``latency``: ``n`` sequential requests, each one's duration
-- ``set``: ``n`` sequential writes of a fresh value each; per write the duration and the
+- ``set``: ``n`` sequential writes of a fresh value each; per write the duration, the
   time from its response until the main loop first saw the value (0 if it saw it before
-  the response arrived)
+  the response arrived), and from sending it until the loop saw it
 - ``window``: the loop's iteration rate over ``duration`` seconds, while sending nothing
   (``rate`` 0), a paced ``rate`` of requests per second, or as many as one connection can
   (``rate`` -1)
@@ -87,8 +87,10 @@ class Client:
         conn = self.http(base)
         times: list[float] = []
         observe: list[float] = []
+        land: list[float] = []
         errors = lost = 0
         for value in range(first, first + n):
+            sent = time.monotonic()
             t0 = time.perf_counter()
             status, _body = conn.request("PUT", path.format(value=value))
             t1 = time.perf_counter()
@@ -102,12 +104,13 @@ class Client:
                 seen, when = self.page.seen()
                 if seen == value:
                     observe.append(max(0.0, when - answered))
+                    land.append(when - sent)
                     break
                 if time.monotonic() > deadline:
                     lost += 1
                     break
                 time.sleep(0.0002)
-        return {"times": times, "observe": observe, "errors": errors, "lost": lost}
+        return {"times": times, "observe": observe, "land": land, "errors": errors, "lost": lost}
 
     def window(self, base: str, path: str, rate: float, duration: float) -> dict[str, Any]:
         conn = self.http(base) if rate else None

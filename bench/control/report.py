@@ -157,7 +157,8 @@ _ROWS = [
     ("get_full", "GET full state", 1e3, "ms"),
     ("get_field", "GET one field", 1e3, "ms"),
     ("set", "set one field", 1e3, "ms"),
-    ("observe", "write response -> loop sees it", 1e3, "ms"),
+    ("observe", "set answered -> loop sees it", 1e3, "ms"),
+    ("land", "set sent -> loop sees it", 1e3, "ms"),
     ("rate_100", "loop rate @100 GET/s / idle", 100, "%"),
     ("rate_max", "loop rate @max GET / idle", 100, "%"),
     ("max_rps", "GET/s at max load (1 conn)", 1, "/s"),
@@ -208,7 +209,7 @@ def render(
                 row += f" {ratio(a.p50, b.p50):.2f} |" if a and b and a.pooled else " - |"
             lines.append(row)
     lines.append("")
-    lines.append("runctl only:")
+    lines.append("Other figures (runctl unless marked Freak):")
     lines.append("")
     lines.append("| figure | median [spread] |")
     lines.append("|---|---|")

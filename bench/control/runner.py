@@ -116,8 +116,10 @@ class Run:
                         self.measure(program, mode)
                 for program in order:
                     self.throughput(program)
+                self.meta.setdefault("loadavg_rounds", []).append(os.getloadavg())
                 print(
-                    f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s)",
+                    f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s, "
+                    f"load average {os.getloadavg()[0]:.1f})",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -199,6 +201,7 @@ class Run:
         self._errors(t, mode, "set", s)
         self.fig(f"{t}.{mode}.set", "s").add_round(s["times"])
         self.fig(f"{t}.{mode}.observe", "s").add_round(s["observe"])
+        self.fig(f"{t}.{mode}.land", "s").add_round(s["land"])
         p.call("mode", mode="pause")
 
     def throughput(self, p: Program) -> None:
