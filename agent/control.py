@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from agent.agent import Agent
 from agent.steps import StepsMixin
+from bus.credentials import redact_url
 from bus.errors import Unavailable
 
 __all__ = ["Control", "control"]
@@ -108,7 +109,8 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/... 
         if not self.agent.ready.wait(timeout):
             if self._future.done() and (exc := self._future.exception()) is not None:
                 raise Unavailable(f"runctl agent failed to start: {exc}") from exc
-            raise Unavailable(f"runctl agent not connected after {timeout:g}s (url {self.url})")
+            raise Unavailable(f"runctl agent not connected after {timeout:g}s "
+                              f"(url {redact_url(self.url or '')})")
         return self
 
     def close(self, timeout: float = 5.0) -> None:

@@ -46,6 +46,12 @@ def _auth_from_env() -> dict[str, Any]:
     return options
 
 
+def _has_login(servers: list[str], options: dict[str, Any]) -> bool:
+    """A login given in a URL or as an argument: no role file is looked for then."""
+    keys = ("user", "token", "user_credentials", "nkeys_seed")
+    return any("@" in s for s in servers) or any(options.get(k) for k in keys)
+
+
 async def connect(
     url: str | None = None,
     *,
@@ -107,7 +113,7 @@ async def connect(
         "ping_interval": 10,
         "max_outstanding_pings": 3,
         **_auth_from_env(),
-        **(role_auth(role) if role and not any("@" in s for s in servers) else {}),
+        **(role_auth(role) if role and not _has_login(servers, options) else {}),
         **options,
     }
     delay = reconnect_wait

@@ -29,6 +29,8 @@ BUCKET: Final = "RUNCTL_RANKS"
 DEFAULT_TTL: Final = 7 * 24 * 3600.0
 #: a rank is stale once this many heartbeats are overdue
 STALE_AFTER_BEATS: Final = 3.0
+#: seconds the server keeps a registry read's consumer after the read (see records())
+WATCHER_LINGER: Final = 2.0
 
 Liveness = Literal["alive", "stale", "exited"]
 
@@ -134,7 +136,10 @@ class Registry:
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
-        watcher = await self.kv.watch(pattern, ignore_deletes=True)
+        # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
+        # by default): at a few reads per second that hits the stream's consumer limit.
+        watcher = await self.kv.watch(pattern, ignore_deletes=True,
+                                      inactive_threshold=WATCHER_LINGER)
         records: list[RankRecord] = []
         try:
             while True:

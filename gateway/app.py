@@ -56,8 +56,12 @@ async def connect_client(settings: Settings, *, retry: bool = False) -> Client:
     except CredentialsError as exc:
         raise Unavailable(str(exc)) from exc
     return await Client.connect(
-        settings.nats_url, name="runctl-gateway", timeout=settings.timeout,
-        max_payload=settings.max_body, retry_initial=retry, **auth,
+        settings.nats_url,
+        name="runctl-gateway",
+        timeout=settings.timeout,
+        max_payload=settings.max_body,
+        retry_initial=retry,
+        **auth,
     )
 
 
@@ -73,8 +77,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             app.state.client = await connect_client(settings)
         except Unavailable as exc:
-            log.warning("NATS not reachable: answering 503 and retrying", error=str(exc),
-                        url=redact_url(settings.nats_url or ""))
+            log.warning(
+                "NATS not reachable: answering 503 and retrying",
+                error=str(exc),
+                url=redact_url(settings.nats_url or ""),
+            )
             tg.start_soon(connect_later)
         try:
             yield
@@ -97,8 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "runs", "description": "What runs and ranks the registry knows."},
             {"name": "state", "description": "One rank's (or every rank's) live state."},
             {"name": "steps", "description": "The completed-step log (JetStream)."},
-            {"name": "freak-compatible",
-             "description": "Freak's routes, on the run and rank given at start."},
+            {
+                "name": "freak-compatible",
+                "description": "Freak's routes, on the run and rank given at start.",
+            },
         ],
     )
     app.state.settings = settings

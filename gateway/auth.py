@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import secrets
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -61,6 +62,8 @@ MIN_TOKEN_LENGTH: Final = 16
 #: the tokens the gateway accepts
 TOKENS_ENV: Final = "RUNCTL_GATEWAY_TOKENS"
 _CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="runctl"'}
+#: ``role token`` or ``role:token``: the role ends at the first blank or colon
+_FILE_LINE: Final = re.compile(r"([A-Za-z]+)(?:\s*:\s*|\s+)(.+)")
 
 log = structlog.get_logger()
 
@@ -157,10 +160,10 @@ def parse_file(path: str | os.PathLike[str]) -> TokenTable:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        role, _, token = line.replace(":", " ", 1).partition(" ")
-        if not token.strip():
+        match = _FILE_LINE.fullmatch(line)
+        if match is None:
             raise TokenError(f"tokens file {path}: line {n}: expected 'role token'")
-        entries.append((f"line {n}", role.strip(), token.strip()))
+        entries.append((f"line {n}", match.group(1), match.group(2)))
     return TokenTable.of(entries, where=f"tokens file {path}")
 
 

@@ -46,11 +46,18 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     hence SUPPRESS there."""
     default = None if top else argparse.SUPPRESS
     parser.add_argument(
-        "--nats", "--url", dest="url", metavar="URL", default=default,
+        "--nats",
+        "--url",
+        dest="url",
+        metavar="URL",
+        default=default,
         help=f"NATS URL (default: $RUNCTL_NATS_URL or {DEFAULT_URL})",
     )
     parser.add_argument(
-        "--timeout", type=float, metavar="SECONDS", default=2.0 if top else argparse.SUPPRESS,
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=2.0 if top else argparse.SUPPRESS,
         help="how long to wait for ranks to answer (default: 2)",
     )
 
@@ -60,14 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="runctl",
         description="Read and change the live state of running programs.",
         epilog="RUN alone addresses every rank of the run; RUN/RANK one rank. "
-               "Exit codes: 2 usage, 3 not found, 4 rejected, 5 timeout/unavailable.",
+        "Exit codes: 2 usage, 3 not found, 4 rejected, 5 timeout/unavailable.",
     )
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str, **kwargs: object) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
-                                                    **kwargs)  # type: ignore[arg-type]
+    def add(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help, epilog=epilog
+        )
         _common(p, top=False)
         return p
 
@@ -105,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line, and the way to see more
         if os.environ.get("RUNCTL_DEBUG"):
             raise
-        return _fail(f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the "
-                     "traceback)", 1)
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the traceback)", 1
+        )
 
 
 def _fail(message: str, code: int) -> int:

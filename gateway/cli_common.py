@@ -72,8 +72,9 @@ def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) 
     ``fn(client)``, close."""
 
     async def go() -> T:
-        client = await Client.connect(args.url, name="runctl-cli", timeout=args.timeout,
-                                      **role_auth("operator"))
+        client = await Client.connect(
+            args.url, name="runctl-cli", timeout=args.timeout, **role_auth("operator")
+        )
         async with client:
             return await fn(client)
 

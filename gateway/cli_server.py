@@ -24,36 +24,56 @@ DEFAULT_TOKENS_FILE: Final = Path(".runctl") / "gateway-tokens"
 
 
 def register(add: AddParser) -> None:
-    p = add("up", "run nats-server (JetStream on) in the foreground",
-            epilog=f"Uses ./{DEFAULT_CONFIG} if present (its users' passwords are generated "
-                   f"into {DEFAULT_DIR} on first start); else listens on 127.0.0.1.")
-    p.add_argument("--config", metavar="FILE",
-                   help=f"nats-server config (default: ./{DEFAULT_CONFIG} if it exists)")
+    p = add(
+        "up",
+        "run nats-server (JetStream on) in the foreground",
+        epilog=f"Uses ./{DEFAULT_CONFIG} if present (its users' passwords are generated "
+        f"into {DEFAULT_DIR} on first start); else listens on 127.0.0.1.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"nats-server config (default: ./{DEFAULT_CONFIG} if it exists)",
+    )
     p.add_argument("--no-config", action="store_true", help=f"ignore ./{DEFAULT_CONFIG}")
     p.add_argument("--port", type=int, help="client port (default: the config's, else 4222)")
-    p.add_argument("--store-dir", default=str(DEFAULT_STORE), metavar="DIR",
-                   help=f"JetStream store (default: {DEFAULT_STORE})")
+    p.add_argument(
+        "--store-dir",
+        default=str(DEFAULT_STORE),
+        metavar="DIR",
+        help=f"JetStream store (default: {DEFAULT_STORE})",
+    )
     p.set_defaults(func=up_command)
 
     p = add("gateway", "serve the HTTP gateway (FastAPI; docs at /docs)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to listen on (default: {DEFAULT_HOST}; another needs tokens)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"default: {DEFAULT_PORT}")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default: {DEFAULT_HOST}; another needs tokens)",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}")
     p.add_argument("--run", help="default run of the Freak-compatible root routes (/get ...)")
     p.add_argument("--rank", default="0", help="default rank of the root routes (default: 0)")
-    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
-                   help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY})")
-    p.add_argument("--tokens-file", metavar="FILE",
-                   help="bearer tokens, 'role token' per line (also $RUNCTL_GATEWAY_TOKENS)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--max-body",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        metavar="BYTES",
+        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY})",
+    )
+    p.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="bearer tokens, 'role token' per line (also $RUNCTL_GATEWAY_TOKENS)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=gateway_command)
 
     p = add("tokens", "write a gateway tokens file: one random token per role")
-    p.add_argument("--file", default=str(DEFAULT_TOKENS_FILE),
-                   help=f"default: {DEFAULT_TOKENS_FILE}")
+    p.add_argument(
+        "--file", default=str(DEFAULT_TOKENS_FILE), help=f"default: {DEFAULT_TOKENS_FILE}"
+    )
     p.set_defaults(func=tokens_command)
 
 
@@ -85,17 +105,23 @@ def up_command(args: argparse.Namespace) -> int:
         creds = ensure_credentials(DEFAULT_DIR)
         env.update(creds.server_env())
         if creds.created:
-            print(f"runctl: generated NATS passwords in {creds.dir}/ (agent.env, "
-                  "operator.env, observer.env); programs and runctl started in this "
-                  "directory use them", file=sys.stderr)
+            print(
+                f"runctl: generated NATS passwords in {creds.dir}/ (agent.env, "
+                "operator.env, observer.env); programs and runctl started in this "
+                "directory use them",
+                file=sys.stderr,
+            )
         elif creds.dir is not None:
             print(f"runctl: NATS passwords from {creds.dir}/", file=sys.stderr)
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     binary = find_binary()
     argv = up_argv(binary, config=config, port=args.port, store_dir=args.store_dir)
     where = f"config {config}" if config else f"127.0.0.1:{args.port or 4222}"
-    print(f"runctl: nats-server ({where}, JetStream in {args.store_dir}); Ctrl-C stops it",
-          file=sys.stderr, flush=True)
+    print(
+        f"runctl: nats-server ({where}, JetStream in {args.store_dir}); Ctrl-C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stdout.flush()
     # exec: the server gets Ctrl-C and SIGTERM itself, and no runctl process is left over
     os.execve(binary, argv, env)  # noqa: S606 - argv list, our own binary
@@ -110,14 +136,27 @@ def gateway_command(args: argparse.Namespace) -> int:
 
     tokens = load_tokens(args.tokens_file)
     check_bind(args.host, tokens)
+    if not 0 <= args.port <= 65535:
+        raise BadRequest(f"--port {args.port} is not a port number")
+    if args.max_body < 1:
+        raise BadRequest("--max-body must be at least 1 byte")
     settings = Settings(
-        nats_url=args.url, host=args.host, port=args.port, default_run=args.run,
-        default_rank=args.rank, timeout=args.timeout, max_body=args.max_body, tokens=tokens,
+        nats_url=args.url,
+        host=args.host,
+        port=args.port,
+        default_run=args.run,
+        default_rank=args.rank,
+        timeout=args.timeout,
+        max_body=args.max_body,
+        tokens=tokens,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"runctl: gateway on http://{host}:{args.port} (docs /docs) for NATS "
-          f"{redact_url(args.url)}" + ("" if tokens else ", no tokens: loopback only"),
-          file=sys.stderr, flush=True)
+    print(
+        f"runctl: gateway on http://{host}:{args.port} (docs /docs) for NATS "
+        f"{redact_url(args.url)}" + ("" if tokens else ", no tokens: loopback only"),
+        file=sys.stderr,
+        flush=True,
+    )
     serve(settings, log_level=args.log_level, access_log=not args.no_access_log)
     return 0
 

@@ -12,6 +12,7 @@ from typing import Any
 from bus.client import Client, Gathered, Result
 from bus.errors import BadRequest
 from bus.messages import StopMode
+from bus.paths import split_path
 from bus.registry import RankInfo
 from bus.subjects import ALL
 from gateway import ops
@@ -40,12 +41,16 @@ def register(add: AddParser) -> None:
     p = add("get", "print the state (or one value) as JSON")
     p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
     p.add_argument("path", nargs="?", help="dotted path, e.g. optimizer.lr")
-    p.add_argument("--fresh", action="store_true",
-                   help="ask the rank itself, not its last published state")
+    p.add_argument(
+        "--fresh", action="store_true", help="ask the rank itself, not its last published state"
+    )
     p.set_defaults(func=get_command)
 
-    p = add("set", "change values, all or nothing (VALUE: JSON, else a string)",
-            epilog="Several assignments are applied as one patch: all or none of them.")
+    p = add(
+        "set",
+        "change values, all or nothing (VALUE: JSON, else a string)",
+        epilog="Several assignments are applied as one patch: all or none of them.",
+    )
     p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
     p.add_argument("assignments", metavar="PATH=VALUE", nargs="+")
     _write_options(p)
@@ -53,7 +58,7 @@ def register(add: AddParser) -> None:
 
     p = add("patch", "merge a partial JSON object into the state")
     p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
-    p.add_argument("json", metavar="JSON", help="a JSON object; '-' reads stdin, @FILE a file")
+    p.add_argument("value", metavar="JSON", help="a JSON object; '-' reads stdin, @FILE a file")
     p.add_argument("--path", help="merge into the object at this dotted path")
     _write_options(p)
     p.set_defaults(func=patch_command)
@@ -66,8 +71,11 @@ def register(add: AddParser) -> None:
     p = add("stop", "ask the program to stop (ctl.stop_requested)")
     p.add_argument("target", metavar="RUN[/RANK]", help=TARGET_HELP)
     p.add_argument("--reason", default="", help="shown to the program")
-    p.add_argument("--terminate", action="store_true",
-                   help="also SIGTERM the rank's process after --grace seconds")
+    p.add_argument(
+        "--terminate",
+        action="store_true",
+        help="also SIGTERM the rank's process after --grace seconds",
+    )
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS")
     _write_options(p)
     p.set_defaults(func=stop_command)
@@ -78,10 +86,14 @@ def register(add: AddParser) -> None:
 
 
 def _write_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sync", action="store_true",
-                   help="apply on every rank at the same step (the program calls ctl.sync)")
-    p.add_argument("--margin", type=int, metavar="STEPS",
-                   help="with --sync: how many steps ahead to apply")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="apply on every rank at the same step (the program calls ctl.sync)",
+    )
+    p.add_argument(
+        "--margin", type=int, metavar="STEPS", help="with --sync: how many steps ahead to apply"
+    )
     p.add_argument("--json", action="store_true", help="print each rank's outcome as JSON")
 
 
@@ -118,14 +130,26 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
     rows = [("RUN", "RANK", "STATUS", "VERSION", "STEP", "HEARTBEAT", "HOST", "PID", "MODEL")]
     for info in infos:
         r = info.record
-        status = info.liveness + (" (stopping)" if r.stop_requested and
-                                  info.liveness == "alive" else "")
-        rows.append((r.run, r.rank, status, str(r.version),
-                     "-" if r.step is None else str(r.step), _ago(info.age), r.host,
-                     str(r.pid), r.model))
+        status = info.liveness + (
+            " (stopping)" if r.stop_requested and info.liveness == "alive" else ""
+        )
+        rows.append(
+            (
+                r.run,
+                r.rank,
+                status,
+                str(r.version),
+                "-" if r.step is None else str(r.step),
+                _ago(info.age),
+                r.host,
+                str(r.pid),
+                r.model,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _ago(seconds: float) -> str:
@@ -141,6 +165,8 @@ def _ago(seconds: float) -> str:
 
 def get_command(args: argparse.Namespace) -> int:
     run, rank = parse_target(args.target)
+    if args.path:
+        split_path(args.path)  # a bad path is a usage error, whether the run exists or not
 
     async def go(client: Client) -> Result | Gathered:
         return await client.get(run, rank, args.path or None, fresh=args.fresh)
@@ -148,8 +174,10 @@ def get_command(args: argparse.Namespace) -> int:
     result = with_client(args, go)
     if isinstance(result, Result):
         if result.liveness != "alive":
-            note(f"rank {result.rank} of run {run!r} is {result.liveness} (last heartbeat "
-                 f"{_ago(result.age)}): this is its last published state")
+            note(
+                f"rank {result.rank} of run {run!r} is {result.liveness} (last heartbeat "
+                f"{_ago(result.age)}): this is its last published state"
+            )
         print_json(result.value)
         return EXIT_OK
     values: dict[str, Any] = {r: res.value for r, res in sorted_items(result.results)}
@@ -197,7 +225,7 @@ def set_command(args: argparse.Namespace) -> int:
 def patch_command(args: argparse.Namespace) -> int:
     run, rank = parse_target(args.target)
     options = _sync_options(args, rank)
-    value = _read_json_arg(args.json)
+    value = _read_json_arg(args.value)
 
     async def go(client: Client) -> Result | Gathered:
         return await client.patch(run, rank, value, args.path or None, **options)
@@ -223,8 +251,7 @@ def stop_command(args: argparse.Namespace) -> int:
     mode: StopMode = "terminate" if args.terminate else "graceful"
 
     async def go(client: Client) -> Result | Gathered:
-        return await client.stop(run, rank, args.reason, mode=mode, grace=args.grace,
-                                 **options)
+        return await client.stop(run, rank, args.reason, mode=mode, grace=args.grace, **options)
 
     return report(args, run, with_client(args, go))
 
@@ -251,9 +278,16 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     verb = args.command
     if isinstance(result, Result):
         if args.json:
-            print_json({"run": run, "rank": result.rank, "outcome": "applied",
-                        "version": result.version, "changed": result.changed,
-                        "value": result.value})
+            print_json(
+                {
+                    "run": run,
+                    "rank": result.rank,
+                    "outcome": "applied",
+                    "version": result.version,
+                    "changed": result.changed,
+                    "value": result.value,
+                }
+            )
         else:
             print(f"rank {result.rank}: {_applied(verb, result)}")
         return EXIT_OK
@@ -267,8 +301,10 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     else:
         if result.change_id:
             taken = not (result.errors or result.missing)
-            print(f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
-                  + ("" if taken else ": not every rank took it, cancelled everywhere"))
+            print(
+                f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
+                + ("" if taken else ": not every rank took it, cancelled everywhere")
+            )
         for r, res in sorted_items(result.results):
             print(f"rank {r}: {_applied(verb, res)}")
         for r, err in sorted_items(result.errors):
@@ -292,4 +328,3 @@ def sorted_items(mapping: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _rank_key(rank: str) -> tuple[int, str]:
     return (int(rank), "") if rank.isdigit() else (1 << 62, rank)
-

@@ -37,11 +37,17 @@ def register(add: AddParser) -> None:
     p = add("tail", "print a run's state changes, events and commands as they happen")
     p.add_argument("run", nargs="?", help="the run (default: every run)")
     p.add_argument("--json", action="store_true", help="one raw JSON message per line")
-    p.add_argument("--heartbeats", action="store_true",
-                   help="also print the state republished on every heartbeat")
-    p.add_argument("--commands", action="store_true",
-                   help="also print commands (while tailing, commands to ranks that do not "
-                        "exist time out instead of failing at once)")
+    p.add_argument(
+        "--heartbeats",
+        action="store_true",
+        help="also print the state republished on every heartbeat",
+    )
+    p.add_argument(
+        "--commands",
+        action="store_true",
+        help="also print commands (while tailing, commands to ranks that do not "
+        "exist time out instead of failing at once)",
+    )
     p.add_argument("--count", type=int, metavar="N", help="exit after N lines")
     p.set_defaults(func=tail_command)
 
@@ -57,13 +63,15 @@ def tail_command(args: argparse.Namespace) -> int:
 
         subs = [await client.nc.subscribe(s, cb=forward) for s in subjects]
         await client.nc.flush()
-        print(f"runctl: tailing {', '.join(subjects)} (Ctrl-C to stop)", file=sys.stderr,
-              flush=True)
+        print(
+            f"runctl: tailing {', '.join(subjects)} (Ctrl-C to stop)", file=sys.stderr, flush=True
+        )
         printed = 0
         async with receive:
             async for msg in receive:
-                line = format_message(msg.subject, msg.data, raw=args.json,
-                                      heartbeats=args.heartbeats)
+                line = format_message(
+                    msg.subject, msg.data, raw=args.json, heartbeats=args.heartbeats
+                )
                 if line is None:
                     continue
                 print(line, flush=True)
@@ -87,24 +95,30 @@ def tail_subjects(run: str | None, *, commands: bool = False) -> list[str]:
     return [f"{scope}.{kind}" for kind in kinds]
 
 
-def format_message(subject: str, data: bytes, *, raw: bool = False,
-                   heartbeats: bool = False) -> str | None:
+def format_message(
+    subject: str, data: bytes, *, raw: bool = False, heartbeats: bool = False
+) -> str | None:
     """One line for one message, or None for a heartbeat nobody asked to see."""
     parts = subject.split(".")
     if len(parts) < 4 or parts[0] != PREFIX:
         return None
     run, rank, kind, name = parts[1], parts[2], parts[3], ".".join(parts[4:])
     if raw:
-        return json.dumps({"subject": subject, "data": _json_or_text(data)},
-                          ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(
+            {"subject": subject, "data": _json_or_text(data)},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
     who = f"{run}/{rank}"
     try:
         if kind == "state":
             state = m.decode_state(data)
             if state.cause == "heartbeat" and not heartbeats:
                 return None
-            return (f"{_clock(state.ts)}  {who:<12} state    v{state.version} "
-                    f"({state.cause})  {_compact(state.state)}")
+            return (
+                f"{_clock(state.ts)}  {who:<12} state    v{state.version} "
+                f"({state.cause})  {_compact(state.state)}"
+            )
         if kind == "evt":
             event = m.decode_event(data)
             detail = _compact(event.data) if event.data else ""

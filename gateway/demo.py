@@ -36,22 +36,42 @@ MAX_RANKS: Final = 32
 
 
 def register(add: AddParser) -> None:
-    p = add("demo", "run a nats-server, N ranks of a training-like loop and the gateway",
-            epilog="Stops everything it started on Ctrl-C, after --duration, or once every "
-                   "rank has stopped.")
+    p = add(
+        "demo",
+        "run a nats-server, N ranks of a training-like loop and the gateway",
+        epilog="Stops everything it started on Ctrl-C, after --duration, or once every "
+        "rank has stopped.",
+    )
     p.add_argument("--ranks", type=int, default=2, help="how many ranks (default: 2)")
     p.add_argument("--port", type=int, default=4444, help="gateway port (default: 4444)")
-    p.add_argument("--nats-port", type=int, default=None, metavar="PORT",
-                   help="nats-server port (default: 4222 if free, else any; 0: any)")
-    p.add_argument("--duration", type=float, metavar="SECONDS",
-                   help="stop after this long once the ranks are ready (default: Ctrl-C)")
-    p.add_argument("--store-dir", default=str(DEFAULT_STORE), metavar="DIR",
-                   help=f"nats-server data (default: {DEFAULT_STORE})")
+    p.add_argument(
+        "--nats-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="nats-server port (default: 4222 if free, else any; 0: any)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long once the ranks are ready (default: Ctrl-C)",
+    )
+    p.add_argument(
+        "--store-dir",
+        default=str(DEFAULT_STORE),
+        metavar="DIR",
+        help=f"nats-server data (default: {DEFAULT_STORE})",
+    )
     p.add_argument("--run", default="demo", help="run id (default: demo)")
-    p.add_argument("--step-time", type=float, default=0.2, metavar="SECONDS",
-                   help="seconds per training step (default: 0.2)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--step-time",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="seconds per training step (default: 0.2)",
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=demo_command)
 
 
@@ -90,19 +110,38 @@ def demo_command(args: argparse.Namespace) -> int:
     try:
         server.start()
         anyio.run(_forget_previous, server.url, run)
-        env = {**os.environ, "RUNCTL_NATS_URL": server.url, "PYTHONUNBUFFERED": "1",
-               "RUNCTL_WORLD_SIZE": str(args.ranks)}
+        env = {
+            **os.environ,
+            "RUNCTL_NATS_URL": server.url,
+            "PYTHONUNBUFFERED": "1",
+            "RUNCTL_WORLD_SIZE": str(args.ranks),
+        }
         for rank in range(args.ranks):
-            ranks.append(subprocess.Popen(
-                [sys.executable, "-m", "gateway.demo_train", "--run", run, "--rank", str(rank),
-                 "--url", server.url, "--step-time", str(args.step_time)],
-                env=env, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C is the demo's to handle, not theirs
-            ))
+            ranks.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gateway.demo_train",
+                        "--run",
+                        run,
+                        "--rank",
+                        str(rank),
+                        "--url",
+                        server.url,
+                        "--step-time",
+                        str(args.step_time),
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C is the demo's to handle, not theirs
+                )
+            )
         _wait_ready(server.url, run, args.ranks, ranks)
-        gateway = GatewayThread(Settings(nats_url=server.url, port=args.port,
-                                         default_run=run, default_rank="0"),
-                                log_level=args.log_level).start()
+        gateway = GatewayThread(
+            Settings(nats_url=server.url, port=args.port, default_run=run, default_rank="0"),
+            log_level=args.log_level,
+        ).start()
         _say(instructions(run, gateway.url, server.url, args.ranks))
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while deadline is None or time.monotonic() < deadline:
@@ -133,8 +172,9 @@ async def _forget_previous(url: str, run: str) -> None:
             await registry.delete(run, record.rank)
 
 
-def _wait_ready(url: str, run: str, count: int, procs: list[subprocess.Popen[bytes]],
-                timeout: float = 60.0) -> None:
+def _wait_ready(
+    url: str, run: str, count: int, procs: list[subprocess.Popen[bytes]], timeout: float = 60.0
+) -> None:
     async def alive() -> int:
         async with await Client.connect(url, name="runctl-demo") as client:
             try:

@@ -84,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(args.step_time)
             step += 1
         if ctl.stop_requested:
-            print(f"{tag} stop requested at step {step} ({ctl.stop_reason or 'no reason'}): "
-                  "finishing cleanly", flush=True)
+            print(
+                f"{tag} stop requested at step {step} ({ctl.stop_reason or 'no reason'}): "
+                "finishing cleanly",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
     finally:

@@ -7,6 +7,7 @@ ValidationRejected     422     the model refused the change; ``detail`` is pydan
 BadToken/Path/Request  400     the request names something that cannot exist
 NotFound               404     no responders: known in milliseconds, never a timeout
 PayloadTooLarge        413     never read, never echoed
+TooLate                409     a rank was past the step of a synchronised change (retry)
 Timeout                504     ``missing`` names the ranks that did not answer
 Unavailable            503     NATS (or JetStream) cannot be reached
 RemoteError            502     the agent failed while handling the command
@@ -25,6 +26,7 @@ import msgspec
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from nats.errors import Error as NatsError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,8 +39,10 @@ from bus.errors import (
     RemoteError,
     RunctlError,
     Timeout,
+    TooLate,
     Unavailable,
     ValidationRejected,
+    map_nats_error,
 )
 from gateway.ops import describe_error
 
@@ -53,6 +57,7 @@ _STATUS: Final[tuple[tuple[type[RunctlError], int], ...]] = (
     (BadRequest, 400),
     (NotFound, 404),
     (PayloadTooLarge, 413),
+    (TooLate, 409),
     (Timeout, 504),
     (Unavailable, 503),
     (RemoteError, 502),
@@ -76,9 +81,7 @@ def error_body(exc: RunctlError) -> dict[str, Any]:
     return body
 
 
-def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """JSON through msgspec: values from the bus are plain data already."""
     return Response(_encoder.encode(data), status, headers, media_type="application/json")
 
@@ -87,8 +90,13 @@ async def _runctl_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RunctlError)
     status = status_of(exc)
     if status >= 500:
-        log.warning("request failed", method=request.method, path=request.url.path,
-                    status=status, error=str(exc))
+        log.warning(
+            "request failed",
+            method=request.method,
+            path=request.url.path,
+            status=status,
+            error=str(exc),
+        )
     headers = {"X-Runctl-Missing": ",".join(exc.missing)} if isinstance(exc, Timeout) else None
     return json_response(error_body(exc), status, headers)
 
@@ -128,13 +136,21 @@ def summarise_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 async def _request_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = summarise_errors(exc.errors())
-    return json_response({"error": "bad_request", "message": "invalid request",
-                          "detail": detail}, 422)
+    return json_response(
+        {"error": "bad_request", "message": "invalid request", "detail": detail}, 422
+    )
+
+
+async def _bus_error(request: Request, exc: Exception) -> Response:
+    """A nats-py error the client did not map itself (e.g. a registry read timing out)."""
+    return await _runctl_error(request, map_nats_error(exc))
 
 
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app`` (the body limit is a middleware: see BodyLimit)."""
     app.add_exception_handler(RunctlError, _runctl_error)
+    app.add_exception_handler(NatsError, _bus_error)
+    app.add_exception_handler(TimeoutError, _bus_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
 
 
@@ -194,12 +210,14 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _send_error(send: Send, exc: RunctlError) -> None:
     body = _encoder.encode(error_body(exc))
-    await send({
-        "type": "http.response.start",
-        "status": status_of(exc),
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_of(exc),
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

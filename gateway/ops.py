@@ -79,9 +79,7 @@ def assignments_patch(
             raise BadRequest("an assignment needs a path (PATH=VALUE)")
         if any(p.lstrip("-").isdigit() for p in parts):
             # a patch merges objects: "layers.0.width" would replace the list by an object
-            raise BadRequest(
-                f"{a.path!r} goes through a list index: set it in its own command"
-            )
+            raise BadRequest(f"{a.path!r} goes through a list index: set it in its own command")
         node = patch
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -98,7 +96,8 @@ def assignments_patch(
 
 
 def _is_retryable_value(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, str)
+    """Typed-in text that JSON read as a number or boolean (bool is an int)."""
+    return isinstance(value, int | float)
 
 
 def _string_errors_only(exc: RunctlError) -> list[list[str]] | None:
@@ -129,8 +128,10 @@ async def set_text(
             return await client.set(run, rank, path, text, **options)
         raise
     errors = _all_rejected(result)
-    if _is_retryable_value(value) and errors and all(
-        _string_errors_only(e) is not None for e in errors
+    if (
+        _is_retryable_value(value)
+        and errors
+        and all(_string_errors_only(e) is not None for e in errors)
     ):
         return await client.set(run, rank, path, text, **options)
     return result
@@ -166,8 +167,11 @@ def _text_retry(assignments: Sequence[Assignment], errors: list[RunctlError]) ->
             return None
         for loc in locs:
             match = next(
-                (i for i, a in enumerate(assignments)
-                 if a.parts == loc and _is_retryable_value(a.value)),
+                (
+                    i
+                    for i, a in enumerate(assignments)
+                    if a.parts == loc and _is_retryable_value(a.value)
+                ),
                 None,
             )
             if match is None:

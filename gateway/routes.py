@@ -71,8 +71,10 @@ Fresh = Annotated[
 ]
 Sync = Annotated[
     bool,
-    Query(description="apply on every rank at the same step (needs `ctl.sync(step)` in the "
-                      "program; rank must be `all`)"),
+    Query(
+        description="apply on every rank at the same step (needs `ctl.sync(step)` in the "
+        "program; rank must be `all`)"
+    ),
 ]
 Margin = Annotated[int | None, Query(ge=0, description="with sync: steps ahead to apply at")]
 
@@ -106,9 +108,13 @@ def _sync_options(rank: str, sync: bool, margin: int | None) -> dict[str, Any]:
 def _default_target(request: Request) -> tuple[str, str]:
     settings: Settings = request.app.state.settings
     if settings.default_run is None:
-        raise NotFound("", message=(
-            "no default run: start the gateway with --run RUN [--rank RANK] to use the "
-            "root routes, or use /runs/{run}/ranks/{rank}/..."))
+        raise NotFound(
+            "",
+            message=(
+                "no default run: start the gateway with --run RUN [--rank RANK] to use the "
+                "root routes, or use /runs/{run}/ranks/{rank}/..."
+            ),
+        )
     return settings.default_run, settings.default_rank
 
 
@@ -150,24 +156,37 @@ def _gathered_response(g: Gathered, *, freak: bool = False) -> Response:
 def _read_response(result: Result | Gathered) -> Response:
     if isinstance(result, Gathered):
         return _gathered_response(result)
-    return json_response(result.value, headers={
-        "X-Runctl-Version": str(result.version),
-        "X-Runctl-Status": result.liveness,
-        "X-Runctl-Age": f"{result.age:.3f}",
-        "X-Runctl-Source": result.source,
-    })
+    return json_response(
+        result.value,
+        headers={
+            "X-Runctl-Version": str(result.version),
+            "X-Runctl-Status": result.liveness,
+            "X-Runctl-Age": f"{result.age:.3f}",
+            "X-Runctl-Source": result.source,
+        },
+    )
 
 
 def _write_response(run: str, result: Result | Gathered, *, freak: bool = False) -> Response:
     if isinstance(result, Gathered):
         return _gathered_response(result, freak=freak)
-    headers = {"X-Runctl-Version": str(result.version),
-               "X-Runctl-Changed": "true" if result.changed else "false"}
+    headers = {
+        "X-Runctl-Version": str(result.version),
+        "X-Runctl-Changed": "true" if result.changed else "false",
+    }
     if freak:
         return json_response("success", headers=headers)
-    return json_response({"run": run, "rank": result.rank, "outcome": "applied",
-                          "version": result.version, "changed": result.changed,
-                          "value": result.value}, headers=headers)
+    return json_response(
+        {
+            "run": run,
+            "rank": result.rank,
+            "outcome": "applied",
+            "version": result.version,
+            "changed": result.changed,
+            "value": result.value,
+        },
+        headers=headers,
+    )
 
 
 async def _patch_body(request: Request) -> dict[str, Any]:
@@ -191,25 +210,42 @@ async def _read(client: Client, run: str, rank: str, path: str | None, fresh: bo
     return _read_response(await client.get(run, rank, _dotted(path), fresh=fresh))
 
 
-async def _set(client: Client, run: str, rank: str, path: str, value: str,
-               options: dict[str, Any], *, freak: bool = False) -> Response:
+async def _set(
+    client: Client,
+    run: str,
+    rank: str,
+    path: str,
+    value: str,
+    options: dict[str, Any],
+    *,
+    freak: bool = False,
+) -> Response:
     run, rank = _target(run, rank)
     dotted = _dotted(path) or ""
-    return _write_response(run, await ops.set_text(client, run, rank, dotted, value, **options),
-                           freak=freak)
+    return _write_response(
+        run, await ops.set_text(client, run, rank, dotted, value, **options), freak=freak
+    )
 
 
-async def _patch(client: Client, request: Request, run: str, rank: str, path: str | None,
-                 options: dict[str, Any], *, freak: bool = False) -> Response:
+async def _patch(
+    client: Client,
+    request: Request,
+    run: str,
+    rank: str,
+    path: str | None,
+    options: dict[str, Any],
+    *,
+    freak: bool = False,
+) -> Response:
     run, rank = _target(run, rank)
     dotted = _dotted(path)
     body = await _patch_body(request)
-    return _write_response(run, await client.patch(run, rank, body, dotted, **options),
-                           freak=freak)
+    return _write_response(run, await client.patch(run, rank, body, dotted, **options), freak=freak)
 
 
-async def _reset(client: Client, run: str, rank: str, options: dict[str, Any], *,
-                 freak: bool = False) -> Response:
+async def _reset(
+    client: Client, run: str, rank: str, options: dict[str, Any], *, freak: bool = False
+) -> Response:
     run, rank = _target(run, rank)
     return _write_response(run, await client.reset(run, rank, **options), freak=freak)
 
@@ -224,10 +260,14 @@ async def list_runs(client: ClientDep) -> Response:
     by_run: dict[str, list[RankInfo]] = {}
     for info in await client.runs():
         by_run.setdefault(info.record.run, []).append(info)
-    return json_response({"runs": [
-        {"run": run, "counts": _counts(infos), "ranks": [rank_summary(i) for i in infos]}
-        for run, infos in by_run.items()
-    ]})
+    return json_response(
+        {
+            "runs": [
+                {"run": run, "counts": _counts(infos), "ranks": [rank_summary(i) for i in infos]}
+                for run, infos in by_run.items()
+            ]
+        }
+    )
 
 
 @router.get("/runs/{run}", summary="One run and its ranks", tags=["runs"])
@@ -235,8 +275,11 @@ async def get_run(run: RunParam, client: ClientDep) -> Response:
     """The run's ranks (404 if the registry has none), and a run-wide stop if one was sent."""
     run = check_token(run, "run")
     infos = await client.ranks(run)
-    body: dict[str, Any] = {"run": run, "counts": _counts(infos),
-                            "ranks": [rank_summary(i) for i in infos]}
+    body: dict[str, Any] = {
+        "run": run,
+        "counts": _counts(infos),
+        "ranks": [rank_summary(i) for i in infos],
+    }
     try:
         record = await (await client.registry()).get_run(run)
     except (RunctlError, OSError):
@@ -250,23 +293,27 @@ async def get_run(run: RunParam, client: ClientDep) -> Response:
 
 
 @router.get(R + "/get", summary="Read the whole state", tags=["state"])
-async def get_state(run: RunParam, rank: RankParam, client: ClientDep,
-                    fresh: Fresh = False) -> Response:
+async def get_state(
+    run: RunParam, rank: RankParam, client: ClientDep, fresh: Fresh = False
+) -> Response:
     """The state's JSON itself, with `X-Runctl-Version`, `X-Runctl-Status` (alive, stale,
     exited) and `X-Runctl-Age` (seconds since the rank's last heartbeat)."""
     return await _read(client, run, rank, None, fresh)
 
 
 @router.get(R + "/get/{path:path}", summary="Read one value", tags=["state"])
-async def get_value(run: RunParam, rank: RankParam, path: PathParam, client: ClientDep,
-                    fresh: Fresh = False) -> Response:
+async def get_value(
+    run: RunParam, rank: RankParam, path: PathParam, client: ClientDep, fresh: Fresh = False
+) -> Response:
     """The value at a dotted path (`optimizer.lr` or `optimizer/lr`)."""
     return await _read(client, run, rank, path, fresh)
 
 
 @router.get(R + "/get_from_path", summary="Read one value (path in the query)", tags=["state"])
 async def get_from_path(
-    run: RunParam, rank: RankParam, client: ClientDep,
+    run: RunParam,
+    rank: RankParam,
+    client: ClientDep,
     path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
     fresh: Fresh = False,
 ) -> Response:
@@ -275,48 +322,78 @@ async def get_from_path(
 
 @router.put(R + "/set/{path:path}", summary="Set one value", tags=["state"])
 async def set_value(
-    run: RunParam, rank: RankParam, path: PathParam, client: ClientDep,
+    run: RunParam,
+    rank: RankParam,
+    path: PathParam,
+    client: ClientDep,
     value: Annotated[str, Query(description="JSON (`0.01`, `null`, `[1,2]`), else a string")],
-    sync: Sync = False, margin: Margin = None,
+    sync: Sync = False,
+    margin: Margin = None,
 ) -> Response:
     """Replace the value at `path`, validated by the program's model; 422 with pydantic's
     errors (and nothing changed) if it does not fit."""
     return await _set(client, run, rank, path, value, _sync_options(rank, sync, margin))
 
 
-@router.patch(R + "/set", summary="Merge a partial state", tags=["state"],
-              openapi_extra=_PATCH_BODY)
-async def patch_state(run: RunParam, rank: RankParam, request: Request, client: ClientDep,
-                      sync: Sync = False, margin: Margin = None) -> Response:
+@router.patch(
+    R + "/set", summary="Merge a partial state", tags=["state"], openapi_extra=_PATCH_BODY
+)
+async def patch_state(
+    run: RunParam,
+    rank: RankParam,
+    request: Request,
+    client: ClientDep,
+    sync: Sync = False,
+    margin: Margin = None,
+) -> Response:
     """Merge a JSON object into the state: nested objects merge (siblings are kept),
     everything else replaces. All or nothing."""
     return await _patch(client, request, run, rank, None, _sync_options(rank, sync, margin))
 
 
-@router.patch(R + "/set/{path:path}", summary="Merge into a sub-tree", tags=["state"],
-              openapi_extra=_PATCH_BODY)
-async def patch_at(run: RunParam, rank: RankParam, path: PathParam, request: Request,
-                   client: ClientDep, sync: Sync = False, margin: Margin = None) -> Response:
+@router.patch(
+    R + "/set/{path:path}",
+    summary="Merge into a sub-tree",
+    tags=["state"],
+    openapi_extra=_PATCH_BODY,
+)
+async def patch_at(
+    run: RunParam,
+    rank: RankParam,
+    path: PathParam,
+    request: Request,
+    client: ClientDep,
+    sync: Sync = False,
+    margin: Margin = None,
+) -> Response:
     """Merge a JSON object into the object at `path` (e.g. `optimizer`)."""
     return await _patch(client, request, run, rank, path, _sync_options(rank, sync, margin))
 
 
 @router.delete(R + "/reset", summary="Back to the initial state", tags=["state"])
-async def reset_state(run: RunParam, rank: RankParam, client: ClientDep,
-                      sync: Sync = False, margin: Margin = None) -> Response:
+async def reset_state(
+    run: RunParam, rank: RankParam, client: ClientDep, sync: Sync = False, margin: Margin = None
+) -> Response:
     """The state the program had when it called `control()`."""
     return await _reset(client, run, rank, _sync_options(rank, sync, margin))
 
 
 @router.post(R + "/stop", summary="Ask the program to stop", tags=["state"])
 async def stop(
-    run: RunParam, rank: RankParam, client: ClientDep,
+    run: RunParam,
+    rank: RankParam,
+    client: ClientDep,
     reason: Annotated[str, Query(max_length=1000, description="shown to the program")] = "",
-    mode: Annotated[Literal["graceful", "terminate"], Query(
-        description="graceful: the program sees `stop_requested`; terminate: also SIGTERM "
-                    "after `grace` seconds if it is still running")] = "graceful",
+    mode: Annotated[
+        Literal["graceful", "terminate"],
+        Query(
+            description="graceful: the program sees `stop_requested`; terminate: also SIGTERM "
+            "after `grace` seconds if it is still running"
+        ),
+    ] = "graceful",
     grace: Annotated[float, Query(gt=0, description="seconds, with mode=terminate")] = 30.0,
-    sync: Sync = False, margin: Margin = None,
+    sync: Sync = False,
+    margin: Margin = None,
 ) -> Response:
     """Sets `ctl.stop_requested` (and runs `on_stop` callbacks). On `all` it is also
     recorded for the run, so a rank that starts later stops too."""
@@ -332,8 +409,9 @@ async def schema(run: RunParam, rank: RankParam, client: ClientDep) -> Response:
     run, rank = _target(run, rank)
     if rank != ALL:
         return json_response(await client.schema(run, rank))
-    ranks = {i.record.rank: await client.schema(run, i.record.rank)
-             for i in await client.ranks(run)}
+    ranks = {
+        i.record.rank: await client.schema(run, i.record.rank) for i in await client.ranks(run)
+    }
     return json_response({"run": run, "ranks": ranks})
 
 
@@ -348,14 +426,16 @@ async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -
 
 
 @router.get("/get/{path:path}", summary="Read one value of the default rank", tags=_FREAK)
-async def freak_get_value(request: Request, path: PathParam, client: ClientDep,
-                          fresh: Fresh = False) -> Response:
+async def freak_get_value(
+    request: Request, path: PathParam, client: ClientDep, fresh: Fresh = False
+) -> Response:
     return await _read(client, *_default_target(request), path, fresh)
 
 
 @router.get("/get_from_path", summary="Read one value (path in the query)", tags=_FREAK)
 async def freak_get_from_path(
-    request: Request, client: ClientDep,
+    request: Request,
+    client: ClientDep,
     path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
     fresh: Fresh = False,
 ) -> Response:
@@ -364,21 +444,31 @@ async def freak_get_from_path(
 
 @router.put("/set/{path:path}", summary="Set one value of the default rank", tags=_FREAK)
 async def freak_set(
-    request: Request, path: PathParam, client: ClientDep,
+    request: Request,
+    path: PathParam,
+    client: ClientDep,
     value: Annotated[str, Query(description="JSON, else a string")],
 ) -> Response:
     """Answers `"success"` as Freak did."""
     return await _set(client, *_default_target(request), path, value, {}, freak=True)
 
 
-@router.patch("/set", summary="Merge a partial state into the default rank", tags=_FREAK,
-              openapi_extra=_PATCH_BODY)
+@router.patch(
+    "/set",
+    summary="Merge a partial state into the default rank",
+    tags=_FREAK,
+    openapi_extra=_PATCH_BODY,
+)
 async def freak_patch(request: Request, client: ClientDep) -> Response:
     return await _patch(client, request, *_default_target(request), None, {}, freak=True)
 
 
-@router.patch("/set/{path:path}", summary="Merge into a sub-tree of the default rank",
-              tags=_FREAK, openapi_extra=_PATCH_BODY)
+@router.patch(
+    "/set/{path:path}",
+    summary="Merge into a sub-tree of the default rank",
+    tags=_FREAK,
+    openapi_extra=_PATCH_BODY,
+)
 async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
     return await _patch(client, request, *_default_target(request), path, {}, freak=True)
 

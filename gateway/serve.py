@@ -42,12 +42,12 @@ class GatewayThread:
     """A gateway on a daemon thread with its own event loop; ``start()`` returns once it
     accepts connections (and has tried NATS once)."""
 
-    def __init__(self, settings: Settings, *, log_level: str = "warning",
-                 access_log: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, *, log_level: str = "warning", access_log: bool = False
+    ) -> None:
         self.settings = settings
         self.server = uvicorn.Server(_config(settings, log_level, access_log))
-        self.thread = threading.Thread(target=self.server.run, name="runctl-gateway",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name="runctl-gateway", daemon=True)
 
     @property
     def port(self) -> int:

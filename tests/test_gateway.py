@@ -39,7 +39,7 @@ class CappedOpt(Opt):
 
 
 class Capped(Cfg):
-    opt: CappedOpt = CappedOpt()  # type: ignore[assignment]
+    opt: CappedOpt = CappedOpt()
 
 
 GatewayFactory = Callable[..., httpx.Client]
@@ -97,10 +97,15 @@ RANK_PROGRAM = """
 
 
 def spawn_rank(run: str, rank: int, url: str, heartbeat: float = 1.0) -> subprocess.Popen[str]:
-    proc = spawn_python(textwrap.dedent(RANK_PROGRAM), env={
-        "RUNCTL_RUN": run, "RUNCTL_RANK": str(rank), "RUNCTL_NATS_URL": url,
-        "HEARTBEAT": str(heartbeat),
-    })
+    proc = spawn_python(
+        textwrap.dedent(RANK_PROGRAM),
+        env={
+            "RUNCTL_RUN": run,
+            "RUNCTL_RANK": str(rank),
+            "RUNCTL_NATS_URL": url,
+            "HEARTBEAT": str(heartbeat),
+        },
+    )
     assert proc.stdout is not None
     for line in proc.stdout:  # the agent's log lines share stdout
         if "READY" in line:
@@ -112,8 +117,9 @@ def spawn_rank(run: str, rank: int, url: str, heartbeat: float = 1.0) -> subproc
 # --- discovery -----------------------------------------------------------------------------
 
 
-def test_runs_list_each_rank_with_its_liveness(gateway: GatewayFactory, agents: Any,
-                                                run_id: str) -> None:
+def test_runs_list_each_rank_with_its_liveness(
+    gateway: GatewayFactory, agents: Any, run_id: str
+) -> None:
     agents(Cfg(), run_id, 0)
     agents(Cfg(), run_id, 1)
     http = gateway()
@@ -122,7 +128,11 @@ def test_runs_list_each_rank_with_its_liveness(gateway: GatewayFactory, agents: 
     assert mine["counts"] == {"alive": 2, "stale": 0, "exited": 0}
     rank0 = mine["ranks"][0]
     assert (rank0["rank"], rank0["status"], rank0["version"], rank0["pid"]) == (
-        "0", "alive", 0, os.getpid())
+        "0",
+        "alive",
+        0,
+        os.getpid(),
+    )
     assert rank0["heartbeat_age_s"] >= 0 and rank0["host"] and rank0["model"] == "Cfg"
 
     one = http.get(f"/runs/{run_id}")
@@ -135,8 +145,9 @@ def test_runs_list_each_rank_with_its_liveness(gateway: GatewayFactory, agents: 
 # --- reads ---------------------------------------------------------------------------------
 
 
-def test_reads_return_the_state_itself_with_headers(gateway: GatewayFactory, agents: Any,
-                                                    run_id: str) -> None:
+def test_reads_return_the_state_itself_with_headers(
+    gateway: GatewayFactory, agents: Any, run_id: str
+) -> None:
     state = Cfg()
     agents(state, run_id)
     http = gateway()
@@ -171,7 +182,7 @@ def test_reads_come_from_the_registry_and_mark_a_killed_rank_stale(
     proc.communicate()
 
     def stale() -> bool:
-        return http.get(f"{base}/get").headers.get("X-Runctl-Status") == "stale"
+        return bool(http.get(f"{base}/get").headers.get("X-Runctl-Status") == "stale")
 
     wait_for(stale, timeout=15)
     r = http.get(f"{base}/get")
@@ -185,8 +196,9 @@ def test_reads_come_from_the_registry_and_mark_a_killed_rank_stale(
     assert http.get(f"{base}/get", params={"fresh": "true"}).status_code == 404
 
 
-def test_an_exited_rank_reads_as_exited(gateway: GatewayFactory, nats_url: str,
-                                        run_id: str) -> None:
+def test_an_exited_rank_reads_as_exited(
+    gateway: GatewayFactory, nats_url: str, run_id: str
+) -> None:
     ctl = control(Cfg(), run=run_id, rank=0, url=nats_url).wait_ready()
     ctl.close()
     r = gateway().get(f"/runs/{run_id}/ranks/0/get")
@@ -222,8 +234,11 @@ def test_put_parses_json_else_string(gateway: GatewayFactory, agents: Any, run_i
     assert http.put(f"{base}/tags/1", params={"value": "c"}).status_code == 200
     assert state.tags == ["a", "c"]
 
-    version = int(http.get(f"/runs/{run_id}/ranks/0/get", params={"fresh": "true"})
-                  .headers["X-Runctl-Version"])
+    version = int(
+        http.get(f"/runs/{run_id}/ranks/0/get", params={"fresh": "true"}).headers[
+            "X-Runctl-Version"
+        ]
+    )
     bad = http.put(f"{base}/opt.kind", params={"value": "rmsprop"})
     assert bad.status_code == 422
     err = bad.json()
@@ -238,8 +253,9 @@ def test_put_parses_json_else_string(gateway: GatewayFactory, agents: Any, run_i
     assert http.put(f"{base}/__dict__", params={"value": "1"}).status_code == 400
 
 
-def test_patch_merges_nested_and_keeps_siblings(gateway: GatewayFactory, agents: Any,
-                                                run_id: str) -> None:
+def test_patch_merges_nested_and_keeps_siblings(
+    gateway: GatewayFactory, agents: Any, run_id: str
+) -> None:
     state = Cfg()
     held = state.opt
     agents(state, run_id)
@@ -250,8 +266,11 @@ def test_patch_merges_nested_and_keeps_siblings(gateway: GatewayFactory, agents:
     assert r.json()["value"]["opt"] == {"lr": 0.5, "kind": "sgd", "momentum": 0.9}
     assert (held.lr, held.kind, held.momentum, state.epochs) == (0.5, "sgd", 0.9, 9)
     # into a sub-tree; no content-type header needed (curl -d sends a form type)
-    r = http.patch(f"{base}/opt", content=b'{"kind": "adam"}',
-                   headers={"content-type": "application/x-www-form-urlencoded"})
+    r = http.patch(
+        f"{base}/opt",
+        content=b'{"kind": "adam"}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 200, r.text
     assert (held.lr, held.kind) == (0.5, "adam")
 
@@ -263,8 +282,9 @@ def test_patch_merges_nested_and_keeps_siblings(gateway: GatewayFactory, agents:
     assert (held.lr, held.momentum) == (0.5, 0.9)  # nothing of either change was applied
 
 
-def test_reset_returns_to_the_initial_state(gateway: GatewayFactory, agents: Any,
-                                            run_id: str) -> None:
+def test_reset_returns_to_the_initial_state(
+    gateway: GatewayFactory, agents: Any, run_id: str
+) -> None:
     state = Cfg()
     agents(state, run_id)
     http = gateway()
@@ -276,8 +296,7 @@ def test_reset_returns_to_the_initial_state(gateway: GatewayFactory, agents: Any
     assert again.json()["changed"] is False and again.headers["X-Runctl-Changed"] == "false"
 
 
-def test_writes_to_all_report_each_rank(gateway: GatewayFactory, agents: Any,
-                                        run_id: str) -> None:
+def test_writes_to_all_report_each_rank(gateway: GatewayFactory, agents: Any, run_id: str) -> None:
     s0, s1 = Cfg(), Capped()
     agents(s0, run_id, 0)
     agents(s1, run_id, 1)
@@ -288,8 +307,7 @@ def test_writes_to_all_report_each_rank(gateway: GatewayFactory, agents: Any,
     assert both.status_code == 200
     body = both.json()
     assert body["acknowledged"] == ["0", "1"] and body["missing"] == []
-    assert {r: v["outcome"] for r, v in body["ranks"].items()} == {"0": "applied",
-                                                                    "1": "applied"}
+    assert {r: v["outcome"] for r, v in body["ranks"].items()} == {"0": "applied", "1": "applied"}
     assert s0.opt.lr == s1.opt.lr == 0.2
 
     mixed = http.put(f"{base}/set/opt.lr", params={"value": "0.5"})  # over rank 1's cap
@@ -309,8 +327,9 @@ def test_writes_to_all_report_each_rank(gateway: GatewayFactory, agents: Any,
     assert reset.status_code == 200 and s0.opt.lr == s1.opt.lr == 0.1
 
 
-def test_stop_all_reaches_ranks_in_separate_processes(gateway: GatewayFactory, nats_url: str,
-                                                      run_id: str) -> None:
+def test_stop_all_reaches_ranks_in_separate_processes(
+    gateway: GatewayFactory, nats_url: str, run_id: str
+) -> None:
     procs = [spawn_rank(run_id, rank, nats_url) for rank in (0, 1)]
     try:
         r = gateway().post(f"/runs/{run_id}/ranks/all/stop", params={"reason": "enough"})
@@ -347,8 +366,9 @@ def test_stop_one_rank_and_schema(gateway: GatewayFactory, agents: Any, run_id: 
 # --- Freak-compatible root routes ------------------------------------------------------------
 
 
-def test_freak_root_routes_act_on_the_default_rank(gateway: GatewayFactory, agents: Any,
-                                                   run_id: str) -> None:
+def test_freak_root_routes_act_on_the_default_rank(
+    gateway: GatewayFactory, agents: Any, run_id: str
+) -> None:
     state = Cfg()
     agents(state, run_id)
     http = gateway(default_run=run_id, default_rank="0")
@@ -376,8 +396,9 @@ def test_openapi_docs_and_page(gateway: GatewayFactory) -> None:
     http = gateway()
     assert http.get("/docs").status_code == 200
     spec = http.get("/openapi.json").json()
-    ops = {(path, method): op for path, item in spec["paths"].items()
-           for method, op in item.items()}
+    ops = {
+        (path, method): op for path, item in spec["paths"].items() for method, op in item.items()
+    }
     assert ops[("/runs/{run}/ranks/{rank}/set/{path}", "put")]["summary"] == "Set one value"
     assert ops[("/runs/{run}/ranks/{rank}/set", "patch")]["requestBody"]["required"] is True
     assert all(op.get("summary") for op in ops.values())

@@ -85,7 +85,7 @@ async def test_bad_names_are_400_and_never_reach_the_bus(
 ) -> None:
     http = gateway()
     for bad in BAD_NAMES:
-        for method, url, kwargs in [
+        requests: list[tuple[str, str, dict[str, Any]]] = [
             ("GET", f"/runs/{bad}", {}),
             ("GET", f"/runs/{bad}/ranks/0/get", {}),
             ("GET", f"/runs/{bad}/ranks/0/get", {"params": {"fresh": "true"}}),
@@ -96,7 +96,8 @@ async def test_bad_names_are_400_and_never_reach_the_bus(
             ("GET", f"/runs/{bad}/ranks/0/schema", {}),
             ("PUT", f"/runs/ok/ranks/{bad}/set/epochs", {"params": {"value": "1"}}),
             ("GET", f"/runs/ok/ranks/{bad}/get", {}),
-        ]:
+        ]
+        for method, url, kwargs in requests:
             r = http.request(method, url, **kwargs)
             assert r.status_code == 400, (method, url[:60], r.status_code, r.text[:200])
             body = r.json()
@@ -110,10 +111,12 @@ def test_bad_paths_are_400(gateway: GatewayFactory, agent: Control[Cfg], run_id:
     http = gateway()
     base = f"/runs/{run_id}/ranks/0"
     for path in ["opt..lr", "opt.nope", "__dict__", "opt._private", "x" * 2000]:
-        for r in (http.get(f"{base}/get/{path}"),
-                  http.get(f"{base}/get/{path}", params={"fresh": "true"}),
-                  http.put(f"{base}/set/{path}", params={"value": "1"}),
-                  http.patch(f"{base}/set/{path}", json={"lr": 1})):
+        for r in (
+            http.get(f"{base}/get/{path}"),
+            http.get(f"{base}/get/{path}", params={"fresh": "true"}),
+            http.put(f"{base}/set/{path}", params={"value": "1"}),
+            http.patch(f"{base}/set/{path}", json={"lr": 1}),
+        ):
             assert r.status_code == 400, (path[:20], r.request.method, r.text[:200])
             assert r.json()["error"] == "bad_path" and len(r.content) < 1000
     assert agent.version == 0
@@ -124,10 +127,14 @@ def test_unknown_run_or_rank_is_404_from_no_responders(
 ) -> None:
     # A 20 s command timeout: a 404 that waited for it would fail the 10 s HTTP timeout.
     http = gateway(timeout=20.0)
-    for run, rank in [(f"{run_id}-nope", "0"), (f"{run_id}-nope", "all"), (run_id, "7"),
-                      ("all", "0")]:
+    for run, rank in [
+        (f"{run_id}-nope", "0"),
+        (f"{run_id}-nope", "all"),
+        (run_id, "7"),
+        ("all", "0"),
+    ]:
         base = f"/runs/{run}/ranks/{rank}"
-        for method, url, kwargs in [
+        requests: list[tuple[str, str, dict[str, Any]]] = [
             ("GET", f"{base}/get", {}),
             ("GET", f"{base}/get", {"params": {"fresh": "true"}}),
             ("PUT", f"{base}/set/epochs", {"params": {"value": "1"}}),
@@ -135,7 +142,8 @@ def test_unknown_run_or_rank_is_404_from_no_responders(
             ("DELETE", f"{base}/reset", {}),
             ("POST", f"{base}/stop", {}),
             ("GET", f"{base}/schema", {}),
-        ]:
+        ]
+        for method, url, kwargs in requests:
             r = http.request(method, url, **kwargs)
             assert r.status_code == 404, (method, url, r.text, bus_traffic)
             assert r.json()["error"] == "not_found"
@@ -156,9 +164,11 @@ async def test_a_rank_that_never_answers_is_504_naming_it(
     try:
         http = gateway(timeout=0.5)
         base = f"/runs/{run_id}/ranks/0"
-        for r in (http.get(f"{base}/get", params={"fresh": "true"}),
-                  http.put(f"{base}/set/epochs", params={"value": "1"}),
-                  http.post(f"{base}/stop")):
+        for r in (
+            http.get(f"{base}/get", params={"fresh": "true"}),
+            http.put(f"{base}/set/epochs", params={"value": "1"}),
+            http.post(f"{base}/stop"),
+        ):
             assert r.status_code == 504, r.text
             body = r.json()
             assert body["error"] == "timeout" and body["missing"] == ["0"]
@@ -191,8 +201,10 @@ def test_a_stopped_process_is_504_alone_and_no_answer_among_others(
     procs: list[subprocess.Popen[str]] = []
     try:
         for rank in (0, 1):
-            proc = spawn_python(textwrap.dedent(STOPPABLE), env={
-                "RUNCTL_RUN": run_id, "RUNCTL_RANK": str(rank), "RUNCTL_NATS_URL": nats_url})
+            proc = spawn_python(
+                textwrap.dedent(STOPPABLE),
+                env={"RUNCTL_RUN": run_id, "RUNCTL_RANK": str(rank), "RUNCTL_NATS_URL": nats_url},
+            )
             procs.append(proc)
             assert proc.stdout is not None
             assert any("READY" in line for line in proc.stdout), proc.communicate()
@@ -214,8 +226,9 @@ def test_a_stopped_process_is_504_alone_and_no_answer_among_others(
             proc.communicate()
 
 
-def test_large_bodies_are_413_unread_and_not_echoed(gateway: GatewayFactory,
-                                                    agent: Control[Cfg], run_id: str) -> None:
+def test_large_bodies_are_413_unread_and_not_echoed(
+    gateway: GatewayFactory, agent: Control[Cfg], run_id: str
+) -> None:
     http = gateway()
     url = f"/runs/{run_id}/ranks/0/set"
     big = b'{"epochs": "' + b"x" * (10 << 20) + b'"}'
@@ -241,8 +254,9 @@ def test_large_bodies_are_413_unread_and_not_echoed(gateway: GatewayFactory,
     assert agent.state.epochs == 5
 
 
-def test_malformed_input_is_refused_without_echo(gateway: GatewayFactory,
-                                                 agent: Control[Cfg], run_id: str) -> None:
+def test_malformed_input_is_refused_without_echo(
+    gateway: GatewayFactory, agent: Control[Cfg], run_id: str
+) -> None:
     http = gateway()
     url = f"/runs/{run_id}/ranks/0/set"
     r = http.patch(url, content=b"{" + b"q" * 500_000)
@@ -273,8 +287,10 @@ def _free_port() -> int:
 def test_gateway_starts_without_nats_answers_503_then_connects(tmp_path: Any) -> None:
     port = _free_port()
     url = f"nats://127.0.0.1:{port}"
-    with GatewayThread(Settings(nats_url=url, port=0)) as gw, \
-            httpx.Client(base_url=gw.url, timeout=10) as http:
+    with (
+        GatewayThread(Settings(nats_url=url, port=0)) as gw,
+        httpx.Client(base_url=gw.url, timeout=10) as http,
+    ):
         r = http.get("/runs")
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
         assert http.get("/runs/x/ranks/0/get").status_code == 503
@@ -283,24 +299,28 @@ def test_gateway_starts_without_nats_answers_503_then_connects(tmp_path: Any) ->
             assert http.get("/runs").json() == {"runs": []}
 
 
-def test_bearer_tokens_guard_the_api_but_not_the_page(gateway: GatewayFactory,
-                                                      agent: Control[Cfg], run_id: str) -> None:
+def test_bearer_tokens_guard_the_api_but_not_the_page(
+    gateway: GatewayFactory, agent: Control[Cfg], run_id: str
+) -> None:
     read, admin = "r" * 20, "a" * 20
     http = gateway(tokens=parse_env(f"read:{read},admin:{admin}"))
     url = f"/runs/{run_id}/ranks/0"
     assert http.get(f"{url}/get").status_code == 401
     assert http.get(f"{url}/get", headers={"Authorization": f"Bearer {read}"}).status_code == 200
-    denied = http.put(f"{url}/set/epochs", params={"value": "4"},
-                      headers={"Authorization": f"Bearer {read}"})
+    denied = http.put(
+        f"{url}/set/epochs", params={"value": "4"}, headers={"Authorization": f"Bearer {read}"}
+    )
     assert denied.status_code == 403
-    ok = http.put(f"{url}/set/epochs", params={"value": "4"},
-                  headers={"Authorization": f"Bearer {admin}"})
+    ok = http.put(
+        f"{url}/set/epochs", params={"value": "4"}, headers={"Authorization": f"Bearer {admin}"}
+    )
     assert ok.status_code == 200 and agent.state.epochs == 4
     assert http.get("/").status_code == 200
 
 
-def test_not_found_latency_is_reported(gateway: GatewayFactory, run_id: str,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_found_latency_is_reported(
+    gateway: GatewayFactory, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Not a timing assertion: prints what a 404 costs, for the record (see bench/)."""
     http = gateway(timeout=20.0)
     samples = []
@@ -310,5 +330,7 @@ def test_not_found_latency_is_reported(gateway: GatewayFactory, run_id: str,
         samples.append(time.perf_counter() - t)
     samples.sort()
     with capsys.disabled():
-        print(f"\n404 via no-responders: median {samples[10] * 1000:.1f} ms, "
-              f"max {samples[-1] * 1000:.1f} ms")
+        print(
+            f"\n404 via no-responders: median {samples[10] * 1000:.1f} ms, "
+            f"max {samples[-1] * 1000:.1f} ms"
+        )

@@ -77,7 +77,7 @@ def test_a_directory_without_the_server_file_is_not_overwritten(tmp_path: Path) 
     where = tmp_path / "credentials"
     where.mkdir()
     (where / "mine.txt").write_text("keep")
-    with pytest.raises(CredentialsError, match="has no server.env"):
+    with pytest.raises(CredentialsError, match=r"has no server\.env"):
         ensure_credentials(where, env={})
     assert (where / "mine.txt").read_text() == "keep"
 
@@ -141,6 +141,8 @@ def stopper() -> Iterator[list[subprocess.Popen[str]]]:
     for proc in procs:
         proc.terminate()
         proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 @pytest.mark.anyio
@@ -165,9 +167,21 @@ async def test_runctl_up_generates_credentials_and_requires_them(
     monkeypatch.setenv("RUNCTL_NATS_CREDENTIALS_DIR", str(where))
     async with await Client.connect(url) as client:  # the operator's file, found by itself
         assert await client.runs() == []
-    proc.terminate()
-    proc.wait(10)
-    again, _, said = start_up(up_dir)  # second start: the same passwords, said where
-    stopper.append(again)
-    assert "NATS passwords from .runctl/credentials" in said
+
+
+@pytest.mark.anyio
+async def test_runctl_up_reuses_credentials_and_says_where(
+    up_dir: Path, stopper: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("RUNCTL_NATS_USER", "RUNCTL_NATS_PASSWORD", "RUNCTL_NATS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    where = up_dir / ".runctl" / "credentials"
+    creds = ensure_credentials(where, env={})  # as a first start left them
+    proc, port, said = start_up(up_dir)
+    stopper.append(proc)
+    assert "NATS passwords from .runctl/credentials" in said and "generated" not in said
     assert load_credentials(where, env={}).passwords == creds.passwords
+    async with await Client.connect(f"nats://127.0.0.1:{port}",
+                                    user="runctl-operator",
+                                    password=creds.passwords["operator"]) as client:
+        assert await client.runs() == []
