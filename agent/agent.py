@@ -321,21 +321,22 @@ class Agent(Generic[M]):
     async def _on_command(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         command, reply, new_state = self._execute(verb, msg.data)
-        # The record write is sent before the reply (a reader of the registry sees the
-        # change once the reply is in) but its ack is awaited after: every wait on the
-        # network is a GIL hand-off (~5 ms when the program's loop holds the GIL).
+        # State, record and event go out in one write, then one wait for the record's ack:
+        # each wait on the network costs a GIL hand-off (~5 ms when the program's loop
+        # holds the GIL). The reply waits for the ack so that a registry read issued after
+        # the reply sees the change (replying first made ~1-4% of such reads stale).
         self._acks = []
         try:
             await self._after(verb, command, reply, new_state)
         finally:
             acks, self._acks = self._acks, None
+        for ack in acks:
+            await self._bounded(ack)
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # the asker is gone or the bus is down: nothing to do
                 self.log.debug("reply failed", error=str(exc))
-        for ack in acks:
-            await self._bounded(ack)
 
     async def _after(
         self, verb: str, command: m.Command | None, reply: m.Reply, new_state: bytes | None,
@@ -379,7 +380,8 @@ class Agent(Generic[M]):
                 raise BadRequest(f"unknown verb {verb!r}")
             try:
                 cmd = m.decode_command(verb, data)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
+                    RecursionError) as exc:  # RecursionError: 100k-deep nesting
                 raise BadRequest(f"malformed {verb} command: {exc}") from None
         except RunctlError as exc:
             return None, self._err(exc), None
@@ -540,7 +542,7 @@ class Agent(Generic[M]):
             except Exception as exc:
                 self.log.debug("registry write failed", error=str(exc) or type(exc).__name__)
                 return
-        if self._acks is not None:  # a command is being answered: it waits after replying
+        if self._acks is not None:  # a command is being answered: it waits for them all
             self._acks.append(ack)
         else:
             await self._bounded(ack)

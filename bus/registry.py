@@ -86,7 +86,10 @@ class Registry:
             if not create:
                 raise
         # Two processes may race to create it: same config is accepted by the server.
-        return cls(await js.create_key_value(bucket=BUCKET, history=1, ttl=ttl))
+        from bus.cluster import replicas_from_env
+
+        return cls(await js.create_key_value(bucket=BUCKET, history=1, ttl=ttl,
+                                             replicas=replicas_from_env() or 1))
 
     @staticmethod
     def key(run: str, rank: str) -> str:

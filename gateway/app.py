@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any
 
 import anyio
 import structlog
 from fastapi import Depends, FastAPI
 
 from bus.client import Client
-from bus.credentials import CredentialsError, redact_url, role_auth
+from bus.credentials import CredentialsError, redact_url
 from bus.errors import Unavailable
 from gateway import errors, page, routes, steps_api
 from gateway.auth import require
@@ -49,20 +48,18 @@ def _version() -> str:
 
 
 async def connect_client(settings: Settings, *, retry: bool = False) -> Client:
-    """The gateway's connection, logged in as the operator role when `runctl up`'s
-    credentials are in reach (see bus.credentials)."""
+    """The gateway's connection: logged in as the operator role (bus.Client's default)
+    when `runctl up`'s credentials are in reach, see bus.credentials."""
     try:
-        auth: dict[str, Any] = role_auth("operator")
+        return await Client.connect(
+            settings.nats_url,
+            name="runctl-gateway",
+            timeout=settings.timeout,
+            max_payload=settings.max_body,
+            retry_initial=retry,
+        )
     except CredentialsError as exc:
         raise Unavailable(str(exc)) from exc
-    return await Client.connect(
-        settings.nats_url,
-        name="runctl-gateway",
-        timeout=settings.timeout,
-        max_payload=settings.max_body,
-        retry_initial=retry,
-        **auth,
-    )
 
 
 @asynccontextmanager
@@ -70,7 +67,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
 
     async def connect_later() -> None:
-        app.state.client = await connect_client(settings, retry=True)
+        try:
+            app.state.client = await connect_client(settings, retry=True)
+        except Unavailable as exc:  # e.g. a malformed credentials file: retrying won't help
+            log.error("gateway cannot connect to NATS", error=str(exc))
+            return
         log.info("gateway connected to NATS")
 
     async with anyio.create_task_group() as tg:

@@ -10,7 +10,7 @@
     runctl reset RUN[/RANK]        back to the initial state
     runctl stop RUN[/RANK]         ask the program to stop
     runctl schema RUN[/RANK]       the model's JSON schema
-    runctl tail [RUN]              live state changes, events and commands
+    runctl tail [RUN]              live state changes and events (--commands: commands too)
     runctl steps RUN / forget RUN STEP    the completed-step log
     runctl tokens                  a tokens file for the gateway
 
@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from bus.connection import DEFAULT_URL
 from bus.credentials import CredentialsError
 from bus.errors import RunctlError
-from gateway import cli_server, cli_state, cli_tail, demo, steps_cli
-from gateway.auth import InsecureBind, TokenError
+from gateway import cli_server, cli_state, cli_tail, demo
 from gateway.cli_common import EXIT_USAGE, exit_code
+from gateway.logs import configure_logging
 from gateway.ops import describe_error
-from gateway.settings import configure_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -62,7 +61,27 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+_VALUE_OPTIONS = frozenset({"--nats", "--url", "--timeout"})
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (None if there is none, or help is asked)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-h", "--help"):
+            return None
+        elif arg.startswith("-"):
+            skip = arg in _VALUE_OPTIONS
+        else:
+            return arg
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given ``argv``, the step-log commands (which import FastAPI) are
+    added only when they are the one asked for, or help is."""
     parser = argparse.ArgumentParser(
         prog="runctl",
         description="Read and change the live state of running programs.",
@@ -83,12 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(add)
     cli_state.register(add)
     cli_tail.register(add)
-    steps_cli.register(sub)
+    if argv is None or _command_of(argv) in (None, "steps", "forget"):
+        from gateway import steps_cli
+
+        steps_cli.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "url", None) is None:
         args.url = os.environ.get("RUNCTL_NATS_URL") or DEFAULT_URL
@@ -103,19 +126,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except RunctlError as exc:
         return _fail(describe_error(exc), exit_code(exc))
-    except (CredentialsError, TokenError, InsecureBind) as exc:
+    except CredentialsError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `runctl tail | head`
         sys.stderr.close()
         return 0
-    except Exception as exc:  # a bug of ours: still one line, and the way to see more
+    except Exception as exc:
+        if _is_setup_error(exc):  # a bad tokens file, an open public bind
+            return _fail(str(exc), EXIT_USAGE)
+        # a bug of ours: still one line, and the way to see more
         if os.environ.get("RUNCTL_DEBUG"):
             raise
         return _fail(
             f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the traceback)", 1
         )
+
+
+def _is_setup_error(exc: Exception) -> bool:
+    # gateway.auth imports FastAPI: only the commands that serve load it, and if it is not
+    # loaded, none of its errors can have been raised
+    auth = sys.modules.get("gateway.auth")
+    return auth is not None and isinstance(exc, auth.TokenError | auth.InsecureBind)
 
 
 def _fail(message: str, code: int) -> int:

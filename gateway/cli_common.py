@@ -11,7 +11,6 @@ from typing import Any, Final, TypeVar
 import anyio
 
 from bus.client import Client
-from bus.credentials import role_auth
 from bus.errors import (
     BadPath,
     BadRequest,
@@ -68,13 +67,19 @@ def parse_target(text: str) -> tuple[str, str]:
 
 
 def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) -> T:
-    """Connect (as the operator role when `runctl up`'s credentials are in reach), run
-    ``fn(client)``, close."""
+    """Connect (bus.Client logs in as the operator role when `runctl up`'s credentials are
+    in reach), run ``fn(client)``, close."""
 
     async def go() -> T:
-        client = await Client.connect(
-            args.url, name="runctl-cli", timeout=args.timeout, **role_auth("operator")
-        )
+        try:
+            client = await Client.connect(args.url, name="runctl-cli", timeout=args.timeout)
+        except Unavailable as exc:
+            if "Authorization" not in str(exc):
+                raise
+            raise Unavailable(
+                f"{exc} (credentials: run runctl where `runctl up` wrote .runctl/credentials, "
+                "or export RUNCTL_NATS_USER and RUNCTL_NATS_PASSWORD)"
+            ) from exc
         async with client:
             return await fn(client)
 

@@ -12,8 +12,6 @@ from typing import Final
 from bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
 from bus.errors import BadRequest
 from bus.server import find_binary
-from gateway.auth import check_bind, generate_tokens_file, load_tokens
-from gateway.settings import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, Settings
 
 __all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
 
@@ -21,6 +19,10 @@ AddParser = Callable[..., argparse.ArgumentParser]
 DEFAULT_CONFIG: Final = "nats.conf"
 DEFAULT_STORE: Final = Path(".runctl") / "nats"
 DEFAULT_TOKENS_FILE: Final = Path(".runctl") / "gateway-tokens"
+# as in gateway.settings, which imports FastAPI: only `runctl gateway` pays for that
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 4444
+DEFAULT_MAX_BODY: Final = 1 << 20
 
 
 def register(add: AddParser) -> None:
@@ -42,6 +44,13 @@ def register(add: AddParser) -> None:
         default=str(DEFAULT_STORE),
         metavar="DIR",
         help=f"JetStream store (default: {DEFAULT_STORE})",
+    )
+    p.add_argument(
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="a local N-node cluster instead (ports PORT..PORT+N-1, stores in "
+        "STORE_DIR/node-*; step log and registry replicated R3): see docs/reliability.md",
     )
     p.set_defaults(func=up_command)
 
@@ -114,6 +123,17 @@ def up_command(args: argparse.Namespace) -> int:
         elif creds.dir is not None:
             print(f"runctl: NATS passwords from {creds.dir}/", file=sys.stderr)
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+    if getattr(args, "cluster", None):
+        from bus.cluster import serve_cluster
+
+        return serve_cluster(
+            args.cluster,
+            port=args.port or 4222,
+            store_dir=args.store_dir,
+            config_file=config,
+            env=env,
+            say=lambda line: print(line, file=sys.stderr, flush=True),
+        )
     binary = find_binary()
     argv = up_argv(binary, config=config, port=args.port, store_dir=args.store_dir)
     where = f"config {config}" if config else f"127.0.0.1:{args.port or 4222}"
@@ -132,7 +152,10 @@ def up_command(args: argparse.Namespace) -> int:
 
 
 def gateway_command(args: argparse.Namespace) -> int:
-    from gateway.serve import serve  # uvicorn is imported only by the commands that serve
+    # FastAPI and uvicorn are imported only by the commands that serve
+    from gateway.auth import check_bind, load_tokens
+    from gateway.serve import serve
+    from gateway.settings import Settings
 
     tokens = load_tokens(args.tokens_file)
     check_bind(args.host, tokens)
@@ -165,6 +188,8 @@ def gateway_command(args: argparse.Namespace) -> int:
 
 
 def tokens_command(args: argparse.Namespace) -> int:
+    from gateway.auth import generate_tokens_file
+
     path = Path(args.file)
     existed = path.exists()
     generate_tokens_file(path)

@@ -26,7 +26,6 @@ from bus.client import Client
 from bus.errors import BadRequest, RunctlError, Unavailable
 from bus.server import NatsServer
 from bus.subjects import ALL, check_token
-from gateway.settings import Settings
 
 __all__ = ["demo_command", "instructions", "register"]
 
@@ -90,6 +89,7 @@ def _say(line: str = "") -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     from gateway.serve import GatewayThread
+    from gateway.settings import Settings
 
     run = check_token(args.run, "run")
     if not 1 <= args.ranks <= MAX_RANKS:

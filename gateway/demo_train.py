@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from agent import control
-from gateway.settings import configure_logging
+from gateway.logs import configure_logging
 
 __all__ = ["Optimizer", "TrainState", "main"]
 

@@ -39,6 +39,8 @@ def parse_value(text: str) -> Any:
         return _decode(text)
     except msgspec.DecodeError:
         return text
+    except RecursionError:  # JSON, but nested deeper than any state: not a string either
+        raise BadRequest("the value is nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,7 +195,8 @@ async def _patch_body(request: Request) -> dict[str, Any]:
         raise BadRequest("a patch needs a JSON object as the request body")
     try:
         value = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # invalid UTF-8 and 100k-deep nesting are not DecodeErrors in msgspec
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")

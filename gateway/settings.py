@@ -1,4 +1,4 @@
-"""What a gateway is started with, and the structlog setup entry points share.
+"""What a gateway is started with.
 
 The gateway keeps nothing else: every answer comes from the bus (the registry's KV bucket
 or the ranks themselves), so it can be restarted at any time.
@@ -6,17 +6,20 @@ or the ranks themselves), so it can be restarted at any time.
 
 from __future__ import annotations
 
-import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Final
 
-import structlog
-
 from bus.subjects import check_rank, check_token
 from gateway.auth import TokenTable
+from gateway.logs import configure_logging  # re-exported: entry points import it from here
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_MAX_BODY", "DEFAULT_PORT", "Settings", "configure_logging"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_PORT",
+    "Settings",
+    "configure_logging",
+]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 4444  # Freak's port: Freak users' curl lines keep working
@@ -48,23 +51,3 @@ class Settings:
             raise ValueError("timeout must be positive")
         if self.max_body < 1:
             raise ValueError("max_body must be at least 1 byte")
-
-
-def configure_logging(level: str = "info") -> None:
-    """structlog for an entry point (CLI, gateway, demo): key=value lines on stderr.
-
-    Library code only calls ``structlog.get_logger()``; this is the one place that decides
-    where those lines go and which are shown.
-    """
-    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        # sys.stderr looked up per logger, not bound once: it may be replaced later
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
-        cache_logger_on_first_use=False,
-    )

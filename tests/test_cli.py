@@ -22,9 +22,10 @@ from conftest import ROOT, wait_for
 from pydantic import BaseModel, Field
 
 from agent import Control, control
-from bus import Client
+from bus import Client, NotFound
 from gateway.cli import main
 from gateway.cli_server import up_argv
+from gateway.cli_tail import format_message, tail_subjects
 
 
 class Opt(BaseModel):
@@ -138,7 +139,7 @@ def test_tail_prints_changes_and_events(
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RUNCTL_NATS_URL": nats_url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "tail", run_id, "--count", "3", "--commands"],
+        [sys.executable, "-m", "gateway.cli", "tail", run_id, "--count", "2"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -150,7 +151,10 @@ def test_tail_prints_changes_and_events(
         assert "tailing" in proc.stderr.readline()
 
         async def change() -> None:
-            async with await Client.connect(nats_url) as client:
+            async with await Client.connect(nats_url, timeout=20) as client:
+                # tail does not listen to commands: a missing rank is still a fast 404
+                with pytest.raises(NotFound):
+                    await client.get(run_id, 9, fresh=True)
                 await client.set(run_id, 0, "opt.lr", 0.25)
 
         anyio.run(change)
@@ -161,11 +165,29 @@ def test_tail_prints_changes_and_events(
             proc.communicate()
     assert proc.returncode == 0
     lines = out.splitlines()
-    assert len(lines) == 3, out
-    assert any(" command  set " in line and '"opt.lr"' in line for line in lines)
+    assert len(lines) == 2, out
     assert any(" state    v1 (set) " in line and '"lr":0.25' in line for line in lines)
     assert any(" event    set v1" in line for line in lines)
-    assert all(f"{run_id}/" in line for line in lines)
+    assert all(f"{run_id}/0" in line for line in lines)
+
+
+def test_tail_formats_commands_and_raw_json() -> None:
+    cmd = b'{"t":"set/1","path":"opt.lr","value":0.5}'
+    line = format_message("runctl.r1.all.cmd.set", cmd)
+    assert line is not None and " r1/all " in line and " command  set " in line
+    assert '"path":"opt.lr"' in line and '"value":0.5' in line
+    raw = format_message("runctl.r1.all.cmd.set", cmd, raw=True)
+    assert raw is not None
+    assert json.loads(raw) == {"subject": "runctl.r1.all.cmd.set", "data": json.loads(cmd)}
+    beat = (
+        b'{"t":"state/1","run":"r1","rank":"0","version":3,"ts":0,"state":{},"cause":"heartbeat"}'
+    )
+    assert format_message("runctl.r1.0.state", beat) is None
+    assert format_message("runctl.r1.0.state", beat, heartbeats=True) is not None
+    odd = format_message("runctl.r1.0.evt.started", b"not json")
+    assert odd is not None and "not json" in odd
+    assert tail_subjects("r1") == ["runctl.r1.*.state", "runctl.r1.*.evt.*", "runctl.r1.*.done.>"]
+    assert "runctl.*.*.cmd.*" in tail_subjects(None, commands=True)
 
 
 def test_unreachable_nats_is_one_line_and_exit_5(tmp_path: Path) -> None:
@@ -221,6 +243,61 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
             proc.communicate()
     assert "nats-server (127.0.0.1:" in err
     assert (tmp_path / "store" / "jetstream").is_dir()
+
+
+def test_up_with_the_repo_config_generates_credentials_the_cli_uses(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    # the repo's nats.conf, minus its fixed monitoring port (tests run side by side)
+    conf = (ROOT / "nats.conf").read_text()
+    (work / "nats.conf").write_text(
+        "\n".join(line for line in conf.splitlines() if not line.startswith("http:"))
+    )
+    port = _free_port()
+    url = f"nats://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for var in ("RUNCTL_NATS_URL", "RUNCTL_NATS_USER", "RUNCTL_NATS_PASSWORD"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port)],
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _listening(port), timeout=20, interval=0.1)
+        creds = work / ".runctl" / "credentials"
+        assert stat.S_IMODE((creds / "operator.env").stat().st_mode) == 0o600
+        here = runctl("--nats", url, "ls", url=None, cwd=work)  # logs in as the operator
+        assert (here.returncode, here.stdout.strip()) == (0, "no runs"), here.stderr
+        elsewhere = runctl("--nats", url, "ls", url=None, cwd=tmp_path)
+        assert elsewhere.returncode == 5
+        assert "Authorization Violation" in one_line(elsewhere.stderr)
+        assert "RUNCTL_NATS_USER" in elsewhere.stderr
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "generated NATS passwords" in err and "config nats.conf" in err
+    assert (work / ".runctl" / "nats" / "jetstream").is_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def test_up_argv_with_and_without_a_config() -> None:

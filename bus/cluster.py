@@ -1,0 +1,392 @@
+"""A local N-node nats-server cluster with JetStream: for ``runctl up --cluster N`` and the
+fault tests (one node killed while a run logs steps).
+
+Each node is a :class:`bus.server.NatsServer` with its own client port, cluster (route)
+port, server name and store dir; every node lists every other node as a route. A cluster is
+ready once JetStream has a meta leader, seen from every node.
+
+Replication: the step log (stream ``RUNCTL_STEPS``) and the rank registry (KV
+``RUNCTL_RANKS``) are created with ``RUNCTL_REPLICAS`` replicas (default 1), by whichever
+process connects first. A process that does not set it never scales an existing stream
+down. :func:`ensure_replicated` creates both with R3 up front (``runctl up --cluster``
+does it), so ranks need no setting at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+import structlog
+
+from bus.errors import BadRequest, ServerStartError, Unavailable
+from bus.server import NatsServer
+
+__all__ = [
+    "CLUSTER_NAME",
+    "REPLICAS_ENV",
+    "NatsCluster",
+    "ensure_replicated",
+    "free_ports",
+    "replicas_from_env",
+    "serve_cluster",
+]
+
+CLUSTER_NAME: Final = "runctl"
+#: replica count of the step stream and the registry bucket when a process creates them
+REPLICAS_ENV: Final = "RUNCTL_REPLICAS"
+MAX_REPLICAS: Final = 5  # JetStream's own limit
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+
+def replicas_from_env(env: Mapping[str, str] | None = None) -> int | None:
+    """``RUNCTL_REPLICAS`` as an int (1..5), or None when unset."""
+    text = (os.environ if env is None else env).get(REPLICAS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"{REPLICAS_ENV}={text[:20]!r} is not a number") from None
+    if not 1 <= value <= MAX_REPLICAS:
+        raise BadRequest(f"{REPLICAS_ENV} must be between 1 and {MAX_REPLICAS}, not {value}")
+    return value
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free right now (held open together, so never the same one
+    twice). A route port must be known before its server starts, unlike a client port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+class NatsCluster:
+    """``size`` nats-server processes on ``host`` forming cluster ``name``.
+
+    ``ports``/``cluster_ports``: the nodes' client and route ports (default: free ones);
+    ``base_dir``: node ``i`` stores JetStream in ``base_dir/node-i`` (default: a temporary
+    directory each, removed on stop). A killed node restarts on the same ports and store.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        host: str = "127.0.0.1",
+        base_dir: str | os.PathLike[str] | None = None,
+        ports: list[int] | None = None,
+        cluster_ports: list[int] | None = None,
+        http_ports: list[int] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        name: str = CLUSTER_NAME,
+    ) -> None:
+        if size < 1:
+            raise BadRequest(f"a cluster needs at least one node, not {size}")
+        for given in (ports, cluster_ports, http_ports):
+            if given is not None and len(given) != size:
+                raise BadRequest(f"{len(given)} ports given for {size} nodes")
+        self.size = size
+        self.host = host
+        self.name = name
+        picked = iter(free_ports((0 if ports else size) + (0 if cluster_ports else size), host))
+        self.ports = list(ports) if ports else [next(picked) for _ in range(size)]
+        self.cluster_ports = (
+            list(cluster_ports) if cluster_ports else [next(picked) for _ in range(size)]
+        )
+        self.http_ports = list(http_ports) if http_ports else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if base_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="runctl-cluster-")
+            base_dir = self._tmp.name
+        self.base_dir = Path(base_dir)
+        self.config_file = config_file
+        self.nodes: list[NatsServer] = [self._node(i) for i in range(size)]
+
+    # --- addresses ----------------------------------------------------------------------
+
+    def server_name(self, i: int) -> str:
+        return f"{self.name}-{i + 1}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"nats://{self.host}:{port}" for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma separated: what a client connects with (any node will do,
+        and it fails over to the others)."""
+        return ",".join(self.urls)
+
+    def _routes(self) -> str:
+        return ",".join(f"nats://{self.host}:{p}" for p in self.cluster_ports)
+
+    def _node(self, i: int) -> NatsServer:
+        args = [
+            "--cluster_name", self.name,
+            "--cluster", f"nats://{self.host}:{self.cluster_ports[i]}",
+            # every node, itself included: nats-server ignores a route to itself
+            "--routes", self._routes(),
+        ]
+        if self.http_ports is not None:
+            args += ["-m", str(self.http_ports[i])]
+        return NatsServer(
+            host=self.host, port=self.ports[i], store_dir=self.base_dir / f"node-{i + 1}",
+            config_file=self.config_file,
+            name=self.server_name(i), extra_args=tuple(args),
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> Self:
+        """Start every node (together: a node waits for its routes before JetStream is up),
+        then, with ``wait``, until JetStream has a meta leader (:meth:`wait_jetstream`)."""
+        errors: list[BaseException] = []
+
+        def start_one(node: NatsServer) -> None:
+            try:
+                node.start(timeout)
+            except BaseException as exc:  # re-raised below, after every thread is done
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start_one, args=(n,), daemon=True)
+                   for n in self.nodes]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+            if wait:
+                self.wait_jetstream(timeout)
+        except BaseException:
+            for thread in threads:
+                thread.join()
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (its store dir is kept)."""
+        self.nodes[i].kill()
+
+    def signal(self, i: int, signum: int) -> None:
+        self.nodes[i].signal(signum)
+
+    def restart(self, i: int, timeout: float = 30.0) -> NatsServer:
+        """Start node ``i`` again on its ports and store dir (after :meth:`kill`)."""
+        old = self.nodes[i]
+        if old.running:
+            old.stop()
+        node = self._node(i)
+        # a new log file: the old one's "Server is ready" would pass start() at once
+        node.log_path = node.store_dir / f"nats-server.{time.monotonic_ns()}.log"
+        self.nodes[i] = node
+        node.start(timeout)
+        return node
+
+    @property
+    def running(self) -> list[bool]:
+        return [n.running for n in self.nodes]
+
+    def wait_jetstream(self, timeout: float = 30.0, **connect_options: Any) -> None:
+        """Until every running node answers ``$JS.API.INFO`` (it knows a meta leader).
+        ``connect_options``: nats-py login options when the nodes require one."""
+        run_sync(lambda: self._await_jetstream(timeout, connect_options))
+
+    async def _await_jetstream(self, timeout: float, options: dict[str, Any]) -> None:
+        import anyio
+        import nats
+
+        async def quiet(exc: Exception) -> None:
+            pass  # nats-py would print a traceback for every refused early attempt
+
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.running:
+                continue
+            last = ""
+            while True:
+                try:
+                    nc = await nats.connect(node.url, allow_reconnect=False, connect_timeout=1,
+                                            error_cb=quiet, **options)
+                    try:
+                        with anyio.fail_after(2):
+                            await nc.jetstream().account_info()
+                        break
+                    finally:
+                        await nc.close()
+                except Exception as exc:  # not ready yet: 503 until a meta leader exists
+                    last = str(exc) or type(exc).__name__
+                if time.monotonic() > deadline:
+                    raise ServerStartError(
+                        f"JetStream of cluster {self.name!r} not ready after {timeout:g}s", last
+                    )
+                await anyio.sleep(0.1)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[NatsServer]:
+        return iter(self.nodes)
+
+
+def run_sync(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``await fn(*args)`` on a fresh event loop in a helper thread: callable from sync
+    code and from inside a running loop alike (which it blocks meanwhile)."""
+    import anyio
+
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, anyio.run(fn, *args)))
+        except BaseException as exc:  # handed to the caller
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="runctl-cluster", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+async def ensure_replicated(
+    url: str, replicas: int, *, timeout: float = 30.0, **connect_options: Any
+) -> None:
+    """Create (or scale) the step stream and the registry bucket to ``replicas`` replicas.
+    Retried until ``timeout``: right after a cluster starts, its peers may not all be
+    known to the meta leader yet."""
+    import anyio
+    from nats.js import errors as js_errors
+
+    from bus.connection import connect
+    from bus.registry import BUCKET
+    from bus.stepstore import ensure_stream
+
+    nc = await connect(url, name="runctl-cluster", **connect_options)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with anyio.fail_after(5):
+                    await ensure_stream(js, replicas=replicas)
+                    try:
+                        kv = await js.key_value(BUCKET)
+                        status = await kv.status()
+                        config = status.stream_info.config
+                        if (config.num_replicas or 1) != replicas:
+                            config.num_replicas = replicas
+                            await js.update_stream(config)
+                    except js_errors.BucketNotFoundError:
+                        from bus.registry import DEFAULT_TTL
+
+                        await js.create_key_value(bucket=BUCKET, history=1, ttl=DEFAULT_TTL,
+                                                  replicas=replicas)
+                return
+            except Exception as exc:  # e.g. "insufficient resources" until peers are known
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"could not create the {replicas}-replica step log and registry: "
+                        f"{exc or type(exc).__name__}"
+                    ) from exc
+                await anyio.sleep(0.25)
+    finally:
+        await nc.close()
+
+
+def serve_cluster(
+    size: int,
+    *,
+    port: int,
+    store_dir: str | os.PathLike[str],
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """``runctl up --cluster N``: a local cluster in the foreground until Ctrl-C/SIGTERM.
+
+    Node ``i`` listens on ``port + i`` (routes on ``port + 2000 + i``, monitoring on
+    ``8222 + i`` when the config enables it) and stores in ``store_dir/node-i``."""
+    if env is not None:
+        os.environ.update(env)  # passwords the config reads, inherited by every node
+    http = None
+    if config_file is not None and re.search(r"^\s*http\s*[:=]", Path(config_file).read_text(),
+                                             re.MULTILINE):
+        http = [8222 + i for i in range(size)]
+    cluster = NatsCluster(
+        size,
+        base_dir=store_dir,
+        ports=[port + i for i in range(size)],
+        cluster_ports=[port + 2000 + i for i in range(size)],
+        http_ports=http,
+        config_file=config_file,
+    )
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # readiness is the replicated stores' creation itself (retried until the JetStream
+        # meta group has every peer): it logs in as a rank would, with `runctl up`'s files
+        cluster.start(wait=False)
+        replicas = min(3, size)
+        try:
+            from bus.credentials import role_auth
+
+            run_sync(lambda: ensure_replicated(cluster.url, replicas, **role_auth("agent")))
+            how = f"step log and registry R{replicas}"
+        except Unavailable as exc:
+            say(f"runctl: {exc}")
+            how = f"set {REPLICAS_ENV}={replicas} for the ranks to replicate the step log"
+        say(f"runctl: {size}-node cluster {cluster.name!r} up ({how}); stores in "
+            f"{store_dir}/node-*; Ctrl-C stops it")
+        say(f"runctl: connect with RUNCTL_NATS_URL={cluster.url}")
+        while True:
+            time.sleep(0.5)
+            for i, node in enumerate(cluster.nodes):
+                if not node.running:  # a node died by itself: say so, bring it back
+                    say(f"runctl: node {cluster.server_name(i)} exited; restarting it")
+                    cluster.restart(i)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for signum in previous:  # a second Ctrl-C must not cut the nodes' stop short
+            signal.signal(signum, signal.SIG_IGN)
+        cluster.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
