@@ -46,6 +46,8 @@ DEFAULT_MAX_PAYLOAD: Final = 1 << 20
 #: a synchronised change must reach every rank within this many seconds of its progress
 SYNC_LATENCY_BUDGET: Final = 1.0
 MIN_SYNC_MARGIN: Final = 2
+#: a request unanswered this long makes the client ask the registry whether the rank exists
+REGISTRY_CHECK_AFTER: Final = 0.05
 #: with no known live ranks, a broadcast stops this long after the last reply
 QUIET_AFTER_LAST_REPLY: Final = 0.15
 
@@ -308,26 +310,64 @@ class Client:
         rank = str(rank)
         if rank == ALL:
             return await self._gather(run, verb, subject, payload, timeout)
-        try:
-            msg = await self.nc.request(subject, payload, timeout=timeout)
-        except Exception as exc:
-            raise map_nats_error(exc, run=run, rank=rank) from exc
+        msg = await self._request(run, rank, subject, payload, timeout)
         reply = _decode_reply(msg)
         if isinstance(reply, m.Err):
             raise from_code(reply.code, reply.message, reply.detail)
         return Result(reply.rank, reply.version, reply.value, reply.changed)
 
+    async def _request(
+        self, run: str, rank: str, subject: str, payload: bytes, timeout: float
+    ) -> Msg:
+        """One request. No responders is NotFound at once; but any subscriber to the
+        subject (``nats sub 'runctl.>'``, an observer) suppresses that status, so if no
+        reply came after a moment the registry decides: a rank it never saw, or one that
+        exited, is NotFound too; a registered rank that stays silent is a Timeout."""
+        reply: Msg | None = None
+        failure: BaseException | None = None
+        gone = False
+        async with anyio.create_task_group() as tasks:
+
+            async def ask() -> None:
+                nonlocal reply, failure
+                try:
+                    reply = await self.nc.request(subject, payload, timeout=timeout)
+                except Exception as exc:
+                    failure = exc
+                tasks.cancel_scope.cancel()
+
+            async def check_registered() -> None:
+                nonlocal gone
+                await anyio.sleep(REGISTRY_CHECK_AFTER)
+                try:
+                    registry = await self.registry()
+                    record = await registry.get(run, rank)
+                except Exception:  # no registry: wait for the reply or the deadline
+                    return
+                if record is None or record.status == "exited":
+                    gone = True
+                    tasks.cancel_scope.cancel()
+
+            tasks.start_soon(ask)
+            tasks.start_soon(check_registered)
+        if reply is not None:
+            return reply
+        if gone:
+            raise NotFound(run, rank)
+        assert failure is not None
+        raise map_nats_error(failure, run=run, rank=rank) from failure
+
     async def _gather(
         self, run: str, verb: str, subject: str, payload: bytes, timeout: float
     ) -> Gathered:
         expected: set[str] = set()
+        #: the registry knows a rank of this run that has not exited (None: no registry)
+        known: bool | None = None
         try:
             registry = await self.registry()
-            expected = {
-                info.record.rank
-                for info in (RankInfo.of(r) for r in await registry.records(run))
-                if info.liveness == "alive"
-            }
+            infos = [RankInfo.of(r) for r in await registry.records(run)]
+            expected = {info.record.rank for info in infos if info.liveness == "alive"}
+            known = any(info.liveness != "exited" for info in infos)
         except Unavailable:
             pass  # no JetStream: fall back to "until quiet or deadline"
         gathered = Gathered(run=run, verb=verb)
@@ -340,6 +380,10 @@ class Client:
             answered: set[str] = set()
             while not (expected and expected <= answered):
                 remaining = deadline - anyio.current_time()
+                if known is False and not answered:
+                    # nobody the registry knows; a subscriber to runctl.> may have hidden
+                    # the no-responders status, so don't wait out the deadline for it
+                    remaining = min(remaining, REGISTRY_CHECK_AFTER)
                 if remaining <= 0:
                     break
                 wait = remaining if expected or not answered else min(
@@ -373,6 +417,8 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await sub.unsubscribe()
         if not gathered.results and not gathered.errors:
+            if known is False:
+                raise NotFound(run)
             # Someone subscribes (no no-responders status came back) but nobody answered:
             # that is a silent rank, not a missing run.
             raise Timeout(

@@ -76,3 +76,25 @@ def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+
+
+async def register_silent_rank(url: str, run: str, rank: str) -> None:
+    """Put a live-looking record in the registry for a rank that will never answer
+    (tests of Timeout/504: the client only waits for ranks the registry knows)."""
+    import time as _time
+
+    import nats
+
+    from bus.messages import RankRecord
+    from bus.registry import Registry
+
+    nc = await nats.connect(url)
+    try:
+        registry = await Registry.open(nc.jetstream())
+        now = _time.time()
+        await registry.put(RankRecord(
+            run=run, rank=rank, host="silent", pid=0, started=now, heartbeat=now,
+            heartbeat_interval=60.0, version=0, state={},
+        ))
+    finally:
+        await nc.close()

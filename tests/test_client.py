@@ -12,6 +12,7 @@ from typing import Any, Literal
 import anyio
 import nats
 import pytest
+from conftest import register_silent_rank
 from pydantic import BaseModel, Field
 
 from agent import Control, control
@@ -202,6 +203,7 @@ async def test_a_silent_rank_is_a_timeout_naming_it(nats_url: str, run_id: str) 
 
     await nc.subscribe(f"runctl.{run_id}.5.cmd.*", cb=never_answer)
     await nc.flush()
+    await register_silent_rank(nats_url, run_id, "5")
     try:
         async with await Client.connect(nats_url, timeout=0.3) as client:
             with pytest.raises(Timeout) as info:

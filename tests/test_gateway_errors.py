@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from conftest import spawn_python, wait_for
+from conftest import register_silent_rank, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
 from agent import Control, control
@@ -161,6 +161,7 @@ async def test_a_rank_that_never_answers_is_504_naming_it(
 
     await nc.subscribe(f"runctl.{run_id}.0.cmd.*", cb=ignore)
     await nc.flush()
+    await register_silent_rank(nats_url, run_id, "0")
     try:
         http = gateway(timeout=0.5)
         base = f"/runs/{run_id}/ranks/0"

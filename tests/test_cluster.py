@@ -1,0 +1,159 @@
+"""A 3-node NATS cluster on loopback (bus/cluster.py) with the step log and the registry
+replicated R3: one node is SIGKILLed during a run; control and step logging carry on with
+the other two, no acknowledged completion is lost, and the node rejoins."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import nats
+import pytest
+from conftest import wait_for
+from faultkit import Rank, done_records, figures, log_of
+from nats.js import api
+
+from bus.client import Client, Result
+from bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
+from bus.errors import BadRequest, RunctlError
+from bus.registry import BUCKET
+from bus.stepstore import STREAM
+
+N = 60
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    with NatsCluster(3, base_dir=tmp_path / "cluster") as started:
+        run_sync(lambda: ensure_replicated(started.url, 3))
+        yield started
+
+
+def stream_info(url: str, stream: str) -> api.StreamInfo:
+    async def go() -> api.StreamInfo:
+        nc = await nats.connect(url.split(","), connect_timeout=2)
+        try:
+            with anyio.fail_after(10):
+                return await nc.jetstream().stream_info(stream)
+        finally:
+            await nc.close()
+
+    return anyio.run(go)
+
+
+def all_current(url: str, stream: str, replicas: int) -> bool:
+    """The stream has a leader and every other replica is current (caught up)."""
+    try:
+        cluster = stream_info(url, stream).cluster
+    except Exception:  # no leader yet, or the node asked is still starting
+        return False
+    peers = cluster.replicas if cluster and cluster.replicas else []
+    return bool(cluster and cluster.leader) and len(peers) == replicas - 1 and all(
+        p.current and not p.offline for p in peers)
+
+
+class Control(threading.Thread):
+    """Sets ``lr`` on rank 0 in a loop through the bus (any node), counting outcomes."""
+
+    def __init__(self, url: str, run: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.run_id = url, run
+        self.outcomes: Counter[str] = Counter()
+        self.applied: list[tuple[float, float]] = []  # (time, value)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        anyio.run(self._loop)
+
+    async def _loop(self) -> None:
+        async with await Client.connect(self.url, timeout=2) as client:
+            value = 0.1
+            while not self.stopping.is_set():
+                value = round(value + 0.001, 6)
+                try:
+                    result = await client.set(self.run_id, 0, "lr", value)
+                    assert isinstance(result, Result)
+                    self.outcomes["applied"] += 1
+                    self.applied.append((time.monotonic(), value))
+                except RunctlError as exc:
+                    self.outcomes[exc.code] += 1
+                    await anyio.sleep(0.05)
+                await anyio.sleep(0.01)
+
+
+def test_replicas_come_from_the_environment() -> None:
+    assert replicas_from_env({}) is None
+    assert replicas_from_env({"RUNCTL_REPLICAS": "3"}) == 3
+    for bad in ("0", "6", "three"):
+        with pytest.raises(BadRequest, match="RUNCTL_REPLICAS"):
+            replicas_from_env({"RUNCTL_REPLICAS": bad})
+
+
+def test_a_node_killed_during_a_run(cluster: NatsCluster, run_id: str) -> None:
+    for stream in (STREAM, f"KV_{BUCKET}"):
+        assert stream_info(cluster.url, stream).config.num_replicas == 3
+    rank = Rank(run_id, "0", cluster.url, N, env={"LINGER": "1"})
+    control = Control(cluster.url, run_id)
+    try:
+        rank.wait_until(lambda: len(rank.keys("acked")) >= 10)
+        control.start()
+        wait_for(lambda: control.outcomes["applied"] >= 5, timeout=30)
+        # the worst node to lose: the step stream's leader
+        leader = stream_info(cluster.url, STREAM).cluster.leader  # type: ignore[union-attr]
+        victim = next(i for i in range(3) if cluster.server_name(i) == leader)
+        acked_before = len(rank.keys("acked"))
+        applied_before = control.outcomes["applied"]
+        cluster.kill(victim)
+        killed = time.monotonic()
+        # with two of three nodes: a new leader, and both planes carry on
+        rank.wait_until(lambda: len(rank.keys("acked")) >= acked_before + 5, timeout=40)
+        first_ack_after = time.monotonic() - killed
+        wait_for(lambda: control.outcomes["applied"] >= applied_before + 5, timeout=40)
+        assert not cluster.nodes[victim].running
+        new_leader = stream_info(cluster.url, STREAM).cluster.leader  # type: ignore[union-attr]
+        assert new_leader != leader
+
+        cluster.restart(victim)
+        restarted = time.monotonic()
+        wait_for(lambda: all_current(cluster.urls[victim], STREAM, 3), timeout=40,
+                 interval=0.2)
+        wait_for(lambda: all_current(cluster.urls[victim], f"KV_{BUCKET}", 3), timeout=40,
+                 interval=0.2)
+        rejoined = time.monotonic() - restarted
+
+        final = rank.wait_final()
+        control.stopping.set()
+        control.join(30)
+        assert final["flushed"] and final["done"] == list(range(N))
+        records = done_records(log_of(cluster.url, run_id), "0")
+        for key in rank.keys("acked"):
+            assert len(records[key]) == 1 and records[key][0].status == "done", key
+        assert sorted(records) == list(range(N))
+        assert all(len(r) == 1 and r[0].attempt == 1 for r in records.values())
+
+        async def last_value_and_stop() -> float:
+            async with await Client.connect(cluster.url) as client:
+                fresh = await client.get(run_id, 0, "lr", fresh=True)
+                assert isinstance(fresh, Result)
+                await client.stop(run_id, 0)
+                return float(fresh.value)
+
+        last = anyio.run(last_value_and_stop)
+        assert last == control.applied[-1][1]  # the last acknowledged set holds
+        rank.finish()
+        assert rank.lines[-1]["exit_lr"] == last
+        figures(
+            "cluster_node_sigkill", nodes=3, replicas=3, faults=1, killed=leader,
+            new_leader=new_leader, first_ack_after_kill_s=round(first_ack_after, 2),
+            rejoin_s=round(rejoined, 2), steps=N, acked=len(rank.keys("acked")),
+            queued=len(rank.keys("queued")), records_checked=len(records),
+            sets=dict(control.outcomes), lost=0,
+        )
+    finally:
+        control.stopping.set()
+        if rank.proc.poll() is None:
+            rank.kill()
