@@ -68,6 +68,8 @@ EMBEDDED_PORT: Final = 4222
 #: a recorded run-wide stop applies to a rank starting this long after it was issued,
 #: or at any time while another rank of the run is still alive
 STOP_RECORD_WINDOW: Final = 60.0
+#: a rejection lists at most this many of pydantic's errors
+MAX_ERRORS: Final = 50
 
 log = structlog.get_logger()
 
@@ -388,8 +390,13 @@ class Agent(Generic[M]):
         return (cmd, *self._run(cmd, defer=True))
 
     def _err(self, exc: RunctlError) -> m.Err:
+        detail = list(getattr(exc, "errors", []))
+        if len(detail) > MAX_ERRORS:  # 60k bad keys must not make a reply over max_payload
+            more = len(detail) - MAX_ERRORS
+            detail = [*detail[:MAX_ERRORS],
+                      {"type": "too_many_errors", "loc": [], "msg": f"and {more} more errors"}]
         return m.Err(run=self.run, rank=self.rank, code=exc.code, message=str(exc),
-                     detail=getattr(exc, "errors", []), version=self.live.version)
+                     detail=detail, version=self.live.version)
 
     def _run(self, cmd: m.Command, *, defer: bool) -> tuple[m.Reply, bytes | None]:
         """Run a decoded command now, or park it until its step. Never raises."""

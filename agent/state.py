@@ -236,11 +236,12 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
                     (f for f in cls.model_fields.values() if f.alias == key), None
                 )
             if field is None and (extra is None or key not in extra):
+                shown = key if len(key) <= 80 else key[:77] + "..."  # never echoed at size
                 errors.append(
                     {
                         "type": "extra_forbidden",
-                        "loc": [*loc, key],
-                        "msg": f"{key!r} is not a field of {cls.__name__}",
+                        "loc": [*loc, shown],
+                        "msg": f"{shown!r} is not a field of {cls.__name__}",
                         "input": _preview(value),
                     }
                 )

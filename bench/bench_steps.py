@@ -131,15 +131,18 @@ def bench_completions(url: str, n_sync: int, n_batched: int, rounds: int) -> dic
 def bench_resume(url: str, n: int, rounds: int) -> dict[str, Any]:
     run = f"bench-r{os.getpid()}-{n}"
     asyncio.run(populate(url, run, n))
-    loads, starts = [], []
+    loads, cpus, starts = [], [], []
     for _ in range(rounds):
-        loads.append(asyncio.run(load_once(url, run, n)))
+        wall, cpu = asyncio.run(load_once(url, run, n))
+        loads.append(wall)
+        cpus.append(cpu)
         t = time.perf_counter()
         with control(State(), run=run, rank=0, url=url) as ctl:
             ctl.wait_ready(60)
             starts.append(time.perf_counter() - t)
             assert ctl.is_done("epoch", n - 1, config=CONFIG)
-    return {"steps": n, "load_s": _stats(loads), "control_ready_s": _stats(starts)}
+    return {"steps": n, "load_s": _stats(loads), "load_cpu_s": _stats(cpus),
+            "control_ready_s": _stats(starts)}
 
 
 async def populate(url: str, run: str, n: int) -> None:
@@ -178,12 +181,13 @@ async def populate(url: str, run: str, n: int) -> None:
         await nc.close()
 
 
-async def load_once(url: str, run: str, n: int) -> float:
+async def load_once(url: str, run: str, n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread, which runs the whole read-back)."""
     nc = await nats.connect(url)
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         log = await StepLog.open(nc, run=run, rank="0", host="bench", pid=2)
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t, time.thread_time() - c
         if len(log.index["0"]) != n:
             raise RuntimeError(f"loaded {len(log.index['0'])} of {n} records")
         await log.aclose()
@@ -204,34 +208,36 @@ def bench_done_check(url: str, n: int) -> dict[str, Any]:
         for _ in ctl.steps("small", range(n), config=small, wait=False):
             pass
         ctl.agent.steps.flush(120)
-        checks = {
-            "is_done_no_config_us": _per_call(lambda i: ctl.is_done("plain", i), n),
-            "is_done_prehashed_config_us": _per_call(
-                lambda i: ctl.is_done("epoch", i, config=pre), n
-            ),
-            "is_done_raw_small_config_us": _per_call(
-                lambda i: ctl.is_done("small", i, config=small), n
-            ),
-        }
+        checks: dict[str, Any] = {}
+        for name, fn in (
+            ("is_done_no_config_us", lambda i: ctl.is_done("plain", i)),
+            ("is_done_prehashed_config_us", lambda i: ctl.is_done("epoch", i, config=pre)),
+            ("is_done_raw_small_config_us", lambda i: ctl.is_done("small", i, config=small)),
+        ):
+            checks[name], checks[name.replace("_us", "_cpu_us")] = _per_call(fn, n)
         assert ctl.is_done("epoch", n - 1, config=pre)
-        rounds = []
-        for _ in range(3):
-            t = time.perf_counter()
+
+        def skip_all(_: int) -> None:
             for _ in ctl.steps("epoch", range(n), config=CONFIG):
                 raise RuntimeError("every item is done: nothing may run")
-            rounds.append((time.perf_counter() - t) / n * 1e6)
-        checks["iterator_skip_per_item_us"] = _stats(rounds)
+
+        wall, cpu = _per_call(skip_all, 1)
+        checks["iterator_skip_per_item_us"] = {k: v / n for k, v in wall.items()}
+        checks["iterator_skip_per_item_cpu_us"] = {k: v / n for k, v in cpu.items()}
     return checks
 
 
-def _per_call(fn: Callable[[int], Any], n: int) -> dict[str, float]:
-    samples = []
+def _per_call(fn: Callable[[int], Any], n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Microseconds per call: wall clock, and CPU time of this thread (less disturbed by
+    other processes on a shared machine)."""
+    walls, cpus = [], []
     for _ in range(3):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         for i in range(n):
             fn(i)
-        samples.append((time.perf_counter() - t) / n * 1e6)
-    return _stats(samples)
+        walls.append((time.perf_counter() - t) / n * 1e6)
+        cpus.append((time.thread_time() - c) / n * 1e6)
+    return _stats(walls), _stats(cpus)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -256,6 +262,7 @@ def machine() -> dict[str, Any]:
         "nats_server": server,
         "nats_py": _version("nats-py"),
         "msgspec": msgspec.__version__,
+        "load_average": os.getloadavg(),
     }
 
 
@@ -271,27 +278,17 @@ def _version(dist: str) -> str:
 def render(report: dict[str, Any]) -> str:
     r = report["results"]
     c, d = r["completions"], r["done_check"]
-    rows = [("measure", "median", "min .. max", "target")]
-    rows.append(
-        (f"completions/s, wait=True (n={c['n_sync']})", *_fmt(c["sync_per_s"], "{:,.0f}"), "")
-    )
-    rows.append(
-        (
-            f"completions/s, wait=False + flush (n={c['n_batched']})",
-            *_fmt(c["batched_per_s"], "{:,.0f}"),
-            "",
-        )
-    )
+    rows = [("measure", "median", "cpu median", "min .. max", "target")]
+    rows.append((f"completions/s, wait=True (n={c['n_sync']})",
+                 *_fmt(c["sync_per_s"], "{:,.0f}"), ""))
+    rows.append((f"completions/s, wait=False + flush (n={c['n_batched']})",
+                 *_fmt(c["batched_per_s"], "{:,.0f}"), ""))
     for n, res in r["resume"].items():
         target = f"< {TARGETS['resume_100k_s']:g} s" if int(n) >= 100_000 else ""
-        rows.append((f"resume: load {int(n):,} steps (s)", *_fmt(res["load_s"], "{:.3f}"), target))
-        rows.append(
-            (
-                f"resume: control() to ready, {int(n):,} steps (s)",
-                *_fmt(res["control_ready_s"], "{:.3f}"),
-                "",
-            )
-        )
+        rows.append((f"resume: load {int(n):,} steps (s)",
+                     *_fmt(res["load_s"], "{:.3f}", res.get("load_cpu_s")), target))
+        rows.append((f"resume: control() to ready, {int(n):,} steps (s)",
+                     *_fmt(res["control_ready_s"], "{:.3f}"), ""))
     for name, label in (
         ("is_done_no_config_us", "is_done(name, key) (us)"),
         ("is_done_prehashed_config_us", "is_done(..., config=hashed) (us)"),
@@ -301,24 +298,26 @@ def render(report: dict[str, Any]) -> str:
         target = (
             f"< {TARGETS['done_check_us']:g} us" if name != "is_done_raw_small_config_us" else ""
         )
-        rows.append((label, *_fmt(d[name], "{:.2f}"), target))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((label, *_fmt(d[name], "{:.2f}", d.get(name.replace("_us", "_cpu_us"))),
+                     target))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [
         "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
         for row in rows
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     m = report["machine"]
+    load = ", ".join(f"{x:.1f}" for x in m["load_average"])
     return (
-        f"step log benchmark ({m['cpus']} cpus, {m['nats_server']}, python {m['python']})\n"
-        + "\n".join(lines)
+        f"step log benchmark ({m['cpus']} cpus, load average {load}, {m['nats_server']}, "
+        f"python {m['python']})\n" + "\n".join(lines)
     )
 
 
-def _fmt(stats: dict[str, float], spec: str) -> tuple[str, str]:
-    return spec.format(
-        stats["median"]
-    ), f"{spec.format(stats['min'])} .. {spec.format(stats['max'])}"
+def _fmt(stats: dict[str, float], spec: str,
+         cpu: dict[str, float] | None = None) -> tuple[str, str, str]:
+    return (spec.format(stats["median"]), spec.format(cpu["median"]) if cpu else "",
+            f"{spec.format(stats['min'])} .. {spec.format(stats['max'])}")
 
 
 if __name__ == "__main__":

@@ -256,12 +256,13 @@ def parse_selector(text: str) -> Selector:
     if successors:
         raw = raw[:-1]
     name, sep, key = raw.partition(":")
+    shown = text if len(text) <= 80 else text[:77] + "..."  # never echoed at size
     try:
         check_token(name, "step")
     except Exception as exc:
-        raise BadRequest(f"invalid step selector {text!r}: {exc}") from None
+        raise BadRequest(f"invalid step selector {shown!r}: {exc}") from None
     if sep and not key:
-        raise BadRequest(f"invalid step selector {text!r}: empty key after ':'")
+        raise BadRequest(f"invalid step selector {shown!r}: empty key after ':'")
     return Selector(name, key if sep else None, successors)
 
 

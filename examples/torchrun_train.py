@@ -7,7 +7,7 @@
 
 Epochs go through the step iterator (``ctl.steps``): an epoch is logged done once its body
 completed, so a restarted job skips the epochs already done (it reloads ``--checkpoint``).
-``--log-dir DIR`` writes each rank's ``rank<N>.jsonl``: one ``[step, lr]`` line per step (the
+``--log-dir DIR`` writes each rank's ``rank<N>.jsonl``: one ``[epoch, step, lr]`` line per step (the
 lr the optimizer used) and a final ``{"done": ...}`` line.
 """
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
             if log:
-                log.write(json.dumps([step, optimizer.param_groups[0]["lr"]]) + "\n")
+                log.write(json.dumps([epoch, step, optimizer.param_groups[0]["lr"]]) + "\n")
             step += 1
         if stop.item():
             break  # this epoch is not logged done: a restart runs it again

@@ -266,7 +266,7 @@ def _read_json_arg(text: str) -> dict[str, Any]:
             raise BadRequest(f"cannot read {text[1:]}: {exc.strerror or exc}") from None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: 100k-deep nesting
         raise BadRequest(f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")

@@ -4,6 +4,11 @@ the other two, no acknowledged completion is lost, and the node rejoins."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -157,3 +162,57 @@ def test_a_node_killed_during_a_run(cluster: NatsCluster, run_id: str) -> None:
         control.stopping.set()
         if rank.proc.poll() is None:
             rank.kill()
+
+
+def _free_block(size: int) -> int:
+    """A port P with P..P+size-1 and P+2000.. free (what `up --cluster` uses)."""
+    import random
+
+    for _ in range(50):
+        base = random.randrange(20000, 28000)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in [*range(base, base + size), *range(base + 2000, base + 2000 + size)]:
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no free block of ports")
+
+
+def test_runctl_up_cluster_starts_a_replicated_cluster_and_stops_it(tmp_path: Path) -> None:
+    port = _free_block(3)
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--cluster", "3", "--no-config",
+         "--port", str(port), "--store-dir", str(store)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "RUNCTL_NATS_URL=" in line:
+                break
+        url = lines[-1].split("RUNCTL_NATS_URL=", 1)[1].strip()
+        assert url == ",".join(f"nats://127.0.0.1:{port + i}" for i in range(3)), lines
+        assert "R3" in "".join(lines)
+        for stream in (STREAM, f"KV_{BUCKET}"):
+            assert stream_info(url, stream).config.num_replicas == 3
+        assert sorted(p.name for p in store.iterdir()) == ["node-1", "node-2", "node-3"]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C stops every node
+        assert proc.wait(30) == 0
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # it stops its nodes (SIGKILL would orphan them)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -77,7 +77,8 @@ class Fit:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-        if self.proc.stdout is not None:
+        self.reader.join(10)  # EOF once every process holding the pipe is gone
+        if self.proc.stdout is not None and not self.reader.is_alive():
             self.proc.stdout.close()
 
 

@@ -1,0 +1,201 @@
+"""examples/torchrun_train.py under a real torchrun (2 CPU ranks, gloo), driven by the CLI:
+the run id and ranks come from torchrun's environment (the one line has no arguments), a
+synchronised lr change lands on both ranks at the same step, a plain stop ends both at the
+same step with exit code 0; a crashed job restarted in the same run skips the epochs the
+step iterator logged done."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import ROOT
+
+from bus import Client
+
+pytest.importorskip("torch")  # the `distributed` extra; CI installs it
+
+EXAMPLE = ROOT / "examples" / "torchrun_train.py"
+TIMEOUT = 50
+
+
+class Job:
+    """``torchrun`` as the user types it; output read on a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc-per-node", "2", str(EXAMPLE), *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **env},
+            start_new_session=True,  # torchrun's workers join this process group
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def runs(self) -> dict[str, str]:
+        """{rank: run} as each worker printed it."""
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                found = {}
+                for line in self.lines:
+                    if line.startswith("runctl run:"):
+                        _, _, run, _, rank = line.split()
+                        found[rank] = run
+                if len(found) == 2:
+                    return found
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"torchrun exited ({self.proc.returncode}):\n"
+                                         + self.output)
+                await anyio.sleep(0.1)
+
+    async def exit_code(self) -> int:
+        with anyio.fail_after(TIMEOUT):
+            code = await anyio.to_thread.run_sync(self.proc.wait)
+        self.reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.reader.join(10)  # EOF once every process holding the pipe is gone
+        if self.proc.stdout is not None and not self.reader.is_alive():
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[Job]]:
+    started: list[Job] = []
+    yield started
+    for job in started:
+        job.kill()
+
+
+@pytest.fixture
+async def client(nats_url: str) -> AsyncIterator[Client]:
+    async with await Client.connect(nats_url) as c:
+        yield c
+
+
+async def cli(nats_url: str, *args: str) -> Any:
+    result = await anyio.run_process(
+        [sys.executable, "-m", "gateway.cli", *args, "--json"], cwd=ROOT, check=False,
+        env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+async def stepping(client: Client, run: str, past: int = 0,
+                   not_pids: frozenset[int] = frozenset()) -> set[int]:
+    """Until both ranks run (processes other than ``not_pids``) past step ``past``."""
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            try:
+                infos = await client.ranks(run)
+            except Exception:
+                infos = []
+            alive = [i for i in infos if i.liveness == "alive" and i.record.pid not in not_pids]
+            if len(alive) == 2 and all((i.record.step or 0) > past for i in alive):
+                return {i.record.pid for i in alive}
+            await anyio.sleep(0.1)
+
+
+def read_log(path: Path) -> tuple[list[list[Any]], dict[str, Any] | None]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    if records and isinstance(records[-1], dict):
+        return records[:-1], records[-1]
+    return records, None
+
+
+@pytest.mark.anyio
+async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
+    jobs: list[Job], client: Client, nats_url: str, tmp_path: Path,
+) -> None:
+    job = Job(["--log-dir", str(tmp_path)], {"RUNCTL_NATS_URL": nats_url, "RUNCTL_RUN": ""})
+    jobs.append(job)
+    runs = await job.runs()
+    # both workers found the same run (torchrun's run id), each its own rank
+    assert set(runs) == {"0", "1"} and runs["0"] == runs["1"]
+    run = runs["0"]
+    await stepping(client, run)
+
+    change = await cli(nats_url, "set", run, "lr=0.01", "--sync")
+    assert change["acknowledged"] == ["0", "1"] and change["missing"] == []
+    at_step = change["at_step"]
+    with anyio.fail_after(TIMEOUT):  # each rank reports the state version it runs
+        while {i.record.version for i in await client.ranks(run)} != {1}:  # noqa: ASYNC110
+            await anyio.sleep(0.1)
+
+    stop = await cli(nats_url, "stop", run, "--reason", "cli")
+    assert stop["acknowledged"] == ["0", "1"] and stop["missing"] == []
+    assert await job.exit_code() == 0, job.output
+
+    (steps0, done0), (steps1, done1) = (read_log(tmp_path / f"rank{r}.jsonl") for r in (0, 1))
+    assert done0 is not None and done1 is not None
+    assert done0 == done1 and done0["stop_reason"] == "cli"  # same step, same epoch
+    assert [s[:2] for s in steps0] == [s[:2] for s in steps1]
+    for steps in (steps0, steps1):
+        assert {lr for _, step, lr in steps if step < at_step} == {0.05}
+        assert {lr for _, step, lr in steps if step >= at_step} == {0.01}
+    infos = await client.ranks(run)
+    assert [(i.record.rank, i.liveness) for i in infos] == [("0", "exited"), ("1", "exited")]
+
+
+@pytest.mark.anyio
+async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
+    jobs: list[Job], client: Client, nats_url: str, run_id: str, tmp_path: Path,
+) -> None:
+    env = {"RUNCTL_NATS_URL": nats_url, "RUNCTL_RUN": run_id}
+    first_logs, second_logs = tmp_path / "first", tmp_path / "second"
+    first_logs.mkdir()
+    second_logs.mkdir()
+    checkpoint = str(tmp_path / "model.pt")
+    job = Job(["--log-dir", str(first_logs), "--checkpoint", checkpoint], env)
+    jobs.append(job)
+    import time; T0=time.time(); P=lambda m: print(f"\n{time.time()-T0:6.2f} {m}", flush=True)
+    crashed = await stepping(client, run_id, past=40)
+    P(f"stepping {crashed}")  # a few epochs of 16 steps done
+    job.kill()  # a crash: no stop is recorded, nothing says goodbye
+
+    steps, done = read_log(first_logs / "rank0.jsonl")
+    assert done is None
+    reached = steps[-1][0]  # the epoch it was in
+    assert reached >= 2
+
+    P("killed")
+    job = Job(["--log-dir", str(second_logs), "--checkpoint", checkpoint], env)
+    jobs.append(job)
+    try:
+        await stepping(client, run_id, not_pids=frozenset(crashed))
+    finally:
+        P("stepping2"); print([ (i.record.rank, i.record.pid, i.liveness, i.record.step) for i in await client.ranks(run_id)]); print(job.output[-3000:])
+    await cli(nats_url, "stop", run_id)
+    assert await job.exit_code() == 0, job.output
+    for rank in (0, 1):
+        steps, done = read_log(second_logs / f"rank{rank}.jsonl")
+        # epochs logged done were skipped: it went on from the interrupted one (or the
+        # next, if the crash came after that epoch's completion was logged)
+        assert steps and reached <= steps[0][0] <= reached + 1
+        assert done is not None and done["epoch"] >= steps[0][0]
