@@ -44,6 +44,13 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--n", type=int, help="GETs per latency figure per round")
     parser.add_argument("--sets", type=int, help="sets per round")
     parser.add_argument("--startup-repeats", type=int)
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run every benchmark process at this niceness (negative needs root): on a "
+        "machine shared with other work, e.g. -5 keeps that work from dominating the figures",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     parser.add_argument(
@@ -72,6 +79,7 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     for name in ("rounds", "window", "n", "sets", "startup_repeats"):
         if (value := getattr(args, name)) is not None:
             setattr(cfg, name, value)
+    cfg.nice = args.nice
     cfg.gateway_env = _env(args.gateway_env)
     cfg.agent_env = _env(args.agent_env)
     return cfg, args

@@ -141,8 +141,12 @@ def bench_resume(url: str, n: int, rounds: int) -> dict[str, Any]:
             ctl.wait_ready(60)
             starts.append(time.perf_counter() - t)
             assert ctl.is_done("epoch", n - 1, config=CONFIG)
-    return {"steps": n, "load_s": _stats(loads), "load_cpu_s": _stats(cpus),
-            "control_ready_s": _stats(starts)}
+    return {
+        "steps": n,
+        "load_s": _stats(loads),
+        "load_cpu_s": _stats(cpus),
+        "control_ready_s": _stats(starts),
+    }
 
 
 async def populate(url: str, run: str, n: int) -> None:
@@ -279,16 +283,32 @@ def render(report: dict[str, Any]) -> str:
     r = report["results"]
     c, d = r["completions"], r["done_check"]
     rows = [("measure", "median", "cpu median", "min .. max", "target")]
-    rows.append((f"completions/s, wait=True (n={c['n_sync']})",
-                 *_fmt(c["sync_per_s"], "{:,.0f}"), ""))
-    rows.append((f"completions/s, wait=False + flush (n={c['n_batched']})",
-                 *_fmt(c["batched_per_s"], "{:,.0f}"), ""))
+    rows.append(
+        (f"completions/s, wait=True (n={c['n_sync']})", *_fmt(c["sync_per_s"], "{:,.0f}"), "")
+    )
+    rows.append(
+        (
+            f"completions/s, wait=False + flush (n={c['n_batched']})",
+            *_fmt(c["batched_per_s"], "{:,.0f}"),
+            "",
+        )
+    )
     for n, res in r["resume"].items():
         target = f"< {TARGETS['resume_100k_s']:g} s" if int(n) >= 100_000 else ""
-        rows.append((f"resume: load {int(n):,} steps (s)",
-                     *_fmt(res["load_s"], "{:.3f}", res.get("load_cpu_s")), target))
-        rows.append((f"resume: control() to ready, {int(n):,} steps (s)",
-                     *_fmt(res["control_ready_s"], "{:.3f}"), ""))
+        rows.append(
+            (
+                f"resume: load {int(n):,} steps (s)",
+                *_fmt(res["load_s"], "{:.3f}", res.get("load_cpu_s")),
+                target,
+            )
+        )
+        rows.append(
+            (
+                f"resume: control() to ready, {int(n):,} steps (s)",
+                *_fmt(res["control_ready_s"], "{:.3f}"),
+                "",
+            )
+        )
     for name, label in (
         ("is_done_no_config_us", "is_done(name, key) (us)"),
         ("is_done_prehashed_config_us", "is_done(..., config=hashed) (us)"),
@@ -298,8 +318,9 @@ def render(report: dict[str, Any]) -> str:
         target = (
             f"< {TARGETS['done_check_us']:g} us" if name != "is_done_raw_small_config_us" else ""
         )
-        rows.append((label, *_fmt(d[name], "{:.2f}", d.get(name.replace("_us", "_cpu_us"))),
-                     target))
+        rows.append(
+            (label, *_fmt(d[name], "{:.2f}", d.get(name.replace("_us", "_cpu_us"))), target)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [
         "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
@@ -314,10 +335,14 @@ def render(report: dict[str, Any]) -> str:
     )
 
 
-def _fmt(stats: dict[str, float], spec: str,
-         cpu: dict[str, float] | None = None) -> tuple[str, str, str]:
-    return (spec.format(stats["median"]), spec.format(cpu["median"]) if cpu else "",
-            f"{spec.format(stats['min'])} .. {spec.format(stats['max'])}")
+def _fmt(
+    stats: dict[str, float], spec: str, cpu: dict[str, float] | None = None
+) -> tuple[str, str, str]:
+    return (
+        spec.format(stats["median"]),
+        spec.format(cpu["median"]) if cpu else "",
+        f"{spec.format(stats['min'])} .. {spec.format(stats['max'])}",
+    )
 
 
 if __name__ == "__main__":

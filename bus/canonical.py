@@ -91,9 +91,7 @@ def hashed(value: Any, *, ignore_prefix: str | None = DEFAULT_IGNORE_PREFIX) -> 
     return Hashed(norm, text, digest(text))
 
 
-def key_digest(
-    key: Any, *, ignore_prefix: str | None = DEFAULT_IGNORE_PREFIX
-) -> tuple[Any, str]:
+def key_digest(key: Any, *, ignore_prefix: str | None = DEFAULT_IGNORE_PREFIX) -> tuple[Any, str]:
     """(normalised key, hash). Fast path for the keys loops use most: ints and strings."""
     kind = type(key)
     if kind is int:  # the hot path of ``steps()`` over a range: keep it lean

@@ -50,6 +50,8 @@ MIN_SYNC_MARGIN: Final = 2
 REGISTRY_CHECK_AFTER: Final = 0.05
 #: with no known live ranks, a broadcast stops this long after the last reply
 QUIET_AFTER_LAST_REPLY: Final = 0.15
+#: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
+EXPECTED_TTL: Final = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,8 @@ class Client:
         self.timeout = timeout
         self.max_payload = max_payload
         self._registry: Registry | None = None
+        #: per run: when the registry was read, and the ranks it knew alive
+        self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
 
     @classmethod
     async def connect(cls, url: str | None = None, **kwargs: Any) -> Client:
@@ -360,55 +364,71 @@ class Client:
     async def _gather(
         self, run: str, verb: str, subject: str, payload: bytes, timeout: float
     ) -> Gathered:
-        expected: set[str] = set()
-        #: the registry knows a rank of this run that has not exited (None: no registry)
-        known: bool | None = None
-        try:
-            registry = await self.registry()
-            infos = [RankInfo.of(r) for r in await registry.records(run)]
-            expected = {info.record.rank for info in infos if info.liveness == "alive"}
-            known = any(info.liveness != "exited" for info in infos)
-        except Unavailable:
-            pass  # no JetStream: fall back to "until quiet or deadline"
+        """One request on the broadcast subject; replies are collected on a fresh inbox
+        until every rank the registry knows alive has answered, or the deadline. The
+        registry is read while the replies come in (see :meth:`_expected`)."""
         gathered = Gathered(run=run, verb=verb)
+        answered: set[str] = set()
+        expected: frozenset[str] = frozenset()
+        registry_read = False
+        complete = anyio.Event()
+        arrived = anyio.Event()
+        no_responders = False
+
+        async def on_reply(msg: Msg) -> None:
+            # a subscription callback: no per-reply timer task, as next_msg(timeout) has
+            nonlocal no_responders
+            if _is_no_responders(msg):
+                no_responders = not answered
+                complete.set()
+                return
+            try:
+                reply = _decode_reply(msg)
+            except RunctlError:
+                return
+            answered.add(reply.rank)
+            if isinstance(reply, m.Err):
+                gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
+            else:
+                gathered.results[reply.rank] = Result(
+                    reply.rank, reply.version, reply.value, reply.changed
+                )
+            arrived.set()
+            if registry_read and expected and expected <= answered:
+                complete.set()
+
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
             await self.nc.publish(subject, payload, reply=inbox)
-            await self.nc.flush(max(1, int(timeout)))
             deadline = anyio.current_time() + timeout
-            answered: set[str] = set()
-            while not (expected and expected <= answered):
-                remaining = deadline - anyio.current_time()
-                if known is False and not answered:
-                    # nobody the registry knows; a subscriber to runctl.> may have hidden
-                    # the no-responders status, so don't wait out the deadline for it
-                    remaining = min(remaining, REGISTRY_CHECK_AFTER)
-                if remaining <= 0:
-                    break
-                wait = remaining if expected or not answered else min(
-                    remaining, QUIET_AFTER_LAST_REPLY
-                )
-                try:
-                    msg = await sub.next_msg(timeout=wait)
-                except Exception:  # nats TimeoutError: deadline or quiet period reached
-                    break
-                if _is_no_responders(msg):
-                    if not answered:
-                        raise NotFound(run)
-                    continue
-                try:
-                    reply = _decode_reply(msg)
-                except RunctlError:
-                    continue
-                answered.add(reply.rank)
-                if isinstance(reply, m.Err):
-                    gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
-                else:
-                    gathered.results[reply.rank] = Result(
-                        reply.rank, reply.version, reply.value, reply.changed
-                    )
+            #: the registry knows a rank of this run that has not exited (None: no registry)
+            known: bool | None = None
+            with anyio.move_on_after(timeout):
+                expected, known = await self._expected(run)
+            registry_read = True
+            if expected and expected <= answered:
+                complete.set()
+            remaining = deadline - anyio.current_time()
+            if known is False and not answered:
+                # nobody the registry knows; a subscriber to runctl.> may have hidden the
+                # no-responders status, so don't wait out the deadline for it
+                remaining = min(remaining, REGISTRY_CHECK_AFTER)
+            with anyio.move_on_after(max(0.0, remaining)):
+                if expected:
+                    await complete.wait()
+                while not complete.is_set():  # no live rank known: until quiet after a reply
+                    count = len(answered)
+                    arrived = anyio.Event()
+                    with anyio.move_on_after(QUIET_AFTER_LAST_REPLY if count else math.inf):
+                        await arrived.wait()
+                    if len(answered) == count:
+                        break
+            if no_responders:
+                raise NotFound(run)
             gathered.missing = sorted(expected - answered, key=_rank_key)
+            if verb == "stop" or gathered.missing or not answered <= expected:
+                self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
         except RunctlError:
             raise
         except Exception as exc:
@@ -425,6 +445,28 @@ class Client:
                 f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing
             )
         return gathered
+
+    async def _expected(self, run: str) -> tuple[frozenset[str], bool | None]:
+        """The ranks of ``run`` the registry knows alive, and whether it knows any rank
+        that has not exited (None: no registry, or it failed: wait until quiet instead).
+
+        Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run: reading 64
+        records costs the client more CPU than handling 64 replies (bench_fanout). The
+        registry itself is up to three heartbeats behind a dead rank anyway."""
+        cached = self._expected_ranks.get(run)
+        if cached is not None and time.monotonic() - cached[0] < EXPECTED_TTL:
+            return cached[1], True
+        try:
+            registry = await self.registry()
+            infos = [RankInfo.of(r) for r in await registry.records(run)]
+        except Exception:
+            return frozenset(), None
+        expected = frozenset(info.record.rank for info in infos if info.liveness == "alive")
+        if expected:
+            if len(self._expected_ranks) > 1024:
+                self._expected_ranks.clear()
+            self._expected_ranks[run] = (time.monotonic(), expected)
+        return expected, any(info.liveness != "exited" for info in infos)
 
 
 def _verb_of(cmd: m.Command) -> str:

@@ -137,17 +137,23 @@ class NatsCluster:
 
     def _node(self, i: int) -> NatsServer:
         args = [
-            "--cluster_name", self.name,
-            "--cluster", f"nats://{self.host}:{self.cluster_ports[i]}",
+            "--cluster_name",
+            self.name,
+            "--cluster",
+            f"nats://{self.host}:{self.cluster_ports[i]}",
             # every node, itself included: nats-server ignores a route to itself
-            "--routes", self._routes(),
+            "--routes",
+            self._routes(),
         ]
         if self.http_ports is not None:
             args += ["-m", str(self.http_ports[i])]
         return NatsServer(
-            host=self.host, port=self.ports[i], store_dir=self.base_dir / f"node-{i + 1}",
+            host=self.host,
+            port=self.ports[i],
+            store_dir=self.base_dir / f"node-{i + 1}",
             config_file=self.config_file,
-            name=self.server_name(i), extra_args=tuple(args),
+            name=self.server_name(i),
+            extra_args=tuple(args),
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -163,8 +169,7 @@ class NatsCluster:
             except BaseException as exc:  # re-raised below, after every thread is done
                 errors.append(exc)
 
-        threads = [threading.Thread(target=start_one, args=(n,), daemon=True)
-                   for n in self.nodes]
+        threads = [threading.Thread(target=start_one, args=(n,), daemon=True) for n in self.nodes]
         try:
             for thread in threads:
                 thread.start()
@@ -231,8 +236,13 @@ class NatsCluster:
             last = ""
             while True:
                 try:
-                    nc = await nats.connect(node.url, allow_reconnect=False, connect_timeout=1,
-                                            error_cb=quiet, **options)
+                    nc = await nats.connect(
+                        node.url,
+                        allow_reconnect=False,
+                        connect_timeout=1,
+                        error_cb=quiet,
+                        **options,
+                    )
                     try:
                         with anyio.fail_after(2):
                             await nc.jetstream().account_info()
@@ -315,8 +325,9 @@ async def ensure_replicated(
                     except js_errors.BucketNotFoundError:
                         from bus.registry import DEFAULT_TTL
 
-                        await js.create_key_value(bucket=BUCKET, history=1, ttl=DEFAULT_TTL,
-                                                  replicas=replicas)
+                        await js.create_key_value(
+                            bucket=BUCKET, history=1, ttl=DEFAULT_TTL, replicas=replicas
+                        )
                 return
             except Exception as exc:  # e.g. "insufficient resources" until peers are known
                 if time.monotonic() > deadline:
@@ -345,8 +356,9 @@ def serve_cluster(
     if env is not None:
         os.environ.update(env)  # passwords the config reads, inherited by every node
     http = None
-    if config_file is not None and re.search(r"^\s*http\s*[:=]", Path(config_file).read_text(),
-                                             re.MULTILINE):
+    if config_file is not None and re.search(
+        r"^\s*http\s*[:=]", Path(config_file).read_text(), re.MULTILINE
+    ):
         http = [8222 + i for i in range(size)]
     cluster = NatsCluster(
         size,
@@ -356,6 +368,7 @@ def serve_cluster(
         http_ports=http,
         config_file=config_file,
     )
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -373,8 +386,10 @@ def serve_cluster(
         except Unavailable as exc:
             say(f"runctl: {exc}")
             how = f"set {REPLICAS_ENV}={replicas} for the ranks to replicate the step log"
-        say(f"runctl: {size}-node cluster {cluster.name!r} up ({how}); stores in "
-            f"{store_dir}/node-*; Ctrl-C stops it")
+        say(
+            f"runctl: {size}-node cluster {cluster.name!r} up ({how}); stores in "
+            f"{store_dir}/node-*; Ctrl-C stops it"
+        )
         say(f"runctl: connect with RUNCTL_NATS_URL={cluster.url}")
         while True:
             time.sleep(0.5)

@@ -99,8 +99,15 @@ class StepLog:
     """One rank's view of the log: its own scope and the run scope, in memory."""
 
     def __init__(
-        self, nc: NATS, *, run: str, rank: str, host: str, pid: int,
-        ack_timeout: float = ACK_TIMEOUT, events: bool = True,
+        self,
+        nc: NATS,
+        *,
+        run: str,
+        rank: str,
+        host: str,
+        pid: int,
+        ack_timeout: float = ACK_TIMEOUT,
+        events: bool = True,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -147,8 +154,10 @@ class StepLog:
         self._reconnects = nc.stats.get("reconnects", 0)
         await ensure_stream(self.js)
         # forget markers for this rank; every run-wide record and marker
-        for subject in (step_records_filter(self.run, self.rank)[:-1] + FORGOTTEN_ID,
-                        step_records_filter(self.run, RUN_SCOPE)):
+        for subject in (
+            step_records_filter(self.run, self.rank)[:-1] + FORGOTTEN_ID,
+            step_records_filter(self.run, RUN_SCOPE),
+        ):
             self._subs.append(await nc.subscribe(subject, cb=self._on_notice))
         await self.load()
         self._task = asyncio.create_task(self._writer(), name=f"runctl-steplog-{self.rank}")
@@ -204,8 +213,9 @@ class StepLog:
         self._post(pending)
         return pending
 
-    async def complete(self, rec: StepRecord, *, wait: bool = True,
-                       timeout: float | None = None) -> bool:
+    async def complete(
+        self, rec: StepRecord, *, wait: bool = True, timeout: float | None = None
+    ) -> bool:
         """Queue a completion and wait (bounded) for its PubAck. True once acknowledged;
         False if still queued (the server is slow or down): it stays queued and is
         re-sent until acknowledged, but it is not done until then."""
@@ -293,7 +303,9 @@ class StepLog:
                 # no wait_stall: with one, nats-py wraps every publish in a task and yields,
                 # which sends each on its own (our window stays under its own limit)
                 future = await self.js.publish_async(
-                    pending.subject, pending.payload, headers={"Nats-Msg-Id": pending.msg_id},
+                    pending.subject,
+                    pending.payload,
+                    headers={"Nats-Msg-Id": pending.msg_id},
                 )
             except Exception as exc:
                 self.log.debug("completion not sent, will retry", error=str(exc) or repr(exc))
@@ -327,8 +339,11 @@ class StepLog:
             # the server refused this record (too large, ...): retrying cannot help
             pending.error = f"{exc.description or exc}"
             self._finish(pending)
-            self.log.error("step completion refused by the server", subject=pending.subject,
-                           error=pending.error)
+            self.log.error(
+                "step completion refused by the server",
+                subject=pending.subject,
+                error=pending.error,
+            )
             return
         self._unsent.appendleft(pending)
         self._wake.set()
@@ -338,9 +353,16 @@ class StepLog:
         self.index[rec.scope][rec.sid] = (seq, rec)
         pending.acked = True
         self._finish(pending)
-        self.event("step_done", name=rec.name, key=rec.key, scope=rec.scope,
-                   config_hash=rec.config_hash, attempt=rec.attempt, duration=rec.duration,
-                   seq=seq)
+        self.event(
+            "step_done",
+            name=rec.name,
+            key=rec.key,
+            scope=rec.scope,
+            config_hash=rec.config_hash,
+            attempt=rec.attempt,
+            duration=rec.duration,
+            seq=seq,
+        )
 
     def _finish(self, pending: Pending) -> None:
         with self._count_lock:
@@ -368,8 +390,7 @@ class StepLog:
             start_seq = 0
             if not initial:  # a reload: what we hold may be newer than what is read
                 start_seq = (await self.js.stream_info(STREAM)).state.last_seq
-            await fast_read(self.nc, [step_records_filter(self.run, s) for s in scopes],
-                            on_entry)
+            await fast_read(self.nc, [step_records_filter(self.run, s) for s in scopes], on_entry)
             for scope in scopes:
                 merged = fresh[scope]
                 for sid, (seq, rec) in self.index[scope].items():
@@ -385,12 +406,15 @@ class StepLog:
             self._loading = False
         if initial:
             self.interrupted = [
-                rec for scope in scopes for _, rec in self.index[scope].values()
+                rec
+                for scope in scopes
+                for _, rec in self.index[scope].values()
                 if rec.status == "started" and (rec.host, rec.pid) != (self.host, self.pid)
             ]
             if self.interrupted:
                 self.log.warning(
-                    "interrupted steps found: they will run again", count=len(self.interrupted),
+                    "interrupted steps found: they will run again",
+                    count=len(self.interrupted),
                     steps=[step_label(r.name, r.key) for r in self.interrupted[:10]],
                 )
 
@@ -432,22 +456,30 @@ class StepLog:
     def _apply_marker(self, seq: int, marker: ForgetMarker) -> None:
         scope = self.index.get(marker.scope)
         held = self.markers.get((marker.scope, marker.name))
-        if scope is None or (held is not None and held[1].ts == marker.ts
-                             and held[1].selector == marker.selector):
+        if scope is None or (
+            held is not None and held[1].ts == marker.ts and held[1].selector == marker.selector
+        ):
             return  # not ours, or already applied (we forgot it ourselves)
         self.index[marker.scope] = {
-            sid: (s, rec) for sid, (s, rec) in scope.items()
+            sid: (s, rec)
+            for sid, (s, rec) in scope.items()
             if not (s <= marker.upto_seq and covered(marker, rec))
         }
         self.markers[(marker.scope, marker.name)] = (seq, marker)
-        self.log.info("steps forgotten", selector=marker.selector, scope=marker.scope,
-                      name=marker.name, count=marker.count)
+        self.log.info(
+            "steps forgotten",
+            selector=marker.selector,
+            scope=marker.scope,
+            name=marker.name,
+            count=marker.count,
+        )
 
     async def forget(self, selector: str | None, *, rank: str | None = None) -> ForgetReport:
         """Forget steps of this run (see :func:`bus.stepstore.forget`); this agent's done set
         follows before it returns."""
-        report = await forget(self.nc, self.run, selector, rank=rank,
-                              by=f"pid {self.pid} on {self.host}")
+        report = await forget(
+            self.nc, self.run, selector, rank=rank, by=f"pid {self.pid} on {self.host}"
+        )
         for marker in report.markers:
             self._apply_marker(0, marker)
         return report
@@ -474,5 +506,6 @@ class StepLog:
             with anyio.move_on_after(0.5), contextlib.suppress(Exception):
                 await sub.unsubscribe()
         if self.pending:
-            self.log.warning("step completions not acknowledged at exit: they will run again",
-                             count=self.pending)
+            self.log.warning(
+                "step completions not acknowledged at exit: they will run again", count=self.pending
+            )

@@ -106,8 +106,7 @@ async def ensure_stream(
     try:
         await js.add_stream(config)
     except js_errors.ServiceUnavailableError as exc:
-        raise Unavailable("JetStream is not enabled on the NATS server (nats-server -js)") \
-            from exc
+        raise Unavailable("JetStream is not enabled on the NATS server (nats-server -js)") from exc
     except js_errors.BadRequestError as exc:
         if exc.err_code != _ERR_STREAM_CONFIG_DIFFERS:
             raise Unavailable(f"cannot create stream {STREAM}: {exc.description}") from exc
@@ -176,7 +175,9 @@ async def fast_read(
 
 
 async def _read_once(
-    nc: NATS, filters: list[str], on_entry: Callable[[str, bytes, int], None],
+    nc: NATS,
+    filters: list[str],
+    on_entry: Callable[[str, bytes, int], None],
     idle_timeout: float,
 ) -> int:
     js = nc.jetstream()
@@ -197,8 +198,11 @@ async def _read_once(
         tokens = msg.reply.split(".")
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the v2
         # form with domain and account hash in front and a token at the end
-        sseq, cseq, pending = (tokens[5], tokens[6], tokens[8]) if len(tokens) == 9 else (
-            tokens[7], tokens[8], tokens[10])
+        sseq, cseq, pending = (
+            (tokens[5], tokens[6], tokens[8])
+            if len(tokens) == 9
+            else (tokens[7], tokens[8], tokens[10])
+        )
         if int(cseq) != count + 1:
             failure.append(_Gap())
             finished.set()
@@ -211,8 +215,9 @@ async def _read_once(
         if pending == "0":
             finished.set()
 
-    sub = await nc.subscribe(inbox, cb=callback, pending_msgs_limit=1 << 21,
-                             pending_bytes_limit=1 << 29)
+    sub = await nc.subscribe(
+        inbox, cb=callback, pending_msgs_limit=1 << 21, pending_bytes_limit=1 << 29
+    )
     config = api.ConsumerConfig(
         deliver_subject=inbox,
         deliver_policy=api.DeliverPolicy.ALL,
@@ -265,7 +270,8 @@ async def read_log(nc: NATS, run: str, *, rank: str | None = None) -> RunLog:
     check_token(run, "run")
     scopes = scopes_for(rank)
     filters = (
-        [step_records_filter(run)] if scopes is None
+        [step_records_filter(run)]
+        if scopes is None
         else [step_records_filter(run, s) for s in sorted(scopes)]
     )
     result = RunLog(run)
@@ -300,12 +306,22 @@ class ForgetReport:
 
     def to_json(self, limit: int = 1000) -> dict[str, Any]:
         listed = [
-            {"scope": mk.scope, "step": step_label(mk.name, gone.key),
-             "config_hash": gone.config_hash, "status": gone.status}
-            for mk in self.markers for gone in mk.forgotten
+            {
+                "scope": mk.scope,
+                "step": step_label(mk.name, gone.key),
+                "config_hash": gone.config_hash,
+                "status": gone.status,
+            }
+            for mk in self.markers
+            for gone in mk.forgotten
         ]
-        return {"run": self.run, "selector": self.selector, "rank": self.rank,
-                "forgotten": self.forgotten, "steps": listed[:limit]}
+        return {
+            "run": self.run,
+            "selector": self.selector,
+            "rank": self.rank,
+            "forgotten": self.forgotten,
+            "steps": listed[:limit],
+        }
 
 
 async def forget(
@@ -333,17 +349,19 @@ async def forget(
         report.markers = plan_forget(runlog, sel, scopes=scopes_for(rank), by=by)
         for marker in report.markers:
             if marker.all:
-                await js.purge_stream(STREAM, subject=step_records_filter(run, marker.scope,
-                                                                          marker.name))
+                await js.purge_stream(
+                    STREAM, subject=step_records_filter(run, marker.scope, marker.name)
+                )
                 continue
             subjects = [
                 step_record_subject(run, rec.scope, rec.name, rec.id)
-                for _, rec in runlog.records.values() if covered(marker, rec)
+                for _, rec in runlog.records.values()
+                if covered(marker, rec)
             ]
             for chunk in range(0, len(subjects), 256):  # pipelined: a big "+" is many purges
-                await asyncio.gather(*(
-                    js.purge_stream(STREAM, subject=s) for s in subjects[chunk:chunk + 256]
-                ))
+                await asyncio.gather(
+                    *(js.purge_stream(STREAM, subject=s) for s in subjects[chunk : chunk + 256])
+                )
         if report.markers:
             # everything stored up to here that a marker covers is purged (or newer than the
             # read, and then dropped by live agents too: it only runs again)

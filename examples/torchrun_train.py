@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     model = DistributedDataParallel(torch.nn.Linear(16, 1))
     if args.checkpoint is not None and args.checkpoint.exists():
         model.module.load_state_dict(torch.load(args.checkpoint))
-    log = open(args.log_dir / f"rank{rank}.jsonl", "a") if args.log_dir else None  # noqa: SIM115
+    log = None
+    if args.log_dir is not None:  # line-buffered: what a killed rank did is on disk
+        log = open(args.log_dir / f"rank{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
 
     state = TrainConfig()
     ctl = control(state)  # run and rank from torchrun's environment

@@ -25,7 +25,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from bus.canonical import hashed
 from bus.client import Client
 from bus.errors import BadRequest, BadToken, NotFound, RunctlError, Timeout, Unavailable
-from bus.steprecords import explain, parse_selector, record_row, scopes_for
+from bus.stepexplain import explain
+from bus.steprecords import parse_selector, record_row, scopes_for
 from bus.stepstore import forget, read_log
 from bus.subjects import RUN_SCOPE, check_token
 
@@ -98,20 +99,27 @@ async def steps_view(
     runlog = await read_log(client.nc, run, rank=rank)
     alive = await alive_processes(client, run)
     rows = [
-        row for row in (record_row(seq, rec, alive) for seq, rec in
-                        runlog.ordered(scopes_for(rank)))
+        row
+        for row in (record_row(seq, rec, alive) for seq, rec in runlog.ordered(scopes_for(rank)))
         if (status is None or row["status"] == status) and (name is None or row["name"] == name)
     ]
     if limit is not None and limit < 0:
         raise BadRequest(f"limit must be positive, not {limit}")
     shown = rows[-limit:] if limit else rows  # the most recent ones
-    view: dict[str, Any] = {"run": run, "rank": rank, "count": len(rows),
-                            "truncated": len(shown) < len(rows), "steps": shown}
+    view: dict[str, Any] = {
+        "run": run,
+        "rank": rank,
+        "count": len(rows),
+        "truncated": len(shown) < len(rows),
+        "steps": shown,
+    }
     if with_explain:
         now = time.time()
         explained = [
-            e for e in explain(runlog, rank=rank, configs=parse_configs(configs), alive=alive,
-                               now=now)
+            e
+            for e in explain(
+                runlog, rank=rank, configs=parse_configs(configs), alive=alive, now=now
+            )
             if name is None or e.name == name
         ]
         view["explain"] = [e.to_json() for e in explained]
@@ -125,8 +133,13 @@ async def steps_view(
 
 
 async def forget_steps(
-    client: Client, run: str, step: str | None, *, successors: bool = False,
-    rank: str | None = None, by: str = "",
+    client: Client,
+    run: str,
+    step: str | None,
+    *,
+    successors: bool = False,
+    rank: str | None = None,
+    by: str = "",
 ) -> dict[str, Any]:
     """Forget ``step`` (``name`` or ``name:key``; ``successors`` adds ``+``) or, with
     ``step=None``, the whole run."""
@@ -163,8 +176,16 @@ async def get_steps(
     """The run's completed-step log (every rank, or one rank and the run scope), in
     first-start order; ``limit`` keeps the last N rows (``count`` is always the total)."""
     try:
-        view = await steps_view(client, run, rank=rank, status=status, name=name,
-                                with_explain=explain, configs=config, limit=limit)
+        view = await steps_view(
+            client,
+            run,
+            rank=rank,
+            status=status,
+            name=name,
+            with_explain=explain,
+            configs=config,
+            limit=limit,
+        )
     except RunctlError as exc:
         raise _http(exc) from None
     return _json(view)
@@ -172,20 +193,26 @@ async def get_steps(
 
 @router.delete("/runs/{run}/steps/{step}")
 async def delete_step(
-    run: str, step: str, client: ClientDep, successors: bool = False, rank: str | None = None,
+    run: str,
+    step: str,
+    client: ClientDep,
+    successors: bool = False,
+    rank: str | None = None,
 ) -> Any:
     """Forget one step (``name`` or ``name:key``), with ``successors`` also every step
     started after it; live agents drop them from their done sets."""
     try:
-        return await forget_steps(client, run, step, successors=successors, rank=rank,
-                                  by="http")
+        return await forget_steps(client, run, step, successors=successors, rank=rank, by="http")
     except RunctlError as exc:
         raise _http(exc) from None
 
 
 @router.delete("/runs/{run}/steps")
 async def delete_run_steps(
-    run: str, client: ClientDep, everything: bool = False, rank: str | None = None,
+    run: str,
+    client: ClientDep,
+    everything: bool = False,
+    rank: str | None = None,
 ) -> Any:
     """Forget every step of the run (``everything=true`` is required: it cannot be undone)."""
     if not everything:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from bus.client import Client
 from bus.connection import env_url
 from bus.errors import RunctlError
-from bus.steprecords import format_ago, format_duration
+from bus.stepexplain import format_ago, format_duration
 from gateway.cli_common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -33,33 +33,43 @@ from gateway.cli_common import (
 )
 from gateway.steps_api import STATUSES, forget_steps, steps_view
 
-__all__ = ["forget_command", "main", "register", "render_explain", "render_steps",
-           "steps_command"]
+__all__ = ["forget_command", "main", "register", "render_explain", "render_steps", "steps_command"]
 
 
 def register(subparsers: Any) -> None:
     """Add ``steps`` and ``forget`` to an ``argparse`` sub-parsers object; each sets
     ``func(args) -> int``. Reads ``args.url`` (NATS URL) when the parent parser has one."""
-    p = subparsers.add_parser("steps", help="list a run's completed-step log",
-                              description="List a run's step log, or --explain what a "
-                                          "restart would skip and run, and why.")
+    p = subparsers.add_parser(
+        "steps",
+        help="list a run's completed-step log",
+        description="List a run's step log, or --explain what a "
+        "restart would skip and run, and why.",
+    )
     p.add_argument("run")
     p.add_argument("--rank", help="one rank (and the run-wide steps); 'run' for run-wide only")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--name", help="only this step name")
     p.add_argument("--limit", type=int, metavar="N", help="only the last N rows")
-    p.add_argument("--explain", action="store_true",
-                   help="what a restart would skip and run, and why")
-    p.add_argument("--config", action="append", metavar="NAME=JSON",
-                   help="with --explain: the config a restart will use for step NAME")
+    p.add_argument(
+        "--explain", action="store_true", help="what a restart would skip and run, and why"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="NAME=JSON",
+        help="with --explain: the config a restart will use for step NAME",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     _url_option(p)
     p.set_defaults(func=steps_command)
 
-    f = subparsers.add_parser("forget", help="forget steps so they run again",
-                              description="Forget a step so a restart runs it again. "
-                                          "STEP is a name or name:key; a trailing + also "
-                                          "forgets every step started after it.")
+    f = subparsers.add_parser(
+        "forget",
+        help="forget steps so they run again",
+        description="Forget a step so a restart runs it again. "
+        "STEP is a name or name:key; a trailing + also "
+        "forgets every step started after it.",
+    )
     f.add_argument("run")
     f.add_argument("step", nargs="?", help="name, name:key, name+ or name:key+")
     f.add_argument("--rank", help="only this rank's log ('run': the run-wide log)")
@@ -71,19 +81,37 @@ def register(subparsers: Any) -> None:
 
 def _url_option(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: a sub-parser default would overwrite the value given to the parent parser
-    parser.add_argument("--nats", "--url", dest="url", metavar="URL", default=argparse.SUPPRESS,
-                        help="NATS URL (default: $RUNCTL_NATS_URL or nats://127.0.0.1:4222)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
-                        help="how long to wait for the bus (default: 2)")
+    parser.add_argument(
+        "--nats",
+        "--url",
+        dest="url",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="NATS URL (default: $RUNCTL_NATS_URL or nats://127.0.0.1:4222)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=argparse.SUPPRESS,
+        help="how long to wait for the bus (default: 2)",
+    )
 
 
 def steps_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
 
     async def go(client: Client) -> dict[str, Any]:
-        return await steps_view(client, args.run, rank=args.rank, status=args.status,
-                                name=args.name, with_explain=args.explain, configs=args.config,
-                                limit=args.limit)
+        return await steps_view(
+            client,
+            args.run,
+            rank=args.rank,
+            status=args.status,
+            name=args.name,
+            with_explain=args.explain,
+            configs=args.config,
+            limit=args.limit,
+        )
 
     view = with_client(_defaults(args), go)
     if args.json:
@@ -98,8 +126,7 @@ def steps_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if (args.step is None) == (not args.everything):
-        print("runctl forget: name a STEP, or pass --everything for the whole run",
-              file=sys.stderr)
+        print("runctl forget: name a STEP, or pass --everything for the whole run", file=sys.stderr)
         return EXIT_USAGE
 
     async def go(client: Client) -> dict[str, Any]:
@@ -110,11 +137,16 @@ def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(json.dumps(report, indent=2, default=str), file=out)
         return EXIT_OK if report["forgotten"] else EXIT_NOT_FOUND
     if not report["forgotten"]:
-        print(f"nothing to forget: no logged step of run {args.run!r} matches "
-              f"{report['selector']!r}", file=out)
+        print(
+            f"nothing to forget: no logged step of run {args.run!r} matches {report['selector']!r}",
+            file=out,
+        )
         return EXIT_NOT_FOUND
-    print(f"forgot {report['forgotten']} step(s) of run {args.run!r} ({report['selector']}); "
-          "they run again on the next start", file=out)
+    print(
+        f"forgot {report['forgotten']} step(s) of run {args.run!r} ({report['selector']}); "
+        "they run again on the next start",
+        file=out,
+    )
     for item in report["steps"][:20]:
         print(f"  {item['scope']:>5}  {item['step']}  (was {item['status']})", file=out)
     if report["forgotten"] > 20:
@@ -143,8 +175,16 @@ def render_steps(view: dict[str, Any], now: float | None = None) -> str:
     for r in rows:
         rank = r["rank"] if r["scope"] != "run" else f"run (by {r['rank']})"
         dur = format_duration(r["duration"]) if r["duration"] is not None else "-"
-        table.append((_cut(r["step"], 40), r["status"], dur, rank,
-                      format_ago(now, r["ended"] or r["started"]), r["config_hash"][:8]))
+        table.append(
+            (
+                _cut(r["step"], 40),
+                r["status"],
+                dur,
+                rank,
+                format_ago(now, r["ended"] or r["started"]),
+                r["config_hash"][:8],
+            )
+        )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -162,8 +202,10 @@ def render_explain(view: dict[str, Any]) -> str:
         table.append((_cut(e["step"], 40), e["scope"], e["action"], e["detail"]))
     s = view.get("summary", {})
     reasons = ", ".join(f"{n} {k}" for k, n in sorted(s.items()) if k not in ("skip", "run"))
-    return (_table(table) + f"\na restart would skip {s.get('skip', 0)} and run "
-            f"{s.get('run', 0)}{f' ({reasons})' if reasons else ''}")
+    return (
+        _table(table) + f"\na restart would skip {s.get('skip', 0)} and run "
+        f"{s.get('run', 0)}{f' ({reasons})' if reasons else ''}"
+    )
 
 
 def _cut(text: str, width: int) -> str:

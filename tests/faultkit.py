@@ -148,15 +148,22 @@ class Rank:
     lines: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        env = {"RUN": self.run, "RANK_": self.rank, "URL": self.url, "N": str(self.n),
-               "PACE": str(self.pace), **self.env}
+        env = {
+            "RUN": self.run,
+            "RANK_": self.rank,
+            "URL": self.url,
+            "N": str(self.n),
+            "PACE": str(self.pace),
+            **self.env,
+        }
         self.proc = spawn_python(RANK_PROGRAM, env=env)
         self._err: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         # stderr read too, so a chatty rank never blocks on a full pipe
         self._err_reader = threading.Thread(
-            target=lambda: self._err.extend(self.proc.stderr or ()), daemon=True)
+            target=lambda: self._err.extend(self.proc.stderr or ()), daemon=True
+        )
         self._err_reader.start()
 
     def _read(self) -> None:
@@ -182,8 +189,10 @@ class Rank:
             if self.proc.poll() is not None:
                 raise AssertionError(f"rank {self.rank} exited early: {self.stderr()[-2000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"rank {self.rank}: condition not met in {timeout}s; "
-                                     f"last lines {self.lines[-5:]}")
+                raise AssertionError(
+                    f"rank {self.rank}: condition not met in {timeout}s; "
+                    f"last lines {self.lines[-5:]}"
+                )
             time.sleep(0.02)
 
     def wait_final(self, timeout: float = 90.0) -> dict[str, Any]:
@@ -237,12 +246,25 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        argv = [sys.executable, "-m", "gateway.cli", "gateway", "--nats", self.nats_url,
-                "--port", str(self.port), "--timeout", "2", "--no-access-log",
-                "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "gateway",
+            "--nats",
+            self.nats_url,
+            "--port",
+            str(self.port),
+            "--timeout",
+            "2",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=out,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=out, stdin=subprocess.DEVNULL
+            )
         self.starts += 1
         deadline = time.monotonic() + timeout
         while True:

@@ -52,8 +52,25 @@ TEN_KB = "x" * 10_000
 #: every kind of name that must never become a subject token; sent percent-encoded, so
 #: the gateway receives exactly these (invalid UTF-8 as lone surrogates: bytes FF FE)
 BAD_NAMES = [
-    ".", "a.b", "*", "a*", ">", "a>", " ", "a b", "caf\u00e9", "\u65e5\u672c", "\U0001f600",
-    "\udcff\udcfe", "a\x00b", "a/b", "-" * 129, TEN_KB, "..", "a.*.>", "",
+    ".",
+    "a.b",
+    "*",
+    "a*",
+    ">",
+    "a>",
+    " ",
+    "a b",
+    "caf\u00e9",
+    "\u65e5\u672c",
+    "\U0001f600",
+    "\udcff\udcfe",
+    "a\x00b",
+    "a/b",
+    "-" * 129,
+    TEN_KB,
+    "..",
+    "a.*.>",
+    "",
 ]
 DEEP = 100_000
 #: a subject's tokens: clean, or a whole-token wildcard; $JS/$KV/_INBOX prefixes
@@ -66,8 +83,8 @@ def clean_subject(subject: str, runs: set[str]) -> bool:
     tokens = subject.split(".")
     if not all(_TOKEN.fullmatch(t) for t in tokens):
         return False
-    for i, token in enumerate(tokens):
-        if token == "runctl" and i + 1 < len(tokens):  # also inside $JS API subjects
+    for i, part in enumerate(tokens):
+        if part == "runctl" and i + 1 < len(tokens):  # also inside $JS API subjects
             if tokens[i + 1] not in runs | {"*", ">"}:
                 return False
             if i + 3 < len(tokens) and tokens[i + 3] not in _KINDS:
@@ -164,7 +181,8 @@ async def test_bad_names_on_every_route_are_4xx_and_never_become_subjects(
             for param in sorted(carriers):
                 for bad in BAD_NAMES:
                     if (bad == "" and "{" + param + "}" in template) or (
-                            param == "path" and bad in ("", ".")):
+                        param == "path" and bad in ("", ".")
+                    ):
                         # an empty path segment is another route (Starlette redirects
                         # /runs/ to /runs); "" and "." are the root path: the whole state
                         continue
@@ -177,14 +195,21 @@ async def test_bad_names_on_every_route_are_4xx_and_never_become_subjects(
                         extra = f"{param}={encoded(raw)}"
                     query_text = "&".join(
                         [f"{k}={encoded(v)}" for k, v in query.items() if k != param]
-                        + ([extra] if extra else []))
+                        + ([extra] if extra else [])
+                    )
                     target = f"{url}?{query_text}" if query_text else url
-                    body = {"json": {"epochs": 5}} if method == "PATCH" else {}
-                    response = await http.request(method, target, **body)
+                    body = {"epochs": 5} if method == "PATCH" else None
+                    response = await http.request(method, target, json=body)
                     tried += 1
                     statuses[response.status_code] += 1
-                    what = (method, template, param, bad[:20], response.status_code,
-                            response.text[:200])
+                    what = (
+                        method,
+                        template,
+                        param,
+                        bad[:20],
+                        response.status_code,
+                        response.text[:200],
+                    )
                     assert 400 <= response.status_code < 500, what
                     assert small_and_not_echoed(response.content, bad), what
     await anyio.sleep(0.2)  # let the spy see anything still in flight
@@ -192,8 +217,14 @@ async def test_bad_names_on_every_route_are_4xx_and_never_become_subjects(
     dirty = [s for s in subjects if not clean_subject(s, {run_id})]
     assert not dirty, dirty[:5]
     assert tried > 500
-    figures("bad_names_http", inputs=tried, statuses=dict(statuses), subjects_checked=len(
-        subjects), dirty_subjects=0, state_changed=False)
+    figures(
+        "bad_names_http",
+        inputs=tried,
+        statuses=dict(statuses),
+        subjects_checked=len(subjects),
+        dirty_subjects=0,
+        state_changed=False,
+    )
 
 
 def bodies() -> list[tuple[str, bytes]]:
@@ -218,8 +249,10 @@ def bodies() -> list[tuple[str, bytes]]:
         ("duplicate keys", b'{"epochs": 1, "epochs": "x"}'),
         ("unknown field at size", b'{"' + TEN_KB.encode() + b'": 1}'),
         ("60k unknown fields", msgspec.json.encode({f"k{i}": 1 for i in range(60_000)})),
-        ("60k invalid values", msgspec.json.encode({"tags": {f"k{i}": "x" for i in
-                                                            range(60_000)}})),
+        (
+            "60k invalid values",
+            msgspec.json.encode({"tags": {f"k{i}": "x" for i in range(60_000)}}),
+        ),
     ]
 
 
@@ -229,8 +262,13 @@ async def test_bad_bodies_are_4xx_not_echoed_and_change_nothing(
 ) -> None:
     tried = 0
     statuses: Counter[int] = Counter()
-    targets = [f"/runs/{run_id}/ranks/0/set", f"/runs/{run_id}/ranks/all/set",
-               f"/runs/{run_id}/ranks/0/set/opt", "/set", "/set/opt"]
+    targets = [
+        f"/runs/{run_id}/ranks/0/set",
+        f"/runs/{run_id}/ranks/all/set",
+        f"/runs/{run_id}/ranks/0/set/opt",
+        "/set",
+        "/set/opt",
+    ]
     async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as http:
         for name, body in bodies():
             # the costly ones (10 MB, 60k errors) on one rank and on all; the rest everywhere
@@ -243,8 +281,12 @@ async def test_bad_bodies_are_4xx_not_echoed_and_change_nothing(
                 assert small_and_not_echoed(response.content, body), what
         # deep nesting and invalid UTF-8 where a value comes in the query, too
         # (as deep as fits in a URL: httpx refuses over 64 KiB)
-        for value in ["[" * 10_000 + "]" * 10_000, '{"a":' * 3000 + "1" + "}" * 3000,
-                      "\udcff\udcfe", TEN_KB]:
+        for value in [
+            "[" * 10_000 + "]" * 10_000,
+            '{"a":' * 3000 + "1" + "}" * 3000,
+            "\udcff\udcfe",
+            TEN_KB,
+        ]:
             for url in (f"/runs/{run_id}/ranks/0/set/tags", "/set/tags"):
                 response = await http.put(f"{url}?value={encoded(value)}")
                 tried += 1
@@ -291,8 +333,7 @@ async def test_bad_commands_on_the_bus_get_an_error_reply_and_change_nothing(
         await nc.close()
     assert agent.version == 0 and agent.state == Cfg() and not agent.stop_requested
     assert set(codes) <= {"bad_request", "bad_path", "too_large", "validation"}, codes
-    figures("bad_commands_nats", inputs=sum(codes.values()), codes=dict(codes),
-            state_changed=False)
+    figures("bad_commands_nats", inputs=sum(codes.values()), codes=dict(codes), state_changed=False)
 
 
 @pytest.mark.anyio
@@ -303,11 +344,18 @@ async def test_the_client_api_refuses_bad_names_before_sending(
     async with await Client.connect(nats_url) as client:
         for bad in BAD_NAMES:
             calls = [
-                client.get(bad, 0), client.get("ok", bad), client.get(bad, 0, fresh=True),
-                client.set(bad, 0, "epochs", 1), client.set("ok", bad, "epochs", 1),
-                client.patch(bad, "all", {"epochs": 1}), client.reset(bad, 0),
-                client.stop(bad, "all"), client.schema(bad, 0), client.ranks(bad),
-                client.rank("ok", bad), client.ping(bad, 0),
+                client.get(bad, 0),
+                client.get("ok", bad),
+                client.get(bad, 0, fresh=True),
+                client.set(bad, 0, "epochs", 1),
+                client.set("ok", bad, "epochs", 1),
+                client.patch(bad, "all", {"epochs": 1}),
+                client.reset(bad, 0),
+                client.stop(bad, "all"),
+                client.schema(bad, 0),
+                client.ranks(bad),
+                client.rank("ok", bad),
+                client.ping(bad, 0),
             ]
             for call in calls:
                 with pytest.raises((BadToken, BadRequest, BadPath)):
@@ -336,20 +384,28 @@ def test_the_cli_names_the_problem_with_exit_code_2(
     for bad in BAD_NAMES:
         if bad == "a/b":
             continue  # RUN/RANK is the CLI's own syntax: run a, rank b
-        for argv in (["get", bad], ["get", f"{bad}/0"], ["get", f"ok/{bad}"],
-                     ["set", f"ok/{bad}", "epochs=1"], ["stop", bad], ["steps", bad],
-                     ["forget", "ok", bad]):
+        for argv in (
+            ["get", bad],
+            ["get", f"{bad}/0"],
+            ["get", f"ok/{bad}"],
+            ["set", f"ok/{bad}", "epochs=1"],
+            ["stop", bad],
+            ["steps", bad],
+            ["forget", "ok", bad],
+        ):
             assert run_cli(["--nats", nats_url, *argv]) == 2, argv
             err = capsys.readouterr().err
             # one line naming the problem (argparse's usage line comes before its own)
             assert err.splitlines()[-1].startswith("runctl"), err
             assert len(err) < 1000 and "Traceback" not in err
             tried += 1
-    for argv in (["patch", "ok/0", "[" * DEEP], ["patch", "ok/0", "\udcff"],
-                 ["set", "ok/0", "epochs=" + "[" * DEEP]):
+    for argv in (
+        ["patch", "ok/0", "[" * DEEP],
+        ["patch", "ok/0", "\udcff"],
+        ["set", "ok/0", "epochs=" + "[" * DEEP],
+    ):
         assert run_cli(["--nats", nats_url, *argv]) == 2, argv[:2]
         err = capsys.readouterr().err
         assert err.startswith("runctl: ") and len(err) < 1000
         tried += 1
     figures("bad_names_cli", inputs=tried)
-

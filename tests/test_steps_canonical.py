@@ -20,8 +20,11 @@ from bus.canonical import Hashed, canonical_json, digest, hashed, key_digest, no
     ("value", "text", "hash_"),
     [
         ({"b": 1, "a": [1.0, 0.1, "é"], "_x": 5}, '{"a":[1,0.1,"é"],"b":1}', "affc435a1e96bd45"),
-        ({"lr": 1e-7, "big": 1e16, "n": None, "t": True},
-         '{"big":1e+16,"lr":1e-07,"n":null,"t":true}', "a2b7ffbcaff11d9b"),
+        (
+            {"lr": 1e-7, "big": 1e16, "n": None, "t": True},
+            '{"big":1e+16,"lr":1e-07,"n":null,"t":true}',
+            "a2b7ffbcaff11d9b",
+        ),
         (5, "5", "ef2d127de37b942b"),
         ("shard-3", '"shard-3"', "0f72271d9d027fc6"),
         (None, "null", "74234e98afe7498f"),
@@ -69,7 +72,8 @@ def test_rich_values_are_converted_first() -> None:
         kind: Kind
 
     assert normalize({"opt": Opt(), "data": Data(PurePosixPath("/d"), Kind.SGD)}) == {
-        "opt": {"kind": "sgd", "lr": 0.1}, "data": {"path": "/d", "kind": "sgd"},
+        "opt": {"kind": "sgd", "lr": 0.1},
+        "data": {"path": "/d", "kind": "sgd"},
     }
 
 
@@ -82,9 +86,7 @@ def test_rich_values_are_converted_first() -> None:
         ({"fn": print}, "at 'fn' is a builtin_function_or_method"),
     ],
 )
-def test_values_without_a_canonical_form_are_refused_by_name(
-    value: object, message: str
-) -> None:
+def test_values_without_a_canonical_form_are_refused_by_name(value: object, message: str) -> None:
     with pytest.raises((TypeError, ValueError), match=message):
         hashed(value)
 
@@ -95,7 +97,10 @@ def test_hashed_passes_through() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text()
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,

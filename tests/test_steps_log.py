@@ -31,9 +31,20 @@ class S(BaseModel):
 
 def record(run: str, name: str, key: Any, *, scope: str = "0") -> StepRecord:
     h = hashed({})
-    return StepRecord(run=run, scope=scope, name=name, key=key, key_hash=key_digest(key)[1],
-                      config=h.value, config_hash=h.hash, status="done", started=time.time(),
-                      rank=scope, host="test", pid=1)
+    return StepRecord(
+        run=run,
+        scope=scope,
+        name=name,
+        key=key,
+        key_hash=key_digest(key)[1],
+        config=h.value,
+        config_hash=h.hash,
+        status="done",
+        started=time.time(),
+        rank=scope,
+        host="test",
+        pid=1,
+    )
 
 
 @pytest.mark.anyio
@@ -130,9 +141,14 @@ async def test_async_program_resumes_with_every_form(nats_url: str, run_id: str)
                     s.result = {"merged": True}
             marked = await steps.adone("export", "v1", result=[1, 2])
             assert await steps.aflush(5)
-            return {"seen": seen, "sq": sq, "merge_was_done": was, "marked": marked,
-                    "export": steps.result("export", "v1"),
-                    "merge": steps.result("merge", config={"k": 1})}
+            return {
+                "seen": seen,
+                "sq": sq,
+                "merge_was_done": was,
+                "marked": marked,
+                "export": steps.result("export", "v1"),
+                "merge": steps.result("merge", config={"k": 1}),
+            }
 
     first = await program()
     assert first["seen"] == [0, 1, 2, 3] and first["sq"] == [3, 9]  # JSON: lists
@@ -167,8 +183,10 @@ def test_a_forget_reaches_a_live_agent(nats_url: str, run_id: str) -> None:
 def test_a_run_wide_step_done_by_one_live_rank_counts_for_the_other(
     nats_url: str, run_id: str
 ) -> None:
-    with control(S(), run=run_id, rank=0, url=nats_url) as r0, \
-            control(S(), run=run_id, rank=1, url=nats_url) as r1:
+    with (
+        control(S(), run=run_id, rank=0, url=nats_url) as r0,
+        control(S(), run=run_id, rank=1, url=nats_url) as r1,
+    ):
         r1.wait_ready()
         assert not r1.is_done("prepare", scope="run")
         with r0.once("prepare", scope="run") as s:
@@ -183,6 +201,7 @@ def test_a_run_wide_step_done_by_one_live_rank_counts_for_the_other(
 
 def test_exceptions_and_breaks_leave_steps_not_done(nats_url: str, run_id: str) -> None:
     with control(S(), run=run_id, rank=0, url=nats_url) as ctl:
+
         def body_fails_at_2() -> None:
             for i in ctl.steps("a", range(5)):
                 if i == 2:
@@ -232,8 +251,10 @@ class NoJetStream(NatsServer):
 
 
 def test_without_jetstream_the_agent_serves_and_steps_say_why(tmp_path: Path) -> None:
-    with NoJetStream(store_dir=tmp_path) as server, \
-            control(S(), run="nojs", rank=0, url=server.url) as ctl:
+    with (
+        NoJetStream(store_dir=tmp_path) as server,
+        control(S(), run="nojs", rank=0, url=server.url) as ctl,
+    ):
         ctl.wait_ready()
         with pytest.raises(Unavailable, match="step log is unavailable: JetStream is not "):
             ctl.steps("epoch", range(3))

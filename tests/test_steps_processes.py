@@ -61,7 +61,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> list[Any]:
 
 
 def test_a_program_killed_half_way_runs_only_the_rest(nats_url: str, run_id: str) -> None:
-    code = PROGRAM + """
+    code = (
+        PROGRAM
+        + """
 @ctl.cached()
 def work(i):
     print(json.dumps({"computing": i}), flush=True)
@@ -74,6 +76,7 @@ for i in range(20):
 print(json.dumps({"interrupted": [r.key for r in ctl.agent.steplog.interrupted]}), flush=True)
 ctl.close()
 """
+    )
     env = {"RUN": run_id, "URL": nats_url}
     first = spawn_python(code, env={**env, "HANG": "1"})
     assert first.stdout is not None
@@ -105,7 +108,9 @@ def test_no_acknowledged_completion_is_lost_when_the_server_is_killed(
     nats_server: NatsServer, run_id: str
 ) -> None:
     n = 60
-    code = PROGRAM + f"""
+    code = (
+        PROGRAM
+        + f"""
 for i in ctl.steps("item", range({n})):
     time.sleep(0.02)
     print(json.dumps({{"ran": i, "pending": ctl.agent.steps.pending}}), flush=True)
@@ -115,14 +120,14 @@ print(json.dumps({{"flushed": flushed, "pending": ctl.agent.steps.pending,
                   "all_done": all(ctl.is_done("item", i) for i in range({n}))}}), flush=True)
 ctl.close()
 """
+    )
     url = nats_server.url
     proc = spawn_python(code, env={"RUN": run_id, "URL": url})
     assert proc.stdout is not None
     for line in proc.stdout:
         if any(o.get("ran") == 15 for o in objects(line)):
             break
-    acked_before = {r.key for _, r in log_of(url, run_id).records.values()
-                    if r.status == "done"}
+    acked_before = {r.key for _, r in log_of(url, run_id).records.values() if r.status == "done"}
     nats_server.kill()  # SIGKILL, store kept
     time.sleep(0.5)
     restarted = NatsServer(port=nats_server.port, store_dir=nats_server.store_dir).start()
@@ -145,7 +150,9 @@ ctl.close()
 
 
 def test_two_ranks_in_separate_processes(nats_url: str, run_id: str) -> None:
-    code = PROGRAM + """
+    code = (
+        PROGRAM
+        + """
 rank = ctl.rank
 with ctl.once("prepare", scope="run") as s:
     if not s.done:
@@ -155,6 +162,7 @@ for shard in ctl.steps("shard", ["a", "b", "c"]):
     print(json.dumps({"shard": shard}), flush=True)
 ctl.close()
 """
+    )
     env = {"RUN": run_id, "URL": nats_url}
     rank0 = finish(spawn_python(code, env={**env, "RANK_": "0"}))
     rank1 = finish(spawn_python(code, env={**env, "RANK_": "1"}))

@@ -9,16 +9,15 @@ import pytest
 
 from bus.canonical import hashed, key_digest
 from bus.errors import BadRequest
+from bus.stepexplain import config_diff, explain
 from bus.steprecords import (
     ForgetMarker,
     RunLog,
     Selector,
     StepRecord,
-    config_diff,
     covered,
     decode_entry,
     encode_entry,
-    explain,
     parse_selector,
     plan_forget,
     record_row,
@@ -27,14 +26,34 @@ from bus.steprecords import (
 CFG = hashed({"lr": 0.1})
 
 
-def rec(name: str, key: Any, started: float, *, scope: str = "0", status: str = "done",
-        cfg: Any = None, pid: int = 1, **kw: Any) -> StepRecord:
+def rec(
+    name: str,
+    key: Any,
+    started: float,
+    *,
+    scope: str = "0",
+    status: str = "done",
+    cfg: Any = None,
+    pid: int = 1,
+    **kw: Any,
+) -> StepRecord:
     h = hashed(cfg) if cfg is not None else CFG
     return StepRecord(
-        run="r", scope=scope, name=name, key=key, key_hash=key_digest(key)[1],
-        config=h.value, config_hash=h.hash, status=status,  # type: ignore[arg-type]
-        started=started, ended=started + 1 if status != "started" else None,
-        duration=1.0 if status != "started" else None, rank="0", host="h", pid=pid, **kw,
+        run="r",
+        scope=scope,
+        name=name,
+        key=key,
+        key_hash=key_digest(key)[1],
+        config=h.value,
+        config_hash=h.hash,
+        status=status,  # type: ignore[arg-type]
+        started=started,
+        ended=started + 1 if status != "started" else None,
+        duration=1.0 if status != "started" else None,
+        rank="0",
+        host="h",
+        pid=pid,
+        **kw,
     )
 
 
@@ -55,8 +74,10 @@ def test_record_wire_form_is_tagged_json_and_round_trips() -> None:
     assert msgspec.json.decode(encode_entry(marker))["t"] == "forget/1"
     assert decode_entry(encode_entry(marker)) == marker
     # an older reader's record (no optional fields) still decodes: new fields have defaults
-    minimal = (b'{"t":"step/1","run":"r","scope":"0","name":"e","key_hash":"k",'
-               b'"config_hash":"c","status":"done","started":1.0}')
+    minimal = (
+        b'{"t":"step/1","run":"r","scope":"0","name":"e","key_hash":"k",'
+        b'"config_hash":"c","status":"done","started":1.0}'
+    )
     assert decode_entry(minimal).attempt == 1  # type: ignore[union-attr]
 
 
@@ -67,7 +88,7 @@ def test_record_wire_form_is_tagged_json_and_round_trips() -> None:
         ("epoch+", Selector("epoch", None, True)),
         ("epoch:5", Selector("epoch", "5")),
         ("tokenize:shard-3+", Selector("tokenize", "shard-3", True)),
-        ("sq:{\"x\":3}", Selector("sq", '{"x":3}')),
+        ('sq:{"x":3}', Selector("sq", '{"x":3}')),
     ],
 )
 def test_selectors(text: str, expected: Selector) -> None:
@@ -82,26 +103,36 @@ def test_bad_selectors_are_refused(text: str) -> None:
 
 
 def test_forget_one_name_covers_all_its_items_and_only_them() -> None:
-    log = runlog(rec("prep", None, 1), *(rec("epoch", i, 10 + i) for i in range(3)),
-                 rec("eval", None, 20))
+    log = runlog(
+        rec("prep", None, 1), *(rec("epoch", i, 10 + i) for i in range(3)), rec("eval", None, 20)
+    )
     (marker,) = plan_forget(log, parse_selector("epoch"), now=50)
     assert (marker.name, marker.all, marker.count) == ("epoch", True, 3)
     assert [covered(marker, r) for _, r in log.ordered()] == [False, True, True, True, False]
 
 
 def test_forget_plus_covers_the_step_and_everything_started_after_it() -> None:
-    log = runlog(rec("prep", None, 1, scope="run"), *(rec("epoch", i, 10 + i) for i in range(5)),
-                 rec("eval", None, 20), rec("epoch", 0, 11, scope="1"))
+    log = runlog(
+        rec("prep", None, 1, scope="run"),
+        *(rec("epoch", i, 10 + i) for i in range(5)),
+        rec("eval", None, 20),
+        rec("epoch", 0, 11, scope="1"),
+    )
     markers = plan_forget(log, parse_selector("epoch:2+"))
     by_name = {(m.scope, m.name): m for m in markers}
     assert set(by_name) == {("0", "epoch"), ("0", "eval")}  # rank 1's epoch 0 started before
     epoch = by_name[("0", "epoch")]
     assert not epoch.all and epoch.since == 12 and epoch.count == 3
     assert by_name[("0", "eval")].all
-    forgotten = {(r.scope, r.name, r.key) for _, r in log.ordered()
-                 if any(covered(m, r) for m in markers)}
-    assert forgotten == {("0", "epoch", 2), ("0", "epoch", 3), ("0", "epoch", 4),
-                         ("0", "eval", None)}
+    forgotten = {
+        (r.scope, r.name, r.key) for _, r in log.ordered() if any(covered(m, r) for m in markers)
+    }
+    assert forgotten == {
+        ("0", "epoch", 2),
+        ("0", "epoch", 3),
+        ("0", "epoch", 4),
+        ("0", "eval", None),
+    }
 
 
 def test_forget_plus_counts_from_the_current_config_not_from_old_ones() -> None:
@@ -109,18 +140,21 @@ def test_forget_plus_counts_from_the_current_config_not_from_old_ones() -> None:
     new = [rec("epoch", i, 10 + i, cfg={"lr": 0.2}) for i in range(4)]
     log = runlog(*old, rec("export", None, 4), *new)
     markers = plan_forget(log, parse_selector("epoch:2+"))
-    forgotten = sorted((r.started, r.name) for _, r in log.ordered()
-                       if any(covered(m, r) for m in markers))
+    forgotten = sorted(
+        (r.started, r.name) for _, r in log.ordered() if any(covered(m, r) for m in markers)
+    )
     # epoch 2 under both configs, and what started after the current epoch 2 (t=12)
     assert forgotten == [(2, "epoch"), (12, "epoch"), (13, "epoch")]
 
 
 def test_forget_plus_of_a_run_wide_step_reaches_every_rank() -> None:
-    log = runlog(rec("prep", None, 1, scope="run"), rec("epoch", 0, 5, scope="0"),
-                 rec("epoch", 0, 6, scope="1"))
+    log = runlog(
+        rec("prep", None, 1, scope="run"),
+        rec("epoch", 0, 5, scope="0"),
+        rec("epoch", 0, 6, scope="1"),
+    )
     markers = plan_forget(log, parse_selector("prep+"))
-    assert {(m.scope, m.name) for m in markers} == {("run", "prep"), ("0", "epoch"),
-                                                    ("1", "epoch")}
+    assert {(m.scope, m.name) for m in markers} == {("run", "prep"), ("0", "epoch"), ("1", "epoch")}
     only_rank1 = plan_forget(log, parse_selector("prep+"), scopes={"1", "run"})
     assert {(m.scope, m.name) for m in only_rank1} == {("run", "prep"), ("1", "epoch")}
 
@@ -146,8 +180,12 @@ def test_explain_says_why_for_each_step() -> None:
         rec("sweep", "a", 2, cfg={"lr": 0.1}),
         rec("sweep", "a", 14, cfg={"lr": 0.2}, status="started", pid=7),
     )
-    log.add(99, ForgetMarker(run="r", scope="0", name="eval", ts=30, all=True, selector="eval",
-                             count=1, forgotten=[]))
+    log.add(
+        99,
+        ForgetMarker(
+            run="r", scope="0", name="eval", ts=30, all=True, selector="eval", count=1, forgotten=[]
+        ),
+    )
     rows = {(e.name, str(e.key)): e for e in explain(log, rank="0", alive={("h", 8)}, now=40)}
     assert (rows[("prep", "None")].action, rows[("prep", "None")].reason) == ("skip", "done")
     assert rows[("epoch", "0")].reason == "done"
@@ -171,8 +209,9 @@ def test_explain_with_the_config_a_restart_will_use() -> None:
 
 def test_explain_reports_forgotten_steps_as_forced_until_they_are_logged_again() -> None:
     log = runlog(rec("epoch", 0, 1))
-    markers = plan_forget(runlog(rec("epoch", 0, 1), rec("epoch", 1, 2)),
-                          parse_selector("epoch:1+"), now=5, by="cli")
+    markers = plan_forget(
+        runlog(rec("epoch", 0, 1), rec("epoch", 1, 2)), parse_selector("epoch:1+"), now=5, by="cli"
+    )
     log.add(10, markers[0])
     rows = explain(log, now=6)
     assert [(e.key, e.reason) for e in rows] == [(0, "done"), (1, "forced")]
@@ -190,6 +229,8 @@ def test_rows_tell_running_from_interrupted() -> None:
 
 def test_config_diff_is_short_and_dotted() -> None:
     assert config_diff({"a": 1, "o": {"b": 2}, "c": 1}, {"a": 1, "o": {"b": 3}, "d": 4}) == [
-        "-c", "+d=4", "o.b: 2 -> 3",
+        "-c",
+        "+d=4",
+        "o.b: 2 -> 3",
     ]
     assert len(config_diff({str(i): i for i in range(20)}, {})) == 6

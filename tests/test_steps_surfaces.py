@@ -62,8 +62,9 @@ def test_config_changes_prefix_keys_forget_plus_and_explain(
     assert code == 0
     assert "epoch[3]" in out and "5 steps: 5 done" in out
 
-    code, out = run_cli(capsys, "steps", run_id, "--url", nats_url, "--explain",
-                        "--config", 'epoch={"lr": 0.2}')
+    code, out = run_cli(
+        capsys, "steps", run_id, "--url", nats_url, "--explain", "--config", 'epoch={"lr": 0.2}'
+    )
     rows = explain_rows(out)
     assert rows["epoch[0]"][0] == "run" and "lr: 0.1 -> 0.2" in rows["epoch[0]"][1]
     assert rows["export"][0] == "skip" and rows["export"][1].startswith("done")
@@ -84,16 +85,26 @@ def test_config_changes_prefix_keys_forget_plus_and_explain(
 
     code, out = run_cli(capsys, "forget", run_id, "nothing-like-this", "--url", nats_url)
     assert code == 3 and "nothing to forget" in out
-    code, out = run_cli(capsys, "steps", run_id, "--url", nats_url, "--rank", "0", "--json",
-                        "--status", "done", "--name", "epoch")
+    code, out = run_cli(
+        capsys,
+        "steps",
+        run_id,
+        "--url",
+        nats_url,
+        "--rank",
+        "0",
+        "--json",
+        "--status",
+        "done",
+        "--name",
+        "epoch",
+    )
     view = json.loads(out)
     assert view["count"] == 7  # epochs 0-3 at lr 0.2; 0, 1 and 3 at lr 0.1 (2 was forgotten)
     assert {r["status"] for r in view["steps"]} == {"done"}
 
 
-def test_cli_errors_name_the_problem(
-    nats_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_errors_name_the_problem(nats_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["steps", "bad.run", "--url", nats_url]) == 2
     assert "invalid run 'bad.run'" in capsys.readouterr().err
     assert cli(["forget", "r", "--url", nats_url]) == 2
@@ -106,8 +117,9 @@ async def http(nats_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app.include_router(router)
     app.state.client = await Client.connect(nats_url)
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://gw") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw"
+        ) as client:
             yield client
     finally:
         await app.state.client.close()
@@ -132,18 +144,23 @@ async def test_http_lists_explains_and_forgets_after_the_program_exited(
     assert last["count"] == 5 and last["truncated"] and len(last["steps"]) == 2
     rank1 = (await http.get(f"/runs/{run_id}/steps", params={"rank": 1})).json()
     assert sorted((r["scope"], r["step"]) for r in rank1["steps"]) == [
-        ("1", "shard[a]"), ("run", "prepare")]
+        ("1", "shard[a]"),
+        ("run", "prepare"),
+    ]
     (prepare,) = [r for r in rank1["steps"] if r["name"] == "prepare"]
     assert prepare["result"] == {"rows": 3} and prepare["rank"] == "0"
-    explained = (await http.get(f"/runs/{run_id}/steps",
-                                params={"explain": "true", "rank": "0"})).json()
+    explained = (
+        await http.get(f"/runs/{run_id}/steps", params={"explain": "true", "rank": "0"})
+    ).json()
     assert explained["summary"] == {"skip": 4, "run": 0}
-    assert (await http.get(f"/runs/{run_id}/steps", params={"status": "bogus"})).status_code \
-        == 400
+    assert (await http.get(f"/runs/{run_id}/steps", params={"status": "bogus"})).status_code == 400
     assert (await http.get("/runs/bad.run/steps")).status_code in (400, 404)
 
-    forgot = (await http.delete(f"/runs/{run_id}/steps/shard:b",
-                                params={"successors": "true", "rank": "0"})).json()
+    forgot = (
+        await http.delete(
+            f"/runs/{run_id}/steps/shard:b", params={"successors": "true", "rank": "0"}
+        )
+    ).json()
     assert forgot["forgotten"] == 3  # b, c, and prepare (done after b started)
     after = (await http.get(f"/runs/{run_id}/steps")).json()
     assert sorted(r["step"] for r in after["steps"]) == ["shard[a]", "shard[a]"]

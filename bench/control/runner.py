@@ -46,6 +46,8 @@ class Config:
     startup_repeats: int = 5
     startup_settle: float = 1.2
     throughput_s: float = 3.0
+    #: niceness of every process of the run (children inherit it)
+    nice: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
     agent_env: dict[str, str] = field(default_factory=dict)
     keep: bool = False
@@ -78,6 +80,8 @@ class Run:
             "workdir": str(workdir),
         }
         freak_python = freakenv.ensure() if "freak" in cfg.tools else None
+        if cfg.nice:
+            os.nice(cfg.nice)  # before any process of the run starts: all inherit it
         self.meta["versions"] = versions(freak_python)
         started = time.monotonic()
         server = NatsServer(store_dir=workdir / "nats", die_with_parent=True).start()
