@@ -27,6 +27,7 @@ Prints a table and writes ``bench/results/fanout-<time>.json`` with machine fact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -67,7 +68,7 @@ RANK_PROGRAM: Final = textwrap.dedent("""
     while not state.quit:
         ctl.sync(step)
         step += 1
-        time.sleep(0.01)
+        time.sleep(STEP_INTERVAL)
     ctl.close()
 """)
 
@@ -91,7 +92,7 @@ PACKED_PROGRAM: Final = textwrap.dedent("""
                 for a in agents:
                     a.sync(step)
                 step += 1
-                await anyio.sleep(0.01)
+                await anyio.sleep(STEP_INTERVAL)
 
     anyio.run(main)
 """)
@@ -106,6 +107,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--layout", choices=("process", "packed"), default="process")
     p.add_argument("--procs", type=int, default=4, help="processes for --layout packed")
+    p.add_argument(
+        "--step-interval",
+        type=float,
+        default=0.01,
+        metavar="SECONDS",
+        help="each rank's loop: ctl.sync(step), then sleep this long",
+    )
     p.add_argument("--url", default=None, help="use this nats-server instead of starting one")
     p.add_argument("--quick", action="store_true", help="sizes 1,4 and 20 samples")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -293,17 +301,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def machine() -> dict[str, Any]:
     cpu = ""
-    try:
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            "",
-        )
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
     try:
         server = subprocess.run(
             [find_binary(), "--version"], capture_output=True, text=True, timeout=5, check=False
@@ -334,7 +334,8 @@ def _version(dist: str) -> str:
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"fan-out: broadcast until every rank acknowledged ({report['parameters']['layout']} "
-        f"layout, {report['machine']['cpus']} cpus, load {report['machine']['loadavg'][0]:.2f})",
+        f"layout, ranks step every {report['parameters']['step_interval'] * 1e3:g} ms, "
+        f"{report['machine']['cpus']} cpus, load before {report['machine']['loadavg'][0]:.2f})",
         "",
         "| ranks | get p50 | get p99 | stop p50 | stop p99 | registry read p50 | incomplete |",
         "|---:|---:|---:|---:|---:|---:|---:|",

@@ -39,6 +39,7 @@ __all__ = [
     "ensure_replicated",
     "free_ports",
     "replicas_from_env",
+    "run_sync",
     "serve_cluster",
 ]
 

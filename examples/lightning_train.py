@@ -42,8 +42,11 @@ class TinyModel(L.LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         if self.log_dir is not None:
-            self.write(epoch=self.current_epoch, step=self.global_step,
-                       lr=self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.write(
+                epoch=self.current_epoch,
+                step=self.global_step,
+                lr=self.trainer.optimizers[0].param_groups[0]["lr"],
+            )
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -67,9 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     state = TrainConfig()
     runctl = RunctlCallback(state, lr_field="lr")  # every rank: its own agent
     trainer = L.Trainer(
-        accelerator="cpu", strategy="ddp", devices=2, max_epochs=state.max_epochs,
+        accelerator="cpu",
+        strategy="ddp",
+        devices=2,
+        max_epochs=state.max_epochs,
         callbacks=[runctl],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     if rank_zero_only.rank == 0:
@@ -77,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit(model, DataLoader(data, batch_size=8))
 
     if args.log_dir is not None:
-        model.write(done=True, epoch=trainer.current_epoch, step=trainer.global_step,
-                    stopped_at=runctl.stopped_at,
-                    stop_reason=runctl.ctl.stop_reason if runctl.ctl else None)
+        model.write(
+            done=True,
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            stopped_at=runctl.stopped_at,
+            stop_reason=runctl.ctl.stop_reason if runctl.ctl else None,
+        )
 
 
 if __name__ == "__main__":

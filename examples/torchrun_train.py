@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.module.state_dict(), args.checkpoint)
 
     if log:
-        log.write(json.dumps({"done": True, "step": step, "epoch": epoch,
-                              "stop_reason": ctl.stop_reason}) + "\n")
+        log.write(
+            json.dumps({"done": True, "step": step, "epoch": epoch, "stop_reason": ctl.stop_reason})
+            + "\n"
+        )
         log.close()
     ctl.close()
     dist.destroy_process_group()

@@ -25,15 +25,19 @@ from nats.js import api
 from bus.client import Client, Result
 from bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
 from bus.errors import BadRequest, RunctlError
-from bus.registry import BUCKET
-from bus.stepstore import STREAM
+from bus.registry import BUCKET, Registry
+from bus.stepstore import STREAM, ensure_stream
+
+KV = f"KV_{BUCKET}"
 
 N = 60
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    with NatsCluster(3, base_dir=tmp_path / "cluster") as started:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """One cluster for the module (3 nodes take seconds to start); each test leaves every
+    node running."""
+    with NatsCluster(3, base_dir=tmp_path_factory.mktemp("cluster")) as started:
         run_sync(lambda: ensure_replicated(started.url, 3))
         yield started
 
@@ -99,6 +103,41 @@ def test_replicas_come_from_the_environment() -> None:
     for bad in ("0", "6", "three"):
         with pytest.raises(BadRequest, match="RUNCTL_REPLICAS"):
             replicas_from_env({"RUNCTL_REPLICAS": bad})
+
+
+def test_replicas_are_kept_and_scaled_up_never_down(
+    cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RUNCTL_REPLICAS", raising=False)
+
+    async def go() -> tuple[int, ...]:
+        nc = await nats.connect(cluster.urls)
+        try:
+            js = nc.jetstream()
+            # a process that does not ask (a rank without RUNCTL_REPLICAS) keeps R3
+            await ensure_stream(js)
+            await Registry.open(js)
+            kept = [(await js.stream_info(s)).config.num_replicas for s in (STREAM, KV)]
+            # stores created with one replica are scaled up, not recreated
+            await js.delete_stream(STREAM)
+            await js.delete_key_value(BUCKET)
+            await ensure_stream(js, replicas=1)
+            monkeypatch.setenv("RUNCTL_REPLICAS", "1")
+            await Registry.open(js)
+            monkeypatch.delenv("RUNCTL_REPLICAS")
+            one = [(await js.stream_info(s)).config.num_replicas for s in (STREAM, KV)]
+        finally:
+            await nc.close()
+        await ensure_replicated(cluster.url, 3)
+        nc = await nats.connect(cluster.urls)
+        try:
+            js = nc.jetstream()
+            three = [(await js.stream_info(s)).config.num_replicas for s in (STREAM, KV)]
+        finally:
+            await nc.close()
+        return (*kept, *one, *three)
+
+    assert anyio.run(go) == (3, 3, 1, 1, 3, 3)
 
 
 def test_a_node_killed_during_a_run(cluster: NatsCluster, run_id: str) -> None:

@@ -40,7 +40,7 @@ RANK_CODE = """
     if behaviour == "ignore-sigterm":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     state = Cfg()
-    ctl = control(state, heartbeat=0.2)  # run, rank and url from the environment
+    ctl = control(state)  # run, rank and url from the environment; 1 s heartbeat
     ctl.wait_ready()
     log = open(os.environ["STEP_LOG"], "w")
     say("READY", ctl.run, ctl.rank, os.getpid(), ctl.stop_requested)
@@ -67,11 +67,17 @@ class Ranks:
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
     def start(self, rank: int, behaviour: str = "obey") -> subprocess.Popen[str]:
-        proc = spawn_python(RANK_CODE, env={
-            "RUNCTL_RUN": self.run, "RUNCTL_RANK": str(rank), "RUNCTL_NATS_URL": self.url,
-            "STEP_LOG": str(self.logs / f"rank{rank}.jsonl"), "BEHAVIOUR": behaviour,
-            "PYTHONPATH": str(ROOT),
-        })
+        proc = spawn_python(
+            RANK_CODE,
+            env={
+                "RUNCTL_RUN": self.run,
+                "RUNCTL_RANK": str(rank),
+                "RUNCTL_NATS_URL": self.url,
+                "STEP_LOG": str(self.logs / f"rank{rank}.jsonl"),
+                "BEHAVIOUR": behaviour,
+                "PYTHONPATH": str(ROOT),
+            },
+        )
         self.procs[str(rank)] = proc
         return proc
 
@@ -85,7 +91,7 @@ class Ranks:
                     _, err = await anyio.to_thread.run_sync(proc.communicate)
                     raise AssertionError(f"rank {rank} exited ({proc.returncode}): {err}")
                 if prefix in text:  # the agent thread's log lines may share the line
-                    return text[text.index(prefix):].split()[1:]
+                    return text[text.index(prefix) :].split()[1:]
 
     async def ready(self, *ranks: int) -> None:
         for rank in ranks:
@@ -141,9 +147,11 @@ async def until(predicate: object, timeout: float = 15) -> None:
 
 async def stepping(client: Client, run: str, n: int) -> None:
     """Until ``n`` ranks have reported a step (a synchronised change needs every rank's)."""
+
     async def ok() -> bool:
         infos = await client.ranks(run)
         return len(infos) == n and all(i.record.step is not None for i in infos)
+
     await until(ok)
 
 
@@ -200,10 +208,14 @@ async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
 
     async def two_is_stale() -> bool:
         return (await liveness(client, run_id)).get("2") == "stale"
+
     await until(two_is_stale)
     infos: list[RankInfo] = [i for i in await client.runs() if i.record.run == run_id]
     assert {i.record.rank: i.liveness for i in infos} == {
-        "0": "alive", "1": "alive", "2": "stale", "3": "alive"
+        "0": "alive",
+        "1": "alive",
+        "2": "stale",
+        "3": "alive",
     }
     # the others keep serving, and a broadcast does not wait for the stale rank
     res = gathered(await client.set(run_id, "all", "flag", True))
@@ -235,12 +247,14 @@ async def test_a_synchronised_lr_change_and_stop_apply_at_the_same_step_on_four_
 
     change = gathered(await client.set(run_id, "all", "lr", 0.5, sync=True))
     assert change.acknowledged == FOUR and not change.errors and change.at_step is not None
-    assert all(r.value["pending"] and r.value["at_step"] == change.at_step
-               for r in change.results.values())
+    assert all(
+        r.value["pending"] and r.value["at_step"] == change.at_step for r in change.results.values()
+    )
 
     async def applied() -> bool:
         versions = {i.record.version for i in await client.ranks(run_id)}
         return versions == {1}  # each rank reports the state version it runs
+
     await until(applied)
 
     stop = gathered(await client.stop(run_id, "all", reason="enough", sync=True))
@@ -289,8 +303,9 @@ async def test_terminate_escalates_only_on_ranks_that_do_not_stop(
         await client.nc.flush()
         stop = gathered(await client.stop(run_id, "all", mode="terminate", grace=0.5))
         assert stop.acknowledged == FOUR
-        assert all(r.value == {"stop_requested": True, "mode": "terminate"}
-                   for r in stop.results.values())
+        assert all(
+            r.value == {"stop_requested": True, "mode": "terminate"} for r in stop.results.values()
+        )
         # ranks that stop by themselves exit normally: their escalation ends with them
         assert await ranks.exit_code(0) == 0
         assert await ranks.exit_code(1) == 0
@@ -328,4 +343,3 @@ async def test_a_graceful_stop_never_signals_a_rank(
         assert await ranks.exit_code(1) == 0
         tg.cancel_scope.cancel()
     assert events == []
-

@@ -41,7 +41,7 @@ def find(segment: list[str], lines: list[str], start: int) -> int:
         base = first[: len(first) - len(first.lstrip())]
         if not extra.startswith(base) or extra.strip():
             continue
-        indent = extra[len(base):]
+        indent = extra[len(base) :]
         if all(
             lines[at + i] == (indent + want if want else "")
             or (not want and not lines[at + i].strip())

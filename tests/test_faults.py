@@ -27,7 +27,7 @@ from bus.server import NatsServer
 #: reconnecting), 504 (a rank did not answer in time), 404 (no responder yet: the rank's
 #: subscription is back a moment after the gateway's)
 DURING_OUTAGE = {"200", "404", "503", "504"}
-N = 60
+N = 50
 
 
 @pytest.fixture
@@ -67,9 +67,18 @@ def check_no_acknowledged_completion_lost(url: str, run: str, ranks: list[Rank],
     return checked
 
 
-def failed(traffic: Traffic) -> bool:
-    """The HTTP traffic has met the outage (and was told so, with 503 or 504)."""
-    return traffic.statuses["503"] + traffic.statuses["504"] > 0
+def failed(traffic: Traffic) -> int:
+    """HTTP answers that said the bus is away or slow (503, 504)."""
+    return traffic.statuses["503"] + traffic.statuses["504"]
+
+
+def noticed(before: tuple[int, list[int]], traffic: Traffic, ranks: list[Rank]) -> bool:
+    """Since ``before``, HTTP got a 503/504 and every rank had a completion not
+    acknowledged in time: every party has met the outage."""
+    failures, queued = before
+    return failed(traffic) > failures and all(
+        len(rank.keys("queued")) > count for rank, count in zip(ranks, queued, strict=True)
+    )
 
 
 def http_status(url: str, method: str = "GET", **kwargs: object) -> int:
@@ -82,19 +91,23 @@ def test_server_killed_while_ranks_log_steps_and_the_gateway_serves(
 ) -> None:
     url = nats_server.url
     gateway = GatewayProcess(url, log=tmp_path / "gateway.log").start()
-    ranks = [Rank(run_id, str(r), url, N, env={"LINGER": "1"}) for r in range(2)]
+    # paced so that both ranks are still stepping when the server dies
+    ranks = [Rank(run_id, str(r), url, N, pace=0.08, env={"LINGER": "1"}) for r in range(2)]
     traffic = Traffic(gateway.url, run_id)
     try:
         for rank in ranks:
             rank.wait_until(lambda rank=rank: len(rank.keys("acked")) >= 10)
         traffic.start()
         wait_for(lambda: traffic.statuses["200"] >= 6, timeout=30)
+        assert not any(rank.final for rank in ranks), "too slow a machine: ranks finished"
+        seen = failed(traffic), [len(r.keys("queued")) for r in ranks]
         nats_server.kill()  # SIGKILL while both ranks log steps and HTTP traffic flows
         down = time.monotonic()
         # down until every party has noticed: HTTP answers 503/504, ranks queue completions
-        wait_for(lambda: failed(traffic) and all(r.keys("queued") for r in ranks), timeout=20)
-        downtime = time.monotonic() - down
+        wait_for(lambda: noticed(seen, traffic, ranks), timeout=20)
+        time.sleep(max(0.0, down + 1.0 - time.monotonic()))  # down for a second at least
         restart(nats_server, restarts)
+        downtime = time.monotonic() - down  # until the new server is ready
         finals = [rank.wait_final() for rank in ranks]
         ok_after = traffic.statuses["200"]
         wait_for(lambda: traffic.statuses["200"] >= ok_after + 9, timeout=30)
@@ -158,11 +171,12 @@ def test_server_stalled_by_sigstop_then_resumed(
         wait_for(lambda: traffic.statuses["200"] >= 6, timeout=30)
         # a stall, not a crash: connections stay open, nothing answers for 2+ s (shorter
         # than the clients' ping timeout, so nobody reconnects: they just wait)
+        seen = failed(traffic), [len(rank.keys("queued"))]
         nats_server.signal(signal.SIGSTOP)
         stalled = time.monotonic()
         try:
             time.sleep(2.0)
-            wait_for(lambda: failed(traffic) and rank.keys("queued"), timeout=5)
+            wait_for(lambda: noticed(seen, traffic, [rank]), timeout=10)
         finally:
             nats_server.signal(signal.SIGCONT)
         stall = time.monotonic() - stalled

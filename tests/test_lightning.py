@@ -38,8 +38,11 @@ class Fit:
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            [sys.executable, *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **env},
             start_new_session=True,  # the rank Lightning starts joins this process group
         )
@@ -61,7 +64,7 @@ class Fit:
             while True:
                 for line in self.lines:
                     if line.startswith(prefix):
-                        return line[len(prefix):].strip()
+                        return line[len(prefix) :].strip()
                 if self.proc.poll() is not None:
                     raise AssertionError(f"fit exited ({self.proc.returncode}):\n{self.output}")
                 await anyio.sleep(0.1)
@@ -122,10 +125,25 @@ async def applied(client: Client, run: str) -> None:
     with anyio.fail_after(FIT_TIMEOUT):
         while True:
             if {i.record.rank: i.record.version for i in await client.ranks(run)} == {
-                "0": 1, "1": 1
+                "0": 1,
+                "1": 1,
             }:
                 return
             await anyio.sleep(0.1)
+
+
+async def logged_epochs(nats_url: str, run: str) -> dict[int, int]:
+    """{epoch: global step at its end} from the step log (``runctl steps RUN``)."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "gateway.cli", "steps", run, "--name", "epoch", "--json"],
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    steps = json.loads(result.stdout)["steps"]
+    assert all(s["status"] == "done" and s["scope"] == "run" for s in steps)
+    return {s["key"]: s["result"]["global_step"] for s in steps}
 
 
 def rank_log(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -136,7 +154,11 @@ def rank_log(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 @pytest.mark.anyio
 async def test_lightning_ddp_synchronised_lr_then_stop_over_http(
-    fits: list[Fit], client: Client, http: httpx.AsyncClient, nats_url: str, tmp_path: Path,
+    fits: list[Fit],
+    client: Client,
+    http: httpx.AsyncClient,
+    nats_url: str,
+    tmp_path: Path,
 ) -> None:
     # No RUNCTL_RUN: the launching process generates the run id before fit, and the rank
     # Lightning starts inherits it.
@@ -146,8 +168,9 @@ async def test_lightning_ddp_synchronised_lr_then_stop_over_http(
     run = await fit.line("runctl run:")
     await both_stepping(client, run)
 
-    response = await http.put(f"/runs/{run}/ranks/all/set/lr", params={
-        "value": "0.01", "sync": "true"})
+    response = await http.put(
+        f"/runs/{run}/ranks/all/set/lr", params={"value": "0.01", "sync": "true"}
+    )
     assert response.status_code == 200, response.text
     change = response.json()
     assert change["acknowledged"] == ["0", "1"] and change["missing"] == []
@@ -176,9 +199,12 @@ async def test_lightning_ddp_synchronised_lr_then_stop_over_http(
         assert steps[-1]["step"] >= at_step
     ranks = (await http.get(f"/runs/{run}")).json()["ranks"]
     assert [(r["rank"], r["status"]) for r in ranks] == [("0", "exited"), ("1", "exited")]
+    # completed epochs are logged as steps (16 steps an epoch); the one cut short is not
+    epochs = await logged_epochs(nats_url, run)
+    assert epochs == {e: 16 * (e + 1) for e in range(done0["step"] // 16)}
 
 
-EPOCH_SCRIPT = '''
+EPOCH_SCRIPT = """
 import json, sys
 from pathlib import Path
 
@@ -229,12 +255,16 @@ model.out.write(json.dumps({"done": True, "epoch": trainer.current_epoch,
                             "step": trainer.global_step, "stopped_at": callback.stopped_at,
                             "synchronised": callback._synced_stop}) + "\\n")
 model.out.close()
-'''
+"""
 
 
 @pytest.mark.anyio
 async def test_lightning_synchronised_flag_and_stop_at_the_end_of_an_epoch(
-    fits: list[Fit], client: Client, run_id: str, nats_url: str, tmp_path: Path,
+    fits: list[Fit],
+    client: Client,
+    run_id: str,
+    nats_url: str,
+    tmp_path: Path,
 ) -> None:
     script = tmp_path / "train.py"  # Lightning relaunches the script file for rank 1
     script.write_text(EPOCH_SCRIPT)
@@ -263,3 +293,6 @@ async def test_lightning_synchronised_flag_and_stop_at_the_end_of_an_epoch(
     for steps in (steps0, steps1):
         assert {r["noisy"] for r in steps if r["step"] < at_step} == {False}
         assert {r["noisy"] for r in steps if r["step"] >= at_step} == {True}
+    # every epoch ran to its end, so every one is logged done
+    epochs = await logged_epochs(nats_url, run_id)
+    assert epochs == {e: 4 * (e + 1) for e in range(done0["step"] // 4)}

@@ -34,9 +34,20 @@ class Job:
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc-per-node", "2", str(EXAMPLE), *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(EXAMPLE),
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **env},
         )
         self.lines: list[str] = []
@@ -64,8 +75,9 @@ class Job:
                 if len(found) == 2:
                     return found
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"torchrun exited ({self.proc.returncode}):\n"
-                                         + self.output)
+                    raise AssertionError(
+                        f"torchrun exited ({self.proc.returncode}):\n" + self.output
+                    )
                 await anyio.sleep(0.1)
 
     async def exit_code(self) -> int:
@@ -119,15 +131,18 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 async def cli(nats_url: str, *args: str) -> Any:
     result = await anyio.run_process(
-        [sys.executable, "-m", "gateway.cli", *args, "--json"], cwd=ROOT, check=False,
+        [sys.executable, "-m", "gateway.cli", *args, "--json"],
+        cwd=ROOT,
+        check=False,
         env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr.decode()
     return json.loads(result.stdout)
 
 
-async def stepping(client: Client, run: str, past: int = 0,
-                   not_pids: frozenset[int] = frozenset()) -> set[int]:
+async def stepping(
+    client: Client, run: str, past: int = 0, not_pids: frozenset[int] = frozenset()
+) -> set[int]:
     """Until both ranks run (processes other than ``not_pids``) past step ``past``."""
     with anyio.fail_after(TIMEOUT):
         while True:
@@ -150,7 +165,10 @@ def read_log(path: Path) -> tuple[list[list[Any]], dict[str, Any] | None]:
 
 @pytest.mark.anyio
 async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
-    jobs: list[Job], client: Client, nats_url: str, tmp_path: Path,
+    jobs: list[Job],
+    client: Client,
+    nats_url: str,
+    tmp_path: Path,
 ) -> None:
     job = Job(["--log-dir", str(tmp_path)], {"RUNCTL_NATS_URL": nats_url, "RUNCTL_RUN": ""})
     jobs.append(job)
@@ -184,7 +202,11 @@ async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
 
 @pytest.mark.anyio
 async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
-    jobs: list[Job], client: Client, nats_url: str, run_id: str, tmp_path: Path,
+    jobs: list[Job],
+    client: Client,
+    nats_url: str,
+    run_id: str,
+    tmp_path: Path,
 ) -> None:
     env = {"RUNCTL_NATS_URL": nats_url, "RUNCTL_RUN": run_id}
     first_logs, second_logs = tmp_path / "first", tmp_path / "second"

@@ -41,6 +41,7 @@ from pydantic import BaseModel
 from agent.control import Control, control
 from agent.env import detect_run
 from agent.state import check_path
+from bus.errors import RunctlError
 from bus.subjects import check_token
 
 __all__ = ["RunctlCallback"]
@@ -68,6 +69,13 @@ class RunctlCallback(pl.Callback, Generic[M]):
             Synchronised stops do not need it.
         stop_on: ``"step"`` stops at the next batch boundary, ``"epoch"`` lets every rank
             finish the current epoch.
+        log_epochs: step name under which every completed epoch is logged done
+            (``ctl.done(log_epochs, epoch, scope="run")``, see docs/steps.md), so a
+            restarted fit, ``runctl steps RUN`` or ``ctl.is_done("epoch", 3, scope="run")``
+            can tell which epochs finished; None: not logged. An epoch cut short by a stop
+            is not logged.
+        epoch_config: the config that identifies the fit for the epoch log (hashed; a
+            different config makes a new step), e.g. the hyperparameters.
         options: passed to :func:`agent.control` (``heartbeat``, ``data_dir`` ...).
     """
 
@@ -81,6 +89,8 @@ class RunctlCallback(pl.Callback, Generic[M]):
         on_change: Callable[[pl.Trainer, pl.LightningModule, M], object] | None = None,
         stop_check_every: int = 1,
         stop_on: Literal["step", "epoch"] = "step",
+        log_epochs: str | None = "epoch",
+        epoch_config: Any = None,
         **options: Any,
     ) -> None:
         if stop_check_every < 1:
@@ -93,6 +103,8 @@ class RunctlCallback(pl.Callback, Generic[M]):
         # Resolved now, before Lightning launches the other ranks (see the module docs).
         self.run = check_token(run if run is not None else detect_run(), "run")
         self.url = url
+        self.log_epochs = check_token(log_epochs, "step") if log_epochs is not None else None
+        self.epoch_config = epoch_config
         self.lr_field = lr_field
         self.on_change = on_change
         self.stop_check_every = stop_check_every
@@ -105,6 +117,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
         self._batches = 0
         self._loop_thread: int | None = None
         self._synced_stop = False
+        self._epoch_log_failed = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -113,8 +126,9 @@ class RunctlCallback(pl.Callback, Generic[M]):
         if stage != "fit" or self.ctl is not None:
             return
         self._loop_thread = threading.get_ident()
-        self.ctl = control(self.state, run=self.run, rank=trainer.global_rank, url=self.url,
-                           **self.options)
+        self.ctl = control(
+            self.state, run=self.run, rank=trainer.global_rank, url=self.url, **self.options
+        )
         self.ctl.on_stop(self._on_stop)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -162,6 +176,28 @@ class RunctlCallback(pl.Callback, Generic[M]):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stop_on == "epoch" and not trainer.should_stop:
             self._decide_stop(trainer, check=True)
+        # an epoch cut short (a stop at a step, max_steps) did not complete: not logged
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._log_epoch(trainer)
+
+    def _log_epoch(self, trainer: pl.Trainer) -> None:
+        if self.log_epochs is None:
+            return
+        ctl = self._control()
+        try:
+            # wait=False: the program never waits for the server's ack here
+            ctl.done(
+                self.log_epochs,
+                trainer.current_epoch,
+                config=self.epoch_config,
+                scope="run",
+                result={"global_step": trainer.global_step},
+                wait=False,
+            )
+        except RunctlError as exc:  # no JetStream: the fit goes on without the log
+            if not self._epoch_log_failed:
+                self._epoch_log_failed = True
+                log.warning("runctl: epochs are not logged", error=str(exc))
 
     def _decide_stop(self, trainer: pl.Trainer, check: bool) -> None:
         ctl = self._control()
@@ -176,12 +212,19 @@ class RunctlCallback(pl.Callback, Generic[M]):
         if stop and not trainer.should_stop:
             trainer.should_stop = True
             self.stopped_at = (trainer.current_epoch, trainer.global_step)
-            log.info("runctl: stopping the fit", run=self.run, rank=ctl.rank,
-                     epoch=trainer.current_epoch, step=trainer.global_step,
-                     reason=ctl.stop_reason, synchronised=self._synced_stop)
+            log.info(
+                "runctl: stopping the fit",
+                run=self.run,
+                rank=ctl.rank,
+                epoch=trainer.current_epoch,
+                step=trainer.global_step,
+                reason=ctl.stop_reason,
+                synchronised=self._synced_stop,
+            )
 
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-               force: bool = False) -> None:
+    def _apply(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False
+    ) -> None:
         ctl = self._control()
         version = ctl.version
         if version == self._applied_version and not force:

@@ -1,0 +1,122 @@
+"""Broadcast fan-out: the client waits for exactly the ranks the registry knows alive, stops
+as soon as they all answered, names the ones that did not instead of hanging, and many
+broadcasts leave no consumers behind on the server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import textwrap
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from conftest import ROOT, spawn_python
+from pydantic import BaseModel
+
+from agent import Agent
+from bus import Client, Gathered
+from bus.registry import BUCKET
+from bus.server import NatsServer
+
+
+class S(BaseModel):
+    x: int = 0
+
+
+@contextlib.asynccontextmanager
+async def agents(url: str, run: str, n: int) -> AsyncIterator[list[Agent[S]]]:
+    """``n`` ranks, each an agent with its own connection, in this process."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(Agent(S(), run=run, rank=i, url=url)) for i in range(n)
+        ]
+
+
+def gathered(result: object) -> Gathered:
+    assert isinstance(result, Gathered), result
+    return result
+
+
+@pytest.mark.anyio
+async def test_a_broadcast_returns_once_every_live_rank_answered(
+    nats_url: str, run_id: str
+) -> None:
+    async with agents(nats_url, run_id, 16) as ranks:
+        # a deadline far beyond the hang guard: only "all answered" can end these in time
+        async with await Client.connect(nats_url, timeout=60) as client:
+            with anyio.fail_after(20):
+                for _ in range(5):
+                    res = gathered(await client.get(run_id, "all", fresh=True))
+                    assert res.acknowledged == [str(i) for i in range(16)]
+                    assert not res.missing
+                res = gathered(await client.set(run_id, "all", "x", 3))
+                assert len(res.results) == 16 and not res.missing
+        assert all(a.state.x == 3 for a in ranks)
+
+
+@pytest.mark.anyio
+async def test_a_rank_that_stops_answering_is_reported_missing_not_waited_for_forever(
+    nats_url: str, run_id: str
+) -> None:
+    frozen = spawn_python(
+        textwrap.dedent("""
+            import os, time
+            from pydantic import BaseModel
+            from agent import control
+            class S(BaseModel):
+                x: int = 0
+            ctl = control(S(), heartbeat=5.0).wait_ready()
+            os.write(1, b"READY\\n")
+            time.sleep(60)
+        """),
+        env={
+            "RUNCTL_RUN": run_id,
+            "RUNCTL_RANK": "9",
+            "RUNCTL_NATS_URL": nats_url,
+            "PYTHONPATH": str(ROOT),
+        },
+    )
+    try:
+        assert frozen.stdout is not None
+        with anyio.fail_after(20):  # the agent's own log lines share this stdout
+            while "READY" not in await anyio.to_thread.run_sync(frozen.stdout.readline):
+                assert frozen.poll() is None, frozen.stderr and frozen.stderr.read()
+        os.kill(frozen.pid, signal.SIGSTOP)  # alive in the registry, silent on the bus
+        async with (
+            agents(nats_url, run_id, 3),
+            await Client.connect(nats_url, timeout=0.5) as client,
+        ):
+            with anyio.fail_after(10):
+                res = gathered(await client.get(run_id, "all", fresh=True))
+            assert res.acknowledged == ["0", "1", "2"] and res.missing == ["9"]
+            assert res.to_json()["ranks"]["9"] == {"outcome": "no_answer"}
+    finally:
+        frozen.kill()
+        frozen.wait(10)
+        for stream in (frozen.stdout, frozen.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.anyio
+async def test_many_broadcasts_leave_no_consumers_on_the_server(
+    nats_server: NatsServer, run_id: str
+) -> None:
+    async with (
+        agents(nats_server.url, run_id, 2),
+        await Client.connect(nats_server.url) as client,
+    ):
+        for _ in range(10):
+            await client.ranks(run_id)  # one registry read each
+            await anyio.sleep(0.3)  # past the client's reuse of the last read
+            await client.get(run_id, "all", fresh=True)
+        info = await client.nc.jetstream().stream_info(f"KV_{BUCKET}")
+        assert info.state.consumer_count > 0  # the reads did create consumers ...
+        with anyio.fail_after(10):
+            while True:  # ... which the server drops soon after each read
+                info = await client.nc.jetstream().stream_info(f"KV_{BUCKET}")
+                if info.state.consumer_count == 0:
+                    break
+                await anyio.sleep(0.2)
