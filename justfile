@@ -34,3 +34,7 @@ lint:
 # benchmarks: print tables, write JSON to bench/results/
 bench *args:
     {{py}} -m bench {{args}}
+
+# 60 s soak: mixed HTTP load while ranks log steps; fails on any error or memory growth
+soak *args:
+    {{py}} -m bench.soak {{args}}

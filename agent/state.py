@@ -229,13 +229,12 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         cls = type(model)
         extra = model.model_extra
         errors = []
+        fields = cls.model_fields
+        # names first: a field's own name wins over another field's alias
+        names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
         for key, value in change.items():
-            field = cls.model_fields.get(key)
-            if field is None:
-                field = next(
-                    (f for f in cls.model_fields.values() if f.alias == key), None
-                )
-            if field is None and (extra is None or key not in extra):
+            name = names.get(key)
+            if name is None and (extra is None or key not in extra):
                 shown = key if len(key) <= 80 else key[:77] + "..."  # never echoed at size
                 errors.append(
                     {
@@ -246,8 +245,7 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
                     }
                 )
                 continue
-            name = next((n for n, f in cls.model_fields.items() if f is field), key)
-            _reject_undeclared(model.__dict__.get(name), value, [*loc, key])
+            _reject_undeclared(model.__dict__.get(name or key), value, [*loc, key])
         if errors:
             raise ValidationRejected(f"unknown field(s) for {cls.__name__}", errors)
     elif isinstance(model, list) and isinstance(change, list):

@@ -186,11 +186,12 @@ def start_ranks(
         "RUNCTL_WORLD_SIZE": str(n),
     }
     procs = []
+    interval = f"STEP_INTERVAL = {float(args.step_interval)!r}\n"
     if args.layout == "process":
         for rank in range(n):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", RANK_PROGRAM],
+                    [sys.executable, "-c", interval + RANK_PROGRAM],
                     env={**env, "RUNCTL_RANK": str(rank)},
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -205,7 +206,7 @@ def start_ranks(
             count = per + (1 if w < extra else 0)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", PACKED_PROGRAM, str(first), str(count)],
+                    [sys.executable, "-c", interval + PACKED_PROGRAM, str(first), str(count)],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

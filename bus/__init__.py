@@ -3,6 +3,7 @@ connection and server helpers, the rank registry and the client API."""
 
 from bus import messages, subjects
 from bus.client import Client, Gathered, Result
+from bus.cluster import NatsCluster
 from bus.connection import DEFAULT_URL, connect
 from bus.errors import (
     BadPath,
@@ -27,6 +28,7 @@ __all__ = [
     "BadToken",
     "Client",
     "Gathered",
+    "NatsCluster",
     "NatsServer",
     "NotFound",
     "PayloadTooLarge",
