@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import threading
 import time
@@ -110,13 +111,22 @@ async def ensure_stream(
     except js_errors.BadRequestError as exc:
         if exc.err_code != _ERR_STREAM_CONFIG_DIFFERS:
             raise Unavailable(f"cannot create stream {STREAM}: {exc.description}") from exc
-        if asked is None:
-            existing = (await js.stream_info(STREAM)).config.num_replicas or 1
-            if existing != config.num_replicas:
-                config.num_replicas = existing
-                with contextlib.suppress(js_errors.BadRequestError):
-                    await js.add_stream(config)  # the same config: accepted, nothing to update
-                    return
+        # Someone made it differently: enforce only what runctl relies on (its subjects,
+        # one record per subject, dedup window, direct get); keep what an operator chose
+        # (max_age, max_bytes, replicas unless asked), so agents never undo it.
+        existing = (await js.stream_info(STREAM)).config
+        merged = copy.copy(existing)
+        merged.subjects = sorted(set(existing.subjects or []) | set(config.subjects or []))
+        merged.max_msgs_per_subject = 1
+        merged.duplicate_window = max(existing.duplicate_window or 0.0, DUPLICATE_WINDOW)
+        merged.allow_direct = True
+        if asked is not None:
+            merged.num_replicas = asked
+        if max_age:
+            merged.max_age = max_age
+        if merged == existing:
+            return
+        config = merged
         try:
             await js.update_stream(config)
         except js_errors.APIError as upd:

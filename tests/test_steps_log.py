@@ -64,6 +64,12 @@ async def test_stream_is_created_once_and_a_changed_config_is_updated(nats_url: 
         assert info.config.storage == api.StorageType.FILE
         assert info.config.retention == api.RetentionPolicy.LIMITS
         assert [s.config.name for s in await js.streams_info()].count(STREAM) == 1
+        # an operator's own limit is kept: agents enforce only what runctl relies on
+        operator = stream_config()
+        operator.max_age = 3600.0
+        await js.update_stream(operator)
+        await ensure_stream(js)
+        assert (await js.stream_info(STREAM)).config.max_age == 3600.0
         # no command subject is captured: a request still finds no responder (not a PubAck)
         with pytest.raises(nats.errors.NoRespondersError):
             await nc.request(command_subject("nobody", 0, "get"), b"", timeout=2)

@@ -10,7 +10,7 @@ every mode and the tools can be measured in alternation.
 
 - sleep:   ``time.sleep(2 ms)`` (a bot, a poller: mostly waiting)
 - release: sha256 of a 1 MiB buffer, ~0.7 ms with the GIL released (I/O, numpy, torch)
-- hold:    ~1 ms of pure-Python arithmetic, holding the GIL (a Python-heavy loop)
+- hold:    ~0.4 ms of pure-Python arithmetic, holding the GIL (a Python-heavy loop)
 
 After each iteration the loop reads ``state.marker`` (a plain attribute read, as a user's
 program would) and records when it first sees a new value.
@@ -34,7 +34,7 @@ from bench.control.shm import MODES, Page
 
 __all__ = ["HOLD_N", "Optimizer", "State", "main", "rss_kb"]
 
-#: pure-Python iterations of one "hold" step (~1 ms on the reference machine)
+#: pure-Python iterations of one "hold" step (~0.4 ms on the reference machine)
 HOLD_N = 8000
 RELEASE_BYTES = 1 << 20
 SLEEP_S = 0.002

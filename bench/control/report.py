@@ -206,7 +206,8 @@ def render(
             )
             if len(tools) == 2:
                 a, b = cells[1], cells[0]
-                row += f" {ratio(a.p50, b.p50):.2f} |" if a and b and a.pooled else " - |"
+                r = ratio(a.p50, b.p50) if a and b and a.pooled else math.nan
+                row += " - |" if math.isnan(r) else f" {r:.2f} |"
             lines.append(row)
     lines.append("")
     lines.append("Other figures (runctl unless marked Freak):")
