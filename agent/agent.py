@@ -323,22 +323,23 @@ class Agent(Generic[M]):
     async def _on_command(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         command, reply, new_state = self._execute(verb, msg.data)
-        # State, record and event go out in one write, then one wait for the record's ack:
-        # each wait on the network costs a GIL hand-off (~5 ms when the program's loop
-        # holds the GIL). The reply waits for the ack so that a registry read issued after
-        # the reply sees the change (replying first made ~1-4% of such reads stale).
+        # State, record, event and reply go out in one write; the record's ack is awaited
+        # only after replying. Every wait on the network costs a GIL hand-off (~5 ms when
+        # the program's loop holds the GIL), so none is on the caller's path. Read-your-
+        # writes is kept by the caller instead: bus.Client waits (in its own process) until
+        # the registry shows the version this reply reports.
         self._acks = []
         try:
             await self._after(verb, command, reply, new_state)
         finally:
             acks, self._acks = self._acks, None
-        for ack in acks:
-            await self._bounded(ack)
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # the asker is gone or the bus is down: nothing to do
                 self.log.debug("reply failed", error=str(exc))
+        for ack in acks:
+            await self._bounded(ack)
 
     async def _after(
         self, verb: str, command: m.Command | None, reply: m.Reply, new_state: bytes | None,

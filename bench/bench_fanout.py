@@ -126,6 +126,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    facts = machine()
     server: NatsServer | None = None
     with tempfile.TemporaryDirectory(prefix="runctl-fanout-") as tmp:
         url = args.url
@@ -133,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
             server = NatsServer(store_dir=Path(tmp) / "nats").start()
             url = server.url
         try:
-            results = anyio.run(_run_all, args, url)
+            process = server.process if server is not None else None
+            server_pid = process.pid if process is not None else None
+            results = anyio.run(_run_all, args, url, server_pid)
         finally:
             if server is not None:
                 server.stop()
+    facts["loadavg_after"] = os.getloadavg()
     report = {
         "benchmark": "fanout",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": machine(),
+        "machine": facts,
         "target": {"ranks": TARGET_RANKS, "p50_ms": TARGET_MS},
         "results": results,
     }
@@ -153,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run_all(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+async def _run_all(
+    args: argparse.Namespace, url: str, server_pid: int | None
+) -> list[dict[str, Any]]:
     results = []
     for n in args.sizes:
         run = f"fanout-{n}-{os.getpid()}"
         procs = start_ranks(args, url, run, n)
+        done = False
         try:
             async with await Client.connect(url, timeout=5.0) as client:
                 await wait_alive(client, run, n, timeout=30 + n)
-                row = await measure(client, run, n, args.iterations, args.warmup)
+                await anyio.sleep(min(5.0, 1.0 + n / 16))  # the last starters settle
+                cpu = CpuMeter([p.pid for p in procs], server_pid)
+                row = await measure(client, run, n, args.iterations, args.warmup, cpu)
                 await client.set(run, "all", "quit", True)
+            done = True
             row["layout"] = args.layout
             results.append(row)
             print(
@@ -171,8 +181,48 @@ async def _run_all(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
                 flush=True,
             )
         finally:
-            stop_ranks(procs)
+            stop_ranks(procs, kill=not done)
     return results
+
+
+class CpuMeter:
+    """CPU seconds used by the ranks, the server and this process (from /proc), minus
+    what they use idle: what one broadcast costs the machine."""
+
+    def __init__(self, rank_pids: list[int], server_pid: int | None) -> None:
+        self.rank_pids = rank_pids
+        self.server_pid = server_pid
+        self.idle = (0.0, 0.0, 0.0)
+
+    def snapshot(self) -> tuple[float, float, float, float]:
+        server = _cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        ranks = sum(_cpu_seconds(pid) for pid in self.rank_pids)
+        client = sum(os.times()[:2])
+        return ranks, server, client, time.perf_counter()
+
+    async def measure_idle(self, seconds: float = 2.0) -> None:
+        before = self.snapshot()
+        await anyio.sleep(seconds)
+        after = self.snapshot()
+        wall = after[3] - before[3]
+        self.idle = tuple((after[i] - before[i]) / wall for i in range(3))  # type: ignore[assignment]
+
+    def per_call(
+        self, before: tuple[float, ...], after: tuple[float, ...], calls: int
+    ) -> dict[str, float]:
+        wall = after[3] - before[3]
+        used = [
+            max(0.0, (after[i] - before[i]) - self.idle[i] * wall) / calls * 1e3 for i in range(3)
+        ]
+        return {"ranks_ms": used[0], "server_ms": used[1], "client_ms": used[2]}
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_ranks(
@@ -217,8 +267,8 @@ def start_ranks(
     return procs
 
 
-def stop_ranks(procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + 15
+def stop_ranks(procs: list[subprocess.Popen[bytes]], *, kill: bool = False) -> None:
+    deadline = time.monotonic() + (0 if kill else 15)
     for proc in procs:
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
@@ -239,8 +289,11 @@ async def wait_alive(client: Client, run: str, n: int, timeout: float) -> None:
             await anyio.sleep(0.2)
 
 
-async def measure(client: Client, run: str, n: int, iterations: int, warmup: int) -> dict[str, Any]:
+async def measure(
+    client: Client, run: str, n: int, iterations: int, warmup: int, cpu: CpuMeter
+) -> dict[str, Any]:
     registry = await client.registry()
+    await cpu.measure_idle()
 
     async def get() -> int:
         res = await client.get(run, "all", fresh=True)
@@ -252,23 +305,27 @@ async def measure(client: Client, run: str, n: int, iterations: int, warmup: int
     async def read_registry() -> int:
         return len(await registry.records(run))
 
-    row: dict[str, Any] = {"ranks": n}
+    row: dict[str, Any] = {
+        "ranks": n,
+        "idle_cpu": dict(zip(("ranks", "server", "client"), cpu.idle, strict=True)),
+    }
     for name, call in (("get", get), ("stop", stop), ("registry", read_registry)):
-        row[name] = await sample(call, n, iterations, warmup)
+        row[name] = await sample(call, n, iterations, warmup, cpu)
     return row
 
 
 async def sample(
-    call: Callable[[], Awaitable[int]], n: int, iterations: int, warmup: int
+    call: Callable[[], Awaitable[int]], n: int, iterations: int, warmup: int, cpu: CpuMeter
 ) -> dict[str, Any]:
     times: list[float] = []
     incomplete = 0
-    for i in range(warmup + iterations):
+    for _ in range(warmup):
+        await call()
+    before = cpu.snapshot()
+    for _ in range(iterations):
         t0 = time.perf_counter()
         acked = await call()
         dt = time.perf_counter() - t0
-        if i < warmup:
-            continue
         if acked != n:
             incomplete += 1
             continue
@@ -281,6 +338,8 @@ async def sample(
         "max_ms": max(times, default=float("nan")),
         "samples": len(times),
         "incomplete": incomplete,
+        #: CPU time one call cost each party, beyond what it uses idle
+        "cpu_per_call": cpu.per_call(before, cpu.snapshot(), iterations),
     }
 
 
@@ -332,21 +391,28 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def _cpu(figure: dict[str, Any]) -> str:
+    c = figure["cpu_per_call"]
+    return f"{c['ranks_ms']:.1f} + {c['server_ms']:.1f} + {c['client_ms']:.1f} ms"
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"fan-out: broadcast until every rank acknowledged ({report['parameters']['layout']} "
         f"layout, ranks step every {report['parameters']['step_interval'] * 1e3:g} ms, "
-        f"{report['machine']['cpus']} cpus, load before {report['machine']['loadavg'][0]:.2f})",
+        f"{report['machine']['cpus']} cpus, load {report['machine']['loadavg'][0]:.2f} before, "
+        f"{report['machine']['loadavg_after'][0]:.2f} after)",
         "",
-        "| ranks | get p50 | get p99 | stop p50 | stop p99 | registry read p50 | incomplete |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| ranks | get p50 | get p99 | stop p50 | stop p99 | registry read p50 | incomplete "
+        "| CPU per get / stop: ranks + server + client |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["results"]:
         g, s, r = row["get"], row["stop"], row["registry"]
         lines.append(
             f"| {row['ranks']} | {g['p50_ms']:.2f} ms | {g['p99_ms']:.2f} ms | "
             f"{s['p50_ms']:.2f} ms | {s['p99_ms']:.2f} ms | {r['p50_ms']:.2f} ms | "
-            f"{g['incomplete'] + s['incomplete']} |"
+            f"{g['incomplete'] + s['incomplete']} | {_cpu(g)} / {_cpu(s)} |"
         )
     target = next((row for row in report["results"] if row["ranks"] == TARGET_RANKS), None)
     if target is not None:

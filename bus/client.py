@@ -48,6 +48,8 @@ SYNC_LATENCY_BUDGET: Final = 1.0
 MIN_SYNC_MARGIN: Final = 2
 #: a request unanswered this long makes the client ask the registry whether the rank exists
 REGISTRY_CHECK_AFTER: Final = 0.05
+#: how long a writer waits for the registry to show its write (normally well under 1 ms)
+REGISTRY_CATCH_UP: Final = 1.0
 #: with no known live ranks, a broadcast stops this long after the last reply
 QUIET_AFTER_LAST_REPLY: Final = 0.15
 #: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
@@ -318,7 +320,25 @@ class Client:
         reply = _decode_reply(msg)
         if isinstance(reply, m.Err):
             raise from_code(reply.code, reply.message, reply.detail)
+        if reply.changed:
+            await self._registry_caught_up(run, {reply.rank: reply.version})
         return Result(reply.rank, reply.version, reply.value, reply.changed)
+
+    async def _registry_caught_up(self, run: str, versions: dict[str, int]) -> None:
+        """Read-your-writes: agents reply before their registry write is acknowledged (no
+        network wait on the program's side), so a writer waits here, bounded, until the
+        registry shows each rank's new version; any read issued afterwards sees it."""
+        try:
+            registry = await self.registry()
+        except Unavailable:
+            return
+        with anyio.move_on_after(REGISTRY_CATCH_UP):
+            for rank, version in versions.items():
+                while True:
+                    record = await registry.get(run, rank)
+                    if record is None or record.version >= version:
+                        break
+                    await anyio.sleep(0.001)
 
     async def _request(
         self, run: str, rank: str, subject: str, payload: bytes, timeout: float
@@ -427,6 +447,9 @@ class Client:
             if no_responders:
                 raise NotFound(run)
             gathered.missing = sorted(expected - answered, key=_rank_key)
+            changed = {r: res.version for r, res in gathered.results.items() if res.changed}
+            if changed:
+                await self._registry_caught_up(run, changed)
             if verb == "stop" or gathered.missing or not answered <= expected:
                 self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
         except RunctlError:

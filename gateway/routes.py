@@ -49,7 +49,7 @@ _PATCH_BODY: Final = {
 }
 
 
-def get_client(request: Request) -> Client:
+async def get_client(request: Request) -> Client:  # async: no thread-pool hop per request
     client = getattr(request.app.state, "client", None)
     if not isinstance(client, Client):
         settings: Settings = request.app.state.settings
