@@ -5,10 +5,14 @@ broadcasts leave no consumers behind on the server."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -120,3 +124,57 @@ async def test_many_broadcasts_leave_no_consumers_on_the_server(
                 if info.state.consumer_count == 0:
                     break
                 await anyio.sleep(0.2)
+
+
+@pytest.mark.anyio
+async def test_the_registry_lists_every_rank_while_they_rewrite_their_records(
+    nats_url: str, run_id: str
+) -> None:
+    # A broadcast write makes every rank rewrite its record; a registry read at that
+    # moment used to leave out a rank now and then (nats-server's last-per-subject start).
+    async with (
+        agents(nats_url, run_id, 8),
+        await Client.connect(nats_url) as writer,
+        await Client.connect(nats_url) as reader,
+    ):
+        listed: list[int] = []
+
+        async def read() -> None:
+            listed.append(len(await reader.ranks(run_id)))
+
+        for value in range(200):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.set, run_id, "all", "x", value)
+                tg.start_soon(read)
+        assert listed == [8] * 200
+
+
+def test_the_fanout_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
+    # no timing asserted: numbers from a shared 2-core machine mean nothing here
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_fanout",
+            "--sizes",
+            "1,2",
+            "--iterations",
+            "5",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| 2 |" in out.stdout
+    (result,) = tmp_path.glob("fanout-*.json")
+    report = json.loads(result.read_text())
+    assert [row["ranks"] for row in report["results"]] == [1, 2]
+    assert all(row[verb]["samples"] == 5 for row in report["results"] for verb in ("get", "stop"))
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["nats_server"]
