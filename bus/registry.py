@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import anyio
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
@@ -139,6 +140,18 @@ class Registry:
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
+        if run is None:
+            records = await self._read(pattern)
+        else:
+            subjects: list[str] = []
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._list_subjects, run, subjects)
+                records = await self._read(pattern)
+            await self._add_skipped(run, records, subjects)
+        records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
+        return records
+
+    async def _read(self, pattern: str) -> list[RankRecord]:
         # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
         # by default): at a few reads per second that hits the stream's consumer limit.
         watcher = await self.kv.watch(pattern, ignore_deletes=True,
@@ -158,25 +171,31 @@ class Registry:
                     break
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        if run is not None:
-            await self._add_skipped(run, records)
-        records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
         return records
 
-    async def _add_skipped(self, run: str, records: list[RankRecord]) -> None:
+    async def _list_subjects(self, run: str, into: list[str]) -> None:
+        js: JetStreamContext = self.kv._js
+        info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.{run}.*")
+        into.extend(info.state.subjects or {})
+
+    async def _add_skipped(self, run: str, records: list[RankRecord], subjects: list[str]) -> None:
         """A key rewritten while the watcher's consumer is created can be left out of its
         initial values (nats-server 2.15, last-per-subject: ~5% of reads of a run whose
         ranks are answering a broadcast, i.e. writing their records, missed a rank). The
-        stream's subject list has every key: fetch the ones the watcher did not deliver."""
-        js: JetStreamContext = self.kv._js
-        info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.{run}.*")
+        stream's subject list (read at the same time) has every key: fetch the ones the
+        watcher did not deliver."""
         seen = {r.rank for r in records}
-        for subject in info.state.subjects or {}:
-            rank = subject.rsplit(".", 1)[-1]
-            if rank != ALL and rank not in seen:
-                record = await self.get(run, rank)  # None if deleted meanwhile
-                if record is not None:
-                    records.append(record)
+        missed = [s.rsplit(".", 1)[-1] for s in subjects]
+        missed = [rank for rank in missed if rank != ALL and rank not in seen]
+
+        async def fetch(rank: str) -> None:
+            record = await self.get(run, rank)  # None if deleted (purged keys stay listed)
+            if record is not None:
+                records.append(record)
+
+        async with anyio.create_task_group() as tasks:
+            for rank in missed:
+                tasks.start_soon(fetch, rank)
 
     async def delete(self, run: str, rank: str) -> None:
         await self.kv.purge(self.key(run, rank))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from bus import Client
 pytest.importorskip("torch")  # the `distributed` extra; CI installs it
 
 EXAMPLE = ROOT / "examples" / "torchrun_train.py"
+RUN_LINE = re.compile(r"runctl run: ([A-Za-z0-9_-]+) rank: (\d+)")
 TIMEOUT = 50
 
 
@@ -67,11 +69,8 @@ class Job:
         """{rank: run} as each worker printed it."""
         with anyio.fail_after(TIMEOUT):
             while True:
-                found = {}
-                for line in self.lines:
-                    if line.startswith("runctl run:"):
-                        _, _, run, _, rank = line.split()
-                        found[rank] = run
+                # two workers share torchrun's stdout: their lines may interleave
+                found = {rank: run for run, rank in RUN_LINE.findall(self.output)}
                 if len(found) == 2:
                     return found
                 if self.proc.poll() is not None:

@@ -122,14 +122,18 @@ class RunctlCallback(pl.Callback, Generic[M]):
         self._synced_stop = False
         self._epoch_log_failed = False
         self._torch_dist = False
+        self._closed = False
         self._group: Any = None  # the process group the stop flag is reduced on
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs in every rank's process, after Lightning launched them.
-        if stage != "fit" or self.ctl is not None:
+        if stage != "fit" or (self.ctl is not None and not self._closed):
             return
+        self._closed = False  # a second fit with the same callback: a fresh agent
+        self._synced_stop, self.stopped_at = False, None
+        self._applied_version, self._batches = -1, 0
         self._loop_thread = threading.get_ident()
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             # The stop flag travels on the CPU: a gloo group of its own when training
@@ -152,6 +156,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
 
     def close(self) -> None:
         """Close the rank's agent (it is reported ``exited``) and the stop flag's group."""
+        self._closed = True
         if self._group is not None:
             group, self._group = self._group, None
             with contextlib.suppress(Exception):  # gone with the default group already
