@@ -6,5 +6,14 @@ from agent.env import detect_rank, detect_run, detect_world_size
 from agent.state import LiveState
 from agent.steps import Step, Steps
 
-__all__ = ["Agent", "Control", "LiveState", "Step", "Steps", "control", "detect_rank",
-           "detect_run", "detect_world_size"]
+__all__ = [
+    "Agent",
+    "Control",
+    "LiveState",
+    "Step",
+    "Steps",
+    "control",
+    "detect_rank",
+    "detect_run",
+    "detect_world_size",
+]

@@ -68,6 +68,8 @@ EMBEDDED_PORT: Final = 4222
 #: a recorded run-wide stop applies to a rank starting this long after it was issued,
 #: or at any time while another rank of the run is still alive
 STOP_RECORD_WINDOW: Final = 60.0
+#: a stop is written to the registry this long after the reply, off a broadcast's path
+STOP_RECORD_DELAY: Final = 0.1
 #: a rejection lists at most this many of pydantic's errors
 MAX_ERRORS: Final = 50
 
@@ -203,7 +205,8 @@ class Agent(Generic[M]):
                 self.ready.set()
                 task_status.started(self)
                 self.log.info(
-                    "agent ready", url=redact_url(self.url or ""),
+                    "agent ready",
+                    url=redact_url(self.url or ""),
                     subject=state_subject(self.run, self.rank),
                 )
                 while not self._closing.is_set():
@@ -284,8 +287,13 @@ class Agent(Generic[M]):
             schema = msgspec.json.encode(self.live.schema())
             await self._bounded(self.registry.put_schema(self.run, self.rank, schema))
         await self._publish_state(self.live.dump_json(), cause="started")
-        await self._event("started", host=self.host, pid=self.pid,
-                          model=type(self.state).__name__, world_size=self.world_size)
+        await self._event(
+            "started",
+            host=self.host,
+            pid=self.pid,
+            model=type(self.state).__name__,
+            world_size=self.world_size,
+        )
 
     async def _open_steplog(self) -> None:
         """Load this rank's and the run's completed steps before ``ready`` (issue #3), so a
@@ -293,8 +301,9 @@ class Agent(Generic[M]):
         agent still serves; the step API then raises Unavailable naming the cause."""
         assert self.nc is not None
         try:
-            self.steplog = await StepLog.open(self.nc, run=self.run, rank=self.rank,
-                                              host=self.host, pid=self.pid)
+            self.steplog = await StepLog.open(
+                self.nc, run=self.run, rank=self.rank, host=self.host, pid=self.pid
+            )
         except Exception as exc:
             self.steplog_error = str(exc) or type(exc).__name__
             self.log.warning("step log unavailable", error=self.steplog_error)
@@ -342,7 +351,11 @@ class Agent(Generic[M]):
             await self._bounded(ack)
 
     async def _after(
-        self, verb: str, command: m.Command | None, reply: m.Reply, new_state: bytes | None,
+        self,
+        verb: str,
+        command: m.Command | None,
+        reply: m.Reply,
+        new_state: bytes | None,
         **data: Any,
     ) -> None:
         """Tell the world what a command did: state, record, event."""
@@ -350,16 +363,19 @@ class Agent(Generic[M]):
             await self._publish_state(new_state, cause=verb)
             await self._event(verb, **data)
         elif isinstance(command, m.Stop) and isinstance(reply, m.Ok) and command.at_step is None:
-            await self._put_record(self.live.dump_json())
-            await self._event("stop_requested", reason=self.stop_reason, mode=command.mode,
-                              **data)
+            # No registry write on the reply path: a broadcast stop to 64 ranks would be 64
+            # JetStream writes competing with the replies (bench/bench_fanout.py: 54 -> 21 ms
+            # p50). The record follows shortly after; a run-wide stop is recorded by the client.
+            await self._event("stop_requested", reason=self.stop_reason, mode=command.mode, **data)
+            self._soon(self._record_after_stop)
         elif isinstance(reply, m.Err) and reply.code == "validation":
             await self._event("rejected", verb=verb, errors=len(reply.detail), **data)
-        elif isinstance(reply, m.Ok) and isinstance(reply.value, dict) and (
-            reply.value.get("pending")
+        elif (
+            isinstance(reply, m.Ok)
+            and isinstance(reply.value, dict)
+            and (reply.value.get("pending"))
         ):
-            await self._put_record(self.live.dump_json())
-            await self._event("deferred", verb=verb, **reply.value)
+            await self._event("deferred", verb=verb, **reply.value)  # heartbeat: pending count
 
     async def _after_deferred(
         self, command: m.Command, reply: m.Reply, new_state: bytes | None, step: int
@@ -369,12 +385,15 @@ class Agent(Generic[M]):
         await self._after(verb, command, reply, new_state, at_step=step, change_id=change_id)
         if isinstance(command, m.Stop):
             await self._put_record(self.live.dump_json())
-            await self._event("stop_requested", reason=self.stop_reason, mode=command.mode,
-                              at_step=step, change_id=change_id)
+            await self._event(
+                "stop_requested",
+                reason=self.stop_reason,
+                mode=command.mode,
+                at_step=step,
+                change_id=change_id,
+            )
 
-    def _execute(
-        self, verb: str, data: bytes
-    ) -> tuple[m.Command | None, m.Reply, bytes | None]:
+    def _execute(self, verb: str, data: bytes) -> tuple[m.Command | None, m.Reply, bytes | None]:
         """Decode and run one command. Never raises: errors become replies."""
         try:
             if len(data) > self.max_payload:
@@ -383,8 +402,13 @@ class Agent(Generic[M]):
                 raise BadRequest(f"unknown verb {verb!r}")
             try:
                 cmd = m.decode_command(verb, data)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError,
-                    RecursionError) as exc:  # RecursionError: 100k-deep nesting
+            except (
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                ValueError,
+                TypeError,
+                RecursionError,
+            ) as exc:  # RecursionError: 100k-deep nesting
                 raise BadRequest(f"malformed {verb} command: {exc}") from None
         except RunctlError as exc:
             return None, self._err(exc), None
@@ -394,10 +418,18 @@ class Agent(Generic[M]):
         detail = list(getattr(exc, "errors", []))
         if len(detail) > MAX_ERRORS:  # 60k bad keys must not make a reply over max_payload
             more = len(detail) - MAX_ERRORS
-            detail = [*detail[:MAX_ERRORS],
-                      {"type": "too_many_errors", "loc": [], "msg": f"and {more} more errors"}]
-        return m.Err(run=self.run, rank=self.rank, code=exc.code, message=str(exc),
-                     detail=detail, version=self.live.version)
+            detail = [
+                *detail[:MAX_ERRORS],
+                {"type": "too_many_errors", "loc": [], "msg": f"and {more} more errors"},
+            ]
+        return m.Err(
+            run=self.run,
+            rank=self.rank,
+            code=exc.code,
+            message=str(exc),
+            detail=detail,
+            version=self.live.version,
+        )
 
     def _run(self, cmd: m.Command, *, defer: bool) -> tuple[m.Reply, bytes | None]:
         """Run a decoded command now, or park it until its step. Never raises."""
@@ -425,10 +457,14 @@ class Agent(Generic[M]):
                 case m.Schema():
                     value = live.schema()
                 case m.Ping():
-                    value = {"host": self.host, "pid": self.pid,
-                             "uptime": round(time.time() - self.started, 3),
-                             "step": self.clock.step, "step_rate": round(self.clock.rate, 3),
-                             "pending": self.pending.snapshot()}
+                    value = {
+                        "host": self.host,
+                        "pid": self.pid,
+                        "uptime": round(time.time() - self.started, 3),
+                        "step": self.clock.step,
+                        "step_rate": round(self.clock.rate, 3),
+                        "pending": self.pending.snapshot(),
+                    }
                 case m.Cancel(change_id=change_id):
                     value = {"cancelled": self.pending.cancel(change_id)}
             if isinstance(cmd, m.Set | m.Patch | m.Reset):
@@ -436,23 +472,25 @@ class Agent(Generic[M]):
                 value = msgspec.Raw(new_state)
                 if not changed:
                     new_state = None
-            return m.Ok(run=self.run, rank=self.rank, version=live.version, value=value,
-                        changed=changed), new_state
+            return m.Ok(
+                run=self.run, rank=self.rank, version=live.version, value=value, changed=changed
+            ), new_state
         except RunctlError as exc:
             return self._err(exc), None
         except Exception as exc:  # a user validator's bug must not crash the program
             self.log.exception("command failed", command=type(cmd).__name__)
-            return m.Err(run=self.run, rank=self.rank, code="internal",
-                         message=f"{type(exc).__name__}: {exc}", version=live.version), None
+            return m.Err(
+                run=self.run,
+                rank=self.rank,
+                code="internal",
+                message=f"{type(exc).__name__}: {exc}",
+                version=live.version,
+            ), None
 
     def _defer(self, cmd: m.Set | m.Patch | m.Reset | m.Stop) -> m.Reply:
         """Validate now (every rank refuses a bad change before any applies), apply later."""
         assert cmd.at_step is not None
-        current = self.clock.step
-        if current is not None and current >= cmd.at_step:
-            raise TooLate(
-                f"rank {self.rank} is at step {current}, past at_step {cmd.at_step}"
-            )
+        # Validity first: an invalid change is refused as such on every rank, however late.
         match cmd:
             case m.Set(path=path, value=new):
                 self.live.set(path, new, dry_run=True)
@@ -460,11 +498,26 @@ class Agent(Generic[M]):
                 self.live.patch(new, path, dry_run=True)
             case m.Reset():
                 self.live.reset(dry_run=True)
+        current = self.clock.step
+        if current is not None and current >= cmd.at_step:
+            raise TooLate(f"rank {self.rank} is at step {current}, past at_step {cmd.at_step}")
         change_id = cmd.change_id or uuid.uuid4().hex
         self.pending.add(cmd.at_step, change_id, cmd)
-        return m.Ok(run=self.run, rank=self.rank, version=self.live.version,
-                    value={"pending": True, "at_step": cmd.at_step, "change_id": change_id,
-                           "step": current})
+        return m.Ok(
+            run=self.run,
+            rank=self.rank,
+            version=self.live.version,
+            value={
+                "pending": True,
+                "at_step": cmd.at_step,
+                "change_id": change_id,
+                "step": current,
+            },
+        )
+
+    async def _record_after_stop(self) -> None:
+        await anyio.sleep(STOP_RECORD_DELAY)
+        await self._put_record(self.live.dump_json())
 
     def _soon(self, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``job`` on the agent's loop; callable from any thread, never blocks."""
@@ -524,8 +577,14 @@ class Agent(Generic[M]):
     async def _publish_state(self, state: bytes, *, cause: str) -> None:
         if self.nc is None or self.nc.is_closed:
             return
-        msg = m.StateMsg(run=self.run, rank=self.rank, version=self.live.version,
-                         ts=time.time(), state=msgspec.Raw(state), cause=cause)
+        msg = m.StateMsg(
+            run=self.run,
+            rank=self.rank,
+            version=self.live.version,
+            ts=time.time(),
+            state=msgspec.Raw(state),
+            cause=cause,
+        )
         try:
             await self.nc.publish(state_subject(self.run, self.rank), m.encode(msg))
         except Exception as exc:
@@ -537,13 +596,22 @@ class Agent(Generic[M]):
             return
         async with self._record_lock:  # records are sent in version order
             record = m.RankRecord(
-                run=self.run, rank=self.rank, host=self.host, pid=self.pid,
-                started=self.started, heartbeat=time.time(),
-                heartbeat_interval=self.heartbeat_interval, version=self.live.version,
-                state=msgspec.Raw(state), status="exited" if self._exited else "running",
-                stop_requested=self.stop_requested, world_size=self.world_size,
-                model=type(self.state).__name__, step=self.clock.step,
-                step_rate=round(self.clock.rate, 3), pending=len(self.pending),
+                run=self.run,
+                rank=self.rank,
+                host=self.host,
+                pid=self.pid,
+                started=self.started,
+                heartbeat=time.time(),
+                heartbeat_interval=self.heartbeat_interval,
+                version=self.live.version,
+                state=msgspec.Raw(state),
+                status="exited" if self._exited else "running",
+                stop_requested=self.stop_requested,
+                world_size=self.world_size,
+                model=type(self.state).__name__,
+                step=self.clock.step,
+                step_rate=round(self.clock.rate, 3),
+                pending=len(self.pending),
             )
             try:
                 ack = await self.registry.put_nowait(record)
@@ -558,8 +626,14 @@ class Agent(Generic[M]):
     async def _event(self, kind: str, **data: Any) -> None:
         if self.nc is None or self.nc.is_closed:
             return
-        event = m.Event(run=self.run, rank=self.rank, kind=kind, ts=time.time(),
-                        version=self.live.version, data=data)
+        event = m.Event(
+            run=self.run,
+            rank=self.rank,
+            kind=kind,
+            ts=time.time(),
+            version=self.live.version,
+            data=data,
+        )
         try:
             await self.nc.publish(event_subject(self.run, self.rank, kind), m.encode(event))
         except Exception as exc:
@@ -580,4 +654,3 @@ def _listening(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-

@@ -109,8 +109,9 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/... 
         if not self.agent.ready.wait(timeout):
             if self._future.done() and (exc := self._future.exception()) is not None:
                 raise Unavailable(f"runctl agent failed to start: {exc}") from exc
-            raise Unavailable(f"runctl agent not connected after {timeout:g}s "
-                              f"(url {redact_url(self.url or '')})")
+            raise Unavailable(
+                f"runctl agent not connected after {timeout:g}s (url {redact_url(self.url or '')})"
+            )
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -161,8 +162,9 @@ def control(
     ``rank`` to ``RUNCTL_RANK``, ``RANK``, ``SLURM_PROCID``, else 0. ``url`` defaults to
     ``RUNCTL_NATS_URL``; with neither, a nats-server is started if none listens on 4222.
     """
-    agent = Agent(state, run=run, rank=rank, url=url, heartbeat=heartbeat, on_stop=on_stop,
-                  **options)
+    agent = Agent(
+        state, run=run, rank=rank, url=url, heartbeat=heartbeat, on_stop=on_stop, **options
+    )
     return Control(agent)
 
 

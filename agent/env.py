@@ -43,8 +43,10 @@ def detect_run(env: Mapping[str, str] | None = None) -> str:
     if job := env.get("SLURM_JOB_ID"):
         step = env.get("SLURM_STEP_ID")
         return _token(f"slurm-{job}" + (f"-{step}" if step else ""))
-    if "TORCHELASTIC_RUN_ID" in env and (addr := env.get("MASTER_ADDR")) and (
-        port := env.get("MASTER_PORT")
+    if (
+        "TORCHELASTIC_RUN_ID" in env
+        and (addr := env.get("MASTER_ADDR"))
+        and (port := env.get("MASTER_PORT"))
     ):
         # torchrun without --rdzv-id: its workers are not our children, so a generated id
         # would differ per rank; the rendezvous address is what they all share
@@ -73,8 +75,13 @@ def detect_rank(env: Mapping[str, str] | None = None) -> str:
 
 def detect_world_size(env: Mapping[str, str] | None = None) -> int | None:
     env = os.environ if env is None else env
-    for key in ("RUNCTL_WORLD_SIZE", "WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE",
-                "OMPI_COMM_WORLD_SIZE"):
+    for key in (
+        "RUNCTL_WORLD_SIZE",
+        "WORLD_SIZE",
+        "SLURM_NTASKS",
+        "PMI_SIZE",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
         value = env.get(key)
         if value and value.isdigit():
             return int(value)

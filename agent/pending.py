@@ -72,8 +72,11 @@ class PendingChanges:
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                {"at_step": p.at_step, "change_id": p.change_id,
-                 "kind": type(p.command).__name__.lower()}
+                {
+                    "at_step": p.at_step,
+                    "change_id": p.change_id,
+                    "kind": type(p.command).__name__.lower(),
+                }
                 for p in self._items
             ]
 

@@ -352,7 +352,8 @@ def _clean_errors(exc: ValidationError) -> list[dict[str, Any]]:
             "input": _preview(err.get("input")),
         }
         if ctx := err.get("ctx"):
-            item["ctx"] = {k: v if isinstance(v, str | int | float | bool) else str(v)
-                           for k, v in ctx.items()}
+            item["ctx"] = {
+                k: v if isinstance(v, str | int | float | bool) else str(v) for k, v in ctx.items()
+            }
         out.append(item)
     return out

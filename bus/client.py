@@ -79,6 +79,8 @@ class Gathered:
     #: for a synchronised change: the step at which every rank applies it
     at_step: int | None = None
     change_id: str = ""
+    #: a synchronised change taken back on every rank because not every rank took it
+    cancelled: bool = False
 
     @property
     def acknowledged(self) -> list[str]:
@@ -88,7 +90,7 @@ class Gathered:
         ranks: dict[str, Any] = {}
         for rank, res in self.results.items():
             ranks[rank] = {
-                "outcome": "applied" if self.verb in _WRITES else "ok",
+                "outcome": self._outcome(res),
                 "version": res.version,
                 "changed": res.changed,
                 "value": res.value,
@@ -101,7 +103,11 @@ class Gathered:
             ranks[rank] = entry
         for rank in self.missing:
             ranks[rank] = {"outcome": "no_answer"}
-        sync = {"at_step": self.at_step, "change_id": self.change_id} if self.change_id else {}
+        sync = (
+            {"at_step": self.at_step, "change_id": self.change_id, "cancelled": self.cancelled}
+            if self.change_id
+            else {}
+        )
         return {
             "run": self.run,
             "verb": self.verb,
@@ -110,6 +116,13 @@ class Gathered:
             "missing": sorted(self.missing, key=_rank_key),
             "ranks": dict(sorted(ranks.items(), key=lambda kv: _rank_key(kv[0]))),
         }
+
+    def _outcome(self, res: Result) -> str:
+        if self.verb not in _WRITES:
+            return "ok"
+        if isinstance(res.value, dict) and res.value.get("pending"):
+            return "cancelled" if self.cancelled else "pending"
+        return "applied"
 
 
 _WRITES = frozenset({"set", "patch", "reset", "stop"})
@@ -215,15 +228,27 @@ class Client:
         return _from_registry(await self.rank(run, rank), path)
 
     async def set(
-        self, run: str, rank: str | int, path: str, value: Any, *, sync: bool = False,
+        self,
+        run: str,
+        rank: str | int,
+        path: str,
+        value: Any,
+        *,
+        sync: bool = False,
         margin: int | None = None,
     ) -> Result | Gathered:
         cmd = m.Set(path=path, value=value)
         return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
 
     async def patch(
-        self, run: str, rank: str | int, value: dict[str, Any], path: str | None = None,
-        *, sync: bool = False, margin: int | None = None,
+        self,
+        run: str,
+        rank: str | int,
+        value: dict[str, Any],
+        path: str | None = None,
+        *,
+        sync: bool = False,
+        margin: int | None = None,
     ) -> Result | Gathered:
         cmd = m.Patch(value=value, path=path or None)
         return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
@@ -235,8 +260,15 @@ class Client:
         return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
 
     async def stop(
-        self, run: str, rank: str | int, reason: str = "", *, mode: m.StopMode = "graceful",
-        grace: float = 30.0, sync: bool = False, margin: int | None = None,
+        self,
+        run: str,
+        rank: str | int,
+        reason: str = "",
+        *,
+        mode: m.StopMode = "graceful",
+        grace: float = 30.0,
+        sync: bool = False,
+        margin: int | None = None,
     ) -> Result | Gathered:
         """Stop one rank, or every rank (``"all"``). A run-wide stop is also recorded in
         the registry, so a rank that starts later in the same run stops too."""
@@ -249,8 +281,14 @@ class Client:
         check_token(run, "run")
         try:
             registry = await self.registry()
-            record = m.RunRecord(run=run, stop_requested=True, reason=cmd.reason,
-                                 ts=time.time(), mode=cmd.mode, grace=cmd.grace)
+            record = m.RunRecord(
+                run=run,
+                stop_requested=True,
+                reason=cmd.reason,
+                ts=time.time(),
+                mode=cmd.mode,
+                grace=cmd.grace,
+            )
             with anyio.fail_after(self.timeout):
                 await registry.put_run(record)
         except Exception as exc:  # the broadcast itself still goes out
@@ -295,6 +333,7 @@ class Client:
         if gathered.errors or gathered.missing or set(steps) - set(gathered.results):
             # Not every rank took it: take it back everywhere, so no rank applies it alone.
             await self.send(run, ALL, m.Cancel(change_id=change_id))
+            gathered.cancelled = True
         return gathered
 
     async def cancel(self, run: str, rank: str | int, change_id: str) -> Result | Gathered:
@@ -464,9 +503,7 @@ class Client:
                 raise NotFound(run)
             # Someone subscribes (no no-responders status came back) but nobody answered:
             # that is a silent rank, not a missing run.
-            raise Timeout(
-                f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing
-            )
+            raise Timeout(f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing)
         return gathered
 
     async def _expected(self, run: str) -> tuple[frozenset[str], bool | None]:

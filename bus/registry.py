@@ -89,8 +89,11 @@ class Registry:
         # Two processes may race to create it: same config is accepted by the server.
         from bus.cluster import replicas_from_env
 
-        return cls(await js.create_key_value(bucket=BUCKET, history=1, ttl=ttl,
-                                             replicas=replicas_from_env() or 1))
+        return cls(
+            await js.create_key_value(
+                bucket=BUCKET, history=1, ttl=ttl, replicas=replicas_from_env() or 1
+            )
+        )
 
     @staticmethod
     def key(run: str, rank: str) -> str:
@@ -127,8 +130,9 @@ class Registry:
         return msgspec.json.decode(entry.value) if entry.value else None
 
     async def put_run(self, record: RunRecord) -> int:
-        return await self.kv.put(f"{check_token(record.run, 'run')}.{ALL}",
-                                 msgspec.json.encode(record))
+        return await self.kv.put(
+            f"{check_token(record.run, 'run')}.{ALL}", msgspec.json.encode(record)
+        )
 
     async def get_run(self, run: str) -> RunRecord | None:
         try:
@@ -154,8 +158,9 @@ class Registry:
     async def _read(self, pattern: str) -> list[RankRecord]:
         # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
         # by default): at a few reads per second that hits the stream's consumer limit.
-        watcher = await self.kv.watch(pattern, ignore_deletes=True,
-                                      inactive_threshold=WATCHER_LINGER)
+        watcher = await self.kv.watch(
+            pattern, ignore_deletes=True, inactive_threshold=WATCHER_LINGER
+        )
         records: list[RankRecord] = []
         try:
             while True:

@@ -52,7 +52,14 @@ MAX_TOKEN_LENGTH: Final = 128
 
 Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping", "cancel"]
 VERBS: Final[tuple[Verb, ...]] = (
-    "get", "set", "patch", "reset", "stop", "schema", "ping", "cancel",
+    "get",
+    "set",
+    "patch",
+    "reset",
+    "stop",
+    "schema",
+    "ping",
+    "cancel",
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")

@@ -153,8 +153,11 @@ def parse_file(path: str | os.PathLike[str]) -> TokenTable:
     except OSError as exc:
         raise TokenError(f"tokens file {path}: {exc.strerror or exc}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("tokens file is readable by other users: chmod 600 it", path=str(path),
-                    mode=oct(stat.S_IMODE(mode)))
+        log.warning(
+            "tokens file is readable by other users: chmod 600 it",
+            path=str(path),
+            mode=oct(stat.S_IMODE(mode)),
+        )
     entries: list[tuple[str, str, str]] = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -246,8 +249,9 @@ def authorize(tokens: TokenTable, conn: HTTPConnection, needed: Role) -> Role:
         return "admin"
     token = _bearer(conn)
     if token is None:
-        raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
-                            headers=_CHALLENGE)
+        raise HTTPException(
+            401, "missing bearer token (Authorization: Bearer <token>)", headers=_CHALLENGE
+        )
     role = tokens.role_of(token)
     if role is None:
         raise HTTPException(401, "unknown bearer token", headers=_CHALLENGE)

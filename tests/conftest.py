@@ -53,8 +53,9 @@ def run_id(request: pytest.FixtureRequest) -> str:
     return f"t{os.getpid()}-{next(_run_ids)}-{name}".strip("-")
 
 
-def spawn_python(code: str, *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> subprocess.Popen[str]:
+def spawn_python(
+    code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[str]:
     """Run ``code`` in a separate Python process (a real rank), stdout/stderr piped."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
@@ -92,9 +93,18 @@ async def register_silent_rank(url: str, run: str, rank: str) -> None:
     try:
         registry = await Registry.open(nc.jetstream())
         now = _time.time()
-        await registry.put(RankRecord(
-            run=run, rank=rank, host="silent", pid=0, started=now, heartbeat=now,
-            heartbeat_interval=60.0, version=0, state={},
-        ))
+        await registry.put(
+            RankRecord(
+                run=run,
+                rank=rank,
+                host="silent",
+                pid=0,
+                started=now,
+                heartbeat=now,
+                heartbeat_interval=60.0,
+                version=0,
+                state={},
+            )
+        )
     finally:
         await nc.close()

@@ -145,8 +145,7 @@ async def test_events_for_the_whole_life_of_a_rank(nats_url: str, run_id: str) -
                 await client.stop(run_id, 0, reason="done")
         await events.wait(lambda e: e.kind == "exited")
         kinds = [e.kind for e in events.items]
-        assert kinds == ["started", "set", "patch", "rejected", "reset", "stop_requested",
-                         "exited"]
+        assert kinds == ["started", "set", "patch", "rejected", "reset", "stop_requested", "exited"]
         by_kind = {e.kind: e for e in events.items}
         started = by_kind["started"].data
         assert started["pid"] == ctl.agent.pid and started["model"] == "Cfg"
@@ -170,11 +169,13 @@ async def test_any_nats_client_can_talk_to_an_agent(
     try:
         reply = await request(nc, command_subject(run_id, 0, "get"), b"")  # nats req ... ''
         assert isinstance(reply, m.Ok) and reply.value == Cfg().model_dump()
-        reply = await request(nc, command_subject(run_id, 0, "set"),
-                              b'{"t":"set/1","path":"opt.lr","value":0.01}')
+        reply = await request(
+            nc, command_subject(run_id, 0, "set"), b'{"t":"set/1","path":"opt.lr","value":0.01}'
+        )
         assert isinstance(reply, m.Ok) and reply.changed and ctl.state.opt.lr == 0.01
-        reply = await request(nc, command_subject(run_id, 0, "get"),
-                              b'{"t":"get/1","path":"opt.lr"}')
+        reply = await request(
+            nc, command_subject(run_id, 0, "get"), b'{"t":"get/1","path":"opt.lr"}'
+        )
         assert isinstance(reply, m.Ok) and reply.value == 0.01
     finally:
         await nc.close()
@@ -211,13 +212,15 @@ async def test_a_buggy_validator_is_an_internal_error_and_the_program_keeps_goin
 ) -> None:
     nc = await nats.connect(nats_url)
     try:
-        reply = await request(nc, command_subject(run_id, 0, "set"),
-                              m.encode(m.Set(path="x", value=666)))
+        reply = await request(
+            nc, command_subject(run_id, 0, "set"), m.encode(m.Set(path="x", value=666))
+        )
         assert isinstance(reply, m.Err) and reply.code == "internal"
         assert "ZeroDivisionError" in reply.message
         assert ctl.state.x == 0 and ctl.version == 0
-        reply = await request(nc, command_subject(run_id, 0, "set"),
-                              m.encode(m.Set(path="x", value=7)))
+        reply = await request(
+            nc, command_subject(run_id, 0, "set"), m.encode(m.Set(path="x", value=7))
+        )
         assert isinstance(reply, m.Ok) and ctl.state.x == 7
     finally:
         await nc.close()
@@ -265,8 +268,9 @@ async def test_on_stop_callbacks_fire_once_with_the_reason(nats_url: str, run_id
     def broken(reason: str) -> None:
         raise RuntimeError("a broken callback does not stop the others")
 
-    with control(Cfg(), run=run_id, rank=0, url=nats_url,
-                 on_stop=lambda r: calls.append(("ctor", r))) as ctl:
+    with control(
+        Cfg(), run=run_id, rank=0, url=nats_url, on_stop=lambda r: calls.append(("ctor", r))
+    ) as ctl:
         ctl.on_stop(broken)
 
         @ctl.on_stop
@@ -310,4 +314,3 @@ async def test_close_marks_the_rank_exited(nats_url: str, run_id: str) -> None:
         assert (await client.rank(run_id, 0)).liveness == "exited"
         with pytest.raises(NotFound):
             await client.ping(run_id, 0)
-

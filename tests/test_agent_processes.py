@@ -56,14 +56,29 @@ class Ranks:
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, run: str, rank: int, url: str, *, code: str = RANK_CODE,
-              heartbeat: float = 1.0, cwd: Path | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        proc = spawn_python(textwrap.dedent(SAY) + textwrap.dedent(code), cwd=cwd, env={
-            "RUNCTL_RUN": run, "RUNCTL_RANK": str(rank), "RUNCTL_NATS_URL": url,
-            "HEARTBEAT": str(heartbeat), "PYTHONPATH": str(Path(__file__).parent.parent),
-            **(env or {}),
-        })
+    def start(
+        self,
+        run: str,
+        rank: int,
+        url: str,
+        *,
+        code: str = RANK_CODE,
+        heartbeat: float = 1.0,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[str]:
+        proc = spawn_python(
+            textwrap.dedent(SAY) + textwrap.dedent(code),
+            cwd=cwd,
+            env={
+                "RUNCTL_RUN": run,
+                "RUNCTL_RANK": str(rank),
+                "RUNCTL_NATS_URL": url,
+                "HEARTBEAT": str(heartbeat),
+                "PYTHONPATH": str(Path(__file__).parent.parent),
+                **(env or {}),
+            },
+        )
         self.procs[str(rank)] = proc
         return proc
 
@@ -77,7 +92,7 @@ class Ranks:
                     _, err = proc.communicate(timeout=5)
                     raise AssertionError(f"rank {rank} exited ({proc.returncode}): {err}")
                 if prefix in text:  # the agent thread's log lines may share the line
-                    return text[text.index(prefix):].strip()
+                    return text[text.index(prefix) :].strip()
 
     async def ready(self, *ranks: int) -> None:
         for rank in ranks:
@@ -125,8 +140,10 @@ async def test_patch_and_stop_on_all_ranks(ranks: Ranks, nats_url: str, run_id: 
     async with await Client.connect(nats_url) as client:
         res = gathered(await client.patch(run_id, "all", {"opt": {"lr": 0.5}}))
         assert res.acknowledged == ["0", "1"] and not res.errors and not res.missing
-        assert all(r.changed and r.value["opt"] == {"lr": 0.5, "momentum": 0.9}
-                   for r in res.results.values())
+        assert all(
+            r.changed and r.value["opt"] == {"lr": 0.5, "momentum": 0.9}
+            for r in res.results.values()
+        )
         cached = gathered(await client.get(run_id, "all", "opt.lr"))
         assert {r: x.value for r, x in cached.results.items()} == {"0": 0.5, "1": 0.5}
 
@@ -157,7 +174,8 @@ async def test_an_invalid_patch_on_all_is_rejected_per_rank_and_nothing_changes(
         assert {r["outcome"] for r in report["ranks"].values()} == {"rejected"}
         fresh = gathered(await client.get(run_id, "all", fresh=True))
         assert {r: (x.value["epochs"], x.version) for r, x in fresh.results.items()} == {
-            "0": (3, 0), "1": (3, 0)
+            "0": (3, 0),
+            "1": (3, 0),
         }
         await client.stop(run_id, "all")
     for rank in (0, 1):

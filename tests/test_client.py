@@ -164,6 +164,11 @@ async def test_stop_schema_ping(ctl: Control[Cfg], nats_url: str, run_id: str) -
         assert res.value["stop_requested"] is True
         assert ctl.stop_requested and ctl.stop_reason == "enough"
         assert reasons == ["enough"]
+        # the registry hears of it just after the reply (off a broadcast's reply path)
+        for _ in range(250):  # up to 5 s: polling the registry, which has no event to await
+            if (await client.rank(run_id, 0)).record.stop_requested:
+                break
+            await anyio.sleep(0.02)
         assert (await client.rank(run_id, 0)).record.stop_requested is True
 
 
@@ -247,15 +252,20 @@ async def test_a_command_over_one_mib_is_refused_before_sending(
         await nc.close()
 
 
-BAD_NAMES: list[tuple[Any, Any]] = [("a.b", 0), ("exp1", "*"), ("exp1", ">"), ("", 0),
-                                    ("exp1", "a b"), ("r\u00e9", 0), ("x" * 10_240, 0)]
+BAD_NAMES: list[tuple[Any, Any]] = [
+    ("a.b", 0),
+    ("exp1", "*"),
+    ("exp1", ">"),
+    ("", 0),
+    ("exp1", "a b"),
+    ("r\u00e9", 0),
+    ("x" * 10_240, 0),
+]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("run", "rank"), BAD_NAMES)
-async def test_bad_tokens_raise_before_anything_is_sent(
-    nats_url: str, run: Any, rank: Any
-) -> None:
+async def test_bad_tokens_raise_before_anything_is_sent(nats_url: str, run: Any, rank: Any) -> None:
     """On a closed connection: anything that tried to send would fail differently."""
     client = await Client.connect(nats_url)
     await client.close()

@@ -107,14 +107,24 @@ def test_detect_world_size(env: dict[str, str], size: int | None) -> None:
 
 @pytest.mark.parametrize(
     ("env", "rank"),
-    [({"RUNCTL_RANK": "3", "RANK": "1"}, "3"), ({"RANK": "1", "SLURM_PROCID": "2"}, "1"),
-     ({"SLURM_PROCID": "2"}, "2")],
+    [
+        ({"RUNCTL_RANK": "3", "RANK": "1"}, "3"),
+        ({"RANK": "1", "SLURM_PROCID": "2"}, "1"),
+        ({"SLURM_PROCID": "2"}, "2"),
+    ],
 )
 def test_agent_defaults_come_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], rank: str
 ) -> None:
-    for key in ("RUNCTL_RANK", "RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
-                "RUNCTL_WORLD_SIZE", "WORLD_SIZE"):
+    for key in (
+        "RUNCTL_RANK",
+        "RANK",
+        "SLURM_PROCID",
+        "PMI_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "RUNCTL_WORLD_SIZE",
+        "WORLD_SIZE",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RUNCTL_RUN", "from-env")
     monkeypatch.setenv("WORLD_SIZE", "4")

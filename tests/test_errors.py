@@ -10,8 +10,15 @@ from bus import errors as e
 
 def test_every_error_derives_from_runctl_error_and_has_a_distinct_code() -> None:
     classes: list[type[e.RunctlError]] = [
-        e.BadToken, e.BadPath, e.BadRequest, e.ValidationRejected, e.PayloadTooLarge,
-        e.NotFound, e.Unavailable, e.Timeout, e.RemoteError,
+        e.BadToken,
+        e.BadPath,
+        e.BadRequest,
+        e.ValidationRejected,
+        e.PayloadTooLarge,
+        e.NotFound,
+        e.Unavailable,
+        e.Timeout,
+        e.RemoteError,
     ]
     for cls in classes:
         assert issubclass(cls, e.RunctlError)
@@ -87,8 +94,11 @@ def test_map_nats_error() -> None:
     to = e.map_nats_error(nats_errors.TimeoutError(), run="exp1", rank="3")
     assert isinstance(to, e.Timeout) and to.missing == ["3"] and "'3'" in str(to)
     assert isinstance(e.map_nats_error(TimeoutError(), run="exp1"), e.Timeout)
-    for exc in (nats_errors.ConnectionClosedError(), nats_errors.NoServersError(),
-                ConnectionRefusedError("refused")):
+    for exc in (
+        nats_errors.ConnectionClosedError(),
+        nats_errors.NoServersError(),
+        ConnectionRefusedError("refused"),
+    ):
         assert isinstance(e.map_nats_error(exc), e.Unavailable), exc
     mine = e.BadRequest("mine")
     assert e.map_nats_error(mine) is mine

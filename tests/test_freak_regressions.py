@@ -149,8 +149,16 @@ async def test_held_references_to_nested_models_see_new_values(
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "path",
-    ["__dict__", "optimizer.__dict__", "_cache", "__pydantic_private__", "MAX_EPOCHS",
-     "__class__", "model_config", "optimizer.__class__.__init__"],
+    [
+        "__dict__",
+        "optimizer.__dict__",
+        "_cache",
+        "__pydantic_private__",
+        "MAX_EPOCHS",
+        "__class__",
+        "model_config",
+        "optimizer.__class__.__init__",
+    ],
 )
 async def test_get_from_path_refuses_dunder_dict_private_attributes_and_class_variables(
     ctl: Control[Config], nats_url: str, run_id: str, path: str
@@ -251,8 +259,11 @@ async def test_ten_megabyte_invalid_body_is_not_echoed_back(
         ctl.wait_ready()
         nc = await nats.connect(url)
         try:
-            raw = await nc.request(command_subject(run_id, 0, "set"),
-                                   m.encode(m.Set(path="epochs", value=body)), timeout=10)
+            raw = await nc.request(
+                command_subject(run_id, 0, "set"),
+                m.encode(m.Set(path="epochs", value=body)),
+                timeout=10,
+            )
         finally:
             await nc.close()
         assert len(raw.data) < 1_000
@@ -273,8 +284,11 @@ async def test_ten_megabyte_invalid_body_is_not_echoed_back(
         ctl.wait_ready()
         nc = await nats.connect(url)
         try:
-            raw = await nc.request(command_subject(run_id, 1, "set"),
-                                   m.encode(m.Set(path="epochs", value=body)), timeout=10)
+            raw = await nc.request(
+                command_subject(run_id, 1, "set"),
+                m.encode(m.Set(path="epochs", value=body)),
+                timeout=10,
+            )
         finally:
             await nc.close()
         assert len(raw.data) < 2_000

@@ -70,15 +70,16 @@ def test_tokens_from_env_and_file_give_each_its_role(tmp_path: Path) -> None:
     assert not load_tokens(None, env={})  # nothing configured: authentication is off
 
 
-@pytest.mark.parametrize(("value", "problem"), [
-    (f"root:{ADMIN}", "unknown role 'root'"),
-    ("admin:short-secret", "at least 16 characters"),
-    (f"admin{ADMIN}", "expected role:token"),
-    (f"admin:{ADMIN},read:{ADMIN}", "two roles"),
-])
-def test_bad_token_settings_are_refused_without_echoing_the_token(
-    value: str, problem: str
-) -> None:
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (f"root:{ADMIN}", "unknown role 'root'"),
+        ("admin:short-secret", "at least 16 characters"),
+        (f"admin{ADMIN}", "expected role:token"),
+        (f"admin:{ADMIN},read:{ADMIN}", "two roles"),
+    ],
+)
+def test_bad_token_settings_are_refused_without_echoing_the_token(value: str, problem: str) -> None:
     with pytest.raises(TokenError, match=problem) as info:
         parse_env(value)
     assert ADMIN not in str(info.value) and "short-secret" not in str(info.value)
@@ -159,7 +160,8 @@ def test_every_route_needs_the_documented_role() -> None:
     app = create_app(Settings(tokens=parse_env(TOKENS)))
     seen = {
         (method.upper(), path): required_role(method, path)
-        for path, ops in app.openapi()["paths"].items() for method in ops
+        for path, ops in app.openapi()["paths"].items()
+        for method in ops
     }
     assert seen == EXPECTED
 
@@ -202,7 +204,12 @@ def test_cli_refuses_an_open_gateway_on_all_interfaces() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RUNCTL_GATEWAY_TOKENS"}
     done = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "gateway", "--host", "0.0.0.0", "--port", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0 without authentication" in done.stderr
@@ -222,16 +229,22 @@ def ctl(nats_url: str, run_id: str) -> Iterator[Control[Cfg]]:
 @pytest.fixture
 def http(nats_url: str) -> Iterator[httpx.Client]:
     settings = Settings(nats_url=nats_url, port=0, tokens=parse_env(TOKENS))
-    with GatewayThread(settings, log_level="debug", access_log=True) as thread, \
-            httpx.Client(base_url=thread.url, timeout=20) as client:
+    with (
+        GatewayThread(settings, log_level="debug", access_log=True) as thread,
+        httpx.Client(base_url=thread.url, timeout=20) as client,
+    ):
         yield client
 
 
 def test_401_without_a_token_or_with_an_unknown_one(
     http: httpx.Client, ctl: Control[Cfg], run_id: str
 ) -> None:
-    for headers in ({}, bearer("not-a-configured-token-xxxx"), {"Authorization": READ},
-                    {"Authorization": f"Basic {READ}"}):
+    for headers in (
+        {},
+        bearer("not-a-configured-token-xxxx"),
+        {"Authorization": READ},
+        {"Authorization": f"Basic {READ}"},
+    ):
         r = http.get(f"/runs/{run_id}/ranks/0/get", headers=headers)
         assert r.status_code == 401, headers
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -250,8 +263,11 @@ def test_a_read_token_cannot_set_or_stop(
         http.patch(f"{base}/set", json={"epochs": 9}, headers=bearer(READ)),
         http.delete(f"{base}/reset", headers=bearer(READ)),
         http.post(f"{base}/stop", headers=bearer(READ)),
-        http.put(f"/runs/{run_id}/ranks/all/set/epochs", params={"value": "9", "sync": "true"},
-                 headers=bearer(READ)),
+        http.put(
+            f"/runs/{run_id}/ranks/all/set/epochs",
+            params={"value": "9", "sync": "true"},
+            headers=bearer(READ),
+        ),
     ]
     assert [r.status_code for r in denied] == [403] * 5
     assert "needs the write role" in denied[0].text and "needs the admin role" in denied[3].text
@@ -271,12 +287,17 @@ def test_write_changes_but_only_admin_stops_and_forgets(
     assert not ctl.stop_requested
     assert http.post(f"{base}/stop", params={"reason": "x"}, headers=bearer(ADMIN)).is_success
     assert ctl.stop_requested
-    assert http.put(f"{base}/set/epochs", params={"value": "4"},
-                    headers=bearer(ADMIN)).status_code == 200  # admin may do what write may
+    assert (
+        http.put(f"{base}/set/epochs", params={"value": "4"}, headers=bearer(ADMIN)).status_code
+        == 200
+    )  # admin may do what write may
 
 
 def test_tokens_never_appear_in_logs_or_answers(
-    http: httpx.Client, ctl: Control[Cfg], run_id: str, capfd: pytest.CaptureFixture[str],
+    http: httpx.Client,
+    ctl: Control[Cfg],
+    run_id: str,
+    capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     wrong = "wrong-token-0123456789abcdefgh"
@@ -298,8 +319,10 @@ def test_tokens_never_appear_in_logs_or_answers(
 def test_an_open_gateway_on_loopback_needs_no_token(
     nats_url: str, ctl: Control[Cfg], run_id: str
 ) -> None:
-    with GatewayThread(Settings(nats_url=nats_url, port=0)) as thread, \
-            httpx.Client(base_url=thread.url, timeout=20) as client:
+    with (
+        GatewayThread(Settings(nats_url=nats_url, port=0)) as thread,
+        httpx.Client(base_url=thread.url, timeout=20) as client,
+    ):
         r = client.put(f"/runs/{run_id}/ranks/0/set/epochs", params={"value": "5"})
         assert r.status_code == 200 and ctl.state.epochs == 5
 
@@ -319,13 +342,23 @@ def secured_gateway(
     base = f"127.0.0.1:{server.port}"
     agent, operator = creds.auth("agent"), creds.auth("operator")
     try:
-        with control(Cfg(), run=run_id, rank=0, heartbeat=0.2,
-                     url=f"nats://{agent['user']}:{agent['password']}@{base}") as handle:
+        with control(
+            Cfg(),
+            run=run_id,
+            rank=0,
+            heartbeat=0.2,
+            url=f"nats://{agent['user']}:{agent['password']}@{base}",
+        ) as handle:
             handle.wait_ready()
-            settings = Settings(nats_url=f"nats://{operator['user']}:{operator['password']}@{base}",
-                                port=0, tokens=parse_env(TOKENS))
-            with GatewayThread(settings) as thread, \
-                    httpx.Client(base_url=thread.url, timeout=20) as client:
+            settings = Settings(
+                nats_url=f"nats://{operator['user']}:{operator['password']}@{base}",
+                port=0,
+                tokens=parse_env(TOKENS),
+            )
+            with (
+                GatewayThread(settings) as thread,
+                httpx.Client(base_url=thread.url, timeout=20) as client,
+            ):
 
                 def call(method: str, url: str, token: str, **kw: Any) -> httpx.Response:
                     return client.request(method, url, headers=bearer(token), **kw)

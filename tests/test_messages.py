@@ -59,32 +59,41 @@ def _required(cls: type[Any]) -> dict[str, Any]:
     """Minimal arguments for a command's required fields."""
     fields = {f.name: f for f in msgspec.structs.fields(cls)}
     values: dict[str, Any] = {"path": "a", "value": {}, "change_id": "c"}
-    return {
-        name: values[name]
-        for name, f in fields.items()
-        if f.required
-    }
+    return {name: values[name] for name, f in fields.items() if f.required}
 
 
 def _record(**overrides: Any) -> m.RankRecord:
     fields: dict[str, Any] = {
-        "run": "exp1", "rank": "0", "host": "h", "pid": 42, "started": 1.0, "heartbeat": 2.0,
-        "heartbeat_interval": 1.0, "version": 3, "state": {"lr": 0.1},
+        "run": "exp1",
+        "rank": "0",
+        "host": "h",
+        "pid": 42,
+        "started": 1.0,
+        "heartbeat": 2.0,
+        "heartbeat_interval": 1.0,
+        "version": 3,
+        "state": {"lr": 0.1},
     }
     return m.RankRecord(**{**fields, **overrides})
 
 
 def test_reply_state_event_record_round_trip() -> None:
     ok = m.Ok(run="r", rank="1", version=4, value={"lr": 0.5}, changed=True)
-    err = m.Err(run="r", rank="1", code="validation", message="bad",
-                detail=[{"type": "greater_than", "loc": ["lr"], "msg": "> 0", "input": -1}],
-                version=4)
+    err = m.Err(
+        run="r",
+        rank="1",
+        code="validation",
+        message="bad",
+        detail=[{"type": "greater_than", "loc": ["lr"], "msg": "> 0", "input": -1}],
+        version=4,
+    )
     assert m.decode_reply(m.encode(ok)) == ok
     assert m.decode_reply(m.encode(err)) == err
     state = m.StateMsg(run="r", rank="1", version=4, ts=1.5, state={"a": [1]}, cause="set")
     assert m.decode_state(m.encode(state)) == state
-    event = m.Event(run="r", rank="1", kind="stop_requested", ts=1.5, version=4,
-                    data={"reason": "x"})
+    event = m.Event(
+        run="r", rank="1", kind="stop_requested", ts=1.5, version=4, data={"reason": "x"}
+    )
     assert m.decode_event(m.encode(event)) == event
     record = _record(status="exited", stop_requested=True, world_size=8, model="Cfg")
     assert m.decode_record(m.encode(record)) == record
@@ -113,8 +122,13 @@ def test_empty_payload_for_a_verb_with_required_fields_is_an_error() -> None:
 
 @pytest.mark.parametrize(
     ("verb", "cmd"),
-    [("get", m.Set(path="a", value=1)), ("set", m.Get()), ("stop", m.Reset()),
-     ("ping", m.Stop()), ("patch", m.Set(path="a", value={}))],
+    [
+        ("get", m.Set(path="a", value=1)),
+        ("set", m.Get()),
+        ("stop", m.Reset()),
+        ("ping", m.Stop()),
+        ("patch", m.Set(path="a", value={})),
+    ],
 )
 def test_tag_must_match_the_subjects_verb(verb: str, cmd: msgspec.Struct) -> None:
     with pytest.raises(ValueError, match=verb):

@@ -73,8 +73,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory, creds: Credentials) -> Ite
 @pytest.fixture(autouse=True)
 def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Logins come from each test's explicit arguments, never from the caller's env."""
-    for var in ("RUNCTL_NATS_USER", "RUNCTL_NATS_PASSWORD", "RUNCTL_NATS_CREDS",
-                "RUNCTL_NATS_NKEY", "RUNCTL_NATS_TOKEN", "RUNCTL_NATS_URL"):
+    for var in (
+        "RUNCTL_NATS_USER",
+        "RUNCTL_NATS_PASSWORD",
+        "RUNCTL_NATS_CREDS",
+        "RUNCTL_NATS_NKEY",
+        "RUNCTL_NATS_TOKEN",
+        "RUNCTL_NATS_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("RUNCTL_NATS_CREDENTIALS_DIR", str(tmp_path / "none"))
 
@@ -105,14 +111,19 @@ class Login:
             self.errors.append(str(exc))
 
         self.nc = await nats.connect(
-            f"nats://127.0.0.1:{server.port}", error_cb=error_cb, allow_reconnect=False,
+            f"nats://127.0.0.1:{server.port}",
+            error_cb=error_cb,
+            allow_reconnect=False,
             **creds.auth(role),
         )
         return self.nc
 
     def violations(self, kind: str, subject: str) -> list[str]:
-        return [e for e in self.errors
-                if "permissions violation" in e and kind in e and subject.lower() in e.lower()]
+        return [
+            e
+            for e in self.errors
+            if "permissions violation" in e and kind in e and subject.lower() in e.lower()
+        ]
 
     async def wait_violation(self, kind: str, subject: str) -> None:
         await until(lambda: self.violations(kind, subject))
@@ -130,8 +141,9 @@ async def logins() -> AsyncIterator[list[Login]]:
         await login.close()
 
 
-async def login(logins: list[Login], server: NatsServer, creds: Credentials,
-                role: NatsRole) -> tuple[Login, NATS]:
+async def login(
+    logins: list[Login], server: NatsServer, creds: Credentials, role: NatsRole
+) -> tuple[Login, NATS]:
     entry = Login()
     logins.append(entry)
     return entry, await entry.connect(server, creds, role)
@@ -259,8 +271,9 @@ async def test_a_rank_starting_after_an_old_run_wide_stop_reads_the_registry(
     async with Agent(Cfg(), run=run_id, rank=0, url=agent_url, heartbeat=0.2):
         async with await Client.connect(url_for(secured, creds, "operator")) as client:
             registry = await client.registry()
-            await registry.put_run(m.RunRecord(run=run_id, stop_requested=True, reason="old",
-                                               ts=time.time() - 3600))
+            await registry.put_run(
+                m.RunRecord(run=run_id, stop_requested=True, reason="old", ts=time.time() - 3600)
+            )
         async with Agent(Cfg(), run=run_id, rank=1, url=agent_url, heartbeat=0.2) as late:
             assert late.stop_requested and late.stop_reason == "old"
     assert not server_log.violations()
@@ -293,13 +306,25 @@ async def test_operator_reads_a_large_registry_and_step_log(
     registry = await Registry.open(anc.jetstream())
     state = msgspec.Raw(msgspec.json.encode({"blob": "x" * 200_000}))
     for rank in range(120):
-        await registry.put(m.RankRecord(run=run_id, rank=str(rank), host="h", pid=1, started=0,
-                                        heartbeat=time.time(), heartbeat_interval=1,
-                                        version=0, state=state))
+        await registry.put(
+            m.RankRecord(
+                run=run_id,
+                rank=str(rank),
+                host="h",
+                pid=1,
+                started=0,
+                heartbeat=time.time(),
+                heartbeat_interval=1,
+                version=0,
+                state=state,
+            )
+        )
     js = anc.jetstream()
     await ensure_stream(js)
-    acks = [await js.publish_async(step_record_subject(run_id, 0, "s", f"{i:x}-0"), b"y" * 10_000)
-            for i in range(2000)]
+    acks = [
+        await js.publish_async(step_record_subject(run_id, 0, "s", f"{i:x}-0"), b"y" * 10_000)
+        for i in range(2000)
+    ]
     for ack in acks:
         await ack
     operator, onc = await login(logins, secured, creds, "operator")
@@ -361,8 +386,12 @@ async def test_agent_cannot_snoop_or_forge_what_is_not_its_own(
     run_stop = f"$KV.{BUCKET}.{run_id}.all"  # a run-wide stop record is a command too
     await anc.publish(run_stop, m.encode(m.RunRecord(run=run_id, stop_requested=True)))
     await agent.wait_violation("publish", run_stop)
-    for api in (f"$JS.API.STREAM.PURGE.{STREAM}", f"$JS.API.STREAM.DELETE.{STREAM}",
-                f"$JS.API.STREAM.UPDATE.{STREAM}", f"$JS.API.STREAM.DELETE.KV_{BUCKET}"):
+    for api in (
+        f"$JS.API.STREAM.PURGE.{STREAM}",
+        f"$JS.API.STREAM.DELETE.{STREAM}",
+        f"$JS.API.STREAM.UPDATE.{STREAM}",
+        f"$JS.API.STREAM.DELETE.KV_{BUCKET}",
+    ):
         with pytest.raises(nats.errors.TimeoutError):
             await anc.request(api, b"{}", timeout=0.3)
         await agent.wait_violation("publish", api)
@@ -397,14 +426,20 @@ async def test_observer_cannot_publish_anything(
     operator, opc = await login(logins, secured, creds, "operator")
     tap = await Tap().on(opc, "runctl.>")
     inbox_tap = await Tap().on(opc, "_INBOX.observer-test.>")
-    async with Agent(Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent"),
-                     heartbeat=0.2) as target:
+    async with Agent(
+        Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent"), heartbeat=0.2
+    ) as target:
         cmd = command_subject(run_id, 0, "set")
         payload = m.encode(m.Set(path="epochs", value=99))
         forged_state = state_subject(run_id, 5)
-        for subject in (cmd, forged_state, f"runctl.{run_id}.0.evt.started",
-                        step_record_subject(run_id, 0, "epoch", "0-0"),
-                        f"$KV.{BUCKET}.{run_id}.0", "_INBOX.observer-test.x"):
+        for subject in (
+            cmd,
+            forged_state,
+            f"runctl.{run_id}.0.evt.started",
+            step_record_subject(run_id, 0, "epoch", "0-0"),
+            f"$KV.{BUCKET}.{run_id}.0",
+            "_INBOX.observer-test.x",
+        ):
             await obs.publish(subject, payload)
             await observer.wait_violation("publish", subject)
         with pytest.raises(nats.errors.TimeoutError):

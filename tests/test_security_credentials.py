@@ -40,8 +40,10 @@ def test_first_start_generates_private_files_and_later_starts_reuse_them(tmp_pat
     assert not again.created and again.passwords == first.passwords
     assert len(set(first.passwords.values())) == 3  # one password per role
     agent = read_env_file(where / "agent.env")
-    assert agent == {"RUNCTL_NATS_USER": "runctl-agent",
-                     "RUNCTL_NATS_PASSWORD": first.passwords["agent"]}
+    assert agent == {
+        "RUNCTL_NATS_USER": "runctl-agent",
+        "RUNCTL_NATS_PASSWORD": first.passwords["agent"],
+    }
     assert read_env_file(where / "server.env") == first.server_env()
     assert not list(tmp_path.glob(".runctl/.credentials-*"))  # no temporary left behind
     assert first.passwords["agent"] not in repr(first)
@@ -57,8 +59,17 @@ def test_passwords_given_in_the_environment_win_and_nothing_is_written(tmp_path:
         ensure_credentials(tmp_path / "credentials", env=partial)
 
 
-@pytest.mark.parametrize("bad", ["-starts-with-dash-xxxxxxxx", "1starts-with-digit-xxxx",
-                                 "has space in it xxxxxxx", "true", "short1", "has#hash12345678"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "-starts-with-dash-xxxxxxxx",
+        "1starts-with-digit-xxxx",
+        "has space in it xxxxxxx",
+        "true",
+        "short1",
+        "has#hash12345678",
+    ],
+)
 def test_a_password_nats_conf_would_misread_is_refused(bad: str) -> None:
     env = {var: new_password() for var in PASSWORD_VARS.values()}
     env[PASSWORD_VARS["observer"]] = bad
@@ -86,8 +97,7 @@ def test_role_auth_uses_the_role_file_only_without_other_credentials(tmp_path: P
     creds = ensure_credentials(tmp_path / "c", env={})
     env = {"RUNCTL_NATS_CREDENTIALS_DIR": str(tmp_path / "c")}
     assert role_auth("operator", env) == creds.auth("operator")
-    assert role_auth("agent", env) == {"user": "runctl-agent",
-                                       "password": creds.passwords["agent"]}
+    assert role_auth("agent", env) == {"user": "runctl-agent", "password": creds.passwords["agent"]}
     assert role_auth("agent", {**env, "RUNCTL_NATS_USER": "someone"}) == {}
     assert role_auth("agent", {**env, "RUNCTL_NATS_CREDS": "/x.creds"}) == {}
     assert role_auth("agent", {"RUNCTL_NATS_CREDENTIALS_DIR": str(tmp_path / "none")}) == {}
@@ -115,8 +125,12 @@ def start_up(cwd: Path) -> tuple[subprocess.Popen[str], int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNCTL_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--port", "-1"], cwd=cwd, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "gateway.cli", "up", "--port", "-1"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stderr is not None
     lines: list[str] = []
@@ -181,7 +195,7 @@ async def test_runctl_up_reuses_credentials_and_says_where(
     stopper.append(proc)
     assert "NATS passwords from .runctl/credentials" in said and "generated" not in said
     assert load_credentials(where, env={}).passwords == creds.passwords
-    async with await Client.connect(f"nats://127.0.0.1:{port}",
-                                    user="runctl-operator",
-                                    password=creds.passwords["operator"]) as client:
+    async with await Client.connect(
+        f"nats://127.0.0.1:{port}", user="runctl-operator", password=creds.passwords["operator"]
+    ) as client:
         assert await client.runs() == []

@@ -114,7 +114,9 @@ def test_set_whole_subtree_replaces_it_and_keeps_identity() -> None:
     assert s.set("opt", {"lr": 0.2, "sched": {"kind": "step"}}) is True
     # set replaces: what the value leaves out is back to its default
     assert s.model.opt.model_dump() == {
-        "lr": 0.2, "momentum": 0.9, "sched": {"kind": "step", "warmup": 0}
+        "lr": 0.2,
+        "momentum": 0.9,
+        "sched": {"kind": "step", "warmup": 0},
     }
     assert s.model.opt is opt and s.model.opt.sched is sched
 
@@ -181,7 +183,9 @@ def test_patch_partial_nested_keeps_siblings() -> None:
     s.set("opt.lr", 0.7)
     assert s.patch({"opt": {"sched": {"warmup": 5}}}) is True
     assert s.model.opt.model_dump() == {
-        "lr": 0.7, "momentum": 0.9, "sched": {"kind": "cos", "warmup": 5}
+        "lr": 0.7,
+        "momentum": 0.9,
+        "sched": {"kind": "cos", "warmup": 5},
     }
     assert s.patch({"warmup": 6, "kind": "step"}, path="opt.sched") is True
     assert s.model.opt.sched.model_dump() == {"kind": "step", "warmup": 6}
@@ -347,8 +351,13 @@ def test_held_references_see_new_values() -> None:
     cfg = s.model
     opt, sched = cfg.opt, cfg.opt.sched
     layers, layer0, tags = cfg.layers, cfg.layers[0], cfg.tags
-    s.patch({"opt": {"lr": 0.01, "sched": {"warmup": 9}}, "layers": [{"width": 3}, {}],
-             "tags": {"z": 26}})
+    s.patch(
+        {
+            "opt": {"lr": 0.01, "sched": {"warmup": 9}},
+            "layers": [{"width": 3}, {}],
+            "tags": {"z": 26},
+        }
+    )
     assert opt.lr == 0.01 and sched.warmup == 9
     assert layer0.width == 3 and layers[1].width == 64
     assert tags == {"a": 1, "z": 26}
@@ -383,10 +392,25 @@ def test_reset_returns_to_the_state_at_creation_time() -> None:
 # --- safe paths -----------------------------------------------------------------------------
 
 FORBIDDEN_PATHS = [
-    "__dict__", "__class__", "_cache", "__pydantic_private__", "LIMIT", "double_epochs",
-    "model_dump", "model_fields", "model_config", "model_computed_fields", "opt.__dict__",
-    "opt.__class__.__init__", "opt.model_fields", "opt.model_dump_json", "layers.0.__dict__",
-    "layers.append", "tags.__class__", "__init__.__globals__", "opt.__pydantic_fields__",
+    "__dict__",
+    "__class__",
+    "_cache",
+    "__pydantic_private__",
+    "LIMIT",
+    "double_epochs",
+    "model_dump",
+    "model_fields",
+    "model_config",
+    "model_computed_fields",
+    "opt.__dict__",
+    "opt.__class__.__init__",
+    "opt.model_fields",
+    "opt.model_dump_json",
+    "layers.0.__dict__",
+    "layers.append",
+    "tags.__class__",
+    "__init__.__globals__",
+    "opt.__pydantic_fields__",
 ]
 
 

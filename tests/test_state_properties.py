@@ -65,13 +65,33 @@ class Cfg(BaseModel):
 
 
 KNOWN_KEYS = [
-    "epochs", "mode", "seed", "value", "name", "opt", "lr", "momentum", "sched", "kind",
-    "warmup", "layers", "width", "act", "tags", "batchSize", "batch_size", "lo", "hi", "a",
+    "epochs",
+    "mode",
+    "seed",
+    "value",
+    "name",
+    "opt",
+    "lr",
+    "momentum",
+    "sched",
+    "kind",
+    "warmup",
+    "layers",
+    "width",
+    "act",
+    "tags",
+    "batchSize",
+    "batch_size",
+    "lo",
+    "hi",
+    "a",
 ]
 ODD_KEYS = ["bogus", "_secret", "__dict__", "__class__", "model_config", "LIMIT", ""]
 
 keys = st.one_of(
-    st.sampled_from(KNOWN_KEYS), st.sampled_from(KNOWN_KEYS), st.sampled_from(ODD_KEYS),
+    st.sampled_from(KNOWN_KEYS),
+    st.sampled_from(KNOWN_KEYS),
+    st.sampled_from(ODD_KEYS),
     st.text(max_size=6),
 )
 scalars = st.one_of(
@@ -85,9 +105,7 @@ scalars = st.one_of(
 )
 json_values = st.recursive(
     scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=4)),
     max_leaves=12,
 )
 random_patches = st.dictionaries(keys, json_values, max_size=5)
@@ -101,30 +119,36 @@ def _typed(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[dict[
 
 
 small_ints = st.integers(min_value=-2, max_value=60)
-sched_patch = _typed({
-    "kind": st.sampled_from(["cos", "step", "Cos", "linear"]),
-    "warmup": small_ints,
-})
-opt_patch = _typed({
-    "lr": st.floats(min_value=-0.5, max_value=5, allow_nan=False),
-    "momentum": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.just("0.5")),
-    "sched": sched_patch,
-})
+sched_patch = _typed(
+    {
+        "kind": st.sampled_from(["cos", "step", "Cos", "linear"]),
+        "warmup": small_ints,
+    }
+)
+opt_patch = _typed(
+    {
+        "lr": st.floats(min_value=-0.5, max_value=5, allow_nan=False),
+        "momentum": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.just("0.5")),
+        "sched": sched_patch,
+    }
+)
 layer_patch = _typed({"width": small_ints, "act": st.text(max_size=5)})
-root_patch = _typed({
-    "epochs": small_ints,
-    "mode": st.sampled_from(["train", "eval", "TRAIN", "test"]),
-    "seed": st.one_of(st.none(), small_ints, st.just("3"), st.just(1.5)),
-    "value": st.one_of(small_ints, st.text(max_size=4)),
-    "name": st.text(max_size=8),
-    "opt": opt_patch,
-    "layers": st.lists(layer_patch, max_size=3),
-    "tags": st.dictionaries(st.text(max_size=4), small_ints, max_size=3),
-    "batchSize": small_ints,
-    "batch_size": small_ints,
-    "lo": st.integers(min_value=-5, max_value=15),
-    "hi": st.integers(min_value=-5, max_value=15),
-})
+root_patch = _typed(
+    {
+        "epochs": small_ints,
+        "mode": st.sampled_from(["train", "eval", "TRAIN", "test"]),
+        "seed": st.one_of(st.none(), small_ints, st.just("3"), st.just(1.5)),
+        "value": st.one_of(small_ints, st.text(max_size=4)),
+        "name": st.text(max_size=8),
+        "opt": opt_patch,
+        "layers": st.lists(layer_patch, max_size=3),
+        "tags": st.dictionaries(st.text(max_size=4), small_ints, max_size=3),
+        "batchSize": small_ints,
+        "batch_size": small_ints,
+        "lo": st.integers(min_value=-5, max_value=15),
+        "hi": st.integers(min_value=-5, max_value=15),
+    }
+)
 typed_patches = st.one_of(
     st.tuples(st.none(), root_patch),
     st.tuples(st.just("opt"), opt_patch),
@@ -159,13 +183,32 @@ patches = st.one_of(
 )
 PATCH_PATHS = [None, None, "opt", "opt.sched", "layers.0", "layers.1", "tags"]
 SET_PATHS = [
-    "epochs", "mode", "seed", "value", "name", "opt", "opt.lr", "opt.sched", "opt.sched.kind",
-    "opt.sched.warmup", "layers", "layers.0", "layers.1.width", "tags", "tags.a", "tags.new",
-    "batch_size", "lo", "hi",
+    "epochs",
+    "mode",
+    "seed",
+    "value",
+    "name",
+    "opt",
+    "opt.lr",
+    "opt.sched",
+    "opt.sched.kind",
+    "opt.sched.warmup",
+    "layers",
+    "layers.0",
+    "layers.1.width",
+    "tags",
+    "tags.a",
+    "tags.new",
+    "batch_size",
+    "lo",
+    "hi",
 ]
 SET_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "opt": opt_patch, "opt.sched": sched_patch, "layers": st.lists(layer_patch, max_size=3),
-    "layers.0": layer_patch, "tags": st.dictionaries(st.text(max_size=4), small_ints),
+    "opt": opt_patch,
+    "opt.sched": sched_patch,
+    "layers": st.lists(layer_patch, max_size=3),
+    "layers.0": layer_patch,
+    "tags": st.dictionaries(st.text(max_size=4), small_ints),
 }
 
 
@@ -215,8 +258,10 @@ def _expected(data: dict[str, Any], parts: list[str], change: Any) -> Cfg | None
 
 def _walk_model(model: Any, parts: list[str]) -> Any:
     for part in parts:
-        model = model[int(part)] if isinstance(model, list) else (
-            model[part] if isinstance(model, dict) else getattr(model, part)
+        model = (
+            model[int(part)]
+            if isinstance(model, list)
+            else (model[part] if isinstance(model, dict) else getattr(model, part))
         )
     return model
 

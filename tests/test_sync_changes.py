@@ -67,6 +67,9 @@ async def test_synchronised_change_applies_at_the_same_step_on_every_rank(
         assert isinstance(result, Gathered)
         assert result.acknowledged == ["0", "1"] and not result.errors
         assert result.at_step is not None
+        report = result.to_json()
+        assert report["cancelled"] is False
+        assert {r["outcome"] for r in report["ranks"].values()} == {"pending"}
         stop = await client.stop(run_id, "all", "done", sync=True)
         assert isinstance(stop, Gathered) and stop.acknowledged == ["0", "1"]
     await anyio.to_thread.run_sync(ranks.join)
@@ -104,6 +107,10 @@ async def test_a_rank_past_the_step_makes_the_change_cancelled_everywhere(
         result = await client.set(run_id, "all", "flag", True, sync=True, margin=0)
         assert isinstance(result, Gathered)
         assert any(err.code == "too_late" for err in result.errors.values())
+        report = result.to_json()
+        assert report["cancelled"] is True
+        outcomes = {r["outcome"] for r in report["ranks"].values()}
+        assert "applied" not in outcomes and outcomes <= {"cancelled", "rejected"}
         await anyio.sleep(0.5)
         pings = await client.ping(run_id, "all")
         assert isinstance(pings, Gathered)
@@ -111,7 +118,8 @@ async def test_a_rank_past_the_step_makes_the_change_cancelled_everywhere(
         states = await client.get(run_id, "all", fresh=True)
         assert isinstance(states, Gathered)
         assert {rank: r.value["flag"] for rank, r in states.results.items()} == {
-            "0": False, "1": False
+            "0": False,
+            "1": False,
         }
         await client.stop(run_id, "all")
     await anyio.to_thread.run_sync(ranks.join)
