@@ -38,6 +38,7 @@ from agent.pending import PendingChanges, StepClock
 from agent.state import LiveState
 from agent.steps import Steps
 from bus import messages as m
+from bus.client import DEFAULT_MAX_PAYLOAD
 from bus.connection import DEFAULT_URL, connect, env_url
 from bus.credentials import redact_url
 from bus.errors import (
@@ -61,7 +62,6 @@ from bus.subjects import (
 __all__ = ["Agent"]
 
 M = TypeVar("M", bound=BaseModel)
-DEFAULT_MAX_PAYLOAD: Final = 1 << 20
 #: bound on every wait for the server while serving: the program never waits on a dead bus
 PUBLISH_TIMEOUT: Final = 1.0
 EMBEDDED_PORT: Final = 4222
