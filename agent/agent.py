@@ -123,6 +123,7 @@ class Agent(Generic[M]):
         self._acks: list[asyncio.Future[Any]] | None = None
         self._tg: TaskGroup | None = None
         self._exited = False
+        self._stop_recorded = False
         self.log = log.bind(run=self.run, rank=self.rank)
         # resumable steps (issue #3): the API, and the log it reads (set once loaded)
         self.steps = Steps(self)
@@ -367,7 +368,9 @@ class Agent(Generic[M]):
             # JetStream writes competing with the replies (bench/bench_fanout.py: 54 -> 21 ms
             # p50). The record follows shortly after; a run-wide stop is recorded by the client.
             await self._event("stop_requested", reason=self.stop_reason, mode=command.mode, **data)
-            self._soon(self._record_after_stop)
+            if not self._stop_recorded:  # a repeated stop changes nothing in the record
+                self._stop_recorded = True
+                self._soon(self._record_after_stop)
         elif isinstance(reply, m.Err) and reply.code == "validation":
             await self._event("rejected", verb=verb, errors=len(reply.detail), **data)
         elif (

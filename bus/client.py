@@ -12,6 +12,8 @@ never wake the controlled program.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -273,11 +275,21 @@ class Client:
         """Stop one rank, or every rank (``"all"``). A run-wide stop is also recorded in
         the registry, so a rank that starts later in the same run stops too."""
         cmd = m.Stop(reason=reason, mode=mode, grace=grace)
-        if str(rank) == ALL:
-            await self._record_run_stop(run, cmd)
-        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+        if str(rank) != ALL:
+            return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+        # The record (for ranks that start later) is sent first but its ack is awaited
+        # after the broadcast: it need not hold up the ranks that are running now.
+        ack = await self._record_run_stop(run, cmd)
+        try:
+            return await (self.send_synced(run, cmd, margin) if sync else self.send(run, ALL, cmd))
+        finally:
+            if ack is not None:
+                with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):
+                    await ack
 
-    async def _record_run_stop(self, run: str, cmd: m.Stop) -> None:
+    async def _record_run_stop(self, run: str, cmd: m.Stop) -> asyncio.Future[Any] | None:
+        """Send the run-wide stop record; returns its ack future (None if it could not be
+        sent: the broadcast itself still goes out)."""
         check_token(run, "run")
         try:
             registry = await self.registry()
@@ -289,12 +301,9 @@ class Client:
                 mode=cmd.mode,
                 grace=cmd.grace,
             )
-            with anyio.fail_after(self.timeout):
-                await registry.put_run(record)
-        except Exception as exc:  # the broadcast itself still goes out
-            if isinstance(exc, RunctlError | TimeoutError):
-                return
-            raise map_nats_error(exc, run=run) from exc
+            return await registry.put_run_nowait(record)
+        except Exception:
+            return None
 
     async def send_synced(
         self, run: str, cmd: m.Set | m.Patch | m.Reset | m.Stop, margin: int | None = None

@@ -134,6 +134,12 @@ class Registry:
             f"{check_token(record.run, 'run')}.{ALL}", msgspec.json.encode(record)
         )
 
+    async def put_run_nowait(self, record: RunRecord) -> asyncio.Future[Any]:
+        """As :meth:`put_run`, returning the ack future instead of waiting for it."""
+        js: JetStreamContext = self.kv._js
+        subject = f"$KV.{BUCKET}.{check_token(record.run, 'run')}.{ALL}"
+        return await js.publish_async(subject, msgspec.json.encode(record))
+
     async def get_run(self, run: str) -> RunRecord | None:
         try:
             entry = await self.kv.get(f"{check_token(run, 'run')}.{ALL}")
