@@ -9,12 +9,16 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from bus.server import NatsServer
+from gateway.serve import GatewayThread
+from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 _run_ids = itertools.count()
@@ -108,3 +112,24 @@ async def register_silent_rank(url: str, run: str, rank: str) -> None:
         )
     finally:
         await nc.close()
+
+
+GatewayFactory = Callable[..., httpx.Client]
+
+
+@pytest.fixture
+def gateway(nats_url: str) -> Iterator[GatewayFactory]:
+    """Start gateways on free ports (real uvicorn sockets); each call returns an httpx client."""
+    started: list[tuple[GatewayThread, httpx.Client]] = []
+
+    def start(**options: Any) -> httpx.Client:
+        settings = Settings(**{"nats_url": nats_url, "port": 0, **options})
+        thread = GatewayThread(settings).start()
+        client = httpx.Client(base_url=thread.url, timeout=20)
+        started.append((thread, client))
+        return client
+
+    yield start
+    for thread, client in started:
+        client.close()
+        thread.stop()

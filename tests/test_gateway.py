@@ -13,14 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 import pytest
-from conftest import spawn_python, wait_for
+from conftest import GatewayFactory, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
 from agent import Control, control
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
 
 
 class Opt(BaseModel):
@@ -43,27 +40,6 @@ class CappedOpt(Opt):
 
 class Capped(Cfg):
     opt: CappedOpt = CappedOpt()
-
-
-GatewayFactory = Callable[..., httpx.Client]
-
-
-@pytest.fixture
-def gateway(nats_url: str) -> Iterator[GatewayFactory]:
-    """Start a gateway on a free port (real uvicorn socket); returns an httpx client."""
-    started: list[tuple[GatewayThread, httpx.Client]] = []
-
-    def start(**options: Any) -> httpx.Client:
-        settings = Settings(**{"nats_url": nats_url, "port": 0, **options})
-        thread = GatewayThread(settings).start()
-        client = httpx.Client(base_url=thread.url, timeout=20)
-        started.append((thread, client))
-        return client
-
-    yield start
-    for thread, client in started:
-        client.close()
-        thread.stop()
 
 
 @pytest.fixture

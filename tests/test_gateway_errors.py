@@ -9,13 +9,13 @@ import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import nats
 import pytest
-from conftest import register_silent_rank, spawn_python, wait_for
+from conftest import GatewayFactory, register_silent_rank, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
 from agent import Control, control
@@ -32,26 +32,6 @@ class Opt(BaseModel):
 class Cfg(BaseModel):
     epochs: int = 3
     opt: Opt = Opt()
-
-
-GatewayFactory = Callable[..., httpx.Client]
-
-
-@pytest.fixture
-def gateway(nats_url: str) -> Iterator[GatewayFactory]:
-    started: list[tuple[GatewayThread, httpx.Client]] = []
-
-    def start(**options: Any) -> httpx.Client:
-        settings = Settings(**{"nats_url": nats_url, "port": 0, **options})
-        thread = GatewayThread(settings).start()
-        client = httpx.Client(base_url=thread.url, timeout=10)
-        started.append((thread, client))
-        return client
-
-    yield start
-    for thread, client in started:
-        client.close()
-        thread.stop()
 
 
 @pytest.fixture
