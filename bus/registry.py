@@ -150,14 +150,11 @@ class Registry:
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
-        if run is None:
+        subjects: list[str] = []
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._list_subjects, pattern, subjects)
             records = await self._read(pattern)
-        else:
-            subjects: list[str] = []
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._list_subjects, run, subjects)
-                records = await self._read(pattern)
-            await self._add_skipped(run, records, subjects)
+        await self._add_skipped(records, subjects)
         records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
         return records
 
@@ -184,29 +181,29 @@ class Registry:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return records
 
-    async def _list_subjects(self, run: str, into: list[str]) -> None:
+    async def _list_subjects(self, pattern: str, into: list[str]) -> None:
         js: JetStreamContext = self.kv._js
-        info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.{run}.*")
+        info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.{pattern}")
         into.extend(info.state.subjects or {})
 
-    async def _add_skipped(self, run: str, records: list[RankRecord], subjects: list[str]) -> None:
+    async def _add_skipped(self, records: list[RankRecord], subjects: list[str]) -> None:
         """A key rewritten while the watcher's consumer is created can be left out of its
         initial values (nats-server 2.15, last-per-subject: ~5% of reads of a run whose
         ranks are answering a broadcast, i.e. writing their records, missed a rank). The
         stream's subject list (read at the same time) has every key: fetch the ones the
         watcher did not deliver."""
-        seen = {r.rank for r in records}
-        missed = [s.rsplit(".", 1)[-1] for s in subjects]
-        missed = [rank for rank in missed if rank != ALL and rank not in seen]
+        seen = {(r.run, r.rank) for r in records}
+        keys = [tuple(s.split(".")[-2:]) for s in subjects]
+        missed = [(run, rank) for run, rank in keys if rank != ALL and (run, rank) not in seen]
 
-        async def fetch(rank: str) -> None:
+        async def fetch(run: str, rank: str) -> None:
             record = await self.get(run, rank)  # None if deleted (purged keys stay listed)
             if record is not None:
                 records.append(record)
 
         async with anyio.create_task_group() as tasks:
-            for rank in missed:
-                tasks.start_soon(fetch, rank)
+            for run, rank in missed:
+                tasks.start_soon(fetch, run, rank)
 
     async def delete(self, run: str, rank: str) -> None:
         await self.kv.purge(self.key(run, rank))
