@@ -27,7 +27,6 @@ Prints a table and writes ``bench/results/fanout-<time>.json`` with machine fact
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -43,8 +42,9 @@ from typing import Any, Final
 
 import anyio
 
+from bench._machine import cpu_model, nats_server_version, package_version
 from bus import Client, Gathered
-from bus.server import NatsServer, find_binary
+from bus.server import NatsServer
 
 __all__ = ["main"]
 
@@ -360,35 +360,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-    try:
-        server = subprocess.run(
-            [find_binary(), "--version"], capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-    except Exception as exc:
-        server = f"unknown ({exc})"
     return {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpus": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "loadavg": os.getloadavg(),
-        "nats_server": server,
-        "nats_py": _version("nats-py"),
-        "msgspec": _version("msgspec"),
+        "nats_server": nats_server_version(),
+        "nats_py": package_version("nats-py"),
+        "msgspec": package_version("msgspec"),
     }
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _cpu(figure: dict[str, Any]) -> str:

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,8 +36,9 @@ import nats
 from pydantic import BaseModel
 
 from agent import control
+from bench._machine import nats_server_version, package_version
 from bus.canonical import hashed, key_digest
-from bus.server import NatsServer, find_binary
+from bus.server import NatsServer
 from bus.steplog import StepLog
 from bus.steprecords import StepRecord, encode_entry
 from bus.stepstore import ensure_stream
@@ -252,31 +252,16 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        server = subprocess.run(
-            [find_binary(), "--version"], capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-    except Exception as exc:
-        server = f"unknown ({exc})"
     return {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
-        "nats_server": server,
-        "nats_py": _version("nats-py"),
+        "nats_server": nats_server_version(),
+        "nats_py": package_version("nats-py"),
         "msgspec": msgspec.__version__,
         "load_average": os.getloadavg(),
     }
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def render(report: dict[str, Any]) -> str:

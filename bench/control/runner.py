@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench._machine import cpu_model, nats_server_version
 from bench.control import freakenv
 from bench.control.procs import REPO, BenchError, Gateway, Program, free_port, tail
 from bench.control.report import Figure
@@ -266,18 +267,10 @@ class Run:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     free = subprocess.run(["free", "-h"], capture_output=True, text=True, check=False).stdout
     return {
         "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "free_h": free.strip(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -286,8 +279,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions(freak_python: Path | None) -> dict[str, Any]:
-    from bus.server import find_binary
-
     ours = {}
     for dist in (
         "runctl",
@@ -306,10 +297,7 @@ def versions(freak_python: Path | None) -> dict[str, Any]:
             ours[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    server = subprocess.run(
-        [find_binary(), "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    out: dict[str, Any] = {"runctl_env": ours, "nats_server": server}
+    out: dict[str, Any] = {"runctl_env": ours, "nats_server": nats_server_version()}
     if freak_python is not None:
         out["freak_env"] = freakenv.freeze(freak_python)
     return out
