@@ -39,7 +39,7 @@ from agent.state import LiveState
 from agent.steps import Steps
 from bus import messages as m
 from bus.client import DEFAULT_MAX_PAYLOAD
-from bus.connection import DEFAULT_URL, connect, env_url
+from bus.connection import DEFAULT_URL, close_quietly, connect, env_url
 from bus.credentials import redact_url
 from bus.errors import (
     BadRequest,
@@ -322,8 +322,7 @@ class Agent(Generic[M]):
                     await sub.unsubscribe()
             with anyio.move_on_after(2):
                 await self.nc.drain()
-            if not self.nc.is_closed:
-                await self.nc.close()
+            await close_quietly(self.nc)
         if self.server is not None:
             await anyio.to_thread.run_sync(self.server.stop)
         self.closed.set()

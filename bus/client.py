@@ -27,7 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bus import messages as m
-from bus.connection import connect
+from bus.connection import close_quietly, connect
 from bus.errors import (
     BadRequest,
     NotFound,
@@ -153,9 +153,7 @@ class Client:
         return cls(nc, **options)
 
     async def close(self) -> None:
-        with anyio.CancelScope(shield=True):
-            if not self.nc.is_closed:
-                await self.nc.close()
+        await close_quietly(self.nc)
 
     async def __aenter__(self) -> Self:
         return self

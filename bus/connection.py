@@ -9,6 +9,7 @@ URLs are logged with their password masked.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from nats.aio.client import Client as NATS
 from bus.credentials import NatsRole, redact_url, role_auth
 from bus.errors import Unavailable, map_nats_error
 
-__all__ = ["DEFAULT_URL", "connect", "env_url"]
+__all__ = ["DEFAULT_URL", "close_quietly", "connect", "env_url"]
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 log = structlog.get_logger()
@@ -80,7 +81,7 @@ async def connect(
     first_scope: list[anyio.CancelScope] = []  # set while a bounded first connect runs
 
     async def error_cb(exc: Exception) -> None:
-        last_error.append(exc)
+        last_error[:] = [*last_error[-len(servers) :], exc]  # bounded: reconnects run forever
         if first_scope and len(last_error) >= len(servers):
             first_scope[0].cancel()  # every server refused once: fail now, not in seconds
         # One line per distinct error kind, no tracebacks: a restarting server is not news.
@@ -149,12 +150,37 @@ async def _connect_or_close(params: dict[str, Any]) -> NATS:
     try:
         await nc.connect(**params)
     except BaseException:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-            await nc.close()
-        # a cancel that lands inside nats-py's own _close() leaves the client marked closed
-        # with its socket still open: close() above then does nothing
-        transport = getattr(nc, "_transport", None)
-        if transport:
-            transport.close()
+        try:
+            with anyio.move_on_after(1, shield=True):
+                await close_quietly(nc)
+        finally:
+            # a cancel that lands inside nats-py's own _close() leaves the client marked
+            # closed with its socket still open: close() above then does nothing
+            transport = getattr(nc, "_transport", None)
+            if transport:
+                transport.close()
         raise
     return nc
+
+
+async def close_quietly(nc: NATS) -> None:
+    """Close ``nc`` as cleanup: shielded, and a connection that is already lost does not
+    turn into an error of the caller's.
+
+    nats-py's ``close()`` on a dead socket can raise what its own internals hit: a
+    ``ConnectionResetError`` from flushing, or a ``CancelledError`` from one of its
+    cancelled futures although nobody cancelled the caller. A cancellation that *was*
+    requested of the calling task still propagates.
+    """
+    with anyio.CancelScope(shield=True):
+        if nc.is_closed:
+            return
+        try:
+            await nc.close()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.debug("nats close: stray cancellation from nats-py ignored")
+        except Exception as exc:
+            log.debug("nats close failed", error=str(exc) or type(exc).__name__)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -71,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         if stop.item():
             break  # this epoch is not logged done: a restart runs it again
         if args.checkpoint is not None and rank == 0:
-            torch.save(model.module.state_dict(), args.checkpoint)
+            # write then rename: a crash mid-save must not leave a truncated checkpoint
+            # that the restarted job cannot load
+            partial = args.checkpoint.with_name(args.checkpoint.name + ".partial")
+            torch.save(model.module.state_dict(), partial)
+            os.replace(partial, args.checkpoint)
 
     if log:
         log.write(

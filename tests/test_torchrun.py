@@ -140,9 +140,10 @@ async def cli(nats_url: str, *args: str) -> Any:
 
 
 async def stepping(
-    client: Client, run: str, past: int = 0, not_pids: frozenset[int] = frozenset()
+    job: Job, client: Client, run: str, past: int = 0, not_pids: frozenset[int] = frozenset()
 ) -> set[int]:
-    """Until both ranks run (processes other than ``not_pids``) past step ``past``."""
+    """Until both ranks of ``job`` run (processes other than ``not_pids``) past step
+    ``past``; a job that exits first fails the test with its output."""
     with anyio.fail_after(TIMEOUT):
         while True:
             try:
@@ -152,6 +153,8 @@ async def stepping(
             alive = [i for i in infos if i.liveness == "alive" and i.record.pid not in not_pids]
             if len(alive) == 2 and all((i.record.step or 0) > past for i in alive):
                 return {i.record.pid for i in alive}
+            if job.proc.poll() is not None:
+                raise AssertionError(f"torchrun exited ({job.proc.returncode}):\n" + job.output)
             await anyio.sleep(0.1)
 
 
@@ -175,7 +178,7 @@ async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
     # both workers found the same run (torchrun's run id), each its own rank
     assert set(runs) == {"0", "1"} and runs["0"] == runs["1"]
     run = runs["0"]
-    await stepping(client, run)
+    await stepping(job, client, run)
 
     change = await cli(nats_url, "set", run, "lr=0.01", "--sync")
     assert change["acknowledged"] == ["0", "1"] and change["missing"] == []
@@ -214,7 +217,7 @@ async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
     checkpoint = str(tmp_path / "model.pt")
     job = Job(["--log-dir", str(first_logs), "--checkpoint", checkpoint], env)
     jobs.append(job)
-    crashed = await stepping(client, run_id, past=40)  # a few epochs of 16 steps done
+    crashed = await stepping(job, client, run_id, past=40)  # a few epochs of 16 steps done
     job.kill()  # a crash: no stop is recorded, nothing says goodbye
 
     steps, done = read_log(first_logs / "rank0.jsonl")
@@ -224,7 +227,7 @@ async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
 
     job = Job(["--log-dir", str(second_logs), "--checkpoint", checkpoint], env)
     jobs.append(job)
-    await stepping(client, run_id, not_pids=frozenset(crashed))
+    await stepping(job, client, run_id, not_pids=frozenset(crashed))
     await cli(nats_url, "stop", run_id)
     assert await job.exit_code() == 0, job.output
     for rank in (0, 1):
