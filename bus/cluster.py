@@ -320,14 +320,23 @@ async def ensure_replicated(
                         kv = await js.key_value(BUCKET)
                         status = await kv.status()
                         config = status.stream_info.config
-                        if (config.num_replicas or 1) != replicas:
+                        # direct gets only with one copy (see Registry.open)
+                        direct = replicas == 1
+                        if (config.num_replicas or 1) != replicas or bool(
+                            config.allow_direct
+                        ) != direct:
                             config.num_replicas = replicas
+                            config.allow_direct = direct
                             await js.update_stream(config)
                     except js_errors.BucketNotFoundError:
                         from bus.registry import DEFAULT_TTL
 
                         await js.create_key_value(
-                            bucket=BUCKET, history=1, ttl=DEFAULT_TTL, replicas=replicas
+                            bucket=BUCKET,
+                            history=1,
+                            ttl=DEFAULT_TTL,
+                            replicas=replicas,
+                            direct=replicas == 1,
                         )
                 return
             except Exception as exc:  # e.g. "insufficient resources" until peers are known

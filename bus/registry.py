@@ -11,12 +11,14 @@ state stays readable and is reported ``stale`` once its heartbeat is overdue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import anyio
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
@@ -32,6 +34,10 @@ DEFAULT_TTL: Final = 7 * 24 * 3600.0
 STALE_AFTER_BEATS: Final = 3.0
 #: seconds the server keeps a registry read's consumer after the read (see records())
 WATCHER_LINGER: Final = 2.0
+#: keys one batched direct get may return (the server's own cap may be lower: then the
+#: batch fails and records() reads with a consumer instead)
+DIRECT_BATCH: Final = 100_000
+DIRECT_READ_TIMEOUT: Final = 5.0
 
 Liveness = Literal["alive", "stale", "exited"]
 
@@ -89,9 +95,17 @@ class Registry:
         # Two processes may race to create it: same config is accepted by the server.
         from bus.cluster import replicas_from_env
 
+        replicas = replicas_from_env() or 1
         return cls(
             await js.create_key_value(
-                bucket=BUCKET, history=1, ttl=ttl, replicas=replicas_from_env() or 1
+                bucket=BUCKET,
+                history=1,
+                ttl=ttl,
+                replicas=replicas,
+                # Direct gets (any replica answers) only where there is one copy: a
+                # follower of a replicated bucket may answer with an older record, and
+                # writers rely on reading their own writes (bus.Client).
+                direct=replicas == 1,
             )
         )
 
@@ -148,17 +162,64 @@ class Registry:
         return decode_run_record(entry.value) if entry.value else None
 
     async def records(self, run: str | None = None) -> list[RankRecord]:
-        """Latest record of every rank (of one run): one ordered-consumer pass, no N gets."""
+        """Latest record of every rank (of one run), in one pass: a batched direct get
+        where the bucket allows it, else an ordered consumer. Never N gets."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
-        subjects: list[str] = []
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._list_subjects, pattern, subjects)
-            records = await self._read(pattern)
-        await self._add_skipped(records, subjects)
+        records = await self._read_direct(pattern)
+        if records is None:
+            records = await self._read_watching(pattern)
         records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
         return records
 
-    async def _read(self, pattern: str) -> list[RankRecord]:
+    async def _read_direct(self, pattern: str) -> list[RankRecord] | None:
+        """The last value of every key matching ``pattern`` from one batched direct get
+        (``multi_last``, nats-server 2.11+): no consumer to create and delete, and one
+        consistent cut of the store. None if the bucket does not allow direct gets or
+        the server did not end the batch normally (too many keys, an older server)."""
+        if not getattr(self.kv, "_direct", False):
+            return None
+        js: JetStreamContext = self.kv._js
+        nc = js._nc
+        request = msgspec.json.encode(
+            {"multi_last": [f"$KV.{BUCKET}.{pattern}"], "batch": DIRECT_BATCH, "no_hdr": True}
+        )
+        records: list[RankRecord] = []
+        status: list[str] = []
+        ended = anyio.Event()
+
+        async def on_message(msg: Msg) -> None:
+            headers = msg.headers or {}
+            code = headers.get("Status")
+            if code is not None:  # 204 EOB ends the batch; anything else fails it
+                status.append(code)
+                ended.set()
+            elif msg.data and not headers.get("Nats-Subject", "").endswith(f".{ALL}"):
+                # a foreign value in our bucket is not ours to report
+                with contextlib.suppress(msgspec.DecodeError):
+                    records.append(decode_record(msg.data))
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_message)
+        try:
+            await nc.publish(f"{js._prefix}.DIRECT.GET.KV_{BUCKET}", request, reply=inbox)
+            with anyio.move_on_after(DIRECT_READ_TIMEOUT):
+                await ended.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        if status == ["404"]:  # no key matches: an empty run, not a failure
+            return []
+        return records if status == ["204"] else None
+
+    async def _read_watching(self, pattern: str) -> list[RankRecord]:
+        subjects: list[str] = []
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._list_subjects, pattern, subjects)
+            records = await self._read_watched(pattern)
+        await self._add_skipped(records, subjects)
+        return records
+
+    async def _read_watched(self, pattern: str) -> list[RankRecord]:
         # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
         # by default): at a few reads per second that hits the stream's consumer limit.
         watcher = await self.kv.watch(
@@ -197,7 +258,10 @@ class Registry:
         missed = [(run, rank) for run, rank in keys if rank != ALL and (run, rank) not in seen]
 
         async def fetch(run: str, rank: str) -> None:
-            record = await self.get(run, rank)  # None if deleted (purged keys stay listed)
+            try:
+                record = await self.get(run, rank)  # None if deleted (purged keys stay listed)
+            except msgspec.DecodeError:
+                return  # a foreign value, as in _read_watched
             if record is not None:
                 records.append(record)
 

@@ -143,6 +143,8 @@ def test_replicas_are_kept_and_scaled_up_never_down(
 def test_a_node_killed_during_a_run(cluster: NatsCluster, run_id: str) -> None:
     for stream in (STREAM, f"KV_{BUCKET}"):
         assert stream_info(cluster.url, stream).config.num_replicas == 3
+    # a follower must not answer registry reads: it may be behind the leader
+    assert not stream_info(cluster.url, f"KV_{BUCKET}").config.allow_direct
     rank = Rank(run_id, "0", cluster.url, N, env={"LINGER": "1"})
     control = Control(cluster.url, run_id)
     try:

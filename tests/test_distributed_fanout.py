@@ -104,38 +104,58 @@ async def test_a_rank_that_stops_answering_is_reported_missing_not_waited_for_fo
                 stream.close()
 
 
+async def registry_read_by(url: str, kind: str) -> None:
+    """Create the registry bucket as a single server does (``direct``: reads are one
+    batched direct get) or as a replicated bucket or an older runctl did (``consumer``:
+    reads go through an ordered consumer)."""
+    if kind == "consumer":
+        async with await Client.connect(url) as c:
+            await c.nc.jetstream().create_key_value(bucket=BUCKET, history=1, direct=False)
+
+
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["direct", "consumer"])
 async def test_many_broadcasts_leave_no_consumers_on_the_server(
-    nats_server: NatsServer, run_id: str
+    nats_server: NatsServer, run_id: str, kind: str
 ) -> None:
+    await registry_read_by(nats_server.url, kind)
     async with (
         agents(nats_server.url, run_id, 2),
         await Client.connect(nats_server.url) as client,
     ):
+        js = client.nc.jetstream()
         for _ in range(10):
-            await client.ranks(run_id)  # one registry read each
+            assert len(await client.ranks(run_id)) == 2  # one registry read each
             await anyio.sleep(0.3)  # past the client's reuse of the last read
             await client.get(run_id, "all", fresh=True)
-        info = await client.nc.jetstream().stream_info(f"KV_{BUCKET}")
+        info = await js.stream_info(f"KV_{BUCKET}")
+        if kind == "direct":
+            assert info.config.allow_direct
+            assert info.state.consumer_count == 0  # a direct get creates none
+            return
+        assert not info.config.allow_direct
         assert info.state.consumer_count > 0  # the reads did create consumers ...
         with anyio.fail_after(10):
             while True:  # ... which the server drops soon after each read
-                info = await client.nc.jetstream().stream_info(f"KV_{BUCKET}")
+                info = await js.stream_info(f"KV_{BUCKET}")
                 if info.state.consumer_count == 0:
                     break
                 await anyio.sleep(0.2)
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["direct", "consumer"])
 async def test_the_registry_lists_every_rank_while_they_rewrite_their_records(
-    nats_url: str, run_id: str
+    nats_server: NatsServer, run_id: str, kind: str
 ) -> None:
     # A broadcast write makes every rank rewrite its record; a registry read at that
     # moment used to leave out a rank now and then (nats-server's last-per-subject start).
+    url = nats_server.url
+    await registry_read_by(url, kind)
     async with (
-        agents(nats_url, run_id, 8),
-        await Client.connect(nats_url) as writer,
-        await Client.connect(nats_url) as reader,
+        agents(url, run_id, 8),
+        await Client.connect(url) as writer,
+        await Client.connect(url) as reader,
     ):
         listed: list[int] = []
 
