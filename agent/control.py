@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
@@ -105,10 +106,16 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/... 
         return self.agent.sync(step)
 
     def wait_ready(self, timeout: float = 10.0) -> Self:
-        """Block until the agent is connected and registered (tests, scripts)."""
-        if not self.agent.ready.wait(timeout):
-            if self._future.done() and (exc := self._future.exception()) is not None:
-                raise Unavailable(f"runctl agent failed to start: {exc}") from exc
+        """Block until the agent is connected and registered (tests, scripts). An agent
+        that failed to start raises at once, not after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.agent.ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self._future.done():
+                exc = None if self._future.cancelled() else self._future.exception()
+                raise Unavailable(f"runctl agent failed to start: {exc or 'it ended'}") from exc
+            if time.monotonic() >= deadline:
+                break
+        if not self.agent.ready.is_set():
             raise Unavailable(
                 f"runctl agent not connected after {timeout:g}s (url {redact_url(self.url or '')})"
             )

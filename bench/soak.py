@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -222,6 +223,43 @@ async def _load(base: str, result: SoakResult, until: float, worker: int) -> Non
                 result.errors.append(f"{kind} rank {rank}: {status}")
 
 
+#: seconds a rank may take to print READY (its agent connected and loaded its step log)
+READY_WITHIN = 40.0
+
+
+def _wait_ready_line(name: str, proc: subprocess.Popen[bytes], log: Path, within: float) -> None:
+    """Until ``proc`` prints READY (the agent logs to stdout too, from its own thread);
+    otherwise fail with what it printed, not hang on its pipe."""
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    seen: list[bytes] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in stdout:
+            # the agent thread's log line may share the line: "... url=nats://...READY"
+            if line.rstrip().endswith(b"READY"):
+                ready.set()
+                return
+            seen.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(within)
+    if ready.is_set():
+        return
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    reader.join(5)
+    output = b"".join(seen).decode(errors="replace")[-3000:]
+    errors = log.read_text(errors="replace")[-2000:]
+    raise RuntimeError(
+        f"{name} did not print READY within {within:g}s (exit {proc.returncode}):\n"
+        f"stdout:\n{output}\nstderr:\n{errors}"
+    )
+
+
 def run_soak(
     seconds: float = 60.0,
     *,
@@ -281,12 +319,7 @@ def run_soak(
             )
         for name, proc in procs.items():
             if name.startswith("rank"):
-                assert proc.stdout is not None
-                # the agent logs to stdout too: READY is the first line of ours
-                if not any(line.strip() == b"READY" for line in proc.stdout):
-                    proc.wait(10)
-                    log_text = (work / f"{name}.log").read_text(errors="replace")
-                    raise RuntimeError(f"{name} did not start: {log_text[-2000:]}")
+                _wait_ready_line(name, proc, work / f"{name}.log", READY_WITHIN)
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/runs")
         result.rss_kib = {name: [] for name in procs}

@@ -73,7 +73,7 @@ class Rank:
         self.starts += 1
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if line.startswith("READY"):
+            if "READY" in line:  # the agent thread's log line may share the line
                 return
         raise AssertionError(f"rank did not start: {self.proc.communicate()[1][-2000:]}")
 
