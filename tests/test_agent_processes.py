@@ -134,8 +134,8 @@ async def liveness(client: Client, run: str) -> dict[str, str]:
 
 @pytest.mark.anyio
 async def test_patch_and_stop_on_all_ranks(ranks: Ranks, nats_url: str, run_id: str) -> None:
-    ranks.start(run_id, 0, nats_url)
-    ranks.start(run_id, 1, nats_url)
+    ranks.start(run_id, 0, nats_url)  # the standard loop, the default
+    ranks.start(run_id, 1, nats_url, env={"RUNCTL_LOOP": "uvloop"})
     await ranks.ready(0, 1)
     async with await Client.connect(nats_url) as client:
         res = gathered(await client.patch(run_id, "all", {"opt": {"lr": 0.5}}))
@@ -330,3 +330,13 @@ async def test_embedded_server_when_no_url_is_configured(
     # no orphan: the server went with the program
     wait_for(lambda: not _nats_servers_using(tmp_path), timeout=10)
     wait_for(lambda: not _listening(4222), timeout=10)
+
+
+@pytest.mark.anyio
+async def test_an_unknown_event_loop_choice_fails_at_start_naming_it(
+    ranks: Ranks, nats_url: str, run_id: str
+) -> None:
+    proc = ranks.start(run_id, 0, nats_url, env={"RUNCTL_LOOP": "trio"})
+    assert await ranks.exit_code(0) != 0
+    assert proc.stderr is not None
+    assert "RUNCTL_LOOP must be 'uvloop' or 'asyncio', not 'trio'" in proc.stderr.read()

@@ -1,0 +1,24 @@
+"""Which event loop the agent's thread runs (agent/control.py): the standard loop unless
+uvloop is asked for, and a clear error for anything else."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.control import _loop_options
+from bus.errors import BadRequest
+
+
+def test_the_standard_loop_by_default() -> None:
+    assert _loop_options({}) == {}
+    assert _loop_options({"RUNCTL_LOOP": "asyncio"}) == {}
+
+
+def test_uvloop_on_request() -> None:
+    pytest.importorskip("uvloop")  # a dependency off Windows
+    assert _loop_options({"RUNCTL_LOOP": " UVLOOP "}) == {"use_uvloop": True}
+
+
+def test_anything_else_is_refused_by_name() -> None:
+    with pytest.raises(BadRequest, match="RUNCTL_LOOP must be 'uvloop' or 'asyncio'"):
+        _loop_options({"RUNCTL_LOOP": "trio"})
