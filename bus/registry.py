@@ -181,7 +181,7 @@ class Registry:
         js: JetStreamContext = self.kv._js
         nc = js._nc
         request = msgspec.json.encode(
-            {"multi_last": [f"$KV.{BUCKET}.{pattern}"], "batch": DIRECT_BATCH, "no_hdr": True}
+            {"multi_last": [f"$KV.{BUCKET}.{pattern}"], "batch": DIRECT_BATCH}
         )
         records: list[RankRecord] = []
         status: list[str] = []
@@ -191,7 +191,8 @@ class Registry:
             headers = msg.headers or {}
             code = headers.get("Status")
             if code is not None:  # 204 EOB ends the batch; anything else fails it
-                status.append(code)
+                cut_short = headers.get("Nats-Num-Pending", "0") != "0"
+                status.append("truncated" if code == "204" and cut_short else code)
                 ended.set()
             elif msg.data and not headers.get("Nats-Subject", "").endswith(f".{ALL}"):
                 # a foreign value in our bucket is not ours to report
