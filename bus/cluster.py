@@ -305,7 +305,7 @@ async def ensure_replicated(
     from nats.js import errors as js_errors
 
     from bus.connection import connect
-    from bus.registry import BUCKET
+    from bus.registry import BUCKET, allows_direct, create_bucket
     from bus.stepstore import ensure_stream
 
     nc = await connect(url, name="runctl-cluster", **connect_options)
@@ -320,8 +320,7 @@ async def ensure_replicated(
                         kv = await js.key_value(BUCKET)
                         status = await kv.status()
                         config = status.stream_info.config
-                        # direct gets only with one copy (see Registry.open)
-                        direct = replicas == 1
+                        direct = allows_direct(replicas)
                         if (config.num_replicas or 1) != replicas or bool(
                             config.allow_direct
                         ) != direct:
@@ -329,15 +328,7 @@ async def ensure_replicated(
                             config.allow_direct = direct
                             await js.update_stream(config)
                     except js_errors.BucketNotFoundError:
-                        from bus.registry import DEFAULT_TTL
-
-                        await js.create_key_value(
-                            bucket=BUCKET,
-                            history=1,
-                            ttl=DEFAULT_TTL,
-                            replicas=replicas,
-                            direct=replicas == 1,
-                        )
+                        await create_bucket(js, replicas)
                 return
             except Exception as exc:  # e.g. "insufficient resources" until peers are known
                 if time.monotonic() > deadline:

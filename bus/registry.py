@@ -26,7 +26,15 @@ from nats.js.kv import KeyValue
 from bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
 from bus.subjects import ALL, check_rank, check_token
 
-__all__ = ["BUCKET", "Liveness", "RankInfo", "Registry", "liveness"]
+__all__ = [
+    "BUCKET",
+    "Liveness",
+    "RankInfo",
+    "Registry",
+    "allows_direct",
+    "create_bucket",
+    "liveness",
+]
 
 BUCKET: Final = "RUNCTL_RANKS"
 DEFAULT_TTL: Final = 7 * 24 * 3600.0
@@ -40,6 +48,23 @@ DIRECT_BATCH: Final = 100_000
 DIRECT_READ_TIMEOUT: Final = 5.0
 
 Liveness = Literal["alive", "stale", "exited"]
+
+
+def allows_direct(replicas: int) -> bool:
+    """Direct gets (any replica answers) only where there is one copy: a follower of a
+    replicated bucket may answer with an older record, and writers rely on reading their
+    own writes (bus.Client)."""
+    return replicas == 1
+
+
+async def create_bucket(
+    js: JetStreamContext, replicas: int, *, ttl: float = DEFAULT_TTL
+) -> KeyValue:
+    """Create the registry bucket. Two processes may race to create it: the same config
+    is accepted by the server."""
+    return await js.create_key_value(
+        bucket=BUCKET, history=1, ttl=ttl, replicas=replicas, direct=allows_direct(replicas)
+    )
 
 
 def liveness(record: RankRecord, now: float | None = None) -> Liveness:
@@ -92,22 +117,9 @@ class Registry:
         except BucketNotFoundError:
             if not create:
                 raise
-        # Two processes may race to create it: same config is accepted by the server.
         from bus.cluster import replicas_from_env
 
-        replicas = replicas_from_env() or 1
-        return cls(
-            await js.create_key_value(
-                bucket=BUCKET,
-                history=1,
-                ttl=ttl,
-                replicas=replicas,
-                # Direct gets (any replica answers) only where there is one copy: a
-                # follower of a replicated bucket may answer with an older record, and
-                # writers rely on reading their own writes (bus.Client).
-                direct=replicas == 1,
-            )
-        )
+        return cls(await create_bucket(js, replicas_from_env() or 1, ttl=ttl))
 
     @staticmethod
     def key(run: str, rank: str) -> str:
