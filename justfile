@@ -15,11 +15,11 @@ setup:
 
 # run nats-server (JetStream on) in the foreground with nats.conf
 up *args:
-    {{py}} -m gateway.cli up {{args}}
+    {{py}} -m runctl up {{args}}
 
 # embedded server + a few ranks of a training-like loop + the HTTP gateway
 demo *args:
-    {{py}} -m gateway.cli demo {{args}}
+    {{py}} -m runctl demo {{args}}
 
 # the whole test suite (starts real nats-server processes)
 test *args:

@@ -5,7 +5,7 @@ Async programs use it directly::
     async with Agent(state, run="exp1") as agent:
         ...
 
-Sync programs call :func:`agent.control`, which runs this same class on a background
+Sync programs call :func:`runctl.agent.control`, which runs this same class on a background
 event-loop thread.
 """
 
@@ -33,25 +33,25 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
-from agent.env import detect_rank, detect_run, detect_world_size
-from agent.pending import PendingChanges, StepClock
-from agent.state import LiveState
-from agent.steps import Steps
-from bus import messages as m
-from bus.client import DEFAULT_MAX_PAYLOAD
-from bus.connection import DEFAULT_URL, close_quietly, connect, env_url
-from bus.credentials import redact_url
-from bus.errors import (
+from runctl.agent.env import detect_rank, detect_run, detect_world_size
+from runctl.agent.pending import PendingChanges, StepClock
+from runctl.agent.state import LiveState
+from runctl.agent.steps import Steps
+from runctl.bus import messages as m
+from runctl.bus.client import DEFAULT_MAX_PAYLOAD
+from runctl.bus.connection import DEFAULT_URL, close_quietly, connect, env_url
+from runctl.bus.credentials import redact_url
+from runctl.bus.errors import (
     BadRequest,
     PayloadTooLarge,
     RunctlError,
     ServerStartError,
     TooLate,
 )
-from bus.registry import Registry, liveness
-from bus.server import NatsServer
-from bus.steplog import StepLog
-from bus.subjects import (
+from runctl.bus.registry import Registry, liveness
+from runctl.bus.server import NatsServer
+from runctl.bus.steplog import StepLog
+from runctl.bus.subjects import (
     check_rank,
     check_token,
     command_wildcards,
@@ -125,7 +125,7 @@ class Agent(Generic[M]):
         self._exited = False
         self._stop_recorded = False
         self.log = log.bind(run=self.run, rank=self.rank)
-        # resumable steps (issue #3): the API, and the log it reads (set once loaded)
+        # resumable steps: the API, and the log it reads (set once loaded)
         self.steps = Steps(self)
         self.steplog: StepLog | None = None
         self.steplog_error = ""
@@ -297,7 +297,7 @@ class Agent(Generic[M]):
         )
 
     async def _open_steplog(self) -> None:
-        """Load this rank's and the run's completed steps before ``ready`` (issue #3), so a
+        """Load this rank's and the run's completed steps before ``ready``, so a
         program's first ``is_done()`` after ``wait_ready()`` is right. Without JetStream the
         agent still serves; the step API then raises Unavailable naming the cause."""
         assert self.nc is not None

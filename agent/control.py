@@ -32,17 +32,17 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
-from agent.agent import Agent
-from agent.steps import StepsMixin
-from bus.credentials import redact_url
-from bus.errors import BadRequest, Unavailable
+from runctl.agent.agent import Agent
+from runctl.agent.steps import StepsMixin
+from runctl.bus.credentials import redact_url
+from runctl.bus.errors import BadRequest, Unavailable
 
 __all__ = ["Control", "control"]
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/... (issue #3)
+class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
     """Handle returned by :func:`control`. Also a context manager."""
 
     def __init__(self, agent: Agent[M]) -> None:

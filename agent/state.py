@@ -28,8 +28,8 @@ from typing import Any, Final, Generic, TypeVar
 import msgspec
 from pydantic import BaseModel, ValidationError
 
-from bus.errors import BadPath, BadRequest, ValidationRejected
-from bus.paths import split_path
+from runctl.bus.errors import BadPath, BadRequest, ValidationRejected
+from runctl.bus.paths import split_path
 
 __all__ = ["LiveState", "check_path"]
 

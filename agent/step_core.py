@@ -1,4 +1,4 @@
-"""The plumbing under :mod:`agent.steps`: identities, records, waiting for the agent,
+"""The plumbing under :mod:`runctl.agent.steps`: identities, records, waiting for the agent,
 crossing to its event loop, and the ``with`` form (:class:`Step`).
 
 Every network wait goes through :meth:`StepCore._call` (from the program's thread) or
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar
 import anyio
 import msgspec
 
-from bus.canonical import DEFAULT_IGNORE_PREFIX, Hashed, hashed, key_digest
-from bus.errors import Unavailable
-from bus.steplog import StepLog
-from bus.steprecords import StepRecord, step_label
-from bus.subjects import RUN_SCOPE, check_token
+from runctl.bus.canonical import DEFAULT_IGNORE_PREFIX, Hashed, hashed, key_digest
+from runctl.bus.errors import Unavailable
+from runctl.bus.steplog import StepLog
+from runctl.bus.steprecords import StepRecord, step_label
+from runctl.bus.subjects import RUN_SCOPE, check_token
 
 if TYPE_CHECKING:
-    from agent.agent import Agent
+    from runctl.agent.agent import Agent
 
 __all__ = [
     "RESULT_LIMIT",
@@ -56,7 +56,7 @@ class _Leave(Exception):
 
 
 class StepCore:
-    """What :class:`agent.steps.Steps` is built on."""
+    """What :class:`runctl.agent.steps.Steps` is built on."""
 
     def __init__(self, agent: Agent[Any]) -> None:
         self._agent = agent

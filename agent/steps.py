@@ -12,9 +12,9 @@
             s.result = merge()
 
 An item is marked done only when its body completed and the server acknowledged the record
-(see :mod:`bus.steplog`); an exception or a ``break`` leaves it not done. Identity is the
+(see :mod:`runctl.bus.steplog`); an exception or a ``break`` leaves it not done. Identity is the
 step name, the key (the loop item, or the function's arguments) and the hash of the config's
-canonical JSON (:mod:`bus.canonical`); keys with the ignore prefix (``"_"``) are left out.
+canonical JSON (:mod:`runctl.bus.canonical`); keys with the ignore prefix (``"_"``) are left out.
 
 Scopes: ``scope="rank"`` (default) logs per rank; ``scope="run"`` counts a step any one rank
 completed as done for every rank of the run.
@@ -37,7 +37,7 @@ import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, TypeVar, cast, overload
 
-from agent.step_core import (
+from runctl.agent.step_core import (
     RESULT_LIMIT,
     Scope,
     Skips,
@@ -48,14 +48,14 @@ from agent.step_core import (
     default_key,
     jsonable,
 )
-from agent.steps_mixin import StepsMixin
-from bus.canonical import Hashed, key_digest
-from bus.errors import BadToken
-from bus.stepexplain import Explained, explain
-from bus.steplog import StepLog
-from bus.steprecords import step_label
-from bus.stepstore import ForgetReport
-from bus.subjects import check_token
+from runctl.agent.steps_mixin import StepsMixin
+from runctl.bus.canonical import Hashed, key_digest
+from runctl.bus.errors import BadToken
+from runctl.bus.stepexplain import Explained, explain
+from runctl.bus.steplog import StepLog
+from runctl.bus.steprecords import step_label
+from runctl.bus.stepstore import ForgetReport
+from runctl.bus.subjects import check_token
 
 __all__ = ["RESULT_LIMIT", "Scope", "Step", "Steps", "StepsMixin"]
 
@@ -183,7 +183,7 @@ class Steps(StepCore):
     def is_done(
         self, name: str, key: Any = None, *, config: Any = None, scope: Scope = "rank"
     ) -> bool:
-        """In-memory lookup: no network. Pass a :func:`bus.canonical.hashed` config in hot
+        """In-memory lookup: no network. Pass a :func:`runctl.bus.canonical.hashed` config in hot
         loops to hash it once."""
         log = self._agent.steplog or self._log()
         scope_token = self._agent.rank if scope == "rank" else self._scope(scope)

@@ -1,16 +1,16 @@
-"""``ctl.steps(...)`` & co.: the step methods of the sync handle, :class:`agent.Control`.
-Each delegates to ``ctl.agent.steps`` (:class:`agent.steps.Steps`)."""
+"""``ctl.steps(...)`` & co.: the step methods of the sync handle, :class:`runctl.agent.Control`.
+Each delegates to ``ctl.agent.steps`` (:class:`runctl.agent.steps.Steps`)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-from agent.step_core import Scope, Step
-from bus.stepstore import ForgetReport
+from runctl.agent.step_core import Scope, Step
+from runctl.bus.stepstore import ForgetReport
 
 if TYPE_CHECKING:
-    from agent.steps import Steps
+    from runctl.agent.steps import Steps
 
 __all__ = ["StepsMixin"]
 
@@ -19,9 +19,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class StepsMixin:
-    """The step methods of :class:`agent.control.Control` (the sync handle); each delegates to
-    ``self.agent.steps`` (:class:`Steps`), which also has the async forms and ``explain``,
-    ``flush`` and ``result``."""
+    """The step methods of :class:`runctl.agent.control.Control` (the sync handle); each
+    delegates to ``self.agent.steps`` (:class:`Steps`), which also has the async forms and
+    ``explain``, ``flush`` and ``result``."""
 
     def _steps_api(self) -> Steps:
         # not annotated as an attribute: Control types its own ``agent`` as Agent[M]

@@ -7,7 +7,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bus.server import find_binary
+from runctl.bus.server import find_binary
 
 __all__ = ["cpu_model", "nats_server_version", "package_version"]
 

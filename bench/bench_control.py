@@ -1,4 +1,4 @@
-"""Control path, runctl side by side with Freak 0.0.2 (issue #5).
+"""Control path, runctl side by side with Freak 0.0.2.
 
     python -m bench.bench_control            # full run (~10 min on 2 cores)
     python -m bench.bench_control --quick    # tiny sizes: checks the harness end to end

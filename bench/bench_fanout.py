@@ -46,20 +46,20 @@ from typing import Any, Final
 import anyio
 
 from bench._machine import cpu_model, nats_server_version, package_version
-from bus import Client, Gathered
-from bus.server import NatsServer
+from runctl.bus import Client, Gathered
+from runctl.bus.server import NatsServer
 
 __all__ = ["main"]
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = Path(__file__).resolve().parent / "results"
-TARGET_MS: Final = 25.0  # 64 ranks, every one acknowledged, p50 (issue #4)
+TARGET_MS: Final = 25.0  # 64 ranks, every one acknowledged, p50
 TARGET_RANKS: Final = 64
 
 RANK_PROGRAM: Final = textwrap.dedent("""
     import time
     from pydantic import BaseModel
-    from agent import control
+    from runctl.agent import control
 
     class State(BaseModel):
         lr: float = 0.001
@@ -79,7 +79,7 @@ PACKED_PROGRAM: Final = textwrap.dedent("""
     import os, sys, anyio
     from contextlib import AsyncExitStack
     from pydantic import BaseModel
-    from agent import Agent
+    from runctl.agent import Agent
 
     class State(BaseModel):
         lr: float = 0.001

@@ -1,4 +1,4 @@
-"""Completed-step log (issue #3): completion throughput, resume time, done-check cost.
+"""Completed-step log: completion throughput, resume time, done-check cost.
 
     python -m bench.bench_steps              # full run (~1 min on 2 cores)
     python -m bench.bench_steps --quick      # tiny sizes: checks the harness end to end
@@ -35,14 +35,14 @@ import msgspec
 import nats
 from pydantic import BaseModel
 
-from agent import control
 from bench._machine import nats_server_version, package_version
-from bus.canonical import hashed, key_digest
-from bus.server import NatsServer
-from bus.steplog import StepLog
-from bus.steprecords import StepRecord, encode_entry
-from bus.stepstore import ensure_stream
-from bus.subjects import step_record_subject
+from runctl.agent import control
+from runctl.bus.canonical import hashed, key_digest
+from runctl.bus.server import NatsServer
+from runctl.bus.steplog import StepLog
+from runctl.bus.steprecords import StepRecord, encode_entry
+from runctl.bus.stepstore import ensure_stream
+from runctl.bus.subjects import step_record_subject
 
 __all__ = ["main"]
 

@@ -50,7 +50,7 @@ KEYS = 2000
 RANK = textwrap.dedent("""
     import json, os, time
     from pydantic import BaseModel, Field
-    from agent import control
+    from runctl.agent import control
 
     class Opt(BaseModel):
         lr: float = Field(0.1, gt=0)
@@ -268,7 +268,7 @@ def run_soak(
     step_rate: float = 200.0,
     workdir: Path | None = None,
 ) -> SoakResult:
-    from bus.server import NatsServer
+    from runctl.bus.server import NatsServer
 
     tmp = tempfile.TemporaryDirectory(prefix="runctl-soak-") if workdir is None else None
     work = Path(tmp.name) if tmp is not None else Path(workdir or ".")
@@ -299,7 +299,7 @@ def run_soak(
                 [
                     sys.executable,
                     "-m",
-                    "gateway.cli",
+                    "runctl",
                     "gateway",
                     "--nats",
                     server.url,
@@ -374,7 +374,7 @@ def run_soak(
 def _stored_records(url: str) -> int:
     import nats
 
-    from bus.stepstore import read_log
+    from runctl.bus.stepstore import read_log
 
     async def go() -> int:
         nc = await nats.connect(url)

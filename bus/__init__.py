@@ -1,11 +1,11 @@
 """What agents, the gateway and users' scripts share: subjects, messages, errors,
 connection and server helpers, the rank registry and the client API."""
 
-from bus import messages, subjects
-from bus.client import Client, Gathered, Result
-from bus.cluster import NatsCluster
-from bus.connection import DEFAULT_URL, connect
-from bus.errors import (
+from runctl.bus import messages, subjects
+from runctl.bus.client import Client, Gathered, Result
+from runctl.bus.cluster import NatsCluster
+from runctl.bus.connection import DEFAULT_URL, connect
+from runctl.bus.errors import (
     BadPath,
     BadRequest,
     BadToken,
@@ -18,8 +18,8 @@ from bus.errors import (
     Unavailable,
     ValidationRejected,
 )
-from bus.registry import RankInfo, Registry
-from bus.server import NatsServer
+from runctl.bus.registry import RankInfo, Registry
+from runctl.bus.server import NatsServer
 
 __all__ = [
     "DEFAULT_URL",

@@ -26,9 +26,9 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus import messages as m
-from bus.connection import close_quietly, connect
-from bus.errors import (
+from runctl.bus import messages as m
+from runctl.bus.connection import close_quietly, connect
+from runctl.bus.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
@@ -38,9 +38,9 @@ from bus.errors import (
     from_code,
     map_nats_error,
 )
-from bus.paths import resolve
-from bus.registry import RankInfo, Registry
-from bus.subjects import ALL, check_rank, check_token, command_subject
+from runctl.bus.paths import resolve
+from runctl.bus.registry import RankInfo, Registry
+from runctl.bus.subjects import ALL, check_rank, check_token, command_subject
 
 __all__ = ["DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 

@@ -1,7 +1,7 @@
 """A local N-node nats-server cluster with JetStream: for ``runctl up --cluster N`` and the
 fault tests (one node killed while a run logs steps).
 
-Each node is a :class:`bus.server.NatsServer` with its own client port, cluster (route)
+Each node is a :class:`runctl.bus.server.NatsServer` with its own client port, cluster (route)
 port, server name and store dir; every node lists every other node as a route. A cluster is
 ready once JetStream has a meta leader, seen from every node.
 
@@ -29,8 +29,8 @@ from typing import Any, Final, Self, TypeVar
 
 import structlog
 
-from bus.errors import BadRequest, ServerStartError, Unavailable
-from bus.server import NatsServer
+from runctl.bus.errors import BadRequest, ServerStartError, Unavailable
+from runctl.bus.server import NatsServer
 
 __all__ = [
     "CLUSTER_NAME",
@@ -304,9 +304,9 @@ async def ensure_replicated(
     import anyio
     from nats.js import errors as js_errors
 
-    from bus.connection import connect
-    from bus.registry import BUCKET, allows_direct, create_bucket
-    from bus.stepstore import ensure_stream
+    from runctl.bus.connection import connect
+    from runctl.bus.registry import BUCKET, allows_direct, create_bucket
+    from runctl.bus.stepstore import ensure_stream
 
     nc = await connect(url, name="runctl-cluster", **connect_options)
     try:
@@ -380,7 +380,7 @@ def serve_cluster(
         cluster.start(wait=False)
         replicas = min(3, size)
         try:
-            from bus.credentials import role_auth
+            from runctl.bus.credentials import role_auth
 
             run_sync(lambda: ensure_replicated(cluster.url, replicas, **role_auth("agent")))
             how = f"step log and registry R{replicas}"

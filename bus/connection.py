@@ -19,8 +19,8 @@ import anyio
 import structlog
 from nats.aio.client import Client as NATS
 
-from bus.credentials import NatsRole, redact_url, role_auth
-from bus.errors import Unavailable, map_nats_error
+from runctl.bus.credentials import NatsRole, redact_url, role_auth
+from runctl.bus.errors import Unavailable, map_nats_error
 
 __all__ = ["DEFAULT_URL", "close_quietly", "connect", "env_url"]
 

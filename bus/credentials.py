@@ -198,7 +198,7 @@ def _check_safe(passwords: Mapping[NatsRole, str], where: str) -> None:
             raise CredentialsError(
                 f"{PASSWORD_VARS[role]} in {where}: nats.conf needs at least 16 letters and "
                 "digits, starting with a letter (nats-server parses the value as config: "
-                "other characters can change it). python -c 'from bus.credentials import "
+                "other characters can change it). python -c 'from runctl.bus.credentials import "
                 "new_password; print(new_password())' makes one."
             )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from bus.errors import BadPath
+from runctl.bus.errors import BadPath
 
 __all__ = ["MAX_PATH_LENGTH", "resolve", "split_path"]
 

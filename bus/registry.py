@@ -23,8 +23,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
-from bus.subjects import ALL, check_rank, check_token
+from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
+from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
     "BUCKET",
@@ -117,7 +117,7 @@ class Registry:
         except BucketNotFoundError:
             if not create:
                 raise
-        from bus.cluster import replicas_from_env
+        from runctl.bus.cluster import replicas_from_env
 
         return cls(await create_bucket(js, replicas_from_env() or 1, ttl=ttl))
 

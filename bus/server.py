@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from bus.errors import ServerStartError
+from runctl.bus.errors import ServerStartError
 
 __all__ = ["NatsServer", "find_binary"]
 

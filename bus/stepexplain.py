@@ -1,6 +1,6 @@
 """Explain a step log: what a restart would skip and what it would run, and why.
 
-Pure functions over a :class:`bus.steprecords.RunLog`, shared by the agent
+Pure functions over a :class:`runctl.bus.steprecords.RunLog`, shared by the agent
 (``ctl.agent.steps.explain()``), ``runctl steps --explain`` and the HTTP gateway.
 """
 
@@ -12,9 +12,16 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from bus.canonical import canonical_json
-from bus.steprecords import ForgetMarker, ForgottenStep, RunLog, StepRecord, scopes_for, step_label
-from bus.subjects import RUN_SCOPE
+from runctl.bus.canonical import canonical_json
+from runctl.bus.steprecords import (
+    ForgetMarker,
+    ForgottenStep,
+    RunLog,
+    StepRecord,
+    scopes_for,
+    step_label,
+)
+from runctl.bus.subjects import RUN_SCOPE
 
 __all__ = ["Explained", "config_diff", "explain", "format_ago", "format_duration"]
 

@@ -11,7 +11,7 @@ Writes:
   acknowledged completion enters the in-memory done set.
 
 Reads: the rank's and the run's records are loaded once at start (fast path, see
-:mod:`bus.stepstore`), and again after a reconnect (a forget may have been missed).
+:mod:`runctl.bus.stepstore`), and again after a reconnect (a forget may have been missed).
 Afterwards "is it done?" is a dict lookup. The index is plain dicts, replaced wholesale
 (never resized under a reader) when reloaded or forgotten from, so the program's thread reads
 it without a lock while the agent's event loop writes it.
@@ -45,8 +45,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import errors as js_errors
 
-from bus import messages as m
-from bus.steprecords import (
+from runctl.bus import messages as m
+from runctl.bus.steprecords import (
     FORGOTTEN_ID,
     ForgetMarker,
     RunLog,
@@ -56,8 +56,8 @@ from bus.steprecords import (
     encode_entry,
     step_label,
 )
-from bus.stepstore import STREAM, ForgetReport, ensure_stream, fast_read, forget
-from bus.subjects import (
+from runctl.bus.stepstore import STREAM, ForgetReport, ensure_stream, fast_read, forget
+from runctl.bus.subjects import (
     RUN_SCOPE,
     check_token,
     event_subject,
@@ -475,7 +475,7 @@ class StepLog:
         )
 
     async def forget(self, selector: str | None, *, rank: str | None = None) -> ForgetReport:
-        """Forget steps of this run (see :func:`bus.stepstore.forget`); this agent's done set
+        """Forget steps of this run (see :func:`runctl.bus.stepstore.forget`); this agent's done set
         follows before it returns."""
         report = await forget(
             self.nc, self.run, selector, rank=rank, by=f"pid {self.pid} on {self.host}"

@@ -1,6 +1,6 @@
 """Step-log records and the pure logic over them: listing, explaining, planning a forget.
 
-Records live in the JetStream stream ``RUNCTL_STEPS`` (see :mod:`bus.steplog`), one subject
+Records live in the JetStream stream ``RUNCTL_STEPS`` (see :mod:`runctl.bus.steplog`), one subject
 per step identity::
 
     runctl.<run>.<scope>.done.<name>.<key hash>-<config hash>   a StepRecord ("step/1")
@@ -25,9 +25,9 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from bus.canonical import canonical_json
-from bus.errors import BadRequest
-from bus.subjects import RUN_SCOPE, check_token
+from runctl.bus.canonical import canonical_json
+from runctl.bus.errors import BadRequest
+from runctl.bus.subjects import RUN_SCOPE, check_token
 
 __all__ = [
     "FORGOTTEN_ID",

@@ -2,7 +2,7 @@
 
 Stream ``RUNCTL_STEPS`` (file storage, limits retention) captures ``runctl.*.*.done.>``,
 which no command subject can match. It keeps **one message per subject**: the latest record
-of each step identity (see :mod:`bus.steprecords`). So resuming reads one message per step,
+of each step identity (see :mod:`runctl.bus.steprecords`). So resuming reads one message per step,
 a retried write can never leave two records, and a record left at ``started`` is an
 interrupted attempt.
 
@@ -10,7 +10,7 @@ Reads use an ephemeral push consumer with flow control, no acks and in-memory st
 through a plain subscription callback: the fast path (~100k records/s; ``stream_info``
 with a subjects filter would stop at 100,000 subjects).
 
-The writing side, which lives in each agent, is :class:`bus.steplog.StepLog`.
+The writing side, which lives in each agent, is :class:`runctl.bus.steplog.StepLog`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js import errors as js_errors
 
-from bus.errors import RunctlError, Timeout, Unavailable, map_nats_error
-from bus.steprecords import (
+from runctl.bus.errors import RunctlError, Timeout, Unavailable, map_nats_error
+from runctl.bus.steprecords import (
     FORGOTTEN_ID,
     ForgetMarker,
     RunLog,
@@ -46,7 +46,7 @@ from bus.steprecords import (
     scopes_for,
     step_label,
 )
-from bus.subjects import (
+from runctl.bus.subjects import (
     check_token,
     step_record_subject,
     step_records_filter,
@@ -100,7 +100,7 @@ async def ensure_stream(
     """Create the stream, or update it when its config differs. Safe to race: the server
     accepts an identical create. ``replicas`` None: ``RUNCTL_REPLICAS`` (bus/cluster.py),
     else 1 for a new stream and the existing stream's count (never scaled down unasked)."""
-    from bus.cluster import replicas_from_env
+    from runctl.bus.cluster import replicas_from_env
 
     asked = replicas if replicas is not None else replicas_from_env()
     config = stream_config(replicas=asked or 1, max_age=max_age)

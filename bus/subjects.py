@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Final, Literal
 
-from bus.errors import BadToken
+from runctl.bus.errors import BadToken
 
 __all__ = [
     "ALL",
@@ -133,7 +133,7 @@ def steps_wildcard(run: str | None = None, scope: str | int | None = None) -> st
     return f"{PREFIX}.{run_part}.{scope_part}.done.*"
 
 
-# --- step records (issue #3, see bus/steplog.py): one more token for the record id ---------
+# --- step records (see bus/steplog.py): one more token for the record id ---------
 
 
 def step_record_subject(run: str, scope: str | int, step: str, record_id: str) -> str:

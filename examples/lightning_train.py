@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, TensorDataset
 
-from agent.integrations.lightning import RunctlCallback
+from runctl.agent.integrations.lightning import RunctlCallback
 
 
 class TrainConfig(BaseModel):

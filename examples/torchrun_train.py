@@ -23,7 +23,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field
 from torch.nn.parallel import DistributedDataParallel
 
-from agent import control
+from runctl.agent import control
 
 
 class TrainConfig(BaseModel):

@@ -11,17 +11,17 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.app import create_app
-    from gateway.serve import GatewayThread, serve
-    from gateway.settings import Settings
+    from runctl.gateway.app import create_app
+    from runctl.gateway.serve import GatewayThread, serve
+    from runctl.gateway.settings import Settings
 
 __all__ = ["GatewayThread", "Settings", "create_app", "serve"]
 
 _WHERE = {
-    "create_app": "gateway.app",
-    "GatewayThread": "gateway.serve",
-    "serve": "gateway.serve",
-    "Settings": "gateway.settings",
+    "create_app": "runctl.gateway.app",
+    "GatewayThread": "runctl.gateway.serve",
+    "serve": "runctl.gateway.serve",
+    "Settings": "runctl.gateway.settings",
 }
 
 

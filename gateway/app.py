@@ -1,6 +1,6 @@
 """``create_app(settings)``: the FastAPI gateway.
 
-The app holds one NATS connection (a :class:`bus.Client`), opened by the lifespan and
+The app holds one NATS connection (a :class:`runctl.bus.Client`), opened by the lifespan and
 closed with it. If NATS is not reachable at start the gateway still starts, answers 503,
 and keeps trying in the background: it can be started before the bus, and restarted at
 any time, since it keeps nothing.
@@ -16,12 +16,12 @@ import anyio
 import structlog
 from fastapi import Depends, FastAPI
 
-from bus.client import Client
-from bus.credentials import CredentialsError, redact_url
-from bus.errors import Unavailable
-from gateway import errors, page, routes, steps_api
-from gateway.auth import require
-from gateway.settings import Settings
+from runctl.bus.client import Client
+from runctl.bus.credentials import CredentialsError, redact_url
+from runctl.bus.errors import Unavailable
+from runctl.gateway import errors, page, routes, steps_api
+from runctl.gateway.auth import require
+from runctl.gateway.settings import Settings
 
 __all__ = ["connect_client", "create_app"]
 

@@ -28,13 +28,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bus.connection import DEFAULT_URL
-from bus.credentials import CredentialsError
-from bus.errors import RunctlError
-from gateway import cli_server, cli_state, cli_tail, demo
-from gateway.cli_common import EXIT_USAGE, exit_code
-from gateway.logs import configure_logging
-from gateway.ops import describe_error
+from runctl.bus.connection import DEFAULT_URL
+from runctl.bus.credentials import CredentialsError
+from runctl.bus.errors import RunctlError
+from runctl.gateway import cli_server, cli_state, cli_tail, demo
+from runctl.gateway.cli_common import EXIT_USAGE, exit_code
+from runctl.gateway.logs import configure_logging
+from runctl.gateway.ops import describe_error
 
 __all__ = ["build_parser", "main"]
 
@@ -103,7 +103,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     cli_state.register(add)
     cli_tail.register(add)
     if argv is None or _command_of(argv) in (None, "steps", "forget"):
-        from gateway import steps_cli
+        from runctl.gateway import steps_cli
 
         steps_cli.register(sub)
     return parser
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_setup_error(exc: Exception) -> bool:
     # gateway.auth imports FastAPI: only the commands that serve load it, and if it is not
     # loaded, none of its errors can have been raised
-    auth = sys.modules.get("gateway.auth")
+    auth = sys.modules.get("runctl.gateway.auth")
     return auth is not None and isinstance(exc, auth.TokenError | auth.InsecureBind)
 
 

@@ -10,8 +10,8 @@ from typing import Any, Final, TypeVar
 
 import anyio
 
-from bus.client import Client
-from bus.errors import (
+from runctl.bus.client import Client
+from runctl.bus.errors import (
     BadPath,
     BadRequest,
     BadToken,
@@ -21,7 +21,7 @@ from bus.errors import (
     Unavailable,
     ValidationRejected,
 )
-from bus.subjects import ALL, check_rank, check_token
+from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
     "EXIT_ERROR",

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
-from bus.errors import BadRequest
-from bus.server import find_binary
+from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
+from runctl.bus.errors import BadRequest
+from runctl.bus.server import find_binary
 
 __all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
 
@@ -124,7 +124,7 @@ def up_command(args: argparse.Namespace) -> int:
             print(f"runctl: NATS passwords from {creds.dir}/", file=sys.stderr)
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     if getattr(args, "cluster", None):
-        from bus.cluster import serve_cluster
+        from runctl.bus.cluster import serve_cluster
 
         return serve_cluster(
             args.cluster,
@@ -153,9 +153,9 @@ def up_command(args: argparse.Namespace) -> int:
 
 def gateway_command(args: argparse.Namespace) -> int:
     # FastAPI and uvicorn are imported only by the commands that serve
-    from gateway.auth import check_bind, load_tokens
-    from gateway.serve import serve
-    from gateway.settings import Settings
+    from runctl.gateway.auth import check_bind, load_tokens
+    from runctl.gateway.serve import serve
+    from runctl.gateway.settings import Settings
 
     tokens = load_tokens(args.tokens_file)
     check_bind(args.host, tokens)
@@ -188,7 +188,7 @@ def gateway_command(args: argparse.Namespace) -> int:
 
 
 def tokens_command(args: argparse.Namespace) -> int:
-    from gateway.auth import generate_tokens_file
+    from runctl.gateway.auth import generate_tokens_file
 
     path = Path(args.file)
     existed = path.exists()

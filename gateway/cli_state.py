@@ -9,14 +9,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bus.client import Client, Gathered, Result
-from bus.errors import BadRequest
-from bus.messages import StopMode
-from bus.paths import split_path
-from bus.registry import RankInfo
-from bus.subjects import ALL
-from gateway import ops
-from gateway.cli_common import (
+from runctl.bus.client import Client, Gathered, Result
+from runctl.bus.errors import BadRequest
+from runctl.bus.messages import StopMode
+from runctl.bus.paths import split_path
+from runctl.bus.registry import RankInfo
+from runctl.bus.subjects import ALL
+from runctl.gateway import ops
+from runctl.gateway.cli_common import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     exit_code,
@@ -116,7 +116,7 @@ def ls_command(args: argparse.Namespace) -> int:
 
     infos = with_client(args, go)
     if args.json:
-        from gateway.routes import rank_summary
+        from runctl.gateway.routes import rank_summary
 
         print_json([rank_summary(i) for i in infos])
     elif not infos:

@@ -22,10 +22,10 @@ import anyio
 import msgspec
 from nats.aio.msg import Msg
 
-from bus import messages as m
-from bus.client import Client
-from bus.subjects import PREFIX, check_token
-from gateway.cli_common import EXIT_OK, with_client
+from runctl.bus import messages as m
+from runctl.bus.client import Client
+from runctl.bus.subjects import PREFIX, check_token
+from runctl.gateway.cli_common import EXIT_OK, with_client
 
 __all__ = ["format_message", "register", "tail_command", "tail_subjects"]
 

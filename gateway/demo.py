@@ -22,10 +22,10 @@ from typing import Final
 
 import anyio
 
-from bus.client import Client
-from bus.errors import BadRequest, RunctlError, Unavailable
-from bus.server import NatsServer
-from bus.subjects import ALL, check_token
+from runctl.bus.client import Client
+from runctl.bus.errors import BadRequest, RunctlError, Unavailable
+from runctl.bus.server import NatsServer
+from runctl.bus.subjects import ALL, check_token
 
 __all__ = ["demo_command", "instructions", "register"]
 
@@ -88,8 +88,8 @@ def _say(line: str = "") -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from gateway.serve import GatewayThread
-    from gateway.settings import Settings
+    from runctl.gateway.serve import GatewayThread
+    from runctl.gateway.settings import Settings
 
     run = check_token(args.run, "run")
     if not 1 <= args.ranks <= MAX_RANKS:
@@ -122,7 +122,7 @@ def demo_command(args: argparse.Namespace) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "gateway.demo_train",
+                        "runctl.gateway.demo_train",
                         "--run",
                         run,
                         "--rank",

@@ -4,7 +4,7 @@ It is also what adding runctl to a program looks like: a pydantic model for the 
 one ``control()`` line, the loop reads the settings at each step and honours
 ``ctl.stop_requested``.
 
-    python -m gateway.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
+    python -m runctl.gateway.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from agent import control
-from gateway.logs import configure_logging
+from runctl.agent import control
+from runctl.gateway.logs import configure_logging
 
 __all__ = ["Optimizer", "TrainState", "main"]
 
@@ -46,7 +46,7 @@ class TrainState(BaseModel):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.demo_train")
+    parser = argparse.ArgumentParser(prog="python -m runctl.gateway.demo_train")
     parser.add_argument("--run", default="demo")
     parser.add_argument("--rank", default="0")
     parser.add_argument("--url", default=None, help="NATS URL (default: $RUNCTL_NATS_URL)")

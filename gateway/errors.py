@@ -30,7 +30,7 @@ from nats.errors import Error as NatsError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bus.errors import (
+from runctl.bus.errors import (
     BadPath,
     BadRequest,
     BadToken,
@@ -44,7 +44,7 @@ from bus.errors import (
     ValidationRejected,
     map_nats_error,
 )
-from gateway.ops import describe_error
+from runctl.gateway.ops import describe_error
 
 __all__ = ["BodyLimit", "error_body", "install", "json_response", "preview", "status_of"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from bus.client import Client, Gathered, Result
-from bus.errors import BadRequest, RunctlError, ValidationRejected
-from bus.paths import split_path
+from runctl.bus.client import Client, Gathered, Result
+from runctl.bus.errors import BadRequest, RunctlError, ValidationRejected
+from runctl.bus.paths import split_path
 
 __all__ = [
     "Assignment",

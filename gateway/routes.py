@@ -22,15 +22,15 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from bus.client import Client, Gathered, Result
-from bus.credentials import redact_url
-from bus.errors import BadRequest, NotFound, RunctlError, Unavailable
-from bus.paths import split_path
-from bus.registry import RankInfo
-from bus.subjects import ALL, check_rank, check_token
-from gateway import ops
-from gateway.errors import json_response, status_of
-from gateway.settings import Settings
+from runctl.bus.client import Client, Gathered, Result
+from runctl.bus.credentials import redact_url
+from runctl.bus.errors import BadRequest, NotFound, RunctlError, Unavailable
+from runctl.bus.paths import split_path
+from runctl.bus.registry import RankInfo
+from runctl.bus.subjects import ALL, check_rank, check_token
+from runctl.gateway import ops
+from runctl.gateway.errors import json_response, status_of
+from runctl.gateway.settings import Settings
 
 __all__ = ["get_client", "rank_summary", "router"]
 

@@ -12,9 +12,9 @@ from typing import Self
 
 import uvicorn
 
-from bus.errors import Unavailable
-from gateway.app import create_app
-from gateway.settings import Settings
+from runctl.bus.errors import Unavailable
+from runctl.gateway.app import create_app
+from runctl.gateway.settings import Settings
 
 __all__ = ["GatewayThread", "serve"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from bus.subjects import check_rank, check_token
-from gateway.auth import TokenTable
-from gateway.logs import configure_logging  # re-exported: entry points import it from here
+from runctl.bus.subjects import check_rank, check_token
+from runctl.gateway.auth import TokenTable
+from runctl.gateway.logs import configure_logging  # re-exported: entry points import it from here
 
 __all__ = [
     "DEFAULT_HOST",

@@ -1,4 +1,4 @@
-"""HTTP routes for the completed-step log (issue #3), served from JetStream, so they work
+"""HTTP routes for the completed-step log, served from JetStream, so they work
 after every rank has exited.
 
     GET    /runs/{run}/steps                 ?rank=R &status=done|running|interrupted|failed
@@ -7,7 +7,7 @@ after every rank has exited.
     DELETE /runs/{run}/steps/{step}          ?successors=true &rank=R   (step: name, name:key)
     DELETE /runs/{run}/steps?everything=true                            (the whole run)
 
-The routes need a connected :class:`bus.Client`: by default ``app.state.client``; a gateway
+The routes need a connected :class:`runctl.bus.Client`: by default ``app.state.client``; a gateway
 that keeps it elsewhere overrides the :func:`steps_client` dependency
 (``app.dependency_overrides[steps_client] = ...``). Roles come from the app's own
 ``require()`` dependency (DELETE needs admin).
@@ -22,13 +22,13 @@ from typing import Annotated, Any, Final
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from bus.canonical import hashed
-from bus.client import Client
-from bus.errors import BadRequest, BadToken, NotFound, RunctlError, Timeout, Unavailable
-from bus.stepexplain import explain
-from bus.steprecords import parse_selector, record_row, scopes_for
-from bus.stepstore import forget, read_log
-from bus.subjects import RUN_SCOPE, check_token
+from runctl.bus.canonical import hashed
+from runctl.bus.client import Client
+from runctl.bus.errors import BadRequest, BadToken, NotFound, RunctlError, Timeout, Unavailable
+from runctl.bus.stepexplain import explain
+from runctl.bus.steprecords import parse_selector, record_row, scopes_for
+from runctl.bus.stepstore import forget, read_log
+from runctl.bus.subjects import RUN_SCOPE, check_token
 
 __all__ = ["STATUSES", "forget_steps", "router", "steps_client", "steps_view"]
 

@@ -1,4 +1,4 @@
-"""``runctl steps`` and ``runctl forget`` (issue #3): the step log from a terminal.
+"""``runctl steps`` and ``runctl forget``: the step log from a terminal.
 
     runctl steps RUN [--rank R] [--status S] [--name N] [--json]
     runctl steps RUN --explain [--config NAME=JSON ...]   # what a restart skips/runs, and why
@@ -7,7 +7,7 @@
 
 Read straight from JetStream, so they work after every rank has exited. ``register()`` adds
 both to an argparse sub-parser set (the ``runctl`` CLI calls it); ``main()`` runs them alone:
-``python -m gateway.steps_cli steps RUN``. Exit codes as ``runctl``'s: 0 ok, 2 bad input,
+``python -m runctl.gateway.steps_cli steps RUN``. Exit codes as ``runctl``'s: 0 ok, 2 bad input,
 3 nothing matched, 5 bus unavailable.
 """
 
@@ -20,18 +20,18 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from bus.client import Client
-from bus.connection import env_url
-from bus.errors import RunctlError
-from bus.stepexplain import format_ago, format_duration
-from gateway.cli_common import (
+from runctl.bus.client import Client
+from runctl.bus.connection import env_url
+from runctl.bus.errors import RunctlError
+from runctl.bus.stepexplain import format_ago, format_duration
+from runctl.gateway.cli_common import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     exit_code,
     with_client,
 )
-from gateway.steps_api import STATUSES, forget_steps, steps_view
+from runctl.gateway.steps_api import STATUSES, forget_steps, steps_view
 
 __all__ = ["forget_command", "main", "register", "render_explain", "render_steps", "steps_command"]
 
@@ -155,7 +155,7 @@ def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """When run without ``gateway.cli.main`` (which fills these in)."""
+    """When run without ``runctl.gateway.cli.main`` (which fills these in)."""
     if getattr(args, "url", None) is None:
         args.url = env_url()
     if getattr(args, "timeout", None) is None:

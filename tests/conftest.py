@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bus.server import NatsServer
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.bus.server import NatsServer
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 _run_ids = itertools.count()
@@ -90,8 +90,8 @@ async def register_silent_rank(url: str, run: str, rank: str) -> None:
 
     import nats
 
-    from bus.messages import RankRecord
-    from bus.registry import Registry
+    from runctl.bus.messages import RankRecord
+    from runctl.bus.registry import Registry
 
     nc = await nats.connect(url)
     try:

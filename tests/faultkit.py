@@ -26,8 +26,8 @@ import httpx
 import nats
 from conftest import ROOT, spawn_python
 
-from bus.steprecords import RunLog, StepRecord
-from bus.stepstore import read_log
+from runctl.bus.steprecords import RunLog, StepRecord
+from runctl.bus.stepstore import read_log
 
 __all__ = [
     "RANK_PROGRAM",
@@ -49,7 +49,7 @@ __all__ = [
 RANK_PROGRAM = """
 import json, os, sys, time
 from pydantic import BaseModel
-from agent import control
+from runctl.agent import control
 
 def say(**kv):
     os.write(1, (json.dumps(kv) + "\\n").encode())  # one write: the agent logs to stdout too
@@ -249,7 +249,7 @@ class GatewayProcess:
         argv = [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "runctl",
             "gateway",
             "--nats",
             self.nats_url,

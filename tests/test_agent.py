@@ -13,10 +13,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, field_validator
 
-from agent import Agent, Control, control
-from bus import Client, NotFound, Result, ValidationRejected
-from bus import messages as m
-from bus.subjects import command_subject, event_subject, events_wildcard, state_subject
+from runctl.agent import Agent, Control, control
+from runctl.bus import Client, NotFound, Result, ValidationRejected
+from runctl.bus import messages as m
+from runctl.bus.subjects import command_subject, event_subject, events_wildcard, state_subject
 
 
 class Opt(BaseModel):

@@ -14,7 +14,7 @@ import anyio
 import pytest
 from conftest import spawn_python, wait_for
 
-from bus import Client, Gathered, NotFound, RankInfo, Result, ValidationRejected
+from runctl.bus import Client, Gathered, NotFound, RankInfo, Result, ValidationRejected
 
 #: markers go out in one write() each: the agent thread logs to the same stdout
 SAY = """
@@ -26,7 +26,7 @@ SAY = """
 RANK_CODE = """
     import os, sys, time
     from pydantic import BaseModel, Field
-    from agent import control
+    from runctl.agent import control
 
     class Opt(BaseModel):
         lr: float = Field(0.1, gt=0)
@@ -230,7 +230,7 @@ async def test_a_busy_main_thread_does_not_block_commands(
     busy = """
         import sys
         from pydantic import BaseModel
-        from agent import control
+        from runctl.agent import control
 
         class S(BaseModel):
             x: int = 0
@@ -265,7 +265,7 @@ async def test_a_busy_main_thread_does_not_block_commands(
 EMBEDDED_CODE = """
     import os, sys, time
     from pydantic import BaseModel
-    from agent import control
+    from runctl.agent import control
 
     class S(BaseModel):
         x: int = 0

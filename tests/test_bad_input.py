@@ -26,15 +26,15 @@ from faultkit import figures
 from nats.aio.msg import Msg
 from pydantic import BaseModel, Field
 
-from agent import Control, control
-from bus import messages as m
-from bus.client import Client
-from bus.errors import BadPath, BadRequest, BadToken, PayloadTooLarge
-from bus.subjects import command_subject
-from gateway.app import create_app
-from gateway.cli import main as cli
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.agent import Control, control
+from runctl.bus import messages as m
+from runctl.bus.client import Client
+from runctl.bus.errors import BadPath, BadRequest, BadToken, PayloadTooLarge
+from runctl.bus.subjects import command_subject
+from runctl.gateway.app import create_app
+from runctl.gateway.cli import main as cli
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 
 class Opt(BaseModel):

@@ -21,11 +21,11 @@ import pytest
 from conftest import ROOT, wait_for
 from pydantic import BaseModel, Field
 
-from agent import Control, control
-from bus import Client, NotFound
-from gateway.cli import main
-from gateway.cli_server import up_argv
-from gateway.cli_tail import format_message, tail_subjects
+from runctl.agent import Control, control
+from runctl.bus import Client, NotFound
+from runctl.gateway.cli import main
+from runctl.gateway.cli_server import up_argv
+from runctl.gateway.cli_tail import format_message, tail_subjects
 
 
 class Opt(BaseModel):
@@ -48,7 +48,7 @@ def runctl(
     if url is not None:
         env["RUNCTL_NATS_URL"] = url
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "runctl", *args],
         env=env,
         cwd=cwd,
         input=stdin,
@@ -139,7 +139,7 @@ def test_tail_prints_changes_and_events(
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RUNCTL_NATS_URL": nats_url}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "tail", run_id, "--count", "2"],
+        [sys.executable, "-m", "runctl", "tail", run_id, "--count", "2"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -212,7 +212,7 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "runctl",
             "up",
             "--port",
             str(port),
@@ -259,7 +259,7 @@ def test_up_with_the_repo_config_generates_credentials_the_cli_uses(tmp_path: Pa
     for var in ("RUNCTL_NATS_URL", "RUNCTL_NATS_USER", "RUNCTL_NATS_PASSWORD"):
         env.pop(var, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "runctl", "up", "--port", str(port)],
         env=env,
         cwd=work,
         stdout=subprocess.PIPE,
@@ -338,7 +338,7 @@ def test_gateway_command_serves_and_refuses_an_open_public_bind(
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "runctl",
             "--nats",
             nats_url,
             "gateway",

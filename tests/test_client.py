@@ -15,8 +15,8 @@ import pytest
 from conftest import register_silent_rank
 from pydantic import BaseModel, Field
 
-from agent import Control, control
-from bus import (
+from runctl.agent import Control, control
+from runctl.bus import (
     BadPath,
     BadToken,
     Client,
@@ -28,8 +28,8 @@ from bus import (
     Unavailable,
     ValidationRejected,
 )
-from bus import messages as m
-from bus.subjects import command_subject
+from runctl.bus import messages as m
+from runctl.bus.subjects import command_subject
 
 
 class Opt(BaseModel):

@@ -22,11 +22,11 @@ from conftest import wait_for
 from faultkit import Rank, done_records, figures, log_of
 from nats.js import api
 
-from bus.client import Client, Result
-from bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
-from bus.errors import BadRequest, RunctlError
-from bus.registry import BUCKET, Registry
-from bus.stepstore import STREAM, ensure_stream
+from runctl.bus.client import Client, Result
+from runctl.bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
+from runctl.bus.errors import BadRequest, RunctlError
+from runctl.bus.registry import BUCKET, Registry
+from runctl.bus.stepstore import STREAM, ensure_stream
 
 KV = f"KV_{BUCKET}"
 
@@ -241,7 +241,7 @@ def test_runctl_up_cluster_starts_a_replicated_cluster_and_stops_it(tmp_path: Pa
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "runctl",
             "up",
             "--cluster",
             "3",

@@ -11,8 +11,8 @@ import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus.connection import close_quietly, connect
-from bus.server import NatsServer
+from runctl.bus.connection import close_quietly, connect
+from runctl.bus.server import NatsServer
 
 
 class _Closing:

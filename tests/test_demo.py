@@ -35,7 +35,7 @@ class Demo:
             [
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "runctl",
                 "demo",
                 "--port",
                 str(self.port),

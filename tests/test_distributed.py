@@ -17,16 +17,16 @@ import anyio
 import pytest
 from conftest import ROOT, spawn_python
 
-from bus import Client, Gathered, RankInfo, Result
-from bus import messages as m
-from bus.subjects import events_wildcard
+from runctl.bus import Client, Gathered, RankInfo, Result
+from runctl.bus import messages as m
+from runctl.bus.subjects import events_wildcard
 
 #: a training-like loop: one ``ctl.sync(step)`` per step, its (step, lr, flag) logged to a
 #: file (a pipe could fill up and block the rank), stdout only for a few markers
 RANK_CODE = """
     import json, os, signal, sys, time
     from pydantic import BaseModel, Field
-    from agent import control
+    from runctl.agent import control
 
     def say(*words):
         os.write(1, (" ".join(map(str, words)) + "\\n").encode())

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from agent.env import detect_rank, detect_run, detect_world_size
-from bus.subjects import check_token
+from runctl.agent.env import detect_rank, detect_run, detect_world_size
+from runctl.bus.subjects import check_token
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_world_size_from_the_launchers() -> None:
 
 def test_importing_agent_never_imports_torch_or_lightning() -> None:
     code = (
-        "import sys, agent, agent.integrations\n"
+        "import sys, runctl, runctl.agent.integrations\n"
         "heavy = sorted(m for m in ('torch', 'lightning', 'pytorch_lightning')"
         " if m in sys.modules)\n"
         "print(heavy)\n"

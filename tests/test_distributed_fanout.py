@@ -21,11 +21,11 @@ import pytest
 from conftest import ROOT, spawn_python
 from pydantic import BaseModel
 
-from agent import Agent
-from bus import Client, Gathered
-from bus.messages import RankRecord
-from bus.registry import BUCKET
-from bus.server import NatsServer
+from runctl.agent import Agent
+from runctl.bus import Client, Gathered
+from runctl.bus.messages import RankRecord
+from runctl.bus.registry import BUCKET
+from runctl.bus.server import NatsServer
 
 
 class S(BaseModel):
@@ -71,7 +71,7 @@ async def test_a_rank_that_stops_answering_is_reported_missing_not_waited_for_fo
         textwrap.dedent("""
             import os, time
             from pydantic import BaseModel
-            from agent import control
+            from runctl.agent import control
             class S(BaseModel):
                 x: int = 0
             ctl = control(S(), heartbeat=5.0).wait_ready()

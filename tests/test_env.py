@@ -9,10 +9,10 @@ import re
 import pytest
 from pydantic import BaseModel
 
-from agent import Agent, control
-from agent.env import detect_rank, detect_run, detect_world_size, generate_run_id
-from bus import BadToken, Client, Result
-from bus.subjects import check_token
+from runctl.agent import Agent, control
+from runctl.agent.env import detect_rank, detect_run, detect_world_size, generate_run_id
+from runctl.bus import BadToken, Client, Result
+from runctl.bus.subjects import check_token
 
 
 class S(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats import errors as nats_errors
 
-from bus import errors as e
+from runctl.bus import errors as e
 
 
 def test_every_error_derives_from_runctl_error_and_has_a_distinct_code() -> None:

@@ -20,8 +20,8 @@ import pytest
 from conftest import wait_for
 from faultkit import GatewayProcess, Rank, Traffic, done_records, figures, log_of
 
-from bus.client import Client
-from bus.server import NatsServer
+from runctl.bus.client import Client
+from runctl.bus.server import NatsServer
 
 #: what an HTTP client may see while NATS is away or stalled: 503 (the gateway is
 #: reconnecting), 504 (a rank did not answer in time), 404 (no responder yet: the rank's

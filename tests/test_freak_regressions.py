@@ -19,8 +19,8 @@ import pydantic
 import pytest
 from pydantic import BaseModel, Field, PrivateAttr, computed_field, model_validator
 
-from agent import Control, control
-from bus import (
+from runctl.agent import Control, control
+from runctl.bus import (
     BadPath,
     Client,
     PayloadTooLarge,
@@ -28,9 +28,9 @@ from bus import (
     Unavailable,
     ValidationRejected,
 )
-from bus import messages as m
-from bus.server import NatsServer
-from bus.subjects import command_subject
+from runctl.bus import messages as m
+from runctl.bus.server import NatsServer
+from runctl.bus.subjects import command_subject
 
 
 class Optimizer(BaseModel):

@@ -17,7 +17,7 @@ import pytest
 from conftest import GatewayFactory, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
-from agent import Control, control
+from runctl.agent import Control, control
 
 
 class Opt(BaseModel):
@@ -60,7 +60,7 @@ def agents(nats_url: str) -> Iterator[Callable[..., Control[Any]]]:
 RANK_PROGRAM = """
     import os, sys, time
     from pydantic import BaseModel
-    from agent import control
+    from runctl.agent import control
 
     class S(BaseModel):
         lr: float = 0.1

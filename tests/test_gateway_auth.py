@@ -17,10 +17,10 @@ import pytest
 from pydantic import BaseModel
 from test_nats_permissions import start_secured
 
-from agent import Control, control
-from bus.credentials import ensure_credentials
-from gateway.app import create_app
-from gateway.auth import (
+from runctl.agent import Control, control
+from runctl.bus.credentials import ensure_credentials
+from runctl.gateway.app import create_app
+from runctl.gateway.auth import (
     InsecureBind,
     TokenError,
     TokenTable,
@@ -31,8 +31,8 @@ from gateway.auth import (
     parse_file,
     required_role,
 )
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 READ = "read-token-0123456789abcdef"
@@ -203,7 +203,7 @@ def test_no_open_gateway_beyond_loopback() -> None:
 def test_cli_refuses_an_open_gateway_on_all_interfaces() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RUNCTL_GATEWAY_TOKENS"}
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "runctl", "gateway", "--host", "0.0.0.0", "--port", "0"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -18,11 +18,11 @@ import pytest
 from conftest import GatewayFactory, register_silent_rank, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
-from agent import Control, control
-from bus.server import NatsServer
-from gateway.auth import parse_env
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.agent import Control, control
+from runctl.bus.server import NatsServer
+from runctl.gateway.auth import parse_env
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 
 class Opt(BaseModel):
@@ -162,7 +162,7 @@ async def test_a_rank_that_never_answers_is_504_naming_it(
 STOPPABLE = """
     import os, time
     from pydantic import BaseModel
-    from agent import control
+    from runctl.agent import control
 
     class S(BaseModel):
         lr: float = 0.1

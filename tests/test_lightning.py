@@ -21,9 +21,9 @@ import httpx
 import pytest
 from conftest import ROOT
 
-from bus import Client
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.bus import Client
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 pytest.importorskip("lightning")  # the `distributed` extra; CI installs it
 
@@ -135,7 +135,7 @@ async def applied(client: Client, run: str) -> None:
 async def logged_epochs(nats_url: str, run: str) -> dict[int, int]:
     """{epoch: global step at its end} from the step log (``runctl steps RUN``)."""
     result = await anyio.run_process(
-        [sys.executable, "-m", "gateway.cli", "steps", run, "--name", "epoch", "--json"],
+        [sys.executable, "-m", "runctl", "steps", run, "--name", "epoch", "--json"],
         cwd=ROOT,
         check=False,
         env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
@@ -213,7 +213,7 @@ import torch
 from pydantic import BaseModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from agent.integrations.lightning import RunctlCallback
+from runctl.agent.integrations.lightning import RunctlCallback
 
 
 class Cfg(BaseModel):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.control import _loop_options
-from bus.errors import BadRequest
+from runctl.agent.control import _loop_options
+from runctl.bus.errors import BadRequest
 
 
 def test_the_standard_loop_by_default() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus import messages as m
+from runctl.bus import messages as m
 
 COMMANDS: list[msgspec.Struct] = [
     m.Get(),

@@ -22,15 +22,15 @@ import pytest
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from agent import Agent
-from bus import Client, Result
-from bus import messages as m
-from bus.credentials import Credentials, NatsRole, ensure_credentials
-from bus.errors import RunctlError, ServerStartError
-from bus.registry import BUCKET, Registry
-from bus.server import NatsServer
-from bus.stepstore import STREAM, ensure_stream, forget, read_log
-from bus.subjects import command_subject, state_subject, step_record_subject
+from runctl.agent import Agent
+from runctl.bus import Client, Result
+from runctl.bus import messages as m
+from runctl.bus.credentials import Credentials, NatsRole, ensure_credentials
+from runctl.bus.errors import RunctlError, ServerStartError
+from runctl.bus.registry import BUCKET, Registry
+from runctl.bus.server import NatsServer
+from runctl.bus.stepstore import STREAM, ensure_stream, forget, read_log
+from runctl.bus.subjects import command_subject, state_subject, step_record_subject
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS_CONF = ROOT / "nats.conf"

@@ -9,8 +9,8 @@ import nats
 import pytest
 from pydantic import BaseModel
 
-from agent import control
-from bus import Client, NotFound, Result
+from runctl.agent import control
+from runctl.bus import Client, NotFound, Result
 
 
 class Cfg(BaseModel):

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from bus.errors import BadPath
-from bus.paths import MAX_DEPTH, MAX_PATH_LENGTH, resolve, split_path
+from runctl.bus.errors import BadPath
+from runctl.bus.paths import MAX_DEPTH, MAX_PATH_LENGTH, resolve, split_path
 
 DATA: dict[str, Any] = {
     "optimizer": {"lr": 0.1, "betas": [0.9, 0.999]},

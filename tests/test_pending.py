@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.pending import PendingChanges, StepClock
+from runctl.agent.pending import PendingChanges, StepClock
 
 
 def test_due_changes_come_out_in_step_then_arrival_order() -> None:

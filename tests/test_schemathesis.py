@@ -20,10 +20,10 @@ from conftest import spawn_python, wait_for
 from faultkit import figures
 from hypothesis import HealthCheck, settings
 
-from bus.server import NatsServer
-from gateway.app import create_app
-from gateway.serve import GatewayThread
-from gateway.settings import Settings
+from runctl.bus.server import NatsServer
+from runctl.gateway.app import create_app
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 RUN = "demo"  # the example value of {run} in the schema
 EXAMPLES = 12
@@ -35,7 +35,7 @@ RANK = f"""
 import time
 from typing import Literal
 from pydantic import BaseModel, Field
-from agent import control
+from runctl.agent import control
 
 class Opt(BaseModel):
     lr: float = Field(0.1, gt=0)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bus import Client
-from bus.credentials import (
+from runctl.bus import Client
+from runctl.bus.credentials import (
     PASSWORD_VARS,
     CredentialsError,
     ensure_credentials,
@@ -22,7 +22,7 @@ from bus.credentials import (
     redact_url,
     role_auth,
 )
-from bus.errors import Unavailable
+from runctl.bus.errors import Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def start_up(cwd: Path) -> tuple[subprocess.Popen[str], int, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNCTL_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--port", "-1"],
+        [sys.executable, "-m", "runctl", "up", "--port", "-1"],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -9,8 +9,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from bus.errors import ServerStartError, Unavailable
-from bus.server import NatsServer
+from runctl.bus.errors import ServerStartError, Unavailable
+from runctl.bus.server import NatsServer
 
 
 def _listening(port: int) -> bool:

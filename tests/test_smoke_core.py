@@ -7,8 +7,8 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from agent import control
-from bus import Client, NotFound, Result, ValidationRejected
+from runctl.agent import control
+from runctl.bus import Client, NotFound, Result, ValidationRejected
 
 
 class Opt(BaseModel):

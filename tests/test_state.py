@@ -19,8 +19,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.state import LiveState
-from bus.errors import BadPath, BadRequest, RunctlError, ValidationRejected
+from runctl.agent.state import LiveState
+from runctl.bus.errors import BadPath, BadRequest, RunctlError, ValidationRejected
 
 
 class Sched(BaseModel):

@@ -19,8 +19,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from agent.state import LiveState
-from bus.errors import RunctlError
+from runctl.agent.state import LiveState
+from runctl.bus.errors import RunctlError
 
 
 class Sched(BaseModel):

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from bus.canonical import Hashed, canonical_json, digest, hashed, key_digest, normalize
+from runctl.bus.canonical import Hashed, canonical_json, digest, hashed, key_digest, normalize
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,14 @@ from conftest import wait_for
 from nats.js import api
 from pydantic import BaseModel
 
-from agent import Agent, control
-from bus.canonical import hashed, key_digest
-from bus.errors import Unavailable
-from bus.server import NatsServer
-from bus.steplog import StepLog
-from bus.steprecords import StepRecord, encode_entry
-from bus.stepstore import STREAM, ensure_stream, forget, read_log, stream_config
-from bus.subjects import command_subject, step_record_subject
+from runctl.agent import Agent, control
+from runctl.bus.canonical import hashed, key_digest
+from runctl.bus.errors import Unavailable
+from runctl.bus.server import NatsServer
+from runctl.bus.steplog import StepLog
+from runctl.bus.steprecords import StepRecord, encode_entry
+from runctl.bus.stepstore import STREAM, ensure_stream, forget, read_log, stream_config
+from runctl.bus.subjects import command_subject, step_record_subject
 
 
 class S(BaseModel):

@@ -13,14 +13,14 @@ import anyio
 import nats
 from conftest import spawn_python
 
-from bus.server import NatsServer
-from bus.steprecords import RunLog
-from bus.stepstore import read_log
+from runctl.bus.server import NatsServer
+from runctl.bus.steprecords import RunLog
+from runctl.bus.stepstore import read_log
 
 PROGRAM = """
 import json, os, sys, time
 from pydantic import BaseModel
-from agent import control
+from runctl.agent import control
 
 class S(BaseModel):
     x: int = 0

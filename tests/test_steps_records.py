@@ -7,10 +7,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.canonical import hashed, key_digest
-from bus.errors import BadRequest
-from bus.stepexplain import config_diff, explain
-from bus.steprecords import (
+from runctl.bus.canonical import hashed, key_digest
+from runctl.bus.errors import BadRequest
+from runctl.bus.stepexplain import config_diff, explain
+from runctl.bus.steprecords import (
     ForgetMarker,
     RunLog,
     Selector,

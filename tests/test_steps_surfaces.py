@@ -13,10 +13,10 @@ import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from agent import control
-from bus import Client
-from gateway.steps_api import router
-from gateway.steps_cli import main as cli
+from runctl.agent import control
+from runctl.bus import Client
+from runctl.gateway.steps_api import router
+from runctl.gateway.steps_cli import main as cli
 
 
 class S(BaseModel):

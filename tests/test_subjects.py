@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bus import subjects as s
-from bus.errors import BadToken, RunctlError
+from runctl.bus import subjects as s
+from runctl.bus.errors import BadToken, RunctlError
 
 BAD_TOKENS = [
     pytest.param("a.b", id="dot"),

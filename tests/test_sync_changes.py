@@ -10,8 +10,8 @@ import anyio
 import pytest
 from pydantic import BaseModel, Field
 
-from agent import control
-from bus import BadRequest, Client, Gathered
+from runctl.agent import control
+from runctl.bus import BadRequest, Client, Gathered
 
 
 class Cfg(BaseModel):

@@ -22,7 +22,7 @@ import anyio
 import pytest
 from conftest import ROOT
 
-from bus import Client
+from runctl.bus import Client
 
 pytest.importorskip("torch")  # the `distributed` extra; CI installs it
 
@@ -130,7 +130,7 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 async def cli(nats_url: str, *args: str) -> Any:
     result = await anyio.run_process(
-        [sys.executable, "-m", "gateway.cli", *args, "--json"],
+        [sys.executable, "-m", "runctl", *args, "--json"],
         cwd=ROOT,
         check=False,
         env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},

@@ -1,9 +1,9 @@
 """Optional integrations with training frameworks (the ``distributed`` extra).
 
-Each lives in its own module and is imported only when used, so ``import agent`` never
+Each lives in its own module and is imported only when used, so ``import runctl`` never
 imports torch or lightning::
 
-    from agent.integrations.lightning import RunctlCallback
+    from runctl.agent.integrations.lightning import RunctlCallback
 """
 
 __all__: list[str] = []

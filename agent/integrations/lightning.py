@@ -1,6 +1,6 @@
 """PyTorch Lightning: every rank serves its state, stops together, applies synchronised changes.
 
-    from agent.integrations.lightning import RunctlCallback
+    from runctl.agent.integrations.lightning import RunctlCallback
 
     state = TrainConfig()
     trainer = L.Trainer(strategy="ddp", devices=2,
@@ -41,11 +41,11 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 
-from agent.control import Control, control
-from agent.env import detect_run
-from agent.state import check_path
-from bus.errors import RunctlError
-from bus.subjects import check_token
+from runctl.agent.control import Control, control
+from runctl.agent.env import detect_run
+from runctl.agent.state import check_path
+from runctl.bus.errors import RunctlError
+from runctl.bus.subjects import check_token
 
 __all__ = ["RunctlCallback"]
 
@@ -79,7 +79,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
             is not logged.
         epoch_config: the config that identifies the fit for the epoch log (hashed; a
             different config makes a new step), e.g. the hyperparameters.
-        options: passed to :func:`agent.control` (``heartbeat``, ``data_dir`` ...).
+        options: passed to :func:`runctl.agent.control` (``heartbeat``, ``data_dir`` ...).
     """
 
     def __init__(

@@ -1,5 +1,5 @@
-"""The runctl gateway as the benchmark runs it: ``gateway.serve.serve`` (uvicorn on
-``gateway.app.create_app``) in its own process, logging at ``warning`` without an access
+"""The runctl gateway as the benchmark runs it: ``runctl.gateway.serve.serve`` (uvicorn on
+``runctl.gateway.app.create_app``) in its own process, logging at ``warning`` without an access
 log, as Freak's uvicorn runs (``log_level="error"``).
 
     python -m bench.control.gateway_main --nats URL --port P --run R [--rank K]
@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
 
-    from gateway.serve import serve
-    from gateway.settings import Settings, configure_logging
+    from runctl.gateway.serve import serve
+    from runctl.gateway.settings import Settings, configure_logging
 
     configure_logging(args.log_level)
     settings = Settings(

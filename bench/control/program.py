@@ -81,7 +81,7 @@ def start_freak(state: State, args: argparse.Namespace) -> Callable[[], None]:
 
 
 def start_runctl(state: State, args: argparse.Namespace) -> Callable[[], None]:
-    from agent import control
+    from runctl.agent import control
 
     ctl = control(state, run=args.run, rank=args.rank, url=args.nats)
     ctl.wait_ready(20)

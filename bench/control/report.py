@@ -237,7 +237,7 @@ _RUNCTL_ONLY = [
     ("runctl.rss_overhead", "agent RSS overhead, after start + 1 s", 1, "MB"),
     ("runctl.rss_overhead_loaded", "agent RSS overhead, after the whole benchmark", 1, "MB"),
     ("freak.rss_overhead_loaded", "(Freak: RSS overhead after the whole benchmark)", 1, "MB"),
-    ("runctl.import", "import agent", 1e3, "ms"),
+    ("runctl.import", "import runctl", 1e3, "ms"),
     ("runctl.control_existing", "control() returns, existing server", 1e3, "ms"),
     ("runctl.ready_existing", "control() -> agent ready, existing server", 1e3, "ms"),
     ("runctl.control_embedded", "control() returns, embedded server", 1e3, "ms"),

@@ -70,7 +70,7 @@ class Run:
     # --- the whole run ------------------------------------------------------------------
 
     def execute(self) -> None:
-        from bus.server import NatsServer
+        from runctl.bus.server import NatsServer
 
         cfg = self.cfg
         workdir = Path(tempfile.mkdtemp(prefix="runctl-bench-"))

@@ -38,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     state = State()
     rss_base = rss_kb()
     t0 = time.perf_counter()
-    import agent.agent
-    from agent import control
+    import runctl.agent.agent
+    from runctl.agent import control
 
     t1 = time.perf_counter()
     rss_import = rss_kb()
     if args.embedded:
         # the agent's zero-setup server listens on 4222; other processes on this machine
         # (tests, other benchmarks) may own that port, so the benchmark moves it
-        agent.agent.EMBEDDED_PORT = args.port  # type: ignore[misc]
+        runctl.agent.agent.EMBEDDED_PORT = args.port  # type: ignore[misc]
         ctl = control(state, run=args.run, embedded=True, data_dir=args.data_dir)
     else:
         ctl = control(state, run=args.run, url=args.url)
