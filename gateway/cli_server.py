@@ -11,7 +11,7 @@ from typing import Final
 
 from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
 from runctl.bus.errors import BadRequest
-from runctl.bus.server import find_binary
+from runctl.bus.server import find_binary, packaged_config
 
 __all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
 
@@ -29,16 +29,27 @@ def register(add: AddParser) -> None:
     p = add(
         "up",
         "run nats-server (JetStream on) in the foreground",
-        epilog=f"Uses ./{DEFAULT_CONFIG} if present (its users' passwords are generated "
-        f"into {DEFAULT_DIR} on first start); else listens on 127.0.0.1.",
+        epilog=f"Uses ./{DEFAULT_CONFIG} if present, else the secured nats.conf that ships "
+        f"with runctl (three roles, loopback only; their passwords are generated into "
+        f"{DEFAULT_DIR} on first start).",
     )
     p.add_argument(
         "--config",
         metavar="FILE",
-        help=f"nats-server config (default: ./{DEFAULT_CONFIG} if it exists)",
+        help=f"nats-server config (default: ./{DEFAULT_CONFIG} if it exists, else runctl's own)",
     )
-    p.add_argument("--no-config", action="store_true", help=f"ignore ./{DEFAULT_CONFIG}")
+    p.add_argument(
+        "--no-config",
+        action="store_true",
+        help="no config file: an open server on 127.0.0.1 with no logins (tests, experiments)",
+    )
     p.add_argument("--port", type=int, help="client port (default: the config's, else 4222)")
+    p.add_argument(
+        "--monitor-port",
+        type=int,
+        metavar="N",
+        help="HTTP monitoring port (default: the config's, 8222; 0 turns it off, -1 picks one)",
+    )
     p.add_argument(
         "--store-dir",
         default=str(DEFAULT_STORE),
@@ -89,7 +100,14 @@ def register(add: AddParser) -> None:
 # --- up ----------------------------------------------------------------------------------
 
 
-def up_argv(binary: str, *, config: str | None, port: int | None, store_dir: str) -> list[str]:
+def up_argv(
+    binary: str,
+    *,
+    config: str | None,
+    port: int | None,
+    store_dir: str,
+    monitor_port: int | None = None,
+) -> list[str]:
     """nats-server's command line. A config file brings its own listen address; without
     one, loopback only."""
     argv = [binary]
@@ -99,13 +117,15 @@ def up_argv(binary: str, *, config: str | None, port: int | None, store_dir: str
             argv += ["-p", str(port)]
     else:
         argv += ["-a", "127.0.0.1", "-p", str(4222 if port is None else port)]
+    if monitor_port is not None:
+        argv += ["-m", str(monitor_port)]
     return [*argv, "-js", "-sd", store_dir]
 
 
 def up_command(args: argparse.Namespace) -> int:
     config: str | None = args.config
-    if config is None and not args.no_config and Path(DEFAULT_CONFIG).is_file():
-        config = DEFAULT_CONFIG
+    if config is None and not args.no_config:
+        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else str(packaged_config())
     if config is not None and not Path(config).is_file():
         raise BadRequest(f"config file {config} not found")
     env = dict(os.environ)
@@ -135,7 +155,13 @@ def up_command(args: argparse.Namespace) -> int:
             say=lambda line: print(line, file=sys.stderr, flush=True),
         )
     binary = find_binary()
-    argv = up_argv(binary, config=config, port=args.port, store_dir=args.store_dir)
+    argv = up_argv(
+        binary,
+        config=config,
+        port=args.port,
+        store_dir=args.store_dir,
+        monitor_port=args.monitor_port,
+    )
     where = f"config {config}" if config else f"127.0.0.1:{args.port or 4222}"
     print(
         f"runctl: nats-server ({where}, JetStream in {args.store_dir}); Ctrl-C stops it",

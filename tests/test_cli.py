@@ -214,6 +214,7 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
             "-m",
             "runctl",
             "up",
+            "--no-config",  # an open server: this test is about the foreground process
             "--port",
             str(port),
             "--store-dir",
