@@ -13,6 +13,7 @@
     │   └── ServerStartError    nats-server exited; ``log_line`` is its own fatal line
     ├── Timeout             a rank did not answer in time; ``missing`` names who
     ├── TooLate             a deferred change arrived after the rank passed its step
+    ├── CorruptArtifact     a stored step result or file is missing or fails its digest
     └── RemoteError         the agent failed unexpectedly while handling a command
 
 nats-py's exceptions are mapped to these in one place, :func:`map_nats_error`.
@@ -27,6 +28,7 @@ __all__ = [
     "BadPath",
     "BadRequest",
     "BadToken",
+    "CorruptArtifact",
     "NotFound",
     "PayloadTooLarge",
     "RemoteError",
@@ -134,6 +136,19 @@ class TooLate(RunctlError):
 
 class RemoteError(RunctlError):
     code = "internal"
+
+
+class CorruptArtifact(RunctlError):
+    """A step result or file in the object store is missing, replaced, or fails its digest.
+
+    The step that stored it counts as not done, so it runs again.
+    """
+
+    code = "corrupt_artifact"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"stored object {name!r} {problem}")
+        self.name = name
 
 
 _BY_CODE: dict[str, type[RunctlError]] = {
