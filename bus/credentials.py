@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+# the class lives in the one error tree; importable from here too, where it is raised
+from runctl.bus.errors import CredentialsError
+
 __all__ = [
     "CREDENTIALS_DIR_ENV",
     "DEFAULT_DIR",
@@ -72,10 +75,6 @@ _CLIENT_VARS: Final = (
     "RUNCTL_NATS_TOKEN",
     "RUNCTL_NATS_USER",
 )
-
-
-class CredentialsError(RuntimeError):
-    """Missing or malformed credentials. The message never contains a password."""
 
 
 @dataclass(frozen=True)

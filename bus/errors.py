@@ -1,60 +1,120 @@
 """Every error runctl raises on purpose derives from :class:`RunctlError`.
 
-::
+Each class carries what every surface needs: ``code`` (the stable name on the wire and in
+HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI's)::
 
-    RunctlError
-    ├── BadToken            a run id, rank, verb or step name that cannot be a subject token
-    ├── BadPath             a dotted path that does not name a declared field (or dict key/index)
-    ├── BadRequest          a malformed command (wrong JSON, wrong shape)
-    ├── ValidationRejected  refused by pydantic; ``errors`` is its list; nothing changed
-    ├── PayloadTooLarge     a message over the size limit (never echoed back)
-    ├── NotFound            no such run or rank (no responders: known in milliseconds)
-    ├── Unavailable         the bus cannot be reached, or the server could not start
-    │   └── ServerStartError    nats-server exited; ``log_line`` is its own fatal line
-    ├── Timeout             a rank did not answer in time; ``missing`` names who
-    ├── TooLate             a deferred change arrived after the rank passed its step
-    ├── CorruptArtifact     a stored step result or file is missing or fails its digest
-    └── RemoteError         the agent failed unexpectedly while handling a command
+    RunctlError                  code             HTTP exit
+    ├── BadToken                 bad_token         400  2  a name that cannot be a subject token
+    ├── BadPath                  bad_path          400  2  a dotted path that names no field
+    ├── BadRequest               bad_request       400  2  a malformed command or request
+    │   └── InvalidRequest       bad_request       422  2  an HTTP request FastAPI refused
+    ├── ValidationRejected       validation        422  4  the model refused it; nothing changed
+    ├── PayloadTooLarge          too_large         413  2  over the size limit (never echoed)
+    ├── NotFound                 not_found         404  3  no such run or rank (no responders)
+    ├── Unauthorized             unauthorized      401  2  no bearer token, or an unknown one
+    ├── Forbidden                forbidden         403  2  the token's role is too low
+    ├── MethodNotAllowed         method_not_al...  405  2  a route without that method
+    ├── TooLate                  too_late          409  1  a deferred change came after its step
+    ├── Unavailable              unavailable       503  5  the bus cannot be reached
+    │   └── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
+    ├── Timeout                  timeout           504  5  a rank did not answer (``missing``)
+    ├── RemoteError              internal          502  1  the agent failed handling a command
+    ├── CorruptArtifact          corrupt_artifact  500  1  a stored result fails its digest
+    └── SetupError               setup             500  2  runctl's own setup is wrong
+        ├── CredentialsError     credentials       500  2  NATS passwords, role files
+        ├── TokenError           bad_tokens        500  2  the gateway's tokens setting
+        └── InsecureBind         insecure_bind     500  2  an open gateway beyond loopback
 
-nats-py's exceptions are mapped to these in one place, :func:`map_nats_error`.
+The mapping to each surface is done once: the gateway's exception handler answers
+``error.http_status`` with :func:`runctl.gateway.errors.error_body`; the CLI exits with
+``error.exit_code`` and prints :meth:`RunctlError.describe`. nats-py's exceptions become
+these errors in one place, :func:`map_nats_error`.
+
+>>> NotFound("exp1", "3").http_status, NotFound("exp1", "3").exit_code
+(404, 3)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_REJECTED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
     "BadPath",
     "BadRequest",
     "BadToken",
     "CorruptArtifact",
+    "CredentialsError",
+    "Forbidden",
+    "InsecureBind",
+    "InvalidRequest",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "RemoteError",
     "RunctlError",
     "ServerStartError",
+    "SetupError",
     "Timeout",
+    "TokenError",
     "TooLate",
+    "Unauthorized",
     "Unavailable",
     "ValidationRejected",
+    "describe_validation",
     "from_code",
     "map_nats_error",
 ]
 
+#: the CLI's exit codes (``runctl --help`` lists them)
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_NOT_FOUND: Final = 3
+EXIT_REJECTED: Final = 4
+EXIT_UNAVAILABLE: Final = 5
+
 
 class RunctlError(Exception):
-    """Root of runctl's errors. ``code`` is the stable name used on the wire."""
+    """Root of runctl's errors: ``code`` is the stable name used on the wire,
+    ``http_status`` the gateway's status for it and ``exit_code`` the CLI's.
 
-    code = "error"
+    >>> err = RunctlError("something broke")
+    >>> (err.code, err.http_status, err.exit_code, err.describe())
+    ('error', 500, 1, 'something broke')
+    """
+
+    code: str = "error"
+    http_status: int = 500
+    exit_code: int = EXIT_ERROR
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    def describe(self) -> str:
+        """The error in one line, as the CLI prints it and HTTP bodies carry as ``message``."""
+        return str(self)
+
+    @property
+    def detail(self) -> Any:
+        """What an HTTP body carries as ``detail``: pydantic's error list where there is one,
+        else the message (FastAPI's own ``{"detail": ...}`` keeps working for readers)."""
+        return str(self)
+
 
 class BadToken(RunctlError, ValueError):
+    """A run id, rank, verb or step name that cannot be a NATS subject token."""
+
     code = "bad_token"
+    http_status = 400
+    exit_code = EXIT_USAGE
 
     def __init__(self, what: str, value: str, problem: str) -> None:
         shown = value if len(value) <= 80 else value[:77] + "..."
@@ -65,7 +125,11 @@ class BadToken(RunctlError, ValueError):
 
 
 class BadPath(RunctlError, KeyError):
+    """A dotted path that does not name a declared field (or a dict key, a list index)."""
+
     code = "bad_path"
+    http_status = 400
+    exit_code = EXIT_USAGE
 
     def __init__(self, path: str, problem: str, message: str | None = None) -> None:
         shown = path if len(path) <= 200 else path[:197] + "..."
@@ -78,21 +142,57 @@ class BadPath(RunctlError, KeyError):
 
 
 class BadRequest(RunctlError, ValueError):
+    """A malformed command or request (wrong JSON, wrong shape, options that conflict)."""
+
     code = "bad_request"
+    http_status = 400
+    exit_code = EXIT_USAGE
 
 
-class ValidationRejected(RunctlError, ValueError):
-    """The change was refused by the model's validation; the state is unchanged."""
+class InvalidRequest(BadRequest):
+    """An HTTP request whose parameters did not validate (FastAPI's own check, before any
+    route ran). ``errors`` is pydantic's list, each ``loc`` starting with where the input
+    was (``query``, ``path``, ``body``), inputs summarised."""
 
-    code = "validation"
+    http_status = 422
 
     def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
         super().__init__(message)
         self.errors = list(errors)
 
+    @property
+    def detail(self) -> Any:
+        return self.errors
+
+
+class ValidationRejected(RunctlError, ValueError):
+    """The change was refused by the model's validation; the state is unchanged.
+
+    ``errors`` is pydantic's error list (``loc``, ``msg``, ``type``).
+    """
+
+    code = "validation"
+    http_status = 422
+    exit_code = EXIT_REJECTED
+
+    def __init__(self, message: str, errors: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
+
+    def describe(self) -> str:
+        return describe_validation(self.errors) if self.errors else str(self)
+
+    @property
+    def detail(self) -> Any:
+        return self.errors or str(self)
+
 
 class PayloadTooLarge(RunctlError):
+    """A message over the size limit; its content is never read into an answer."""
+
     code = "too_large"
+    http_status = 413
+    exit_code = EXIT_USAGE
 
     def __init__(self, size: int, limit: int, message: str | None = None) -> None:
         super().__init__(message or f"payload of {size} bytes is over the limit of {limit} bytes")
@@ -101,7 +201,11 @@ class PayloadTooLarge(RunctlError):
 
 
 class NotFound(RunctlError, LookupError):
+    """No such run or rank: NATS said nobody listens (known in milliseconds, no timeout)."""
+
     code = "not_found"
+    http_status = 404
+    exit_code = EXIT_NOT_FOUND
 
     def __init__(self, run: str, rank: str | None = None, message: str | None = None) -> None:
         where = f"run {run!r}" if rank is None else f"rank {rank!r} of run {run!r}"
@@ -110,18 +214,52 @@ class NotFound(RunctlError, LookupError):
         self.rank = rank
 
 
+class Unauthorized(RunctlError):
+    """The gateway needs a bearer token and got none, or one it does not know."""
+
+    code = "unauthorized"
+    http_status = 401
+    exit_code = EXIT_USAGE
+
+
+class Forbidden(RunctlError):
+    """The bearer token's role is below what the route needs."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_code = EXIT_USAGE
+
+
+class MethodNotAllowed(RunctlError):
+    """An HTTP route that exists, asked with a method it does not have."""
+
+    code = "method_not_allowed"
+    http_status = 405
+    exit_code = EXIT_USAGE
+
+
 class Unavailable(RunctlError, ConnectionError):
+    """The bus (NATS, JetStream) cannot be reached, or the server could not start."""
+
     code = "unavailable"
+    http_status = 503
+    exit_code = EXIT_UNAVAILABLE
 
 
 class ServerStartError(Unavailable):
+    """nats-server exited during start; ``log_line`` is its own fatal line."""
+
     def __init__(self, message: str, log_line: str = "") -> None:
         super().__init__(f"{message}: {log_line}" if log_line else message)
         self.log_line = log_line
 
 
 class Timeout(RunctlError, TimeoutError):
+    """A rank did not answer in time; ``missing`` names the ranks that stayed silent."""
+
     code = "timeout"
+    http_status = 504
+    exit_code = EXIT_UNAVAILABLE
 
     def __init__(self, message: str, missing: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -129,13 +267,59 @@ class Timeout(RunctlError, TimeoutError):
 
 
 class TooLate(RunctlError):
-    """A change deferred to ``at_step`` reached a rank already past that step."""
+    """A change deferred to ``at_step`` reached a rank already past that step (retry)."""
 
     code = "too_late"
+    http_status = 409
 
 
 class RemoteError(RunctlError):
+    """The agent failed unexpectedly while handling a command."""
+
     code = "internal"
+    http_status = 502
+
+
+class SetupError(RunctlError):
+    """runctl's own setup is wrong (a file, a setting): fix it and start again."""
+
+    code = "setup"
+    exit_code = EXIT_USAGE
+
+
+class CredentialsError(SetupError, RuntimeError):
+    """Missing or unreadable NATS credentials (``runctl up``'s role files, environment)."""
+
+    code = "credentials"
+
+
+class TokenError(SetupError, ValueError):
+    """A malformed gateway tokens setting. The message names the place, never the token."""
+
+    code = "bad_tokens"
+
+
+class InsecureBind(SetupError, RuntimeError):
+    """The gateway was asked to listen beyond loopback with no token configured."""
+
+    code = "insecure_bind"
+
+
+def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
+    """``invalid value for opt.kind: Input should be 'sgd' or 'adam'`` (joined by ``; ``).
+
+    >>> describe_validation([{"loc": ["opt", "kind"], "msg": "Input should be 'sgd'"}])
+    "invalid value for opt.kind: Input should be 'sgd'"
+    """
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "the state"
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown field {loc}: {msg}")
+        else:
+            parts.append(f"invalid value for {loc}: {msg}")
+    return "; ".join(parts)
 
 
 class CorruptArtifact(RunctlError):
@@ -157,7 +341,7 @@ _BY_CODE: dict[str, type[RunctlError]] = {
 
 
 def from_code(code: str, message: str, detail: Sequence[dict[str, Any]] = ()) -> RunctlError:
-    """Rebuild an error an agent sent back in a reply."""
+    """Rebuild an error an agent sent back in a reply (``code``, ``message``, ``detail``)."""
     if code == ValidationRejected.code:
         return ValidationRejected(message, detail)
     if code == BadPath.code:
@@ -170,7 +354,8 @@ def from_code(code: str, message: str, detail: Sequence[dict[str, Any]] = ()) ->
 
 
 def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None) -> RunctlError:
-    """The one place nats-py exceptions become runctl errors."""
+    """The one place nats-py exceptions become runctl errors (a runctl error is returned
+    as it is)."""
     from nats import errors as nats_errors
 
     if isinstance(exc, RunctlError):

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Final, Literal, cast
 
 import structlog
-from fastapi import HTTPException
 from starlette.requests import HTTPConnection
+
+# the classes live in the one error tree; importable from here too, where they are raised
+from runctl.bus.errors import Forbidden, InsecureBind, TokenError, Unauthorized
 
 __all__ = [
     "MIN_TOKEN_LENGTH",
@@ -61,19 +63,10 @@ _RANK: Final[Mapping[str, int]] = {role: i for i, role in enumerate(ROLES)}
 MIN_TOKEN_LENGTH: Final = 16
 #: the tokens the gateway accepts
 TOKENS_ENV: Final = "RUNCTL_GATEWAY_TOKENS"
-_CHALLENGE: Final = {"WWW-Authenticate": 'Bearer realm="runctl"'}
 #: ``role token`` or ``role:token``: the role ends at the first blank or colon
 _FILE_LINE: Final = re.compile(r"([A-Za-z]+)(?:\s*:\s*|\s+)(.+)")
 
 log = structlog.get_logger()
-
-
-class TokenError(ValueError):
-    """A malformed tokens setting. The message names the place, never the token."""
-
-
-class InsecureBind(RuntimeError):
-    """The gateway was asked to listen beyond loopback with no token configured."""
 
 
 def _digest(token: str) -> bytes:
@@ -249,14 +242,12 @@ def authorize(tokens: TokenTable, conn: HTTPConnection, needed: Role) -> Role:
         return "admin"
     token = _bearer(conn)
     if token is None:
-        raise HTTPException(
-            401, "missing bearer token (Authorization: Bearer <token>)", headers=_CHALLENGE
-        )
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
     role = tokens.role_of(token)
     if role is None:
-        raise HTTPException(401, "unknown bearer token", headers=_CHALLENGE)
+        raise Unauthorized("unknown bearer token")
     if _RANK[role] < _RANK[needed]:
-        raise HTTPException(403, f"this needs the {needed} role; the token has {role}")
+        raise Forbidden(f"this needs the {needed} role; the token has {role}")
     return role
 
 

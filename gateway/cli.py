@@ -30,12 +30,10 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from runctl.bus.connection import DEFAULT_URL
-from runctl.bus.credentials import CredentialsError
 from runctl.bus.errors import RunctlError
 from runctl.gateway import cli_server, cli_state, cli_tail, demo
-from runctl.gateway.cli_common import EXIT_USAGE, exit_code
+from runctl.gateway.cli_common import exit_code
 from runctl.gateway.logs import configure_logging
-from runctl.gateway.ops import describe_error
 
 __all__ = ["build_parser", "main"]
 
@@ -136,30 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except RunctlError as exc:
-        return _fail(describe_error(exc), exit_code(exc))
-    except CredentialsError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(exc.describe(), exit_code(exc))  # a bad tokens file, an open bind too
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `runctl tail | head`
         sys.stderr.close()
         return 0
     except Exception as exc:
-        if _is_setup_error(exc):  # a bad tokens file, an open public bind
-            return _fail(str(exc), EXIT_USAGE)
         # a bug of ours: still one line, and the way to see more
         if os.environ.get("RUNCTL_DEBUG"):
             raise
         return _fail(
             f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the traceback)", 1
         )
-
-
-def _is_setup_error(exc: Exception) -> bool:
-    # gateway.auth imports FastAPI: only the commands that serve load it, and if it is not
-    # loaded, none of its errors can have been raised
-    auth = sys.modules.get("runctl.gateway.auth")
-    return auth is not None and isinstance(exc, auth.TokenError | auth.InsecureBind)
 
 
 def _fail(message: str, code: int) -> int:

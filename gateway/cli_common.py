@@ -6,56 +6,27 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
 from runctl.bus.client import Client
-from runctl.bus.errors import (
-    BadPath,
-    BadRequest,
-    BadToken,
-    NotFound,
-    PayloadTooLarge,
-    Timeout,
-    Unavailable,
-    ValidationRejected,
-)
+from runctl.bus.errors import EXIT_ERROR, BadToken, RunctlError, Unavailable
 from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
-    "EXIT_ERROR",
-    "EXIT_NOT_FOUND",
-    "EXIT_OK",
-    "EXIT_REJECTED",
-    "EXIT_UNAVAILABLE",
-    "EXIT_USAGE",
     "exit_code",
     "parse_target",
     "print_json",
     "with_client",
 ]
 
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_NOT_FOUND: Final = 3
-EXIT_REJECTED: Final = 4
-EXIT_UNAVAILABLE: Final = 5
-
 T = TypeVar("T")
 
 
 def exit_code(exc: BaseException) -> int:
-    if isinstance(exc, ValidationRejected):
-        return EXIT_REJECTED
-    if isinstance(exc, BadToken | BadPath | BadRequest | PayloadTooLarge):
-        return EXIT_USAGE
-    if isinstance(exc, NotFound):
-        return EXIT_NOT_FOUND
-    if isinstance(exc, Timeout | Unavailable):
-        return EXIT_UNAVAILABLE
-    return EXIT_ERROR
+    """The CLI's one exit mapping: a runctl error's own ``exit_code``, else 1."""
+    return exc.exit_code if isinstance(exc, RunctlError) else EXIT_ERROR
 
 
 def parse_target(text: str) -> tuple[str, str]:

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from runctl.bus.client import Client, Gathered, Result
-from runctl.bus.errors import BadRequest
+from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest
 from runctl.bus.messages import StopMode
 from runctl.bus.paths import split_path
 from runctl.bus.registry import RankInfo
 from runctl.bus.subjects import ALL
 from runctl.gateway import ops
 from runctl.gateway.cli_common import (
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
     exit_code,
     note,
     parse_target,
@@ -184,7 +182,7 @@ def get_command(args: argparse.Namespace) -> int:
     print_json(values)
     code = EXIT_OK
     for r, err in sorted_items(result.errors):
-        note(f"rank {r}: {ops.describe_error(err)}")
+        note(f"rank {r}: {err.describe()}")
         code = code or exit_code(err)
     for r in result.missing:
         note(f"rank {r}: no answer")
@@ -292,7 +290,7 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
             print(f"rank {result.rank}: {_applied(verb, result)}")
         return EXIT_OK
     if result.errors and not result.results:
-        messages = {ops.describe_error(e) for e in result.errors.values()}
+        messages = {e.describe() for e in result.errors.values()}
         if len(messages) == 1 and not result.missing:
             # every rank refused it for the same reason: one line, as for one rank
             raise next(iter(result.errors.values()))
@@ -308,7 +306,7 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
         for r, res in sorted_items(result.results):
             print(f"rank {r}: {_applied(verb, res)}")
         for r, err in sorted_items(result.errors):
-            print(f"rank {r}: rejected: {ops.describe_error(err)}")
+            print(f"rank {r}: rejected: {err.describe()}")
         for r in result.missing:
             print(f"rank {r}: no answer")
     for _, err in sorted_items(result.errors):

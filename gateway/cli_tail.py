@@ -24,8 +24,9 @@ from nats.aio.msg import Msg
 
 from runctl.bus import messages as m
 from runctl.bus.client import Client
+from runctl.bus.errors import EXIT_OK
 from runctl.bus.subjects import PREFIX, check_token
-from runctl.gateway.cli_common import EXIT_OK, with_client
+from runctl.gateway.cli_common import with_client
 
 __all__ = ["format_message", "register", "tail_command", "tail_subjects"]
 

@@ -1,20 +1,15 @@
-"""runctl's errors as HTTP answers: one mapping, one handler, and the body-size guard.
+"""runctl's errors as HTTP answers: one handler, one body shape, and the body-size guard.
 
-=====================  ======  ==================================================
-error                  status  why
-=====================  ======  ==================================================
-ValidationRejected     422     the model refused the change; ``detail`` is pydantic's list
-BadToken/Path/Request  400     the request names something that cannot exist
-NotFound               404     no responders: known in milliseconds, never a timeout
-PayloadTooLarge        413     never read, never echoed
-TooLate                409     a rank was past the step of a synchronised change (retry)
-Timeout                504     ``missing`` names the ranks that did not answer
-Unavailable            503     NATS (or JetStream) cannot be reached
-RemoteError            502     the agent failed while handling the command
-=====================  ======  ==================================================
+Every error the gateway answers with (a route's, an auth check's, FastAPI's own request
+validation, an unknown route, a nats-py failure) goes through :func:`as_error` to a class of
+the one error tree (``runctl.bus.errors``), which carries its status. Every error body has
+one shape::
 
-Every error body is ``{"error": code, "message": text, "detail": ...}``. FastAPI's own
-422 for a malformed query echoes the input; ours summarises inputs over 200 characters.
+    {"error": "<code>", "message": "<one line>", "detail": <pydantic's list, or the message>}
+
+plus ``"missing": [ranks]`` for a timeout. ``detail`` keeps FastAPI's meaning: for a
+request FastAPI refused it is its list (each ``loc`` starting with ``query``, ``path`` or
+``body``), inputs over 200 characters summarised rather than echoed.
 """
 
 from __future__ import annotations
@@ -27,58 +22,80 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from nats.errors import Error as NatsError
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runctl.bus.errors import (
-    BadPath,
     BadRequest,
-    BadToken,
+    Forbidden,
+    InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    RemoteError,
     RunctlError,
     Timeout,
-    TooLate,
-    Unavailable,
-    ValidationRejected,
+    Unauthorized,
     map_nats_error,
 )
-from runctl.gateway.ops import describe_error
 
-__all__ = ["BodyLimit", "error_body", "install", "json_response", "preview", "status_of"]
+__all__ = ["BodyLimit", "as_error", "error_body", "install", "json_response", "preview"]
 
 log = structlog.get_logger()
 
-_STATUS: Final[tuple[tuple[type[RunctlError], int], ...]] = (
-    (ValidationRejected, 422),
-    (BadToken, 400),
-    (BadPath, 400),
-    (BadRequest, 400),
-    (NotFound, 404),
-    (PayloadTooLarge, 413),
-    (TooLate, 409),
-    (Timeout, 504),
-    (Unavailable, 503),
-    (RemoteError, 502),
-)
 PREVIEW_LIMIT: Final = 200
+_CHALLENGE: Final = 'Bearer realm="runctl"'
 _encoder = msgspec.json.Encoder()
 
 
-def status_of(exc: RunctlError) -> int:
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
+def as_error(exc: BaseException) -> RunctlError:
+    """The one place any exception a request raised becomes a runctl error.
+
+    >>> as_error(HTTPException(404)).http_status
+    404
+    """
+    if isinstance(exc, RunctlError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return InvalidRequest("invalid request", summarise_errors(exc.errors()))
+    if isinstance(exc, HTTPException):  # Starlette's own: an unknown route or method
+        return _from_http(exc)
+    if isinstance(exc, NatsError | TimeoutError):  # e.g. a registry read timing out
+        return map_nats_error(exc)
+    # a bug of ours: the same body shape, without the exception's text (it may hold input)
+    return RunctlError(f"unexpected {type(exc).__name__} in the gateway (see its log)")
+
+
+def _from_http(exc: HTTPException) -> RunctlError:
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        return NotFound("", message=message)
+    if exc.status_code == 405:
+        return MethodNotAllowed(message)
+    if exc.status_code == 401:
+        return Unauthorized(message)
+    if exc.status_code == 403:
+        return Forbidden(message)
+    error = BadRequest(message) if exc.status_code < 500 else RunctlError(message)
+    error.http_status = exc.status_code  # whatever else Starlette answers, kept as it was
+    return error
 
 
 def error_body(exc: RunctlError) -> dict[str, Any]:
-    detail: Any = exc.errors if isinstance(exc, ValidationRejected) and exc.errors else str(exc)
-    body: dict[str, Any] = {"error": exc.code, "message": describe_error(exc), "detail": detail}
+    """The one HTTP error body: ``{"error": code, "message": line, "detail": ...}``."""
+    body: dict[str, Any] = {"error": exc.code, "message": exc.describe(), "detail": exc.detail}
     if isinstance(exc, Timeout):
         body["missing"] = exc.missing
     return body
+
+
+def error_headers(exc: RunctlError) -> dict[str, str] | None:
+    """Headers that go with an error: who did not answer, or how to authenticate."""
+    if isinstance(exc, Timeout):
+        return {"X-Runctl-Missing": ",".join(exc.missing)}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": _CHALLENGE}
+    return None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -86,23 +103,27 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(_encoder.encode(data), status, headers, media_type="application/json")
 
 
-async def _runctl_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RunctlError)
-    status = status_of(exc)
+async def _handle(request: Request, exc: Exception) -> Response:
+    """The gateway's one exception handler."""
+    error = as_error(exc)
+    status = error.http_status
     if status >= 500:
         log.warning(
             "request failed",
             method=request.method,
             path=request.url.path,
             status=status,
-            error=str(exc),
+            error=str(error),
         )
-    headers = {"X-Runctl-Missing": ",".join(exc.missing)} if isinstance(exc, Timeout) else None
-    return json_response(error_body(exc), status, headers)
+    return json_response(error_body(error), status, error_headers(error))
 
 
 def preview(value: Any, limit: int = PREVIEW_LIMIT) -> Any:
-    """An input shown back in an error only when small."""
+    """An input shown back in an error only when small.
+
+    >>> preview("x" * 300, 5)
+    'xxxxx... (300 chars)'
+    """
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, bytes):
@@ -121,6 +142,7 @@ def _plain(value: Any) -> Any:
 
 
 def summarise_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """pydantic's error list with inputs (and context values) cut to a preview."""
     out = []
     for err in errors:
         item = {k: v for k, v in dict(err).items() if k not in ("input", "ctx", "url")}
@@ -133,25 +155,13 @@ def summarise_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def _request_validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    detail = summarise_errors(exc.errors())
-    return json_response(
-        {"error": "bad_request", "message": "invalid request", "detail": detail}, 422
-    )
-
-
-async def _bus_error(request: Request, exc: Exception) -> Response:
-    """A nats-py error the client did not map itself (e.g. a registry read timing out)."""
-    return await _runctl_error(request, map_nats_error(exc))
-
-
 def install(app: FastAPI) -> None:
-    """Register the handlers on ``app`` (the body limit is a middleware: see BodyLimit)."""
-    app.add_exception_handler(RunctlError, _runctl_error)
-    app.add_exception_handler(NatsError, _bus_error)
-    app.add_exception_handler(TimeoutError, _bus_error)
-    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    """Register the one handler on ``app`` for every kind of error a request can raise
+    (the body limit is a middleware: see BodyLimit)."""
+    for kind in (RunctlError, RequestValidationError, HTTPException, NatsError, TimeoutError):
+        app.add_exception_handler(kind, _handle)
+    # Starlette answers with this one and still re-raises, so the traceback is logged
+    app.add_exception_handler(Exception, _handle)
 
 
 class BodyLimit:
@@ -213,7 +223,7 @@ async def _send_error(send: Send, exc: RunctlError) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": status_of(exc),
+            "status": exc.http_status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

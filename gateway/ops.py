@@ -1,5 +1,5 @@
 """What the HTTP routes and the CLI share: how a typed-in value is read, how several
-``PATH=VALUE`` assignments become one atomic patch, and how a rejection reads in one line.
+``PATH=VALUE`` assignments become one atomic patch.
 
 A value is parsed as JSON, else used as the string it is (``0.01`` is a number, ``adam`` a
 string, ``'"5"'`` the string ``5``). A number or boolean that a ``str`` field refuses is
@@ -22,8 +22,6 @@ from runctl.bus.paths import split_path
 __all__ = [
     "Assignment",
     "assignments_patch",
-    "describe_error",
-    "describe_validation",
     "parse_assignment",
     "parse_value",
     "patch_assignments",
@@ -180,28 +178,6 @@ def _text_retry(assignments: Sequence[Assignment], errors: list[RunctlError]) ->
                 return None
             wanted.add(match)
     return wanted or None
-
-
-# --- one line per problem -----------------------------------------------------------
-
-
-def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
-    """``invalid value for opt.kind: Input should be 'sgd' or 'adam'`` (joined by ``; ``)."""
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "the state"
-        msg = str(err.get("msg", "invalid"))
-        if err.get("type") == "extra_forbidden":
-            parts.append(f"unknown field {loc}: {msg}")
-        else:
-            parts.append(f"invalid value for {loc}: {msg}")
-    return "; ".join(parts)
-
-
-def describe_error(exc: RunctlError) -> str:
-    if isinstance(exc, ValidationRejected) and exc.errors:
-        return describe_validation(exc.errors)
-    return str(exc)
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -29,7 +29,7 @@ from runctl.bus.paths import split_path
 from runctl.bus.registry import RankInfo
 from runctl.bus.subjects import ALL, check_rank, check_token
 from runctl.gateway import ops
-from runctl.gateway.errors import json_response, status_of
+from runctl.gateway.errors import json_response
 from runctl.gateway.settings import Settings
 
 __all__ = ["get_client", "rank_summary", "router"]
@@ -141,7 +141,7 @@ def _gathered_status(g: Gathered) -> int:
     if g.results:
         return 200 if not g.errors and not g.missing else 207
     if g.errors:  # nobody applied it: the first rank's error says why
-        return status_of(g.errors[g.acknowledged[0]])
+        return g.errors[g.acknowledged[0]].http_status
     return 504  # pragma: no cover - the client raises Timeout for this case
 
 

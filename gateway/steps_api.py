@@ -10,7 +10,8 @@ after every rank has exited.
 The routes need a connected :class:`runctl.bus.Client`: by default ``app.state.client``; a gateway
 that keeps it elsewhere overrides the :func:`steps_client` dependency
 (``app.dependency_overrides[steps_client] = ...``). Roles come from the app's own
-``require()`` dependency (DELETE needs admin).
+``require()`` dependency (DELETE needs admin). Errors are raised as runctl errors and answered
+by the app's handler (:func:`runctl.gateway.errors.install`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import time
 from typing import Annotated, Any, Final
 
 import msgspec
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from runctl.bus.canonical import hashed
 from runctl.bus.client import Client
-from runctl.bus.errors import BadRequest, BadToken, NotFound, RunctlError, Timeout, Unavailable
+from runctl.bus.errors import BadRequest, NotFound, Unavailable
 from runctl.bus.stepexplain import explain
 from runctl.bus.steprecords import parse_selector, record_row, scopes_for
 from runctl.bus.stepstore import forget, read_log
@@ -38,9 +39,10 @@ router = APIRouter(tags=["steps"])
 
 
 def steps_client(request: Request) -> Client:
+    """The gateway's connection (``app.state.client``); 503 while it has none."""
     client = getattr(request.app.state, "client", None)
     if not isinstance(client, Client):
-        raise HTTPException(503, "the gateway is not connected to NATS")
+        raise Unavailable("the gateway is not connected to NATS")
     return client
 
 
@@ -175,19 +177,16 @@ async def get_steps(
 ) -> Any:
     """The run's completed-step log (every rank, or one rank and the run scope), in
     first-start order; ``limit`` keeps the last N rows (``count`` is always the total)."""
-    try:
-        view = await steps_view(
-            client,
-            run,
-            rank=rank,
-            status=status,
-            name=name,
-            with_explain=explain,
-            configs=config,
-            limit=limit,
-        )
-    except RunctlError as exc:
-        raise _http(exc) from None
+    view = await steps_view(
+        client,
+        run,
+        rank=rank,
+        status=status,
+        name=name,
+        with_explain=explain,
+        configs=config,
+        limit=limit,
+    )
     return _json(view)
 
 
@@ -201,10 +200,7 @@ async def delete_step(
 ) -> Any:
     """Forget one step (``name`` or ``name:key``), with ``successors`` also every step
     started after it; live agents drop them from their done sets."""
-    try:
-        return await forget_steps(client, run, step, successors=successors, rank=rank, by="http")
-    except RunctlError as exc:
-        raise _http(exc) from None
+    return await forget_steps(client, run, step, successors=successors, rank=rank, by="http")
 
 
 @router.delete("/runs/{run}/steps")
@@ -216,25 +212,10 @@ async def delete_run_steps(
 ) -> Any:
     """Forget every step of the run (``everything=true`` is required: it cannot be undone)."""
     if not everything:
-        raise HTTPException(400, "forgetting a whole run needs ?everything=true")
-    try:
-        return await forget_steps(client, run, None, rank=rank, by="http")
-    except RunctlError as exc:
-        raise _http(exc) from None
+        raise BadRequest("forgetting a whole run needs ?everything=true")
+    return await forget_steps(client, run, None, rank=rank, by="http")
 
 
 def _json(view: dict[str, Any]) -> Any:
     # records hold arbitrary JSON (configs, results): msgspec already made it plain data
     return msgspec.to_builtins(view)
-
-
-def _http(exc: RunctlError) -> HTTPException:
-    if isinstance(exc, BadToken | BadRequest):
-        return HTTPException(400, str(exc))
-    if isinstance(exc, NotFound):
-        return HTTPException(404, str(exc))
-    if isinstance(exc, Timeout):
-        return HTTPException(504, str(exc))
-    if isinstance(exc, Unavailable):
-        return HTTPException(503, str(exc))
-    return HTTPException(500, str(exc))

@@ -22,15 +22,9 @@ from typing import Any, TextIO
 
 from runctl.bus.client import Client
 from runctl.bus.connection import env_url
-from runctl.bus.errors import RunctlError
+from runctl.bus.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE, RunctlError
 from runctl.bus.stepexplain import format_ago, format_duration
-from runctl.gateway.cli_common import (
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_USAGE,
-    exit_code,
-    with_client,
-)
+from runctl.gateway.cli_common import exit_code, with_client
 from runctl.gateway.steps_api import STATUSES, forget_steps, steps_view
 
 __all__ = ["forget_command", "main", "register", "render_explain", "render_steps", "steps_command"]

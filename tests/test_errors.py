@@ -104,3 +104,63 @@ def test_map_nats_error() -> None:
     assert e.map_nats_error(mine) is mine
     other = e.map_nats_error(RuntimeError("boom"))
     assert type(other) is e.RunctlError and "RuntimeError" in str(other)
+
+
+#: (class, code, HTTP status, CLI exit code): what each surface answers for each error
+SURFACES: list[tuple[type[e.RunctlError], str, int, int]] = [
+    (e.RunctlError, "error", 500, 1),
+    (e.BadToken, "bad_token", 400, 2),
+    (e.BadPath, "bad_path", 400, 2),
+    (e.BadRequest, "bad_request", 400, 2),
+    (e.InvalidRequest, "bad_request", 422, 2),
+    (e.ValidationRejected, "validation", 422, 4),
+    (e.PayloadTooLarge, "too_large", 413, 2),
+    (e.NotFound, "not_found", 404, 3),
+    (e.Unauthorized, "unauthorized", 401, 2),
+    (e.Forbidden, "forbidden", 403, 2),
+    (e.MethodNotAllowed, "method_not_allowed", 405, 2),
+    (e.TooLate, "too_late", 409, 1),
+    (e.Unavailable, "unavailable", 503, 5),
+    (e.ServerStartError, "unavailable", 503, 5),
+    (e.Timeout, "timeout", 504, 5),
+    (e.RemoteError, "internal", 502, 1),
+    (e.CorruptArtifact, "corrupt_artifact", 500, 1),
+    (e.SetupError, "setup", 500, 2),
+    (e.CredentialsError, "credentials", 500, 2),
+    (e.TokenError, "bad_tokens", 500, 2),
+    (e.InsecureBind, "insecure_bind", 500, 2),
+]
+
+
+@pytest.mark.parametrize(("cls", "code", "status", "exit_code"), SURFACES, ids=lambda v: str(v))
+def test_each_error_class_knows_its_code_http_status_and_exit_code(
+    cls: type[e.RunctlError], code: str, status: int, exit_code: int
+) -> None:
+    assert (cls.code, cls.http_status, cls.exit_code) == (code, status, exit_code)
+
+
+def test_the_tree_is_whole_and_documented() -> None:
+    """Every error class exported is in the table above and drawn in the module's tree."""
+    exported = {
+        obj
+        for name in e.__all__
+        if isinstance(obj := getattr(e, name), type) and issubclass(obj, e.RunctlError)
+    }
+    assert exported == {cls for cls, *_ in SURFACES}
+    doc = e.__doc__ or ""
+    for cls in exported:
+        assert f"── {cls.__name__} " in doc or cls is e.RunctlError, cls.__name__
+    # the setup errors that used to live apart are caught where their builtin was
+    assert issubclass(e.CredentialsError, RuntimeError)
+    assert issubclass(e.TokenError, ValueError)
+    assert issubclass(e.InsecureBind, RuntimeError)
+
+
+def test_describe_and_detail() -> None:
+    rejected = e.ValidationRejected("1 error", [{"loc": ["opt", "kind"], "msg": "bad"}])
+    assert rejected.describe() == "invalid value for opt.kind: bad"
+    assert rejected.detail == [{"loc": ["opt", "kind"], "msg": "bad"}]
+    assert e.ValidationRejected("plain").detail == "plain"
+    assert e.NotFound("exp1").describe() == e.NotFound("exp1").detail == "no live run 'exp1'"
+    invalid = e.InvalidRequest("invalid request", [{"loc": ["query", "limit"]}])
+    assert invalid.detail == [{"loc": ["query", "limit"]}] and isinstance(invalid, e.BadRequest)

@@ -315,3 +315,31 @@ def test_not_found_latency_is_reported(
             f"\n404 via no-responders: median {samples[10] * 1000:.1f} ms, "
             f"max {samples[-1] * 1000:.1f} ms"
         )
+
+
+def test_every_error_body_has_one_shape(gateway: GatewayFactory, run_id: str) -> None:
+    """Route errors, FastAPI's validation, unknown routes, the step-log routes and the
+    token check all answer ``{"error", "message", "detail"}``."""
+    admin = "a" * 20
+    http = gateway()
+    guarded = gateway(tokens=parse_env(f"admin:{admin}"))
+    answers = [
+        (http.get(f"/runs/{run_id}-nope"), 404, "not_found"),
+        (http.get("/no/such/route"), 404, "not_found"),
+        (http.post("/runs"), 405, "method_not_allowed"),
+        (http.put(f"/runs/{run_id}/ranks/0/set/x"), 422, "bad_request"),
+        (http.get(f"/runs/{run_id}/steps", params={"limit": "many"}), 422, "bad_request"),
+        (http.get(f"/runs/{run_id}/steps", params={"status": "bogus"}), 400, "bad_request"),
+        (http.delete(f"/runs/{run_id}/steps"), 400, "bad_request"),
+        (http.delete(f"/runs/{run_id}/steps/a:"), 400, "bad_request"),
+        (guarded.get("/runs"), 401, "unauthorized"),
+    ]
+    for r, status, code in answers:
+        what = (r.request.method, r.request.url.path, r.status_code, r.text[:200])
+        assert r.status_code == status, what
+        body = r.json()
+        assert set(body) == {"error", "message", "detail"}, what
+        assert body["error"] == code and isinstance(body["message"], str), what
+    assert answers[-1][0].headers["www-authenticate"].startswith("Bearer")
+    # FastAPI's own list stays in detail, each loc saying where the input was
+    assert answers[4][0].json()["detail"][0]["loc"] == ["query", "limit"]

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from runctl.agent import control
 from runctl.bus import Client
+from runctl.gateway.errors import install
 from runctl.gateway.steps_api import router
 from runctl.gateway.steps_cli import main as cli
 
@@ -115,6 +116,7 @@ def test_cli_errors_name_the_problem(nats_url: str, capsys: pytest.CaptureFixtur
 async def http(nats_url: str) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     app.include_router(router)
+    install(app)  # the router's errors are answered by the gateway's one handler
     app.state.client = await Client.connect(nats_url)
     try:
         async with httpx.AsyncClient(
