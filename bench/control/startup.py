@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     state = State()
     rss_base = rss_kb()
     t0 = time.perf_counter()
-    import runctl.agent.agent
+    import runctl.agent.embedded
     from runctl.agent import control
 
     t1 = time.perf_counter()
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedded:
         # the agent's zero-setup server listens on 4222; other processes on this machine
         # (tests, other benchmarks) may own that port, so the benchmark moves it
-        runctl.agent.agent.EMBEDDED_PORT = args.port  # type: ignore[misc]
+        runctl.agent.embedded.EMBEDDED_PORT = args.port  # type: ignore[misc]
         ctl = control(state, run=args.run, embedded=True, data_dir=args.data_dir)
     else:
         ctl = control(state, run=args.run, url=args.url)

@@ -1,0 +1,108 @@
+"""The steps of an agent's life on the bus, in order: connect, subscribe, announce, open the
+step log (:meth:`runctl.agent.Agent.serve` runs them), then shut down.
+
+Each step takes what it needs and returns what it made, so the agent holds every resource
+as soon as it exists (a server started before a failed connect is still stopped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from structlog.typing import FilteringBoundLogger
+
+from runctl.agent.commands import RankState
+from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
+from runctl.bus.connection import close_quietly, connect
+from runctl.bus.registry import Registry
+from runctl.bus.server import NatsServer
+from runctl.bus.steplog import StepLog
+from runctl.bus.subjects import command_wildcards
+
+__all__ = ["announce", "connect_agent", "open_steplog", "shutdown", "subscribe_commands"]
+
+
+async def connect_agent(
+    url: str, run: str, rank: str, log: FilteringBoundLogger
+) -> tuple[NATS, Registry | None]:
+    """Connect as ``agent`` (retrying until the server answers) and open the registry.
+    Without JetStream the registry is None: control still works, discovery does not."""
+    nc = await connect(url, name=f"runctl-agent:{run}:{rank}", retry_initial=True, role="agent")
+    try:
+        with anyio.fail_after(5):
+            return nc, await Registry.open(nc.jetstream())
+    except Exception as exc:
+        log.warning("rank registry unavailable", error=str(exc) or type(exc).__name__)
+        return nc, None
+
+
+async def subscribe_commands(
+    nc: NATS, run: str, rank: str, handler: Callable[[Msg], Awaitable[None]]
+) -> list[Subscription]:
+    """Subscribe ``handler`` to this rank's command subjects and its run's broadcasts.
+    The two subscriptions deliver concurrently: the handler keeps no per-call state on a
+    shared object."""
+    subs = [await nc.subscribe(subject, cb=handler) for subject in command_wildcards(run, rank)]
+    await nc.flush(timeout=5)
+    return subs
+
+
+async def announce(publisher: Publisher, rank: RankState) -> None:
+    """Write the model's schema, publish the first state and the ``started`` event."""
+    live = rank.live
+    if publisher.registry is not None:
+        schema = msgspec.json.encode(live.schema())
+        await publisher.bounded(publisher.registry.put_schema(rank.run, rank.rank, schema))
+    await publisher.wait(await publisher.state(live.dump_json(), cause="started"))
+    await publisher.event(
+        "started",
+        host=rank.host,
+        pid=rank.pid,
+        model=type(live.model).__name__,
+        world_size=rank.world_size,
+    )
+
+
+async def open_steplog(nc: NATS, rank: RankState, log: FilteringBoundLogger) -> StepLog | str:
+    """Load this rank's and the run's completed steps (before ``ready``, so a program's
+    first ``is_done()`` after ``wait_ready()`` is right). Returns the log, or why it is
+    unavailable: without JetStream the agent still serves and the step API raises
+    Unavailable naming the cause."""
+    try:
+        return await StepLog.open(nc, run=rank.run, rank=rank.rank, host=rank.host, pid=rank.pid)
+    except Exception as exc:
+        error = str(exc) or type(exc).__name__
+        log.warning("step log unavailable", error=error)
+        return error
+
+
+async def shutdown(
+    nc: NATS | None,
+    *,
+    publisher: Publisher,
+    steplog: StepLog | None,
+    subs: list[Subscription],
+    server: NatsServer | None,
+) -> None:
+    """Flush queued step completions, publish the final record and ``exited``, unsubscribe
+    and drain (each bounded), close; stop the embedded server if this agent started it."""
+    if nc is not None and not nc.is_closed:
+        if steplog is not None:  # flush queued step completions (bounded)
+            await steplog.aclose()
+        publisher.exited = True
+        if nc.is_connected:
+            await publisher.wait(await publisher.record(publisher.rank.live.dump_json()))
+            await publisher.event("exited", reason=publisher.rank.stop_reason)
+        for sub in subs:
+            with anyio.move_on_after(PUBLISH_TIMEOUT):
+                await sub.unsubscribe()
+        with anyio.move_on_after(2):
+            await nc.drain()
+        await close_quietly(nc)
+    if server is not None:
+        await anyio.to_thread.run_sync(server.stop)
