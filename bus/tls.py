@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from runctl.bus.errors import BadRequest, TlsError
+from runctl.bus.errors import BadRequest, SetupError, TlsError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -302,7 +302,7 @@ def _load_cert(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise BadRequest(f"cannot read the certificate {path}: {_reason(exc)}") from None
+        raise SetupError(f"cannot read the certificate {path}: {_reason(exc)}") from None
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -312,9 +312,9 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise BadRequest(f"cannot read the key {path}: {_reason(exc)}") from None
+        raise SetupError(f"cannot read the key {path}: {_reason(exc)}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise BadRequest(f"{path}: not an ECDSA key (runctl writes P-256 keys)")
+        raise SetupError(f"{path}: not an ECDSA key (runctl writes P-256 keys)")
     return key
 
 
@@ -364,7 +364,7 @@ def ensure_tls(
     files = TlsFiles(path)
     if not files.ca.exists():
         if path.exists() and any(path.iterdir()):
-            raise BadRequest(f"{path} exists but has no ca.pem: move it away")
+            raise SetupError(f"{path} exists but has no ca.pem: move it away")
         _write_new_dir(path, wanted)
         return TlsFiles(path, created=True)
     if not files.server_cert.exists() or _needs_new_leaf(files, wanted):
@@ -419,7 +419,7 @@ def load_tls(dir: str | os.PathLike[str] = DEFAULT_TLS_DIR) -> TlsFiles:
     files = TlsFiles(Path(dir))
     for path in (files.ca, files.server_cert, files.server_key):
         if not path.is_file():
-            raise BadRequest(f"{path} not found (runctl up --tls writes it)")
+            raise SetupError(f"{path} not found (runctl up --tls writes it)")
     return files
 
 
@@ -440,7 +440,7 @@ def is_loopback(host: str) -> bool:
 def _quoted(path: Path) -> str:
     text = str(path.resolve())
     if any(c in text for c in '"\\\n'):
-        raise BadRequest(f"nats-server cannot take the path {text!r} in a config file")
+        raise SetupError(f"nats-server cannot take the path {text!r} in a config file")
     return f'"{text}"'
 
 
@@ -533,15 +533,15 @@ class ClientTls:
 def _context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
     for var, value in ((CA_ENV, ca), (CERT_ENV, cert), (KEY_ENV, key)):
         if value is not None and not Path(value).is_file():
-            raise BadRequest(f"{var}={value}: no such file")
+            raise SetupError(f"{var}={value}: no such file")
     if (cert is None) != (key is None):
-        raise BadRequest(f"{CERT_ENV} and {KEY_ENV} go together: set both or neither")
+        raise SetupError(f"{CERT_ENV} and {KEY_ENV} go together: set both or neither")
     try:
         context = ssl.create_default_context(cafile=ca)
         if cert is not None:
             context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
-        raise BadRequest(
+        raise SetupError(
             f"cannot load the TLS files ({CA_ENV}, {CERT_ENV}): {_reason(exc)}"
         ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -122,6 +122,7 @@ SURFACES: list[tuple[type[e.RunctlError], str, int, int]] = [
     (e.TooLate, "too_late", 409, 1),
     (e.Unavailable, "unavailable", 503, 5),
     (e.ServerStartError, "unavailable", 503, 5),
+    (e.TlsError, "tls", 503, 5),
     (e.Timeout, "timeout", 504, 5),
     (e.RemoteError, "internal", 502, 1),
     (e.CorruptArtifact, "corrupt_artifact", 500, 1),

@@ -29,7 +29,7 @@ from runctl.agent import control
 from runctl.bus.client import Client, Result
 from runctl.bus.connection import connect
 from runctl.bus.credentials import Credentials, ensure_credentials
-from runctl.bus.errors import BadRequest, TlsError, Unavailable
+from runctl.bus.errors import BadRequest, SetupError, TlsError, Unavailable
 from runctl.bus.server import NatsServer
 from runctl.bus.tls import (
     CA_ENV,
@@ -335,7 +335,7 @@ def test_client_certificates_when_the_server_verifies_clients(
             f"({CLIENT_CERT_HINT})",
         )
         monkeypatch.setenv(CERT_ENV, str(tls.client_cert))
-        with pytest.raises(BadRequest, match=f"{CERT_ENV} and {KEY_ENV} go together"):
+        with pytest.raises(SetupError, match=f"{CERT_ENV} and {KEY_ENV} go together"):
             anyio.run(connect_error, server.url)
         monkeypatch.setenv(KEY_ENV, str(tls.client_key))
 
@@ -354,7 +354,7 @@ def test_client_certificates_when_the_server_verifies_clients(
 
 def test_a_missing_ca_file_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CA_ENV, "/nonexistent/ca.pem")
-    with pytest.raises(BadRequest, match=f"{CA_ENV}=/nonexistent/ca.pem: no such file"):
+    with pytest.raises(SetupError, match=f"{CA_ENV}=/nonexistent/ca.pem: no such file"):
         anyio.run(connect_error, "tls://127.0.0.1:1")
 
 
