@@ -35,8 +35,10 @@ from runctl.agent.commands import Effect, Outcome, RankState
 from runctl.agent.embedded import ensure_embedded_server
 from runctl.agent.env import detect_rank, detect_run, detect_world_size
 from runctl.agent.escalation import escalate, recorded_stop
+from runctl.agent.journaling import Journaler, target_of
 from runctl.agent.pending import PendingChanges, StepClock
 from runctl.agent.publish import Publisher
+from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import Steps
 from runctl.bus import messages as m
@@ -78,6 +80,7 @@ class Agent(Generic[M]):
         embedded: bool | None = None,
         data_dir: str | os.PathLike[str] = ".runctl",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        replay: bool | None = None,
     ) -> None:
         self.live = LiveState(state, lock)
         self.run = check_token(run if run is not None else detect_run(), "run")
@@ -124,6 +127,10 @@ class Agent(Generic[M]):
         self.steps = Steps(self)
         self.steplog: StepLog | None = None
         self.steplog_error = ""
+        # the change journal: what this rank does is recorded; replayed when it starts
+        self.journal = Journaler(self.core)
+        self.replay = replay_enabled(replay)
+        self.replay_report = ReplayReport()
 
     # --- public -----------------------------------------------------------------------
 
@@ -173,6 +180,7 @@ class Agent(Generic[M]):
             outcome = commands.apply(self.core, item.command, defer=False)
             self._carry_out(outcome.effects)
             self._soon(partial(self.publisher.after_deferred, outcome, step))
+            self._soon(partial(self.journal.deferred, outcome, step))
         return len(due)
 
     async def __aenter__(self) -> Self:
@@ -213,6 +221,9 @@ class Agent(Generic[M]):
                     self.url or DEFAULT_URL, self.run, self.rank, self.log
                 )
                 self.publisher.attach(self.nc, self.registry)
+                self.replay_report = await start_journal(
+                    self.nc, self.journal, self.publisher, replay=self.replay
+                )
                 self._subs = await lifecycle.subscribe_commands(
                     self.nc, self.run, self.rank, self._on_command
                 )
@@ -238,6 +249,7 @@ class Agent(Generic[M]):
                 tasks.cancel_scope.cancel()  # pending escalation timers end with the agent
         finally:
             with anyio.CancelScope(shield=True):
+                await self.journal.aclose()
                 await lifecycle.shutdown(
                     self.nc,
                     publisher=self.publisher,
@@ -253,14 +265,19 @@ class Agent(Generic[M]):
         verb = msg.subject.rsplit(".", 1)[-1]
         outcome = commands.execute(self.core, verb, msg.data)
         self._carry_out(outcome.effects)
+        record = self.journal.prepare(outcome, target_of(msg.subject))
         # State, record, event and reply go out in one write; the record's ack is awaited
         # only after replying. Every wait on the network costs a GIL hand-off (~5 ms when
         # the program's loop holds the GIL), so none is on the caller's path. Read-your-
         # writes is kept by the caller instead: bus.Client waits (in its own process) until
         # the registry shows the version this reply reports. The acks are this call's own:
         # a command on the rank subject and one on the ``all`` subject run concurrently.
+        # The journal record goes out with them (a stop's just after the reply); the writer
+        # waits until it is stored before telling its caller (agent/journaling.py).
         acks = await self.publisher.after(verb, outcome)
+        acks += await self.journal.send(record, replied=False)
         await self._reply(msg, outcome)
+        acks += await self.journal.send(record, replied=True)
         await self.publisher.wait(acks)
 
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:

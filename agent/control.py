@@ -33,9 +33,11 @@ from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
 from runctl.agent.agent import Agent
+from runctl.agent.replay import ReplayedChange
 from runctl.agent.steps import StepsMixin
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, Unavailable
+from runctl.bus.journal import Skipped
 
 __all__ = ["Control", "control"]
 
@@ -87,6 +89,17 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
     @property
     def url(self) -> str | None:
         return self.agent.url
+
+    @property
+    def replayed(self) -> list[ReplayedChange]:
+        """The journaled changes this rank applied when it started (oldest first); empty
+        for a fresh run, with ``replay=False``, or before ``wait_ready()``."""
+        return list(self.agent.replay_report.replayed)
+
+    @property
+    def replay_skipped(self) -> list[Skipped]:
+        """Journaled changes the replay could not apply any more, with the reason."""
+        return list(self.agent.replay_report.skipped)
 
     @property
     def step(self) -> int | None:

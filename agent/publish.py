@@ -177,6 +177,8 @@ class Publisher:
                 step=rank.clock.step,
                 step_rate=round(rank.clock.rate, 3),
                 pending=len(rank.pending),
+                replayed=rank.replayed,
+                replay_skipped=rank.replay_skipped,
             )
             try:
                 return [await self.registry.put_nowait(record)]

@@ -297,7 +297,7 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     if args.json:
         print_json(result.to_json())
     else:
-        if result.change_id:
+        if result.at_step is not None:
             taken = not (result.errors or result.missing)
             print(
                 f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
