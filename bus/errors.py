@@ -17,7 +17,8 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
     ├── TooLate                  too_late          409  1  a deferred change came after its step
     ├── Conflict                 conflict          409  1  an undo of fields changed again since
     ├── Unavailable              unavailable       503  5  the bus cannot be reached
-    │   └── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
+    │   ├── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
+    │   └── TlsError             tls               503  5  TLS failed, or a plain server refused
     ├── Timeout                  timeout           504  5  a rank did not answer (``missing``)
     ├── RemoteError              internal          502  1  the agent failed handling a command
     ├── CorruptArtifact          corrupt_artifact  500  1  a stored result fails its digest
@@ -37,6 +38,7 @@ these errors in one place, :func:`map_nats_error`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -64,6 +66,7 @@ __all__ = [
     "ServerStartError",
     "SetupError",
     "Timeout",
+    "TlsError",
     "TokenError",
     "TooLate",
     "Unauthorized",
@@ -256,6 +259,14 @@ class ServerStartError(Unavailable):
         self.log_line = log_line
 
 
+class TlsError(Unavailable):
+    """The server's certificate did not verify (wrong CA, expired, wrong host name), the
+    handshake failed, or TLS is configured and the server offered a plain connection
+    (refused before any password is sent)."""
+
+    code = "tls"
+
+
 class Timeout(RunctlError, TimeoutError):
     """A rank did not answer in time; ``missing`` names the ranks that stayed silent."""
 
@@ -309,7 +320,8 @@ class TokenError(SetupError, ValueError):
 
 
 class InsecureBind(SetupError, RuntimeError):
-    """The gateway was asked to listen beyond loopback with no token configured."""
+    """The gateway was asked to listen beyond loopback with no token configured, or with
+    tokens but neither TLS nor --allow-plain-http."""
 
     code = "insecure_bind"
 
@@ -369,6 +381,10 @@ def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None
 
     if isinstance(exc, RunctlError):
         return exc
+    if isinstance(exc, ssl.SSLError):  # before OSError: it is one
+        from runctl.bus.tls import describe_ssl_error
+
+        return TlsError(describe_ssl_error(exc))
     if isinstance(exc, nats_errors.NoRespondersError):
         return NotFound(run, rank)
     if isinstance(exc, nats_errors.MaxPayloadError):

@@ -123,6 +123,7 @@ SURFACES: list[tuple[type[e.RunctlError], str, int, int]] = [
     (e.Conflict, "conflict", 409, 1),
     (e.Unavailable, "unavailable", 503, 5),
     (e.ServerStartError, "unavailable", 503, 5),
+    (e.TlsError, "tls", 503, 5),
     (e.Timeout, "timeout", 504, 5),
     (e.RemoteError, "internal", 502, 1),
     (e.CorruptArtifact, "corrupt_artifact", 500, 1),
