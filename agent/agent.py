@@ -37,6 +37,7 @@ from runctl.agent.env import detect_rank, detect_run, detect_world_size
 from runctl.agent.escalation import escalate, recorded_stop
 from runctl.agent.journaling import Journaler, target_of
 from runctl.agent.pending import PendingChanges, StepClock
+from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
 from runctl.agent.publish import Publisher
 from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
@@ -45,6 +46,7 @@ from runctl.bus import messages as m
 from runctl.bus.client import DEFAULT_MAX_PAYLOAD
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
+from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.server import NatsServer
 from runctl.bus.steplog import StepLog
@@ -64,7 +66,9 @@ class Agent(Generic[M]):
     ``run``/``rank`` default to the launcher's environment (:mod:`runctl.agent.env`);
     ``url`` to ``RUNCTL_NATS_URL``, else (``embedded``) a local server on 4222, started if
     none listens. ``lock`` is held while a change is applied; ``on_stop(reason)`` runs
-    when a stop arrives; ``heartbeat`` is the seconds between state publishes.
+    when a stop arrives; ``heartbeat`` is the seconds between state publishes; ``stall``
+    when the program counts as stalled (default: ``RUNCTL_STALL_*``, else 10 x its recent
+    step interval, at least 60 s; see :mod:`runctl.bus.progress`).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class Agent(Generic[M]):
         data_dir: str | os.PathLike[str] = ".runctl",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         replay: bool | None = None,
+        stall: StallPolicy | None = None,
     ) -> None:
         self.live = LiveState(state, lock)
         self.run = check_token(run if run is not None else detect_run(), "run")
@@ -110,7 +115,17 @@ class Agent(Generic[M]):
             clock=self.clock,
             max_payload=max_payload,
         )
-        self.publisher = Publisher(self.core, heartbeat_interval=heartbeat, soon=self._soon)
+        # is the program advancing (see agent/progress.py), and did it end with an error
+        self.progress = Progress()
+        self.monitor = ProgressMonitor(self.progress, stall or StallPolicy.from_env())
+        self.exit = ExitErrors()
+        self.publisher = Publisher(
+            self.core,
+            heartbeat_interval=heartbeat,
+            soon=self._soon,
+            monitor=self.monitor,
+            exit=self.exit,
+        )
         self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: TaskGroup | None = None
@@ -170,8 +185,11 @@ class Agent(Generic[M]):
 
         Call it from the program's loop with the same step numbers on every rank (the
         global step). Costs a few hundred nanoseconds when nothing is due; never waits on
-        the network (publishing the result is handed to the agent's thread).
+        the network (publishing the result is handed to the agent's thread). A new step
+        counts as progress (see :meth:`tick`).
         """
+        if step != self.clock.step:
+            self.progress.tick()
         self.clock.observe(step)
         due = self.pending.pop_due(step)
         if not due:
@@ -182,6 +200,12 @@ class Agent(Generic[M]):
             self._soon(partial(self.publisher.after_deferred, outcome, step))
             self._soon(partial(self.journal.deferred, outcome, step))
         return len(due)
+
+    def tick(self) -> None:
+        """Mark progress without a step number: a loop that calls it is reported
+        ``stalled`` when it stops calling it for longer than its threshold. Two attribute
+        writes: no lock, no network, nothing for the agent's thread to do."""
+        self.progress.tick()
 
     async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()
@@ -195,6 +219,7 @@ class Agent(Generic[M]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.exit.record(exc_type, exc)
         await self.aclose()
         assert self._tg is not None
         await self._tg.__aexit__(exc_type, exc, tb)

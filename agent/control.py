@@ -52,6 +52,7 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         self._portal, self._thread = _start_loop_thread(f"runctl-agent-{agent.rank}")
         self._future: Future[None] = self._portal.start_task_soon(agent.serve)
         self._closed = False
+        agent.exit.install()  # an uncaught exception is reported in the rank's exit
         atexit.register(self.close)
 
     # --- what the program reads ----------------------------------------------------------
@@ -120,6 +121,13 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         """
         return self.agent.sync(step)
 
+    def tick(self) -> None:
+        """Mark progress (a batch, an item, a request served) in a loop that does not call
+        :meth:`sync`: the rank is reported ``stalled`` when the program stops advancing
+        for longer than its threshold (docs/distributed.md, "Liveness"). ~100 ns: no lock,
+        no network, no hand-off to the agent's thread."""
+        self.agent.progress.tick()
+
     def wait_ready(self, timeout: float = 10.0) -> Self:
         """Block until the agent is connected and registered (tests, scripts). An agent
         that failed to start raises at once, not after ``timeout``."""
@@ -162,6 +170,7 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.agent.exit.record(exc_type, exc)
         self.close()
 
     def __repr__(self) -> str:

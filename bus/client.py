@@ -45,7 +45,7 @@ from runctl.bus.identity import author_of
 from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.paths import resolve
-from runctl.bus.registry import RankInfo, Registry
+from runctl.bus.registry import ANSWERING, RankInfo, Registry
 from runctl.bus.subjects import ALL, check_rank, check_token, command_subject
 
 __all__ = ["ACTING_AS", "DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
@@ -682,7 +682,8 @@ class Client:
             infos = [RankInfo.of(r) for r in await registry.records(run)]
         except Exception:
             return frozenset(), None
-        expected = frozenset(info.record.rank for info in infos if info.liveness == "alive")
+        # a stalled rank's program is stuck, but its agent answers
+        expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
         if expected:
             if len(self._expected_ranks) > 1024:
                 self._expected_ranks.clear()

@@ -212,6 +212,14 @@ class StateMsg(msgspec.Struct, tag="state/1", **_TAG):
     state: Any
     #: "changed" when published because the state changed, "heartbeat" otherwise
     cause: str = "heartbeat"
+    #: what a subscriber needs to tell alive / stale / stalled without the registry
+    #: (see bus/progress.py): the agent's heartbeat period, the program's last step,
+    #: when the program last advanced (wall clock; None: it never reported progress)
+    #: and after how many seconds without progress it counts as stalled (0: never)
+    heartbeat_interval: float = 0.0
+    step: int | None = None
+    progress_ts: float | None = None
+    stall_after: float = 0.0
 
 
 class Event(msgspec.Struct, tag="event/1", **_TAG):
@@ -253,6 +261,15 @@ class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     #: journaled changes applied when this rank started (replay), and those skipped
     replayed: int = 0
     replay_skipped: int = 0
+    #: when the program last advanced (a new step, an item of ctl.steps, ctl.tick());
+    #: None if it never reported progress (see bus/progress.py)
+    progress_ts: float | None = None
+    #: the program's recent seconds per step (0: not known yet)
+    progress_interval: float = 0.0
+    #: seconds without progress after which the rank is ``stalled`` (0: never)
+    stall_after: float = 0.0
+    #: why the program ended, when it ended with an uncaught exception ("" otherwise)
+    error: str = ""
 
 
 class RunRecord(msgspec.Struct, tag="run/1", **_TAG):
