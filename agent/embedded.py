@@ -1,53 +1,40 @@
-"""Zero setup: with no NATS URL configured, an agent uses (or starts) a server on 4222.
+"""Zero setup: with no NATS URL configured, an agent takes a lease on the machine's shared
+nats-server and gateway (:mod:`runctl.agent.embedded_lease`), started by the first program
+that needs them and stopped after the last one exits (:mod:`runctl.agent.embedded_host`).
 
-The first rank on a machine starts ``nats-server`` (JetStream stored under the agent's
-``data_dir``) from the agent's own thread, so the server dies with that process; the
-others find it listening and use it.
+Two hooks for the agent: :func:`take_lease` before connecting (it logs the one honest
+line about who started the server) and :func:`announce_access` once ready (it prints
+where the state can be read and changed).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from pathlib import Path
-from typing import Final
+import sys
 
-import structlog
+import anyio
+from structlog.typing import FilteringBoundLogger
 
-from runctl.bus.errors import ServerStartError
-from runctl.bus.server import NatsServer
+from runctl.agent.announce import access_line, server_log_fields
+from runctl.agent.embedded_lease import EmbeddedConfig, Lease, acquire
 
-__all__ = ["EMBEDDED_PORT", "ensure_embedded_server", "listening"]
-
-#: the port the embedded server listens on (module attribute: benchmarks point it elsewhere)
-EMBEDDED_PORT: Final = 4222
+__all__ = ["announce_access", "take_lease"]
 
 
-def ensure_embedded_server(data_dir: str | os.PathLike[str]) -> tuple[str, NatsServer | None]:
-    """The URL of the local server on :data:`EMBEDDED_PORT`, and the server if this call
-    started it (None when one was already listening, or another rank won the race)."""
-    port = EMBEDDED_PORT
-    url = f"nats://127.0.0.1:{port}"
-    if listening("127.0.0.1", port):
-        return url, None
-    server = NatsServer(port=port, store_dir=Path(data_dir) / "nats", die_with_parent=True)
-    try:
-        # Started from this (the agent's) thread: it dies with the thread, no orphan.
-        started = server.start()
-    except ServerStartError as exc:
-        if "address already in use" not in exc.log_line:
-            raise
-        return url, None  # another rank won the race to start it: use theirs
-    structlog.get_logger().info(
-        "started embedded nats-server", url=url, store=str(server.store_dir)
-    )
-    return url, started
+async def take_lease(
+    config: EmbeddedConfig, data_dir: str | os.PathLike[str], log: FilteringBoundLogger
+) -> Lease:
+    """The embedded bus's lease (a thread waits for the host), and its one log line."""
+    lease = await anyio.to_thread.run_sync(acquire, config, data_dir, abandon_on_cancel=True)
+    event, fields = server_log_fields(lease)
+    log.info(event, **fields)
+    return lease
 
 
-def listening(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections on ``host:port`` (within 0.2 s)."""
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+async def announce_access(lease: Lease, run: str, rank: str) -> None:
+    """Print where the state can be read and changed, once the gateway is up (or is
+    known not to be). Rank 0 speaks for the run; the other ranks stay quiet."""
+    if rank != "0":
+        return
+    url, why_not = await anyio.to_thread.run_sync(lease.gateway, abandon_on_cancel=True)
+    print(access_line(run, lease, url, why_not), file=sys.stderr, flush=True)

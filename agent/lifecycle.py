@@ -2,7 +2,7 @@
 step log (:meth:`runctl.agent.Agent.serve` runs them), then shut down.
 
 Each step takes what it needs and returns what it made, so the agent holds every resource
-as soon as it exists (a server started before a failed connect is still stopped).
+as soon as it exists (a lease taken before a failed connect is still given back).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from nats.aio.subscription import Subscription
 from structlog.typing import FilteringBoundLogger
 
 from runctl.agent.commands import RankState
+from runctl.agent.embedded_lease import Lease
 from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.registry import Registry
-from runctl.bus.server import NatsServer
 from runctl.bus.steplog import StepLog
 from runctl.bus.subjects import command_wildcards
 
@@ -87,24 +87,22 @@ async def shutdown(
     publisher: Publisher,
     steplog: StepLog | None,
     subs: list[Subscription],
-    server: NatsServer | None,
+    lease: Lease | None,
 ) -> None:
     """Flush queued step completions, publish the final record and ``exited``, unsubscribe
-    and drain (each bounded), close; stop the embedded server if this agent started it."""
+    and drain (each bounded), close; then give the embedded server's lease back."""
     if nc is not None and not nc.is_closed:
         if steplog is not None:  # flush queued step completions (bounded)
             await steplog.aclose()
         publisher.exited = True
         if nc.is_connected:
             await publisher.wait(await publisher.record(publisher.rank.live.dump_json()))
-            await publisher.event(
-                "exited", reason=publisher.rank.stop_reason, error=publisher.exit.error
-            )
+            await publisher.event("exited", reason=publisher.rank.stop_reason)
         for sub in subs:
             with anyio.move_on_after(PUBLISH_TIMEOUT):
                 await sub.unsubscribe()
         with anyio.move_on_after(2):
             await nc.drain()
         await close_quietly(nc)
-    if server is not None:
-        await anyio.to_thread.run_sync(server.stop)
+    if lease is not None:  # after the goodbye: the host may stop the bus now
+        lease.close()

@@ -15,10 +15,9 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
     ├── Forbidden                forbidden         403  2  the token's role is too low
     ├── MethodNotAllowed         method_not_al...  405  2  a route without that method
     ├── TooLate                  too_late          409  1  a deferred change came after its step
-    ├── Conflict                 conflict          409  1  an undo of fields changed again since
+    ├── AmbiguousRun             ambiguous_run     409  2  no run named, several live (``runs``)
     ├── Unavailable              unavailable       503  5  the bus cannot be reached
-    │   ├── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
-    │   └── TlsError             tls               503  5  TLS failed, or a plain server refused
+    │   └── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
     ├── Timeout                  timeout           504  5  a rank did not answer (``missing``)
     ├── RemoteError              internal          502  1  the agent failed handling a command
     ├── CorruptArtifact          corrupt_artifact  500  1  a stored result fails its digest
@@ -38,7 +37,6 @@ these errors in one place, :func:`map_nats_error`.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -49,10 +47,10 @@ __all__ = [
     "EXIT_REJECTED",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "AmbiguousRun",
     "BadPath",
     "BadRequest",
     "BadToken",
-    "Conflict",
     "CorruptArtifact",
     "CredentialsError",
     "Forbidden",
@@ -66,7 +64,6 @@ __all__ = [
     "ServerStartError",
     "SetupError",
     "Timeout",
-    "TlsError",
     "TokenError",
     "TooLate",
     "Unauthorized",
@@ -243,6 +240,22 @@ class MethodNotAllowed(RunctlError):
     exit_code = EXIT_USAGE
 
 
+class AmbiguousRun(RunctlError):
+    """A request that names no run while several are live; ``runs`` names them."""
+
+    code = "ambiguous_run"
+    http_status = 409
+    exit_code = EXIT_USAGE
+
+    def __init__(self, runs: Sequence[str]) -> None:
+        shown = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+        super().__init__(
+            f"{len(runs)} live runs ({shown}): name one (/runs/RUN/ranks/RANK/..., or start "
+            "the gateway with --run RUN)"
+        )
+        self.runs = list(runs)
+
+
 class Unavailable(RunctlError, ConnectionError):
     """The bus (NATS, JetStream) cannot be reached, or the server could not start."""
 
@@ -257,14 +270,6 @@ class ServerStartError(Unavailable):
     def __init__(self, message: str, log_line: str = "") -> None:
         super().__init__(f"{message}: {log_line}" if log_line else message)
         self.log_line = log_line
-
-
-class TlsError(Unavailable):
-    """The server's certificate did not verify (wrong CA, expired, wrong host name), the
-    handshake failed, or TLS is configured and the server offered a plain connection
-    (refused before any password is sent)."""
-
-    code = "tls"
 
 
 class Timeout(RunctlError, TimeoutError):
@@ -283,13 +288,6 @@ class TooLate(RunctlError):
     """A change deferred to ``at_step`` reached a rank already past that step (retry)."""
 
     code = "too_late"
-    http_status = 409
-
-
-class Conflict(RunctlError):
-    """An undo refused: a later change touched the same fields (``force`` overrides)."""
-
-    code = "conflict"
     http_status = 409
 
 
@@ -320,8 +318,7 @@ class TokenError(SetupError, ValueError):
 
 
 class InsecureBind(SetupError, RuntimeError):
-    """The gateway was asked to listen beyond loopback with no token configured, or with
-    tokens but neither TLS nor --allow-plain-http."""
+    """The gateway was asked to listen beyond loopback with no token configured."""
 
     code = "insecure_bind"
 
@@ -381,10 +378,6 @@ def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None
 
     if isinstance(exc, RunctlError):
         return exc
-    if isinstance(exc, ssl.SSLError):  # before OSError: it is one
-        from runctl.bus.tls import describe_ssl_error
-
-        return TlsError(describe_ssl_error(exc))
     if isinstance(exc, nats_errors.NoRespondersError):
         return NotFound(run, rank)
     if isinstance(exc, nats_errors.MaxPayloadError):

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI
 from runctl.bus.client import Client
 from runctl.bus.credentials import CredentialsError, redact_url
 from runctl.bus.errors import Unavailable
-from runctl.gateway import errors, page, routes, steps_api
+from runctl.gateway import errors, freak, page, routes, steps_api
 from runctl.gateway.auth import require
 from runctl.gateway.settings import Settings
 
@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "steps", "description": "The completed-step log (JetStream)."},
             {
                 "name": "freak-compatible",
-                "description": "Freak's routes, on the run and rank given at start.",
+                "description": "Freak's routes, on the gateway's --run, else the only live run.",
             },
         ],
     )
@@ -118,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guarded = [Depends(require())]
     app.include_router(routes.router, dependencies=guarded)
     app.include_router(steps_api.router, dependencies=guarded)
+    app.include_router(freak.router, dependencies=guarded)
     app.include_router(page.router)  # static page: it fetches the API with the user's token
     app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
     return app

@@ -7,9 +7,10 @@ one shape::
 
     {"error": "<code>", "message": "<one line>", "detail": <pydantic's list, or the message>}
 
-plus ``"missing": [ranks]`` for a timeout. ``detail`` keeps FastAPI's meaning: for a
-request FastAPI refused it is its list (each ``loc`` starting with ``query``, ``path`` or
-``body``), inputs over 200 characters summarised rather than echoed.
+plus ``"missing": [ranks]`` for a timeout and ``"runs": [runs]`` for an ambiguous run.
+``detail`` keeps FastAPI's meaning: for a request FastAPI refused it is its list (each
+``loc`` starting with ``query``, ``path`` or ``body``), inputs over 200 characters
+summarised rather than echoed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runctl.bus.errors import (
+    AmbiguousRun,
     BadRequest,
     Forbidden,
     InvalidRequest,
@@ -86,6 +88,8 @@ def error_body(exc: RunctlError) -> dict[str, Any]:
     body: dict[str, Any] = {"error": exc.code, "message": exc.describe(), "detail": exc.detail}
     if isinstance(exc, Timeout):
         body["missing"] = exc.missing
+    if isinstance(exc, AmbiguousRun):
+        body["runs"] = exc.runs
     return body
 
 

@@ -10,12 +10,11 @@ rank's ``outcome``: applied, rejected with its detail, or no_answer), and the er
 status (422, 400 ...) when none did.
 
 The Freak-compatible root routes (``/get``, ``/set/...``, ``/reset``, ``/get_from_path``)
-act on the run and rank the gateway was started with (``--run``, ``--rank``).
+are in :mod:`runctl.gateway.freak`.
 """
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -24,19 +23,32 @@ from starlette.responses import Response
 
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
-from runctl.bus.errors import BadRequest, NotFound, RunctlError, Unavailable
+from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.paths import split_path
-from runctl.bus.registry import RankInfo, run_spread
+from runctl.bus.registry import RankInfo
 from runctl.bus.subjects import ALL, check_rank, check_token
 from runctl.gateway import ops
 from runctl.gateway.errors import json_response
 from runctl.gateway.settings import Settings
 
-__all__ = ["get_client", "rank_summary", "router"]
+__all__ = [
+    "PATCH_BODY",
+    "ClientDep",
+    "Fresh",
+    "PathParam",
+    "get_client",
+    "patch_of",
+    "rank_summary",
+    "read",
+    "reset_of",
+    "router",
+    "set_value_of",
+    "write_response",
+]
 
 router = APIRouter()
 R: Final = "/runs/{run}/ranks/{rank}"
-_PATCH_BODY: Final = {
+PATCH_BODY: Final = {
     "requestBody": {
         "required": True,
         "content": {
@@ -105,19 +117,6 @@ def _sync_options(rank: str, sync: bool, margin: int | None) -> dict[str, Any]:
     return {"sync": True, "margin": margin}
 
 
-def _default_target(request: Request) -> tuple[str, str]:
-    settings: Settings = request.app.state.settings
-    if settings.default_run is None:
-        raise NotFound(
-            "",
-            message=(
-                "no default run: start the gateway with --run RUN [--rank RANK] to use the "
-                "root routes, or use /runs/{run}/ranks/{rank}/..."
-            ),
-        )
-    return settings.default_run, settings.default_rank
-
-
 def rank_summary(info: RankInfo) -> dict[str, Any]:
     r = info.record
     return {
@@ -131,7 +130,7 @@ def rank_summary(info: RankInfo) -> dict[str, Any]:
 
 
 def _counts(infos: list[RankInfo]) -> dict[str, int]:
-    counts = {"alive": 0, "stalled": 0, "stale": 0, "exited": 0}
+    counts = {"alive": 0, "stale": 0, "exited": 0}
     for info in infos:
         counts[info.liveness] += 1
     return counts
@@ -167,7 +166,7 @@ def _read_response(result: Result | Gathered) -> Response:
     )
 
 
-def _write_response(run: str, result: Result | Gathered, *, freak: bool = False) -> Response:
+def write_response(run: str, result: Result | Gathered, *, freak: bool = False) -> Response:
     if isinstance(result, Gathered):
         return _gathered_response(result, freak=freak)
     headers = {
@@ -203,52 +202,40 @@ async def _patch_body(request: Request) -> dict[str, Any]:
     return value
 
 
-# --- shared implementations ------------------------------------------------------------
+# --- shared implementations (also the Freak-compatible root routes', gateway.freak) -------
 
 
-async def _read(client: Client, run: str, rank: str, path: str | None, fresh: bool) -> Response:
+async def read(client: Client, run: str, rank: str, path: str | None, fresh: bool) -> Response:
     run, rank = _target(run, rank)
     return _read_response(await client.get(run, rank, _dotted(path), fresh=fresh))
 
 
-async def _set(
-    client: Client,
-    run: str,
-    rank: str,
-    path: str,
-    value: str,
-    options: dict[str, Any],
-    *,
-    freak: bool = False,
-) -> Response:
+async def set_value_of(
+    client: Client, run: str, rank: str, path: str, value: str, options: dict[str, Any]
+) -> Result | Gathered:
     run, rank = _target(run, rank)
-    dotted = _dotted(path) or ""
-    return _write_response(
-        run, await ops.set_text(client, run, rank, dotted, value, **options), freak=freak
-    )
+    return await ops.set_text(client, run, rank, _dotted(path) or "", value, **options)
 
 
-async def _patch(
+async def patch_of(
     client: Client,
     request: Request,
     run: str,
     rank: str,
     path: str | None,
     options: dict[str, Any],
-    *,
-    freak: bool = False,
-) -> Response:
+) -> Result | Gathered:
     run, rank = _target(run, rank)
     dotted = _dotted(path)
     body = await _patch_body(request)
-    return _write_response(run, await client.patch(run, rank, body, dotted, **options), freak=freak)
+    return await client.patch(run, rank, body, dotted, **options)
 
 
-async def _reset(
-    client: Client, run: str, rank: str, options: dict[str, Any], *, freak: bool = False
-) -> Response:
+async def reset_of(
+    client: Client, run: str, rank: str, options: dict[str, Any]
+) -> Result | Gathered:
     run, rank = _target(run, rank)
-    return _write_response(run, await client.reset(run, rank, **options), freak=freak)
+    return await client.reset(run, rank, **options)
 
 
 # --- runs ---------------------------------------------------------------------------------
@@ -256,21 +243,15 @@ async def _reset(
 
 @router.get("/runs", summary="List runs and their ranks", tags=["runs"])
 async def list_runs(client: ClientDep) -> Response:
-    """Every run the registry knows, each rank with its liveness (alive / stalled / stale /
-    exited), state version, step, heartbeat age, seconds since its program last advanced,
-    host and pid; per run the step spread (which ranks lag behind the leader)."""
+    """Every run the registry knows, each rank with its liveness (alive / stale / exited),
+    state version, heartbeat age, host and pid."""
     by_run: dict[str, list[RankInfo]] = {}
     for info in await client.runs():
         by_run.setdefault(info.record.run, []).append(info)
     return json_response(
         {
             "runs": [
-                {
-                    "run": run,
-                    "counts": _counts(infos),
-                    "spread": run_spread(infos).to_json(),
-                    "ranks": [rank_summary(i) for i in infos],
-                }
+                {"run": run, "counts": _counts(infos), "ranks": [rank_summary(i) for i in infos]}
                 for run, infos in by_run.items()
             ]
         }
@@ -285,7 +266,6 @@ async def get_run(run: RunParam, client: ClientDep) -> Response:
     body: dict[str, Any] = {
         "run": run,
         "counts": _counts(infos),
-        "spread": run_spread(infos).to_json(),
         "ranks": [rank_summary(i) for i in infos],
     }
     try:
@@ -306,7 +286,7 @@ async def get_state(
 ) -> Response:
     """The state's JSON itself, with `X-Runctl-Version`, `X-Runctl-Status` (alive, stale,
     exited) and `X-Runctl-Age` (seconds since the rank's last heartbeat)."""
-    return await _read(client, run, rank, None, fresh)
+    return await read(client, run, rank, None, fresh)
 
 
 @router.get(R + "/get/{path:path}", summary="Read one value", tags=["state"])
@@ -314,7 +294,7 @@ async def get_value(
     run: RunParam, rank: RankParam, path: PathParam, client: ClientDep, fresh: Fresh = False
 ) -> Response:
     """The value at a dotted path (`optimizer.lr` or `optimizer/lr`)."""
-    return await _read(client, run, rank, path, fresh)
+    return await read(client, run, rank, path, fresh)
 
 
 @router.get(R + "/get_from_path", summary="Read one value (path in the query)", tags=["state"])
@@ -325,7 +305,7 @@ async def get_from_path(
     path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
     fresh: Fresh = False,
 ) -> Response:
-    return await _read(client, run, rank, path, fresh)
+    return await read(client, run, rank, path, fresh)
 
 
 @router.put(R + "/set/{path:path}", summary="Set one value", tags=["state"])
@@ -340,12 +320,11 @@ async def set_value(
 ) -> Response:
     """Replace the value at `path`, validated by the program's model; 422 with pydantic's
     errors (and nothing changed) if it does not fit."""
-    return await _set(client, run, rank, path, value, _sync_options(rank, sync, margin))
+    options = _sync_options(rank, sync, margin)
+    return write_response(run, await set_value_of(client, run, rank, path, value, options))
 
 
-@router.patch(
-    R + "/set", summary="Merge a partial state", tags=["state"], openapi_extra=_PATCH_BODY
-)
+@router.patch(R + "/set", summary="Merge a partial state", tags=["state"], openapi_extra=PATCH_BODY)
 async def patch_state(
     run: RunParam,
     rank: RankParam,
@@ -356,14 +335,15 @@ async def patch_state(
 ) -> Response:
     """Merge a JSON object into the state: nested objects merge (siblings are kept),
     everything else replaces. All or nothing."""
-    return await _patch(client, request, run, rank, None, _sync_options(rank, sync, margin))
+    options = _sync_options(rank, sync, margin)
+    return write_response(run, await patch_of(client, request, run, rank, None, options))
 
 
 @router.patch(
     R + "/set/{path:path}",
     summary="Merge into a sub-tree",
     tags=["state"],
-    openapi_extra=_PATCH_BODY,
+    openapi_extra=PATCH_BODY,
 )
 async def patch_at(
     run: RunParam,
@@ -375,7 +355,8 @@ async def patch_at(
     margin: Margin = None,
 ) -> Response:
     """Merge a JSON object into the object at `path` (e.g. `optimizer`)."""
-    return await _patch(client, request, run, rank, path, _sync_options(rank, sync, margin))
+    options = _sync_options(rank, sync, margin)
+    return write_response(run, await patch_of(client, request, run, rank, path, options))
 
 
 @router.delete(R + "/reset", summary="Back to the initial state", tags=["state"])
@@ -383,7 +364,8 @@ async def reset_state(
     run: RunParam, rank: RankParam, client: ClientDep, sync: Sync = False, margin: Margin = None
 ) -> Response:
     """The state the program had when it called `control()`."""
-    return await _reset(client, run, rank, _sync_options(rank, sync, margin))
+    options = _sync_options(rank, sync, margin)
+    return write_response(run, await reset_of(client, run, rank, options))
 
 
 @router.post(R + "/stop", summary="Ask the program to stop", tags=["state"])
@@ -408,7 +390,7 @@ async def stop(
     run, rank = _target(run, rank)
     options = _sync_options(rank, sync, margin)
     result = await client.stop(run, rank, reason, mode=mode, grace=grace, **options)
-    return _write_response(run, result)
+    return write_response(run, result)
 
 
 @router.get(R + "/schema", summary="The model's JSON schema", tags=["state"])
@@ -421,66 +403,3 @@ async def schema(run: RunParam, rank: RankParam, client: ClientDep) -> Response:
         i.record.rank: await client.schema(run, i.record.rank) for i in await client.ranks(run)
     }
     return json_response({"run": run, "ranks": ranks})
-
-
-# --- Freak-compatible root routes (the gateway's default run and rank) ---------------------
-
-_FREAK: Final[list[str | Enum]] = ["freak-compatible"]
-
-
-@router.get("/get", summary="Read the default rank's state", tags=_FREAK)
-async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -> Response:
-    return await _read(client, *_default_target(request), None, fresh)
-
-
-@router.get("/get/{path:path}", summary="Read one value of the default rank", tags=_FREAK)
-async def freak_get_value(
-    request: Request, path: PathParam, client: ClientDep, fresh: Fresh = False
-) -> Response:
-    return await _read(client, *_default_target(request), path, fresh)
-
-
-@router.get("/get_from_path", summary="Read one value (path in the query)", tags=_FREAK)
-async def freak_get_from_path(
-    request: Request,
-    client: ClientDep,
-    path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
-    fresh: Fresh = False,
-) -> Response:
-    return await _read(client, *_default_target(request), path, fresh)
-
-
-@router.put("/set/{path:path}", summary="Set one value of the default rank", tags=_FREAK)
-async def freak_set(
-    request: Request,
-    path: PathParam,
-    client: ClientDep,
-    value: Annotated[str, Query(description="JSON, else a string")],
-) -> Response:
-    """Answers `"success"` as Freak did."""
-    return await _set(client, *_default_target(request), path, value, {}, freak=True)
-
-
-@router.patch(
-    "/set",
-    summary="Merge a partial state into the default rank",
-    tags=_FREAK,
-    openapi_extra=_PATCH_BODY,
-)
-async def freak_patch(request: Request, client: ClientDep) -> Response:
-    return await _patch(client, request, *_default_target(request), None, {}, freak=True)
-
-
-@router.patch(
-    "/set/{path:path}",
-    summary="Merge into a sub-tree of the default rank",
-    tags=_FREAK,
-    openapi_extra=_PATCH_BODY,
-)
-async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
-    return await _patch(client, request, *_default_target(request), path, {}, freak=True)
-
-
-@router.delete("/reset", summary="Reset the default rank", tags=_FREAK)
-async def freak_reset(request: Request, client: ClientDep) -> Response:
-    return await _reset(client, *_default_target(request), {}, freak=True)

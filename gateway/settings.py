@@ -32,27 +32,25 @@ class Settings:
     nats_url: str | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    #: target of the Freak-compatible root routes (/get, /set, /reset ...); None: no target
+    #: run of the Freak-compatible root routes (/get, /set, /reset ...); None: the only
+    #: live run (gateway.freak)
     default_run: str | None = None
-    default_rank: str = "0"
+    #: their rank; None: reads from rank 0, writes to every rank
+    default_rank: str | None = None
     #: how long a command waits for its rank(s), seconds
     timeout: float = 2.0
     #: request bodies over this many bytes get 413 without being read
     max_body: int = DEFAULT_MAX_BODY
     #: bearer tokens (gateway.auth); empty: open, which only a loopback bind allows
     tokens: TokenTable = field(default_factory=TokenTable)
-    #: serve HTTPS with this certificate and key (PEM files); None: plain HTTP
-    tls_cert: str | None = None
-    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         # Checked at start, so a bad --run fails the gateway instead of every request.
         if self.default_run is not None:
             check_token(self.default_run, "run")
-        check_rank(self.default_rank)
+        if self.default_rank is not None:
+            check_rank(self.default_rank)
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
         if self.max_body < 1:
             raise ValueError("max_body must be at least 1 byte")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")

@@ -41,7 +41,6 @@ from runctl.bus.errors import (
     Unavailable,
     ValidationRejected,
 )
-from runctl.bus.progress import StallPolicy
 from runctl.bus.server import NatsServer
 
 try:
@@ -66,7 +65,6 @@ __all__ = [
     "Result",
     "RunctlError",
     "ServerStartError",
-    "StallPolicy",
     "Step",
     "Steps",
     "Timeout",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,24 @@ def run_id(request: pytest.FixtureRequest) -> str:
     """A run id unique to the test (tokens allow letters, digits, '_' and '-')."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return f"t{os.getpid()}-{next(_run_ids)}-{name}".strip("-")
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for programs that take a port
+    number rather than port 0, e.g. the embedded server's RUNCTL_NATS_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
 
 
 def spawn_python(

@@ -4,7 +4,6 @@ going stale, a busy main thread, and the zero-setup embedded server."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import spawn_python, wait_for
+from conftest import free_port, listening, spawn_python, wait_for
 
 from runctl.bus import Client, Gathered, NotFound, RankInfo, Result, ValidationRejected
 
@@ -271,22 +270,14 @@ EMBEDDED_CODE = """
         x: int = 0
 
     ctl = control(S(), run=os.environ["RUNCTL_RUN"], rank=0)  # no URL anywhere
-    ctl.wait_ready(20)
-    server = ctl.agent.server
-    say("READY", ctl.url, server is not None and server.process.pid)
+    ctl.wait_ready(30)
+    lease = ctl.agent.lease
+    say("READY", ctl.url, lease is not None and lease.started_server)
     while not ctl.stop_requested:
         time.sleep(0.01)
     ctl.close()
     sys.exit(0)
 """
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
 
 
 def _nats_servers_using(path: Path) -> list[int]:
@@ -311,13 +302,13 @@ def _nats_servers_using(path: Path) -> list[int]:
 async def test_embedded_server_when_no_url_is_configured(
     ranks: Ranks, run_id: str, tmp_path: Path, ending: str
 ) -> None:
-    if _listening(4222):
-        pytest.skip("something already listens on 127.0.0.1:4222")
-    ranks.start(run_id, 0, "", code=EMBEDDED_CODE, cwd=tmp_path)  # RUNCTL_NATS_URL empty
-    _, url, server_pid = (await ranks.line(0, "READY", timeout=30)).split()
-    assert url == "nats://127.0.0.1:4222" and server_pid.isdigit()
+    port = free_port()  # the embedded server's port (4222 by default) may be taken here
+    env = {"RUNCTL_NATS_PORT": str(port), "RUNCTL_GATEWAY": "0"}
+    ranks.start(run_id, 0, "", code=EMBEDDED_CODE, cwd=tmp_path, env=env)  # no URL
+    _, url, started = (await ranks.line(0, "READY", timeout=40)).split()
+    assert url == f"nats://127.0.0.1:{port}" and started == "True"
     assert (tmp_path / ".runctl" / "nats").is_dir()  # the store lives in the program's cwd
-    assert _nats_servers_using(tmp_path) == [int(server_pid)]
+    assert len(_nats_servers_using(tmp_path)) == 1
     async with await Client.connect(url) as client:
         res = await client.set(run_id, 0, "x", 4)
         assert isinstance(res, Result) and res.changed
@@ -328,8 +319,8 @@ async def test_embedded_server_when_no_url_is_configured(
             ranks.procs["0"].send_signal(signal.SIGKILL)
             assert await ranks.exit_code(0) == -signal.SIGKILL
     # no orphan: the server went with the program
-    wait_for(lambda: not _nats_servers_using(tmp_path), timeout=10)
-    wait_for(lambda: not _listening(4222), timeout=10)
+    wait_for(lambda: not _nats_servers_using(tmp_path), timeout=20)
+    wait_for(lambda: not listening(port), timeout=10)
 
 
 @pytest.mark.anyio

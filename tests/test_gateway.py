@@ -13,11 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import pytest
 from conftest import GatewayFactory, spawn_python, wait_for
 from pydantic import BaseModel, Field
 
 from runctl.agent import Control, control
+from runctl.bus.server import NatsServer
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 
 class Opt(BaseModel):
@@ -104,7 +108,7 @@ def test_runs_list_each_rank_with_its_liveness(
     http = gateway()
     runs = http.get("/runs").json()["runs"]
     mine = next(r for r in runs if r["run"] == run_id)
-    assert mine["counts"] == {"alive": 2, "stalled": 0, "stale": 0, "exited": 0}
+    assert mine["counts"] == {"alive": 2, "stale": 0, "exited": 0}
     rank0 = mine["ranks"][0]
     assert (rank0["rank"], rank0["status"], rank0["version"], rank0["pid"]) == (
         "0",
@@ -363,9 +367,24 @@ def test_freak_root_routes_act_on_the_default_rank(
     assert http.delete("/reset").json() == "success" and state.opt.lr == 0.1
 
 
-def test_root_routes_without_a_default_run_say_so(gateway: GatewayFactory) -> None:
-    r = gateway().get("/get")
-    assert r.status_code == 404 and "--run" in r.json()["message"]
+def test_root_routes_without_a_run_act_on_the_only_live_one(nats_server: NatsServer) -> None:
+    url = nats_server.url  # a private server: no other test's runs
+    with (
+        GatewayThread(Settings(nats_url=url, port=0)) as gw,
+        httpx.Client(base_url=gw.url, timeout=20) as http,
+    ):
+        r = http.get("/get")
+        assert r.status_code == 404 and "no live run" in r.json()["message"]
+        with control(Cfg(), run="solo", url=url).wait_ready() as solo:
+            assert http.get("/get").json() == Cfg().model_dump(mode="json")
+            assert http.put("/set/epochs", params={"value": "4"}).json() == "success"
+            assert solo.state.epochs == 4
+            with control(Cfg(), run="other", url=url).wait_ready():
+                r = http.get("/get/epochs")
+                assert r.status_code == 409 and r.json()["runs"] == ["other", "solo"]
+                assert "/runs/" in r.json()["message"]
+        r = http.get("/get")  # both said goodbye
+        assert r.status_code == 404 and "none alive" in r.json()["message"]
 
 
 # --- docs and page ---------------------------------------------------------------------------

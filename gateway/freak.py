@@ -1,0 +1,139 @@
+"""Freak's routes at the root: ``/get``, ``/get/{path}``, ``/get_from_path``, ``PUT
+/set/{path}``, ``PATCH /set[/{path}]``, ``DELETE /reset``, answering ``"success"`` as Freak.
+
+Which run they act on: the gateway's ``--run`` if it was given; else the only live run
+(at least one rank alive). With no live run they answer 404, with several 409 listing
+them (each with its own routes), so ``control(state)`` followed by ``curl
+localhost:4444/get`` works as in Freak without naming the generated run id.
+
+Which ranks: reads come from ``--rank`` (default rank 0); writes go to ``--rank`` if it
+was given, else to every rank of the run (a change that only rank 0 took would split a
+distributed training silently). Each write answers ``"success"`` when every rank applied
+it; a change that every rank refused answers the error itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Final
+
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from runctl.bus.client import Client, Gathered, Result
+from runctl.bus.errors import AmbiguousRun, NotFound
+from runctl.bus.subjects import ALL
+from runctl.gateway import routes
+from runctl.gateway.routes import ClientDep, Fresh, PathParam
+from runctl.gateway.settings import Settings
+
+__all__ = ["RootTarget", "root_target", "router"]
+
+router = APIRouter()
+_FREAK: Final[list[str | Enum]] = ["freak-compatible"]
+
+
+@dataclass(frozen=True, slots=True)
+class RootTarget:
+    run: str
+    read_rank: str
+    write_rank: str
+
+
+async def root_target(request: Request, client: Client) -> RootTarget:
+    """The run and ranks the root routes act on (module docs)."""
+    settings: Settings = request.app.state.settings
+    read_rank = settings.default_rank or "0"
+    write_rank = settings.default_rank or ALL
+    if settings.default_run is not None:
+        return RootTarget(settings.default_run, read_rank, write_rank)
+    live: dict[str, None] = {}
+    known: dict[str, None] = {}
+    for info in await client.runs():
+        known[info.record.run] = None
+        if info.liveness == "alive":
+            live[info.record.run] = None
+    if len(live) == 1:
+        return RootTarget(next(iter(live)), read_rank, write_rank)
+    if live:
+        raise AmbiguousRun(sorted(live))
+    others = f" (the registry knows {', '.join(sorted(known)[:10])}, none alive)" if known else ""
+    raise NotFound(
+        "",
+        message=f"no live run{others}: start a program with control(state), or use "
+        "/runs/{run}/ranks/{rank}/... for a run that has exited",
+    )
+
+
+def _success(run: str, result: Result | Gathered) -> Response:
+    """``"success"`` as Freak; a change every rank refused is that error (422 with
+    pydantic's list, 404 for an unknown path ...), as for one rank."""
+    if isinstance(result, Gathered) and result.errors and not (result.results or result.missing):
+        raise result.errors[result.acknowledged[0]]
+    return routes.write_response(run, result, freak=True)
+
+
+@router.get("/get", summary="Read the state", tags=_FREAK)
+async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -> Response:
+    t = await root_target(request, client)
+    return await routes.read(client, t.run, t.read_rank, None, fresh)
+
+
+@router.get("/get/{path:path}", summary="Read one value", tags=_FREAK)
+async def freak_get_value(
+    request: Request, path: PathParam, client: ClientDep, fresh: Fresh = False
+) -> Response:
+    t = await root_target(request, client)
+    return await routes.read(client, t.run, t.read_rank, path, fresh)
+
+
+@router.get("/get_from_path", summary="Read one value (path in the query)", tags=_FREAK)
+async def freak_get_from_path(
+    request: Request,
+    client: ClientDep,
+    path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
+    fresh: Fresh = False,
+) -> Response:
+    t = await root_target(request, client)
+    return await routes.read(client, t.run, t.read_rank, path, fresh)
+
+
+@router.put("/set/{path:path}", summary="Set one value", tags=_FREAK)
+async def freak_set(
+    request: Request,
+    path: PathParam,
+    client: ClientDep,
+    value: Annotated[str, Query(description="JSON, else a string")],
+) -> Response:
+    """Answers `"success"` as Freak did."""
+    t = await root_target(request, client)
+    return _success(t.run, await routes.set_value_of(client, t.run, t.write_rank, path, value, {}))
+
+
+@router.patch(
+    "/set",
+    summary="Merge a partial state",
+    tags=_FREAK,
+    openapi_extra=routes.PATCH_BODY,
+)
+async def freak_patch(request: Request, client: ClientDep) -> Response:
+    t = await root_target(request, client)
+    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {}))
+
+
+@router.patch(
+    "/set/{path:path}",
+    summary="Merge into a sub-tree",
+    tags=_FREAK,
+    openapi_extra=routes.PATCH_BODY,
+)
+async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
+    t = await root_target(request, client)
+    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {}))
+
+
+@router.delete("/reset", summary="Back to the initial state", tags=_FREAK)
+async def freak_reset(request: Request, client: ClientDep) -> Response:
+    t = await root_target(request, client)
+    return _success(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))
