@@ -36,14 +36,18 @@ from runctl.agent.embedded import announce_access, take_lease
 from runctl.agent.embedded_lease import Lease, embedded_config
 from runctl.agent.env import detect_rank, detect_run, detect_world_size
 from runctl.agent.escalation import escalate, recorded_stop
+from runctl.agent.journaling import Journaler, target_of
 from runctl.agent.pending import PendingChanges, StepClock
+from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
 from runctl.agent.publish import Publisher
+from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import Steps
 from runctl.bus import messages as m
 from runctl.bus.client import DEFAULT_MAX_PAYLOAD
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
+from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.steplog import StepLog
 from runctl.bus.subjects import check_rank, check_token, state_subject
@@ -63,7 +67,9 @@ class Agent(Generic[M]):
     ``url`` to ``RUNCTL_NATS_URL``, else (``embedded``) the machine's shared local server
     (:mod:`runctl.agent.embedded`), with an HTTP gateway unless ``gateway=False``.
     ``lock`` is held while a change is applied; ``on_stop(reason)`` runs
-    when a stop arrives; ``heartbeat`` is the seconds between state publishes.
+    when a stop arrives; ``heartbeat`` is the seconds between state publishes; ``stall``
+    when the program counts as stalled (default: ``RUNCTL_STALL_*``, else 10 x its recent
+    step interval, at least 60 s; see :mod:`runctl.bus.progress`).
     """
 
     def __init__(
@@ -80,6 +86,8 @@ class Agent(Generic[M]):
         gateway: bool | None = None,
         data_dir: str | os.PathLike[str] = ".runctl",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        replay: bool | None = None,
+        stall: StallPolicy | None = None,
     ) -> None:
         self.live = LiveState(state, lock)
         self.run = check_token(run if run is not None else detect_run(), "run")
@@ -112,7 +120,17 @@ class Agent(Generic[M]):
             clock=self.clock,
             max_payload=max_payload,
         )
-        self.publisher = Publisher(self.core, heartbeat_interval=heartbeat, soon=self._soon)
+        # is the program advancing (see agent/progress.py), and did it end with an error
+        self.progress = Progress()
+        self.monitor = ProgressMonitor(self.progress, stall or StallPolicy.from_env())
+        self.exit = ExitErrors()
+        self.publisher = Publisher(
+            self.core,
+            heartbeat_interval=heartbeat,
+            soon=self._soon,
+            monitor=self.monitor,
+            exit=self.exit,
+        )
         self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: TaskGroup | None = None
@@ -128,6 +146,10 @@ class Agent(Generic[M]):
         self.steps = Steps(self)
         self.steplog: StepLog | None = None
         self.steplog_error = ""
+        # the change journal: what this rank does is recorded; replayed when it starts
+        self.journal = Journaler(self.core)
+        self.replay = replay_enabled(replay)
+        self.replay_report = ReplayReport()
 
     # --- public -----------------------------------------------------------------------
 
@@ -167,8 +189,11 @@ class Agent(Generic[M]):
 
         Call it from the program's loop with the same step numbers on every rank (the
         global step). Costs a few hundred nanoseconds when nothing is due; never waits on
-        the network (publishing the result is handed to the agent's thread).
+        the network (publishing the result is handed to the agent's thread). A new step
+        counts as progress (see :meth:`tick`).
         """
+        if step != self.clock.step:
+            self.progress.tick()
         self.clock.observe(step)
         due = self.pending.pop_due(step)
         if not due:
@@ -177,7 +202,14 @@ class Agent(Generic[M]):
             outcome = commands.apply(self.core, item.command, defer=False)
             self._carry_out(outcome.effects)
             self._soon(partial(self.publisher.after_deferred, outcome, step))
+            self._soon(partial(self.journal.deferred, outcome, step))
         return len(due)
+
+    def tick(self) -> None:
+        """Mark progress without a step number: a loop that calls it is reported
+        ``stalled`` when it stops calling it for longer than its threshold. Two attribute
+        writes: no lock, no network, nothing for the agent's thread to do."""
+        self.progress.tick()
 
     async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()
@@ -191,6 +223,7 @@ class Agent(Generic[M]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.exit.record(exc_type, exc)
         await self.aclose()
         assert self._tg is not None
         await self._tg.__aexit__(exc_type, exc, tb)
@@ -218,6 +251,9 @@ class Agent(Generic[M]):
                     self.url or DEFAULT_URL, self.run, self.rank, self.log
                 )
                 self.publisher.attach(self.nc, self.registry)
+                self.replay_report = await start_journal(
+                    self.nc, self.journal, self.publisher, replay=self.replay
+                )
                 self._subs = await lifecycle.subscribe_commands(
                     self.nc, self.run, self.rank, self._on_command
                 )
@@ -245,6 +281,7 @@ class Agent(Generic[M]):
                 tasks.cancel_scope.cancel()  # pending escalation timers end with the agent
         finally:
             with anyio.CancelScope(shield=True):
+                await self.journal.aclose()
                 await lifecycle.shutdown(
                     self.nc,
                     publisher=self.publisher,
@@ -260,14 +297,19 @@ class Agent(Generic[M]):
         verb = msg.subject.rsplit(".", 1)[-1]
         outcome = commands.execute(self.core, verb, msg.data)
         self._carry_out(outcome.effects)
+        record = self.journal.prepare(outcome, target_of(msg.subject))
         # State, record, event and reply go out in one write; the record's ack is awaited
         # only after replying. Every wait on the network costs a GIL hand-off (~5 ms when
         # the program's loop holds the GIL), so none is on the caller's path. Read-your-
         # writes is kept by the caller instead: bus.Client waits (in its own process) until
         # the registry shows the version this reply reports. The acks are this call's own:
         # a command on the rank subject and one on the ``all`` subject run concurrently.
+        # The journal record goes out with them (a stop's just after the reply); the writer
+        # waits until it is stored before telling its caller (agent/journaling.py).
         acks = await self.publisher.after(verb, outcome)
+        acks += await self.journal.send(record, replied=False)
         await self._reply(msg, outcome)
+        acks += await self.journal.send(record, replied=True)
         await self.publisher.wait(acks)
 
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:

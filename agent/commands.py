@@ -69,6 +69,9 @@ class RankState:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     stop_requested: bool = False
     stop_reason: str = ""
+    #: journaled changes applied when the rank started, and those the replay skipped
+    replayed: int = 0
+    replay_skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +168,10 @@ def apply(
                 value = _ping(rank, time.time() if now is None else now)
             case m.Cancel(change_id=change_id):
                 value = {"cancelled": rank.pending.cancel(change_id)}
+            case m.Assign(values=values):
+                changed = live.assign(values)
         new_state: bytes | None = None
-        if isinstance(cmd, m.Set | m.Patch | m.Reset):
+        if isinstance(cmd, m.Set | m.Patch | m.Reset | m.Assign):
             dumped = live.dump_json()
             value = msgspec.Raw(dumped)
             new_state = dumped if changed else None

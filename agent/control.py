@@ -33,9 +33,11 @@ from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
 from runctl.agent.agent import Agent
+from runctl.agent.replay import ReplayedChange
 from runctl.agent.steps import StepsMixin
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, Unavailable
+from runctl.bus.journal import Skipped
 
 __all__ = ["Control", "control"]
 
@@ -50,6 +52,7 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         self._portal, self._thread = _start_loop_thread(f"runctl-agent-{agent.rank}")
         self._future: Future[None] = self._portal.start_task_soon(agent.serve)
         self._closed = False
+        agent.exit.install()  # an uncaught exception is reported in the rank's exit
         atexit.register(self.close)
 
     # --- what the program reads ----------------------------------------------------------
@@ -89,6 +92,17 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         return self.agent.url
 
     @property
+    def replayed(self) -> list[ReplayedChange]:
+        """The journaled changes this rank applied when it started (oldest first); empty
+        for a fresh run, with ``replay=False``, or before ``wait_ready()``."""
+        return list(self.agent.replay_report.replayed)
+
+    @property
+    def replay_skipped(self) -> list[Skipped]:
+        """Journaled changes the replay could not apply any more, with the reason."""
+        return list(self.agent.replay_report.skipped)
+
+    @property
     def step(self) -> int | None:
         """The last step passed to :meth:`sync`."""
         return self.agent.step
@@ -106,6 +120,13 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         Never waits on the network.
         """
         return self.agent.sync(step)
+
+    def tick(self) -> None:
+        """Mark progress (a batch, an item, a request served) in a loop that does not call
+        :meth:`sync`: the rank is reported ``stalled`` when the program stops advancing
+        for longer than its threshold (docs/distributed.md, "Liveness"). ~100 ns: no lock,
+        no network, no hand-off to the agent's thread."""
+        self.agent.progress.tick()
 
     def wait_ready(self, timeout: float = 10.0) -> Self:
         """Block until the agent is connected and registered (tests, scripts). An agent
@@ -149,6 +170,7 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.agent.exit.record(exc_type, exc)
         self.close()
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ import structlog
 
 from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
 from runctl.bus import messages as m
-from runctl.bus.registry import Registry, liveness
+from runctl.bus.registry import ANSWERING, Registry, liveness
 
 __all__ = ["STOP_RECORD_WINDOW", "escalate", "recorded_stop"]
 
@@ -42,7 +42,7 @@ async def recorded_stop(registry: Registry | None, run: str, rank: str) -> m.Run
             if time.time() - record.ts < STOP_RECORD_WINDOW:
                 return record
             others = any(
-                r.rank != rank and liveness(r) == "alive" for r in await registry.records(run)
+                r.rank != rank and liveness(r) in ANSWERING for r in await registry.records(run)
             )
     except Exception as exc:
         structlog.get_logger().debug(

@@ -97,7 +97,9 @@ async def shutdown(
         publisher.exited = True
         if nc.is_connected:
             await publisher.wait(await publisher.record(publisher.rank.live.dump_json()))
-            await publisher.event("exited", reason=publisher.rank.stop_reason)
+            await publisher.event(
+                "exited", reason=publisher.rank.stop_reason, error=publisher.exit.error
+            )
         for sub in subs:
             with anyio.move_on_after(PUBLISH_TIMEOUT):
                 await sub.unsubscribe()

@@ -24,7 +24,9 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from runctl.agent.commands import Outcome, RankState, verb_of
+from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
 from runctl.bus import messages as m
+from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.subjects import event_subject, state_subject
 
@@ -52,9 +54,15 @@ class Publisher:
         *,
         heartbeat_interval: float,
         soon: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
+        monitor: ProgressMonitor | None = None,
+        exit: ExitErrors | None = None,
     ) -> None:
         self.rank = rank
         self.heartbeat_interval = heartbeat_interval
+        #: whether the program advances (published with every state and record)
+        self.monitor = monitor or ProgressMonitor(Progress(), StallPolicy(enabled=False))
+        #: the uncaught exception that ended the program, if any
+        self.exit = exit or ExitErrors()
         self.nc: NATS | None = None
         self.registry: Registry | None = None
         #: the record says "exited" from now on (set at shutdown)
@@ -122,8 +130,10 @@ class Publisher:
     # --- heartbeat ----------------------------------------------------------------------
 
     async def beat(self) -> None:
-        """The heartbeat: the state (as ``changed`` if the program changed it since the
-        last beat) and the record, acknowledged within :data:`PUBLISH_TIMEOUT`."""
+        """The heartbeat: whether the program still advances (an event when that changed),
+        the state (as ``changed`` if the program changed it since the last beat) and the
+        record, acknowledged within :data:`PUBLISH_TIMEOUT`."""
+        await self.check_progress()
         live = self.rank.live
         changed = live.poll_changed()
         if changed is not None:
@@ -131,6 +141,24 @@ class Publisher:
             await self.event("changed", version=live.version)
         else:
             await self.wait(await self.state(live.dump_json(), cause="heartbeat"))
+
+    async def check_progress(self) -> None:
+        """Sample the program's progress marks; ``stalled`` / ``recovered`` events when
+        that changed (see :mod:`runctl.agent.progress`)."""
+        monitor, step = self.monitor, self.rank.clock.step
+        change = monitor.sample()
+        if change == "stalled":
+            idle = monitor.idle() or 0.0
+            self.log.warning("program stalled", idle=round(idle, 3), step=step)
+            await self.event(
+                "stalled",
+                step=step,
+                idle_s=round(idle, 3),
+                stall_after_s=round(monitor.stall_after, 3),
+            )
+        elif change == "recovered":
+            self.log.info("program advancing again", step=step)
+            await self.event("recovered", step=step)
 
     # --- the three things published -----------------------------------------------------
 
@@ -146,6 +174,10 @@ class Publisher:
             ts=time.time(),
             state=msgspec.Raw(state),
             cause=cause,
+            heartbeat_interval=self.heartbeat_interval,
+            step=rank.clock.step,
+            progress_ts=self.monitor.progress_ts(),
+            stall_after=self.monitor.stall_after,
         )
         try:
             await nc.publish(state_subject(rank.run, rank.rank), m.encode(msg))
@@ -177,6 +209,12 @@ class Publisher:
                 step=rank.clock.step,
                 step_rate=round(rank.clock.rate, 3),
                 pending=len(rank.pending),
+                replayed=rank.replayed,
+                replay_skipped=rank.replay_skipped,
+                progress_ts=self.monitor.progress_ts(),
+                progress_interval=round(self.monitor.interval or 0.0, 6),
+                stall_after=self.monitor.stall_after,
+                error=self.exit.error,
             )
             try:
                 return [await self.registry.put_nowait(record)]

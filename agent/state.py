@@ -19,6 +19,7 @@ several fields consistently.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ import msgspec
 from pydantic import BaseModel, ValidationError
 
 from runctl.bus.errors import BadPath, BadRequest, ValidationRejected
+from runctl.bus.journal import FieldChange, field_diff
 from runctl.bus.paths import split_path
 
 __all__ = ["LiveState", "check_path"]
@@ -46,6 +48,9 @@ class LiveState(Generic[M]):
         self.cls: type[M] = type(model)
         self.lock = lock or threading.RLock()
         self.version = 0
+        #: record each applied change's field-level diff (the change journal turns it on)
+        self.track_diffs = False
+        self._diffs: dict[int, list[FieldChange]] = {}
         with self.lock:
             self._initial = self._json()
             self._last_dump = self.dump_json()
@@ -126,6 +131,30 @@ class LiveState(Generic[M]):
         with self.lock:
             return self._apply(copy.deepcopy(self._initial), None, dry_run)
 
+    def assign(self, values: dict[str, Any], *, dry_run: bool = False) -> bool:
+        """Set several dotted paths at once, all or nothing (an undo sends this)."""
+        if not isinstance(values, dict) or not values:
+            raise BadRequest("assign needs an object of dotted paths to values")
+        with self.lock:
+            data = self._json()
+            change: dict[str, Any] = {}
+            for path, value in values.items():
+                parts = check_path(self.model, path, for_write=True)
+                if not parts:
+                    raise BadRequest("assign sets fields: an empty path is not one")
+                parent = _walk(data, parts[:-1])
+                if isinstance(parent, list):
+                    parent[int(parts[-1])] = value
+                else:
+                    parent[parts[-1]] = value
+                _merge(change, _nest(parts, value))
+            return self._apply(data, change, dry_run)
+
+    def take_diff(self, version: int) -> list[FieldChange]:
+        """The field-level diff of the change that made ``version`` (with ``track_diffs``);
+        each is taken once."""
+        return self._diffs.pop(version, [])
+
     def _apply(self, data: dict[str, Any], change: Any, dry_run: bool = False) -> bool:
         """Validate the whole document; reject undeclared keys; mirror in place."""
         if self.cls.model_config.get("frozen"):
@@ -143,11 +172,32 @@ class LiveState(Generic[M]):
             _reject_undeclared(new, change, [])
         if dry_run:
             return False
+        if not self.track_diffs:
+            changed = _mirror_model(self.model, new)
+            if changed:
+                self.version += 1
+                self._last_dump = self.dump_json()
+            return changed
+        # only the top-level fields the change names are dumped and compared
+        touched = self._touched(change)
+        before = self.model.model_dump(mode="json", include=touched)
         changed = _mirror_model(self.model, new)
         if changed:
             self.version += 1
             self._last_dump = self.dump_json()
+            after = self.model.model_dump(mode="json", include=touched)
+            if len(self._diffs) > 64:  # nobody took them: never grow without bound
+                self._diffs.clear()
+            self._diffs[self.version] = field_diff(before, after)
         return changed
+
+    def _touched(self, change: Any) -> builtins.set[str] | None:
+        """The top-level field names ``change`` names (None: all of them)."""
+        if not isinstance(change, dict):
+            return None
+        fields = self.cls.model_fields
+        names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
+        return {names.get(str(key)) or str(key) for key in change}
 
     @contextmanager
     def locked(self) -> Iterator[M]:

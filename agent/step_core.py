@@ -153,6 +153,7 @@ class StepCore:
         prev: tuple[int, StepRecord] | None,
     ) -> StepRecord:
         agent = self._agent
+        agent.progress.tick()  # a step started: the program advances
         rec = StepRecord(
             run=agent.run,
             scope=scope,

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -26,6 +28,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from runctl.bus import changes
 from runctl.bus import messages as m
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.errors import (
@@ -38,11 +41,14 @@ from runctl.bus.errors import (
     from_code,
     map_nats_error,
 )
+from runctl.bus.identity import author_of
+from runctl.bus.journalplan import Entry, history
+from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.paths import resolve
-from runctl.bus.registry import RankInfo, Registry
+from runctl.bus.registry import ANSWERING, RankInfo, Registry
 from runctl.bus.subjects import ALL, check_rank, check_token, command_subject
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
+__all__ = ["ACTING_AS", "DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 
 DEFAULT_MAX_PAYLOAD: Final = 1 << 20
 #: a synchronised change must reach every rank within this many seconds of its progress
@@ -56,6 +62,9 @@ REGISTRY_CATCH_UP: Final = 1.0
 QUIET_AFTER_LAST_REPLY: Final = 0.15
 #: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
 EXPECTED_TTL: Final = 0.25
+#: who the changes sent from this context are by, when not the client's own ``by`` (the
+#: gateway sets it per request from the caller's token)
+ACTING_AS: ContextVar[m.Author | None] = ContextVar("runctl_acting_as", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +77,10 @@ class Result:
     source: str = "agent"
     liveness: str = "alive"
     age: float = 0.0
+    #: a write's id in the change journal
+    change_id: str = ""
+    #: the change journal holds this rank's record of it (None: the rank kept no record)
+    journaled: bool | None = None
 
 
 @dataclass(slots=True)
@@ -83,6 +96,9 @@ class Gathered:
     change_id: str = ""
     #: a synchronised change taken back on every rank because not every rank took it
     cancelled: bool = False
+    #: a synchronised or scheduled change: the journal holds it (ranks that restart before
+    #: its step apply it there); None when not asked
+    journaled: bool | None = None
 
     @property
     def acknowledged(self) -> list[str]:
@@ -97,6 +113,7 @@ class Gathered:
                 "changed": res.changed,
                 "value": res.value,
                 **({"status": res.liveness} if res.source == "registry" else {}),
+                **({"journaled": res.journaled} if res.journaled is not None else {}),
             }
         for rank, err in self.errors.items():
             entry: dict[str, Any] = {"outcome": "rejected", "error": err.code, "message": str(err)}
@@ -106,7 +123,14 @@ class Gathered:
         for rank in self.missing:
             ranks[rank] = {"outcome": "no_answer"}
         sync = (
-            {"at_step": self.at_step, "change_id": self.change_id, "cancelled": self.cancelled}
+            {
+                "at_step": self.at_step,
+                "change_id": self.change_id,
+                "cancelled": self.cancelled,
+                **({"journaled": self.journaled} if self.journaled is not None else {}),
+            }
+            if self.at_step is not None
+            else {"change_id": self.change_id}
             if self.change_id
             else {}
         )
@@ -137,17 +161,27 @@ class Client:
         *,
         timeout: float = 2.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        by: str | m.Author | None = None,
+        journal_timeout: float | None = None,
     ) -> None:
         self.nc = nc
         self.timeout = timeout
         self.max_payload = max_payload
+        #: who this client's changes are by, in the change journal (default ``user@host``)
+        self.by = author_of(by, nc, via="python")
+        #: how long a write waits for the journal to hold every rank's record
+        self.journal_timeout = timeout if journal_timeout is None else journal_timeout
         self._registry: Registry | None = None
         #: per run: when the registry was read, and the ranks it knew alive
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
 
     @classmethod
     async def connect(cls, url: str | None = None, **kwargs: Any) -> Client:
-        options = {k: kwargs.pop(k) for k in ("timeout", "max_payload") if k in kwargs}
+        options = {
+            k: kwargs.pop(k)
+            for k in ("timeout", "max_payload", "by", "journal_timeout")
+            if k in kwargs
+        }
         kwargs.setdefault("role", "operator")  # runctl up's login file, if no other is given
         nc = await connect(url, name=kwargs.pop("name", "runctl-client"), **kwargs)
         return cls(nc, **options)
@@ -236,9 +270,11 @@ class Client:
         *,
         sync: bool = False,
         margin: int | None = None,
+        at_step: int | None = None,
     ) -> Result | Gathered:
-        cmd = m.Set(path=path, value=value)
-        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+        """Set the value at ``path``; ``sync``: on every rank at the same step; ``at_step``:
+        at that step (journaled: ranks that restart before it still apply it there)."""
+        return await self._write(run, rank, m.Set(path=path, value=value), sync, margin, at_step)
 
     async def patch(
         self,
@@ -249,15 +285,75 @@ class Client:
         *,
         sync: bool = False,
         margin: int | None = None,
+        at_step: int | None = None,
     ) -> Result | Gathered:
         cmd = m.Patch(value=value, path=path or None)
-        return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+        return await self._write(run, rank, cmd, sync, margin, at_step)
 
     async def reset(
-        self, run: str, rank: str | int, *, sync: bool = False, margin: int | None = None
+        self,
+        run: str,
+        rank: str | int,
+        *,
+        sync: bool = False,
+        margin: int | None = None,
+        at_step: int | None = None,
     ) -> Result | Gathered:
-        cmd = m.Reset()
+        return await self._write(run, rank, m.Reset(), sync, margin, at_step)
+
+    async def _write(
+        self,
+        run: str,
+        rank: str | int,
+        cmd: m.Set | m.Patch | m.Reset | m.Stop,
+        sync: bool,
+        margin: int | None,
+        at_step: int | None,
+    ) -> Result | Gathered:
+        if at_step is not None:
+            if sync:
+                raise BadRequest("a change is either synchronised or at a given step, not both")
+            return await changes.schedule(self, run, rank, cmd, at_step)
         return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
+
+    # --- the change journal -------------------------------------------------------
+
+    async def history(
+        self,
+        run: str,
+        *,
+        rank: str | None = None,
+        path: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[Entry]:
+        """The run's journaled changes, newest first: who, when, what, at which step, and
+        each rank's outcome and diff. Filter by rank, field path, time (unix seconds)."""
+        check_token(run, "run")
+        if rank is not None:
+            rank = check_rank(rank, allow_all=False)
+        records = await read_journal(self.nc, run)
+        return history(records, rank=rank, path=path, since=since, until=until, limit=limit)
+
+    async def undo(
+        self, run: str, change: str | None = None, *, force: bool = False
+    ) -> changes.UndoResult:
+        """Take back a journaled change (default: the latest not undone): its fields go back
+        to their recorded before-values. Conflict if a later change touched them (``force``)."""
+        return await changes.undo(self, run, change, force=force)
+
+    async def schedules(self, run: str, *, include_done: bool = False) -> list[Entry]:
+        """Changes scheduled at a step (``at_step``) that are still to apply."""
+        return await changes.scheduled(self, run, include_done=include_done)
+
+    async def unschedule(self, run: str, change: str) -> dict[str, Any]:
+        """Cancel a scheduled change everywhere, in the journal too."""
+        return await changes.cancel_schedule(self, run, change)
+
+    async def forget_history(self, run: str) -> int:
+        """Remove a run's journal (its history; ranks started afterwards replay nothing)."""
+        return await changes.forget_history(self, run)
 
     async def stop(
         self,
@@ -269,10 +365,14 @@ class Client:
         grace: float = 30.0,
         sync: bool = False,
         margin: int | None = None,
+        at_step: int | None = None,
     ) -> Result | Gathered:
         """Stop one rank, or every rank (``"all"``). A run-wide stop is also recorded in
-        the registry, so a rank that starts later in the same run stops too."""
+        the registry, so a rank that starts later in the same run stops too. ``at_step``:
+        stop there (journaled, as a scheduled change)."""
         cmd = m.Stop(reason=reason, mode=mode, grace=grace)
+        if at_step is not None:
+            return await self._write(run, rank, cmd, sync, margin, at_step)
         if str(rank) != ALL:
             return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
         # The record (for ranks that start later) is sent first but its ack is awaited
@@ -332,7 +432,7 @@ class Client:
         # Never before a change already waiting: synchronised changes keep their order.
         at_step = max(max(steps.values()) + margin, latest_pending)
         change_id = uuid.uuid4().hex
-        deferred = msgspec.structs.replace(cmd, at_step=at_step, change_id=change_id)
+        deferred = msgspec.structs.replace(self._stamped(cmd), at_step=at_step, change_id=change_id)
         gathered = await self.send(run, ALL, deferred)
         assert isinstance(gathered, Gathered)
         gathered.at_step = at_step
@@ -341,6 +441,8 @@ class Client:
             # Not every rank took it: take it back everywhere, so no rank applies it alone.
             await self.send(run, ALL, m.Cancel(change_id=change_id))
             gathered.cancelled = True
+        else:  # durable: a rank that restarts before at_step applies it there
+            gathered.journaled = await changes.write_schedule(self, run, ALL, deferred, at_step)
         return gathered
 
     async def cancel(self, run: str, rank: str | int, change_id: str) -> Result | Gathered:
@@ -352,12 +454,17 @@ class Client:
     async def send(
         self, run: str, rank: str | int, cmd: m.Command, *, timeout: float | None = None
     ) -> Result | Gathered:
-        verb = _verb_of(cmd)
+        verb = verb_of(cmd)
         subject = command_subject(run, rank, verb)
         payload = m.encode(cmd)
         limit = min(self.max_payload, self.nc.max_payload or self.max_payload)
         if len(payload) > limit:
             raise PayloadTooLarge(len(payload), limit)
+        # the change id and author are not the caller's bytes: only the server's own
+        # limit applies to them
+        payload = m.encode(self._stamped(cmd))
+        if self.nc.max_payload and len(payload) > self.nc.max_payload:
+            raise PayloadTooLarge(len(payload), self.nc.max_payload)
         timeout = self.timeout if timeout is None else timeout
         rank = str(rank)
         if rank == ALL:
@@ -366,9 +473,56 @@ class Client:
         reply = _decode_reply(msg)
         if isinstance(reply, m.Err):
             raise from_code(reply.code, reply.message, reply.detail)
-        if reply.changed:
-            await self._registry_caught_up(run, {reply.rank: reply.version})
-        return Result(reply.rank, reply.version, reply.value, reply.changed)
+        (result,) = await self._settle(run, [_result(reply)])
+        return result
+
+    def _stamped(self, cmd: m.Command) -> m.Command:
+        """A write gets its change id and its author (the journal records both)."""
+        if isinstance(cmd, m.Cancel):
+            if cmd.id and cmd.by is not None:
+                return cmd
+            return msgspec.structs.replace(
+                cmd, id=cmd.id or uuid.uuid4().hex, by=cmd.by or self.author()
+            )
+        if isinstance(cmd, m.Set | m.Patch | m.Reset | m.Stop | m.Assign):
+            if cmd.change_id and cmd.by is not None:
+                return cmd
+            return msgspec.structs.replace(
+                cmd, change_id=cmd.change_id or uuid.uuid4().hex, by=cmd.by or self.author()
+            )
+        return cmd
+
+    def author(self) -> m.Author:
+        """Who the changes sent now are by: the gateway's caller, else this client's."""
+        return ACTING_AS.get() or self.by
+
+    async def _settle(self, run: str, results: list[Result]) -> list[Result]:
+        """After a write was answered: wait (bounded) until the registry shows each rank's
+        new version and the journal holds each rank's record, both at once. A rank whose
+        record did not show up in time is reported ``journaled=False``: nobody is told a
+        change is in the journal that the server has not stored."""
+        changed = {r.rank: r.version for r in results if r.changed}
+        by_change: dict[str, list[str]] = {}
+        for res in results:
+            if res.journaled:
+                by_change.setdefault(res.change_id, []).append(res.rank)
+        if not changed and not by_change:
+            return results
+        stored: set[tuple[str, str]] = set()
+
+        async def check(change_id: str, ranks: list[str]) -> None:
+            found = await confirm(self.nc, run, change_id, ranks, timeout=self.journal_timeout)
+            stored.update((change_id, rank) for rank in found)
+
+        async with anyio.create_task_group() as tasks:
+            if changed:
+                tasks.start_soon(self._registry_caught_up, run, changed)
+            for change_id, ranks in by_change.items():
+                tasks.start_soon(check, change_id, ranks)
+        return [
+            dataclasses.replace(r, journaled=(r.change_id, r.rank) in stored) if r.journaled else r
+            for r in results
+        ]
 
     async def _registry_caught_up(self, run: str, versions: dict[str, int]) -> None:
         """Read-your-writes: agents reply before their registry write is acknowledged (no
@@ -456,9 +610,7 @@ class Client:
             if isinstance(reply, m.Err):
                 gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
             else:
-                gathered.results[reply.rank] = Result(
-                    reply.rank, reply.version, reply.value, reply.changed
-                )
+                gathered.results[reply.rank] = _result(reply)
             arrived.set()
             if registry_read and expected and expected <= answered:
                 complete.set()
@@ -493,9 +645,11 @@ class Client:
             if no_responders:
                 raise NotFound(run)
             gathered.missing = sorted(expected - answered, key=_rank_key)
-            changed = {r: res.version for r, res in gathered.results.items() if res.changed}
-            if changed:
-                await self._registry_caught_up(run, changed)
+            settled = await self._settle(run, list(gathered.results.values()))
+            gathered.results = {res.rank: res for res in settled}
+            gathered.change_id = next(
+                (res.change_id for res in gathered.results.values() if res.change_id), ""
+            )
             if verb == "stop" or gathered.missing or not answered <= expected:
                 self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
         except RunctlError:
@@ -528,7 +682,8 @@ class Client:
             infos = [RankInfo.of(r) for r in await registry.records(run)]
         except Exception:
             return frozenset(), None
-        expected = frozenset(info.record.rank for info in infos if info.liveness == "alive")
+        # a stalled rank's program is stuck, but its agent answers
+        expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
         if expected:
             if len(self._expected_ranks) > 1024:
                 self._expected_ranks.clear()
@@ -536,7 +691,19 @@ class Client:
         return expected, any(info.liveness != "exited" for info in infos)
 
 
-def _verb_of(cmd: m.Command) -> str:
+def _result(reply: m.Ok) -> Result:
+    return Result(
+        reply.rank,
+        reply.version,
+        reply.value,
+        reply.changed,
+        change_id=reply.change_id,
+        journaled=True if reply.journaled else None,
+    )
+
+
+def verb_of(cmd: m.Command) -> str:
+    """The verb (subject token) of a command."""
     for verb, cls in m.COMMAND_TYPES.items():
         if type(cmd) is cls:
             return verb

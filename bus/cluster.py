@@ -25,12 +25,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import structlog
 
 from runctl.bus.errors import BadRequest, ServerStartError, Unavailable
 from runctl.bus.server import NatsServer
+
+if TYPE_CHECKING:
+    from runctl.bus.tls import TlsFiles
 
 __all__ = [
     "CLUSTER_NAME",
@@ -82,6 +85,11 @@ class NatsCluster:
     ``ports``/``cluster_ports``: the nodes' client and route ports (default: free ones);
     ``base_dir``: node ``i`` stores JetStream in ``base_dir/node-i`` (default: a temporary
     directory each, removed on stop). A killed node restarts on the same ports and store.
+
+    ``hosts``: node ``i`` listens (clients and routes) on ``hosts[i]`` instead of ``host``
+    (ports must be given then); ``prefixes``: node ``i`` runs under ``prefixes[i]`` (e.g.
+    ``ip netns exec h1``); ``tls``: TLS on every client and route connection, the nodes
+    verifying each other's certificates (:mod:`runctl.bus.tls`).
     """
 
     def __init__(
@@ -95,14 +103,22 @@ class NatsCluster:
         http_ports: list[int] | None = None,
         config_file: str | os.PathLike[str] | None = None,
         name: str = CLUSTER_NAME,
+        hosts: list[str] | None = None,
+        prefixes: list[tuple[str, ...]] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if size < 1:
             raise BadRequest(f"a cluster needs at least one node, not {size}")
-        for given in (ports, cluster_ports, http_ports):
+        for given in (ports, cluster_ports, http_ports, hosts, prefixes):
             if given is not None and len(given) != size:
-                raise BadRequest(f"{len(given)} ports given for {size} nodes")
+                raise BadRequest(f"{len(given)} ports, hosts or prefixes given for {size} nodes")
+        if hosts is not None and not (ports and cluster_ports):
+            raise BadRequest("nodes on their own hosts need their ports given")
         self.size = size
         self.host = host
+        self.hosts = list(hosts) if hosts else [host] * size
+        self.prefixes = list(prefixes) if prefixes else [()] * size
+        self.tls = tls
         self.name = name
         picked = iter(free_ports((0 if ports else size) + (0 if cluster_ports else size), host))
         self.ports = list(ports) if ports else [next(picked) for _ in range(size)]
@@ -124,8 +140,15 @@ class NatsCluster:
         return f"{self.name}-{i + 1}"
 
     @property
+    def scheme(self) -> str:
+        return "tls" if self.tls else "nats"
+
+    @property
     def urls(self) -> list[str]:
-        return [f"nats://{self.host}:{port}" for port in self.ports]
+        return [
+            f"{self.scheme}://{_bracket(h)}:{port}"
+            for h, port in zip(self.hosts, self.ports, strict=True)
+        ]
 
     @property
     def url(self) -> str:
@@ -134,14 +157,16 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def _routes(self) -> str:
-        return ",".join(f"nats://{self.host}:{p}" for p in self.cluster_ports)
+        # nats://, TLS or not: the cluster block's tls settings decide, not the scheme
+        pairs = zip(self.hosts, self.cluster_ports, strict=True)
+        return ",".join(f"nats://{_bracket(h)}:{p}" for h, p in pairs)
 
     def _node(self, i: int) -> NatsServer:
         args = [
             "--cluster_name",
             self.name,
             "--cluster",
-            f"nats://{self.host}:{self.cluster_ports[i]}",
+            f"nats://{_bracket(self.hosts[i])}:{self.cluster_ports[i]}",
             # every node, itself included: nats-server ignores a route to itself
             "--routes",
             self._routes(),
@@ -149,12 +174,14 @@ class NatsCluster:
         if self.http_ports is not None:
             args += ["-m", str(self.http_ports[i])]
         return NatsServer(
-            host=self.host,
+            host=self.hosts[i],
             port=self.ports[i],
             store_dir=self.base_dir / f"node-{i + 1}",
             config_file=self.config_file,
             name=self.server_name(i),
             extra_args=tuple(args),
+            tls=self.tls,
+            prefix=self.prefixes[i],
         )
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -230,6 +257,11 @@ class NatsCluster:
         async def quiet(exc: Exception) -> None:
             pass  # nats-py would print a traceback for every refused early attempt
 
+        if self.tls is not None and "tls" not in options:
+            from runctl.bus.tls import client_tls
+
+            tls = client_tls(self.urls, self.tls.client_env())
+            options = {**options, **(tls.options() if tls else {})}
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             if not node.running:
@@ -271,6 +303,16 @@ class NatsCluster:
 
     def __iter__(self) -> Iterator[NatsServer]:
         return iter(self.nodes)
+
+
+def _client_cert_env(tls: TlsFiles) -> dict[str, str]:
+    from runctl.bus.tls import CERT_ENV, KEY_ENV
+
+    return {CERT_ENV: str(tls.client_cert), KEY_ENV: str(tls.client_key)}
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def run_sync(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -349,6 +391,8 @@ def serve_cluster(
     config_file: str | None = None,
     env: Mapping[str, str] | None = None,
     say: Callable[[str], None] = print,
+    tls: TlsFiles | None = None,
+    tls_verify_clients: bool = False,
 ) -> int:
     """``runctl up --cluster N``: a local cluster in the foreground until Ctrl-C/SIGTERM.
 
@@ -368,7 +412,17 @@ def serve_cluster(
         cluster_ports=[port + 2000 + i for i in range(size)],
         http_ports=http,
         config_file=config_file,
+        tls=tls,
     )
+    for node in cluster.nodes:
+        node.tls_verify_clients = tls_verify_clients
+    connect_tls: dict[str, Any] = {}
+    if tls is not None:
+        from runctl.bus.tls import client_tls
+
+        # the nodes' own client certificate: it passes --tls-verify-clients too
+        client = client_tls(cluster.urls, {**tls.client_env(), **_client_cert_env(tls)})
+        connect_tls = client.options() if client else {}
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -382,7 +436,11 @@ def serve_cluster(
         try:
             from runctl.bus.credentials import role_auth
 
-            run_sync(lambda: ensure_replicated(cluster.url, replicas, **role_auth("agent")))
+            run_sync(
+                lambda: ensure_replicated(
+                    cluster.url, replicas, **role_auth("agent"), **connect_tls
+                )
+            )
             how = f"step log and registry R{replicas}"
         except Unavailable as exc:
             say(f"runctl: {exc}")
@@ -391,7 +449,8 @@ def serve_cluster(
             f"runctl: {size}-node cluster {cluster.name!r} up ({how}); stores in "
             f"{store_dir}/node-*; Ctrl-C stops it"
         )
-        say(f"runctl: connect with RUNCTL_NATS_URL={cluster.url}")
+        ca = f" RUNCTL_NATS_CA={tls.ca.resolve()}" if tls else ""
+        say(f"runctl: connect with RUNCTL_NATS_URL={cluster.url}{ca}")
         while True:
             time.sleep(0.5)
             for i, node in enumerate(cluster.nodes):

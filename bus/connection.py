@@ -5,13 +5,18 @@ the environment: ``RUNCTL_NATS_CREDS`` (a .creds file), ``RUNCTL_NATS_NKEY`` (an
 seed file), ``RUNCTL_NATS_TOKEN``, ``RUNCTL_NATS_USER`` + ``RUNCTL_NATS_PASSWORD``; with
 none of these, from the caller's role file written by ``runctl up`` (bus/credentials.py).
 URLs are logged with their password masked.
+
+TLS (bus/tls.py): with a ``tls://`` URL or ``RUNCTL_NATS_CA`` set, the server's certificate
+is verified and a connection that is not encrypted is refused before the login is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -20,12 +25,29 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from runctl.bus.credentials import NatsRole, redact_url, role_auth
-from runctl.bus.errors import Unavailable, map_nats_error
+from runctl.bus.errors import TlsError, Unavailable, map_nats_error
+from runctl.bus.tls import (
+    CLIENT_CERT_HINT,
+    ClientTls,
+    check_encrypted,
+    client_tls,
+    describe_ssl_error,
+)
 
 __all__ = ["DEFAULT_URL", "close_quietly", "connect", "env_url"]
 
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 log = structlog.get_logger()
+
+
+def _not_eof_noise(record: logging.LogRecord) -> bool:
+    """asyncio warns "returning true from eof_received() has no effect when using ssl"
+    whenever a TLS server closes a connection that nats-py upgraded (its stream protocol
+    returns True there): harmless, and not worth a line on the user's terminal."""
+    return "eof_received()" not in str(record.msg)
+
+
+logging.getLogger("asyncio").addFilter(_not_eof_noise)
 
 
 def env_url(default: str | None = DEFAULT_URL) -> str | None:
@@ -74,6 +96,8 @@ async def connect(
     with that role's file from ``runctl up``'s credentials directory, if there is one.
     """
     servers = [s.strip() for s in (url or env_url() or DEFAULT_URL).split(",") if s.strip()]
+    given = options.get("tls")
+    tls = ClientTls(given, None) if isinstance(given, ssl.SSLContext) else client_tls(servers)
     seen: set[str] = set()
     holder: list[NATS] = []
 
@@ -88,7 +112,7 @@ async def connect(
         key = type(exc).__name__
         if key not in seen:
             seen.add(key)
-            log.warning("nats error", error=str(exc) or key, kind=key)
+            log.warning("nats error", error=_describe(exc, tls), kind=key)
 
     async def disconnected_cb() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
@@ -115,6 +139,7 @@ async def connect(
         "max_outstanding_pings": 3,
         **_auth_from_env(),
         **(role_auth(role) if role and not _has_login(servers, options) else {}),
+        **(tls.options() if tls else {}),
         **options,
     }
     delay = reconnect_wait
@@ -125,7 +150,7 @@ async def connect(
             limit = math.inf if retry_initial else connect_timeout * len(servers) + 1.0
             with anyio.fail_after(limit) as first_pass:
                 first_scope[:] = [] if retry_initial else [first_pass]
-                nc = await _connect_or_close(params)
+                nc = await _connect_or_close(params, tls)
             first_scope.clear()
             if first_pass.cancel_called:  # error_cb saw every server refuse
                 raise last_error[-1]
@@ -135,18 +160,48 @@ async def connect(
             first_scope.clear()
             if not retry_initial:
                 cause = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
-                why = "timed out" if isinstance(cause, TimeoutError) else map_nats_error(cause)
+                why = "timed out" if isinstance(cause, TimeoutError) else _describe(cause, tls)
                 where = redact_url(",".join(servers))  # never a password in a message
-                raise Unavailable(f"cannot connect to NATS at {where}: {why}") from exc
+                kind = TlsError if _is_tls_failure(cause) else Unavailable
+                raise kind(f"cannot connect to NATS at {where}: {why}") from exc
             await error_cb(exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
-async def _connect_or_close(params: dict[str, Any]) -> NATS:
+def _is_tls_failure(exc: BaseException) -> bool:
+    return isinstance(exc, ssl.SSLError | TlsError)
+
+
+def _describe(exc: BaseException, tls: ClientTls | None) -> str:
+    """One line for a failed connection; TLS failures say which CA was used."""
+    if isinstance(exc, ssl.SSLError):
+        return describe_ssl_error(exc, tls.ca if tls else None)
+    if isinstance(exc, TlsError):
+        return exc.message
+    if isinstance(exc, ConnectionResetError) and tls is not None and tls.cert is None:
+        # TLS 1.3: a server that verifies clients may hang up before its alert is read
+        return f"{map_nats_error(exc)} ({CLIENT_CERT_HINT})"
+    return str(map_nats_error(exc)) or type(exc).__name__
+
+
+class _Client(NATS):
+    """nats-py's client, refusing to send CONNECT (the login) over a plain connection
+    when TLS is configured (nats-py itself switches to TLS only if the server asks)."""
+
+    runctl_tls: ClientTls | None = None
+
+    def _connect_command(self) -> bytes:
+        check_encrypted(self, self.runctl_tls)
+        command: bytes = super()._connect_command()
+        return command
+
+
+async def _connect_or_close(params: dict[str, Any], tls: ClientTls | None = None) -> NATS:
     """``nats.connect``, but a failed or cancelled attempt closes its half-open socket
     (nats-py leaves it to the garbage collector, on a loop that may be gone by then)."""
-    nc = NATS()
+    nc = _Client()
+    nc.runctl_tls = tls
     try:
         await nc.connect(**params)
     except BaseException:

@@ -15,9 +15,11 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
     ├── Forbidden                forbidden         403  2  the token's role is too low
     ├── MethodNotAllowed         method_not_al...  405  2  a route without that method
     ├── TooLate                  too_late          409  1  a deferred change came after its step
+    ├── Conflict                 conflict          409  1  an undo of fields changed again since
     ├── AmbiguousRun             ambiguous_run     409  2  no run named, several live (``runs``)
     ├── Unavailable              unavailable       503  5  the bus cannot be reached
-    │   └── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
+    │   ├── ServerStartError     unavailable       503  5  nats-server exited (``log_line``)
+    │   └── TlsError             tls               503  5  TLS failed, or a plain server refused
     ├── Timeout                  timeout           504  5  a rank did not answer (``missing``)
     ├── RemoteError              internal          502  1  the agent failed handling a command
     ├── CorruptArtifact          corrupt_artifact  500  1  a stored result fails its digest
@@ -37,6 +39,7 @@ these errors in one place, :func:`map_nats_error`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -51,6 +54,7 @@ __all__ = [
     "BadPath",
     "BadRequest",
     "BadToken",
+    "Conflict",
     "CorruptArtifact",
     "CredentialsError",
     "Forbidden",
@@ -64,6 +68,7 @@ __all__ = [
     "ServerStartError",
     "SetupError",
     "Timeout",
+    "TlsError",
     "TokenError",
     "TooLate",
     "Unauthorized",
@@ -272,6 +277,14 @@ class ServerStartError(Unavailable):
         self.log_line = log_line
 
 
+class TlsError(Unavailable):
+    """The server's certificate did not verify (wrong CA, expired, wrong host name), the
+    handshake failed, or TLS is configured and the server offered a plain connection
+    (refused before any password is sent)."""
+
+    code = "tls"
+
+
 class Timeout(RunctlError, TimeoutError):
     """A rank did not answer in time; ``missing`` names the ranks that stayed silent."""
 
@@ -288,6 +301,13 @@ class TooLate(RunctlError):
     """A change deferred to ``at_step`` reached a rank already past that step (retry)."""
 
     code = "too_late"
+    http_status = 409
+
+
+class Conflict(RunctlError):
+    """An undo refused: a later change touched the same fields (``force`` overrides)."""
+
+    code = "conflict"
     http_status = 409
 
 
@@ -318,7 +338,8 @@ class TokenError(SetupError, ValueError):
 
 
 class InsecureBind(SetupError, RuntimeError):
-    """The gateway was asked to listen beyond loopback with no token configured."""
+    """The gateway was asked to listen beyond loopback with no token configured, or with
+    tokens but neither TLS nor --allow-plain-http."""
 
     code = "insecure_bind"
 
@@ -378,6 +399,10 @@ def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None
 
     if isinstance(exc, RunctlError):
         return exc
+    if isinstance(exc, ssl.SSLError):  # before OSError: it is one
+        from runctl.bus.tls import describe_ssl_error
+
+        return TlsError(describe_ssl_error(exc))
     if isinstance(exc, nats_errors.NoRespondersError):
         return NotFound(run, rank)
     if isinstance(exc, nats_errors.MaxPayloadError):

@@ -16,6 +16,9 @@ import msgspec
 __all__ = [
     "COMMAND_TYPES",
     "DEFERRABLE",
+    "WRITES",
+    "Assign",
+    "Author",
     "Cancel",
     "Command",
     "Err",
@@ -48,6 +51,26 @@ _TAG = {"tag_field": "t", "kw_only": True, "omit_defaults": False}
 # --- commands: runctl.<run>.<rank|all>.cmd.<verb> ------------------------------------
 
 
+class Author(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Who sent a change, as the sender states it (recorded in the change journal).
+
+    The gateway fills it from the caller's bearer token, the CLI with ``user@host``, the
+    Python client with its ``by=``; a bare NATS request has none (the journal says
+    ``via: "nats"``). It is what the sender claims: trust it as far as you trust the NATS
+    users allowed to send commands (docs/security.md)."""
+
+    #: the token's name (gateway), ``user@host`` (CLI, Python default), or the ``by=`` given
+    name: str = ""
+    #: ``http``, ``cli``, ``python`` or ``nats``
+    via: str = ""
+    #: the gateway token's role (read, write, admin)
+    role: str = ""
+    #: the NATS user the sender was logged in as
+    user: str = ""
+    #: the HTTP caller's address (gateway)
+    addr: str = ""
+
+
 class Get(msgspec.Struct, tag="get/1", **_TAG):
     """Read the state, or the value at a dotted ``path``."""
 
@@ -61,7 +84,9 @@ class Set(msgspec.Struct, tag="set/1", **_TAG):
     value: Any
     #: apply at the first ``ctl.sync(step)`` with step >= at_step instead of now
     at_step: int | None = None
+    #: names the change in the change journal (and a deferred change, to cancel it)
     change_id: str = ""
+    by: Author | None = None
 
 
 class Patch(msgspec.Struct, tag="patch/1", **_TAG):
@@ -72,6 +97,7 @@ class Patch(msgspec.Struct, tag="patch/1", **_TAG):
     path: str | None = None
     at_step: int | None = None
     change_id: str = ""
+    by: Author | None = None
 
 
 class Reset(msgspec.Struct, tag="reset/1", **_TAG):
@@ -79,6 +105,7 @@ class Reset(msgspec.Struct, tag="reset/1", **_TAG):
 
     at_step: int | None = None
     change_id: str = ""
+    by: Author | None = None
 
 
 #: graceful: the program sees ``stop_requested`` and finishes its step. terminate: as
@@ -93,12 +120,28 @@ class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     grace: float = 30.0
     at_step: int | None = None
     change_id: str = ""
+    by: Author | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel/1", **_TAG):
     """Drop a deferred change (``at_step``) that has not been applied yet."""
 
+    #: the deferred change to drop
     change_id: str
+    #: this cancellation's own id in the change journal
+    id: str = ""
+    by: Author | None = None
+
+
+class Assign(msgspec.Struct, tag="assign/1", **_TAG):
+    """Set several dotted paths at once, all or nothing (``{"opt.lr": 0.1, "layers.0.w":
+    4}``): what an undo sends, the recorded before-values of the fields a change changed."""
+
+    values: dict[str, Any]
+    change_id: str = ""
+    by: Author | None = None
+    #: the change this one takes back (an undo)
+    undo_of: str = ""
 
 
 class Schema(msgspec.Struct, tag="schema/1", **_TAG):
@@ -109,7 +152,7 @@ class Ping(msgspec.Struct, tag="ping/1", **_TAG):
     pass
 
 
-Command = Get | Set | Patch | Reset | Stop | Schema | Ping | Cancel
+Command = Get | Set | Patch | Reset | Stop | Schema | Ping | Cancel | Assign
 COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     "get": Get,
     "set": Set,
@@ -119,9 +162,12 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     "schema": Schema,
     "ping": Ping,
     "cancel": Cancel,
+    "assign": Assign,
 }
 #: commands that may be deferred to a step boundary
 DEFERRABLE: Final = (Set, Patch, Reset, Stop)
+#: commands that change something on a rank: each is recorded in the change journal
+WRITES: Final = (Set, Patch, Reset, Stop, Cancel, Assign)
 
 
 # --- replies ------------------------------------------------------------------------
@@ -134,6 +180,10 @@ class Ok(msgspec.Struct, tag="ok/1", **_TAG):
     value: Any = None
     #: True when the command changed the state (set/patch/reset that altered something)
     changed: bool = False
+    #: a write's id in the change journal (the one sent, or one the rank made up)
+    change_id: str = ""
+    #: the rank sent this write's journal record (the writer waits until it is stored)
+    journaled: bool = False
 
 
 class Err(msgspec.Struct, tag="err/1", **_TAG):
@@ -162,6 +212,14 @@ class StateMsg(msgspec.Struct, tag="state/1", **_TAG):
     state: Any
     #: "changed" when published because the state changed, "heartbeat" otherwise
     cause: str = "heartbeat"
+    #: what a subscriber needs to tell alive / stale / stalled without the registry
+    #: (see bus/progress.py): the agent's heartbeat period, the program's last step,
+    #: when the program last advanced (wall clock; None: it never reported progress)
+    #: and after how many seconds without progress it counts as stalled (0: never)
+    heartbeat_interval: float = 0.0
+    step: int | None = None
+    progress_ts: float | None = None
+    stall_after: float = 0.0
 
 
 class Event(msgspec.Struct, tag="event/1", **_TAG):
@@ -200,6 +258,18 @@ class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     step_rate: float = 0.0
     #: deferred changes waiting for their step
     pending: int = 0
+    #: journaled changes applied when this rank started (replay), and those skipped
+    replayed: int = 0
+    replay_skipped: int = 0
+    #: when the program last advanced (a new step, an item of ctl.steps, ctl.tick());
+    #: None if it never reported progress (see bus/progress.py)
+    progress_ts: float | None = None
+    #: the program's recent seconds per step (0: not known yet)
+    progress_interval: float = 0.0
+    #: seconds without progress after which the rank is ``stalled`` (0: never)
+    stall_after: float = 0.0
+    #: why the program ended, when it ended with an uncaught exception ("" otherwise)
+    error: str = ""
 
 
 class RunRecord(msgspec.Struct, tag="run/1", **_TAG):

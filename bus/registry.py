@@ -24,16 +24,20 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
+from runctl.bus.progress import Spread, is_stalled, step_spread
 from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
+    "ANSWERING",
     "BUCKET",
     "Liveness",
     "RankInfo",
     "Registry",
     "allows_direct",
     "create_bucket",
+    "heartbeat_overdue",
     "liveness",
+    "run_spread",
 ]
 
 BUCKET: Final = "RUNCTL_RANKS"
@@ -47,7 +51,12 @@ WATCHER_LINGER: Final = 2.0
 DIRECT_BATCH: Final = 100_000
 DIRECT_READ_TIMEOUT: Final = 5.0
 
-Liveness = Literal["alive", "stale", "exited"]
+#: alive: heartbeating and advancing; stalled: heartbeating (its agent answers) but its
+#: program made no progress for longer than its threshold (bus/progress.py); stale: no
+#: heartbeat for 3 periods (killed, hung, cut off); exited: it said goodbye
+Liveness = Literal["alive", "stalled", "stale", "exited"]
+#: the states in which a rank's agent answers commands
+ANSWERING: Final[frozenset[str]] = frozenset({"alive", "stalled"})
 
 
 def allows_direct(replicas: int) -> bool:
@@ -68,11 +77,18 @@ async def create_bucket(
 
 
 def liveness(record: RankRecord, now: float | None = None) -> Liveness:
+    """A rank's status at ``now`` from its last record (see :data:`Liveness`)."""
     if record.status == "exited":
         return "exited"
     now = time.time() if now is None else now
-    overdue = now - record.heartbeat > max(STALE_AFTER_BEATS * record.heartbeat_interval, 1.5)
-    return "stale" if overdue else "alive"
+    if heartbeat_overdue(record.heartbeat, record.heartbeat_interval, now):
+        return "stale"
+    return "stalled" if is_stalled(record.progress_ts, record.stall_after, now) else "alive"
+
+
+def heartbeat_overdue(heartbeat: float, interval: float, now: float) -> bool:
+    """No heartbeat for :data:`STALE_AFTER_BEATS` periods (at least 1.5 s)."""
+    return now - heartbeat > max(STALE_AFTER_BEATS * interval, 1.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +104,16 @@ class RankInfo:
         now = time.time() if now is None else now
         return cls(record, liveness(record, now), max(0.0, now - record.heartbeat))
 
+    @property
+    def idle(self) -> float | None:
+        """Seconds since the program last advanced (None: it never reported progress)."""
+        if self.record.progress_ts is None:
+            return None
+        return max(0.0, self.record.heartbeat + self.age - self.record.progress_ts)
+
     def summary(self) -> dict[str, Any]:
         r = self.record
+        idle = self.idle
         return {
             "run": r.run,
             "rank": r.rank,
@@ -101,7 +125,15 @@ class RankInfo:
             "started": r.started,
             "stop_requested": r.stop_requested,
             "model": r.model,
+            "idle_s": None if idle is None else round(idle, 3),
+            "stall_after_s": r.stall_after,
+            "error": r.error,
         }
+
+
+def run_spread(infos: list[RankInfo]) -> Spread:
+    """How far the running ranks of a run are apart (exited and stale ranks left out)."""
+    return step_spread((i.record.rank, i.record.step) for i in infos if i.liveness in ANSWERING)
 
 
 class Registry:

@@ -19,9 +19,12 @@ import time
 from importlib.resources import as_file, files
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from runctl.bus.errors import ServerStartError
+
+if TYPE_CHECKING:
+    from runctl.bus.tls import TlsFiles
 
 __all__ = ["NatsServer", "find_binary", "packaged_config"]
 
@@ -61,6 +64,10 @@ class NatsServer:
 
     ``port=-1`` lets the server pick a free port itself (no race); the chosen port is read
     back from its log. ``store_dir=None`` uses a fresh temporary directory, removed on stop.
+
+    ``tls``: certificates from :func:`runctl.bus.tls.ensure_tls`; the server then requires
+    TLS on its client port (and routes), with ``config_file`` included in the config it is
+    given. ``prefix``: a command the server runs under (e.g. ``ip netns exec NAME``).
     """
 
     def __init__(
@@ -73,6 +80,9 @@ class NatsServer:
         name: str | None = None,
         extra_args: tuple[str, ...] = (),
         die_with_parent: bool = False,
+        tls: TlsFiles | None = None,
+        tls_verify_clients: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -85,17 +95,31 @@ class NatsServer:
         self.name = name
         self.extra_args = extra_args
         self.die_with_parent = die_with_parent
+        self.tls = tls
+        self.tls_verify_clients = tls_verify_clients
+        self.prefix = prefix
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'tls' if self.tls else 'nats'}://{host}:{self.port}"
 
     def argv(self) -> list[str]:
-        argv = [find_binary()]
-        if self.config_file is not None:
-            argv += ["-c", str(self.config_file)]
+        argv = [*self.prefix, find_binary()]
+        config = self.config_file
+        if self.tls is not None:
+            from runctl.bus.tls import write_server_config
+
+            config = write_server_config(
+                self.tls,
+                self.store_dir / "tls.conf",
+                include=self.config_file,
+                verify_clients=self.tls_verify_clients,
+            )
+        if config is not None:
+            argv += ["-c", str(config)]
         argv += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         if self.name:
             argv += ["-n", self.name]

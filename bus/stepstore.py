@@ -57,6 +57,7 @@ __all__ = [
     "DUPLICATE_WINDOW",
     "STREAM",
     "ForgetReport",
+    "ensure_config",
     "ensure_stream",
     "fast_read",
     "forget",
@@ -103,34 +104,47 @@ async def ensure_stream(
     from runctl.bus.cluster import replicas_from_env
 
     asked = replicas if replicas is not None else replicas_from_env()
-    config = stream_config(replicas=asked or 1, max_age=max_age)
+
+    def enforce(merged: api.StreamConfig) -> None:
+        # Someone made it differently: enforce only what runctl relies on (its subjects,
+        # one record per subject, dedup window, direct get); keep what an operator chose
+        # (max_age, max_bytes, replicas unless asked), so agents never undo it.
+        merged.max_msgs_per_subject = 1
+        merged.duplicate_window = max(merged.duplicate_window or 0.0, DUPLICATE_WINDOW)
+        merged.allow_direct = True
+        if asked is not None:
+            merged.num_replicas = asked
+        if max_age:
+            merged.max_age = max_age
+
+    await ensure_config(js, stream_config(replicas=asked or 1, max_age=max_age), enforce)
+
+
+async def ensure_config(
+    js: JetStreamContext, config: api.StreamConfig, enforce: Callable[[api.StreamConfig], None]
+) -> None:
+    """Create a stream with ``config``; if it exists with another config, add ``config``'s
+    subjects, let ``enforce`` set what runctl relies on in a copy of the existing config,
+    and update it only if that changed anything. Safe to race: the server accepts an
+    identical create."""
+    name = config.name
     try:
         await js.add_stream(config)
     except js_errors.ServiceUnavailableError as exc:
         raise Unavailable("JetStream is not enabled on the NATS server (nats-server -js)") from exc
     except js_errors.BadRequestError as exc:
         if exc.err_code != _ERR_STREAM_CONFIG_DIFFERS:
-            raise Unavailable(f"cannot create stream {STREAM}: {exc.description}") from exc
-        # Someone made it differently: enforce only what runctl relies on (its subjects,
-        # one record per subject, dedup window, direct get); keep what an operator chose
-        # (max_age, max_bytes, replicas unless asked), so agents never undo it.
-        existing = (await js.stream_info(STREAM)).config
+            raise Unavailable(f"cannot create stream {name}: {exc.description}") from exc
+        existing = (await js.stream_info(str(name))).config
         merged = copy.copy(existing)
         merged.subjects = sorted(set(existing.subjects or []) | set(config.subjects or []))
-        merged.max_msgs_per_subject = 1
-        merged.duplicate_window = max(existing.duplicate_window or 0.0, DUPLICATE_WINDOW)
-        merged.allow_direct = True
-        if asked is not None:
-            merged.num_replicas = asked
-        if max_age:
-            merged.max_age = max_age
+        enforce(merged)
         if merged == existing:
             return
-        config = merged
         try:
-            await js.update_stream(config)
+            await js.update_stream(merged)
         except js_errors.APIError as upd:
-            raise Unavailable(f"cannot update stream {STREAM}: {upd.description}") from upd
+            raise Unavailable(f"cannot update stream {name}: {upd.description}") from upd
 
 
 # --- reading back ------------------------------------------------------------------------
@@ -172,13 +186,15 @@ async def fast_read(
     *,
     idle_timeout: float = READ_IDLE_TIMEOUT,
     attempts: int = 3,
+    stream: str = STREAM,
 ) -> int:
     """Deliver every stored message matching ``filters`` to ``on_entry(subject, data, seq)``
-    in stream order; returns how many. A missing stream reads as empty."""
+    in stream order; returns how many. A missing stream reads as empty. ``stream``: the
+    step log's by default (the change journal reads its own the same way)."""
     for attempt in range(attempts):
         try:
             with gc_paused():
-                return await _read_once(nc, filters, on_entry, idle_timeout)
+                return await _read_once(nc, filters, on_entry, idle_timeout, stream)
         except _Gap:
             log.info("step log read skipped a message, reading again", attempt=attempt + 1)
     raise Unavailable(f"could not read the step log consistently in {attempts} attempts")
@@ -189,6 +205,7 @@ async def _read_once(
     filters: list[str],
     on_entry: Callable[[str, bytes, int], None],
     idle_timeout: float,
+    stream: str = STREAM,
 ) -> int:
     js = nc.jetstream()
     inbox = nc.new_inbox()
@@ -246,7 +263,7 @@ async def _read_once(
     name = ""
     try:
         try:
-            info = await js._jsm.add_consumer(STREAM, config=config)
+            info = await js._jsm.add_consumer(stream, config=config)
         except js_errors.NotFoundError as exc:
             if exc.err_code == _ERR_STREAM_NOT_FOUND:
                 return 0
@@ -272,7 +289,7 @@ async def _read_once(
                 await sub.unsubscribe()
             if name:
                 with anyio.move_on_after(1.0), contextlib.suppress(Exception):
-                    await js.delete_consumer(STREAM, name)
+                    await js.delete_consumer(stream, name)
 
 
 async def read_log(nc: NATS, run: str, *, rank: str | None = None) -> RunLog:

@@ -9,6 +9,8 @@ Layout (prefix ``runctl``)::
     runctl.<run>.<rank>.done.<step>    completed-step records (JetStream stream, see steplog)
     runctl.<run>.<scope>.done.<step>.<id>  one step record: <id> = <key hash>-<config hash>
                                        (or ``_forgotten``: the step's last forget marker)
+    runctl.<run>.<rank>.journal.<id>   change journal: what one rank did with change <id>
+    runctl.<run>.all.journal.<id>      change journal: run-wide records (schedules, cancels)
 
 A token never contains ``.``, ``*``, ``>`` or whitespace: every token is checked
 against ``^[A-Za-z0-9_-]+$`` before a subject is built, so no subject is ever built
@@ -34,6 +36,9 @@ __all__ = [
     "command_wildcards",
     "event_subject",
     "events_wildcard",
+    "journal_filter",
+    "journal_stream_subjects",
+    "journal_subject",
     "parse_subject",
     "state_subject",
     "states_wildcard",
@@ -50,7 +55,7 @@ ALL: Final = "all"
 RUN_SCOPE: Final = "run"
 MAX_TOKEN_LENGTH: Final = 128
 
-Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping", "cancel"]
+Verb = Literal["get", "set", "patch", "reset", "stop", "schema", "ping", "cancel", "assign"]
 VERBS: Final[tuple[Verb, ...]] = (
     "get",
     "set",
@@ -60,6 +65,7 @@ VERBS: Final[tuple[Verb, ...]] = (
     "schema",
     "ping",
     "cancel",
+    "assign",
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -164,3 +170,30 @@ def parse_subject(subject: str) -> tuple[str, str, str, str | None]:
         raise BadToken("subject", subject, "is not a runctl subject")
     name = parts[4] if len(parts) == 5 else None
     return parts[1], parts[2], parts[3], name
+
+
+# --- the change journal (see bus/journal.py): one subject per change and rank ------------
+
+
+def journal_subject(run: str, rank: str | int, change_id: str) -> str:
+    """``runctl.<run>.<rank>.journal.<id>``: what ``rank`` did with change ``<id>``;
+    ``rank`` :data:`ALL` holds the run-wide records (a schedule, its cancellation)."""
+    return (
+        f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank)}"
+        f".journal.{check_token(change_id, 'change id')}"
+    )
+
+
+def journal_filter(
+    run: str | None = None, rank: str | int | None = None, change_id: str | None = None
+) -> str:
+    """Filter for the journal records of a run / rank / change (``*`` where not given)."""
+    run_part = check_token(run, "run") if run is not None else "*"
+    rank_part = check_rank(rank) if rank is not None else "*"
+    id_part = check_token(change_id, "change id") if change_id is not None else "*"
+    return f"{PREFIX}.{run_part}.{rank_part}.journal.{id_part}"
+
+
+def journal_stream_subjects() -> list[str]:
+    """What the journal stream captures; disjoint from every command and step subject."""
+    return [f"{PREFIX}.*.*.journal.*"]

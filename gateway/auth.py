@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import re
 import secrets
@@ -36,6 +35,7 @@ from starlette.requests import HTTPConnection
 
 # the classes live in the one error tree; importable from here too, where they are raised
 from runctl.bus.errors import Forbidden, InsecureBind, TokenError, Unauthorized
+from runctl.bus.tls import is_loopback
 
 __all__ = [
     "MIN_TOKEN_LENGTH",
@@ -175,25 +175,26 @@ def load_tokens(
     return table
 
 
-def is_loopback(host: str) -> bool:
-    """True only for addresses nobody else can reach: 127.0.0.0/8, ::1, ``localhost``."""
-    name = host.strip().strip("[]")
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # any other name may resolve to a public address
-
-
-def check_bind(host: str, tokens: TokenTable) -> None:
-    """Refuse to serve an unauthenticated gateway beyond loopback."""
-    if not tokens and not is_loopback(host):
+def check_bind(
+    host: str, tokens: TokenTable, *, tls: bool = False, allow_plain: bool = False
+) -> None:
+    """Refuse to serve an unauthenticated gateway beyond loopback, and bearer tokens over
+    plain HTTP beyond loopback unless ``allow_plain`` (TLS ends in a proxy in front)."""
+    if is_loopback(host):
+        return
+    if not tokens:
         raise InsecureBind(
             f"refusing to listen on {host} without authentication: anyone who can reach it "
             f"could change or stop your runs. Configure tokens ({TOKENS_ENV}=admin:<token> "
             "or --tokens-file FILE; `runctl tokens` generates a file), or listen on "
             "127.0.0.1. See docs/security.md."
+        )
+    if not tls and not allow_plain:
+        raise InsecureBind(
+            f"refusing to take bearer tokens over plain HTTP on {host}: anyone on the way "
+            "reads them. Serve HTTPS (--tls-cert FILE --tls-key FILE; `runctl up --tls` "
+            "writes .runctl/tls/server.pem and server-key.pem), or, when a proxy in front "
+            "terminates TLS, pass --allow-plain-http. See docs/security.md."
         )
 
 

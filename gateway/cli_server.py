@@ -12,6 +12,7 @@ from typing import Final
 from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
 from runctl.bus.errors import BadRequest
 from runctl.bus.server import find_binary, packaged_config
+from runctl.bus.tls import DEFAULT_TLS_DIR, TlsFiles, ensure_tls, is_loopback, write_server_config
 
 __all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
 
@@ -63,6 +64,12 @@ def register(add: AddParser) -> None:
         help="a local N-node cluster instead (ports PORT..PORT+N-1, stores in "
         "STORE_DIR/node-*; step log and registry replicated R3): see docs/reliability.md",
     )
+    p.add_argument(
+        "--host",
+        metavar="ADDR",
+        help="address to listen on (default: the config's, else 127.0.0.1; another needs --tls)",
+    )
+    _tls_arguments(p)
     p.set_defaults(func=up_command)
 
     p = add("gateway", "serve the HTTP gateway (FastAPI; docs at /docs)")
@@ -92,6 +99,23 @@ def register(add: AddParser) -> None:
         metavar="FILE",
         help="bearer tokens, 'role token' per line (also $RUNCTL_GATEWAY_TOKENS)",
     )
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=os.environ.get("RUNCTL_GATEWAY_TLS_CERT"),
+        help="serve HTTPS with this certificate (PEM; also $RUNCTL_GATEWAY_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        default=os.environ.get("RUNCTL_GATEWAY_TLS_KEY"),
+        help="the certificate's private key (PEM; also $RUNCTL_GATEWAY_TLS_KEY)",
+    )
+    p.add_argument(
+        "--allow-plain-http",
+        action="store_true",
+        help="take tokens over plain HTTP beyond loopback (only behind a proxy that ends TLS)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true")
     p.set_defaults(func=gateway_command)
@@ -101,6 +125,40 @@ def register(add: AddParser) -> None:
         "--file", default=str(DEFAULT_TOKENS_FILE), help=f"default: {DEFAULT_TOKENS_FILE}"
     )
     p.set_defaults(func=tokens_command)
+
+
+def _tls_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on client and route connections: a private CA and certificates are "
+        "written to TLS_DIR on first start; clients need RUNCTL_NATS_CA=TLS_DIR/ca.pem",
+    )
+    p.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address the server certificate must hold (repeat; localhost, "
+        "127.0.0.1 and this machine's name are always in)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=str(DEFAULT_TLS_DIR),
+        metavar="DIR",
+        help=f"where the CA and certificates are (default: {DEFAULT_TLS_DIR})",
+    )
+    p.add_argument(
+        "--tls-verify-clients",
+        action="store_true",
+        help="clients must also present a certificate from the CA (RUNCTL_NATS_CERT, "
+        "RUNCTL_NATS_KEY: TLS_DIR/client.pem, client-key.pem)",
+    )
+    p.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="listen beyond loopback without --tls (passwords cross the network readable)",
+    )
 
 
 # --- up ----------------------------------------------------------------------------------
@@ -113,19 +171,47 @@ def up_argv(
     port: int | None,
     store_dir: str,
     monitor_port: int | None = None,
+    host: str | None = None,
 ) -> list[str]:
     """nats-server's command line. A config file brings its own listen address; without
-    one, loopback only."""
+    one, loopback only; ``host`` overrides either."""
     argv = [binary]
     if config is not None:
         argv += ["-c", config]
+        if host is not None:
+            argv += ["-a", host]
         if port is not None:
             argv += ["-p", str(port)]
     else:
-        argv += ["-a", "127.0.0.1", "-p", str(4222 if port is None else port)]
+        argv += ["-a", host or "127.0.0.1", "-p", str(4222 if port is None else port)]
     if monitor_port is not None:
         argv += ["-m", str(monitor_port)]
     return [*argv, "-js", "-sd", store_dir]
+
+
+def _up_tls(args: argparse.Namespace) -> TlsFiles | None:
+    """``--tls``: the certificates (made on first start), said where they are; and the
+    listen address checked: beyond loopback, plain text needs ``--allow-plain``."""
+    host = getattr(args, "host", None)
+    if not getattr(args, "tls", False):
+        if host is not None and not is_loopback(host) and not args.allow_plain:
+            raise BadRequest(
+                f"refusing to listen on {host} without TLS: NATS passwords would cross the "
+                "network readable. Add --tls (and --tls-host NAME for the names clients use), "
+                "or pass --allow-plain on a network you trust. See docs/security.md."
+            )
+        return None
+    wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - a check, not a bind
+    if host is not None and not is_loopback(host) and not wildcard:
+        args.tls_host.append(host)  # the address it listens on is a name clients use
+    files = ensure_tls(args.tls_dir, args.tls_host)
+    verb = "wrote" if files.created else "using"
+    print(
+        f"runctl: TLS: {verb} {files.dir}/ (CA ca.pem; server certificate for "
+        f"{', '.join(files.names())}); clients need RUNCTL_NATS_CA={files.ca.resolve()}",
+        file=sys.stderr,
+    )
+    return files
 
 
 def up_command(args: argparse.Namespace) -> int:
@@ -149,9 +235,12 @@ def up_command(args: argparse.Namespace) -> int:
         elif creds.dir is not None:
             print(f"runctl: NATS passwords from {creds.dir}/", file=sys.stderr)
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+    tls = _up_tls(args)
     if getattr(args, "cluster", None):
         from runctl.bus.cluster import serve_cluster
 
+        if args.host is not None:
+            raise BadRequest("--host: a local cluster listens on 127.0.0.1 (docs/deploy.md)")
         return serve_cluster(
             args.cluster,
             port=args.port or 4222,
@@ -159,16 +248,35 @@ def up_command(args: argparse.Namespace) -> int:
             config_file=config,
             env=env,
             say=lambda line: print(line, file=sys.stderr, flush=True),
+            tls=tls,
+            tls_verify_clients=args.tls_verify_clients,
         )
     binary = find_binary()
+    host = args.host
+    where = f"config {config}" if config else f"{host or '127.0.0.1'}:{args.port or 4222}"
+    if tls is not None:
+        # a config of its own that includes the base one and adds TLS
+        base = config
+        config = str(
+            write_server_config(
+                tls,
+                tls.dir / "server.conf",
+                include=base,
+                verify_clients=args.tls_verify_clients,
+                routes=False,
+            )
+        )
+        if base is None:
+            host = host or "127.0.0.1"  # the TLS config has no listen address of its own
+        where += ", TLS"
     argv = up_argv(
         binary,
         config=config,
         port=args.port,
         store_dir=args.store_dir,
         monitor_port=args.monitor_port,
+        host=host,
     )
-    where = f"config {config}" if config else f"127.0.0.1:{args.port or 4222}"
     print(
         f"runctl: nats-server ({where}, JetStream in {args.store_dir}); Ctrl-C stops it",
         file=sys.stderr,
@@ -190,7 +298,12 @@ def gateway_command(args: argparse.Namespace) -> int:
     from runctl.gateway.settings import Settings
 
     tokens = load_tokens(args.tokens_file)
-    check_bind(args.host, tokens)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise BadRequest("--tls-cert and --tls-key go together: give both or neither")
+    for given in (args.tls_cert, args.tls_key):
+        if given is not None and not Path(given).is_file():
+            raise BadRequest(f"{given}: no such file")
+    check_bind(args.host, tokens, tls=args.tls_cert is not None, allow_plain=args.allow_plain_http)
     if not 0 <= args.port <= 65535:
         raise BadRequest(f"--port {args.port} is not a port number")
     if args.max_body < 1:
@@ -204,10 +317,13 @@ def gateway_command(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_body=args.max_body,
         tokens=tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
+    scheme = "https" if args.tls_cert else "http"
     print(
-        f"runctl: gateway on http://{host}:{args.port} (docs /docs) for NATS "
+        f"runctl: gateway on {scheme}://{host}:{args.port} (docs /docs) for NATS "
         f"{redact_url(args.url)}" + ("" if tokens else ", no tokens: loopback only"),
         file=sys.stderr,
         flush=True,

@@ -13,7 +13,7 @@ from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest
 from runctl.bus.messages import StopMode
 from runctl.bus.paths import split_path
-from runctl.bus.registry import RankInfo
+from runctl.bus.registry import ANSWERING, RankInfo, run_spread
 from runctl.bus.subjects import ALL
 from runctl.gateway import ops
 from runctl.gateway.cli_common import (
@@ -125,12 +125,19 @@ def ls_command(args: argparse.Namespace) -> int:
 
 
 def render_ranks(infos: Sequence[RankInfo]) -> str:
-    rows = [("RUN", "RANK", "STATUS", "VERSION", "STEP", "HEARTBEAT", "HOST", "PID", "MODEL")]
+    """The ``runctl ls`` table, then one line per run whose running ranks lag behind."""
+    header = "RUN RANK STATUS VERSION STEP ADVANCED HEARTBEAT HOST PID MODEL"
+    rows: list[tuple[str, ...]] = [tuple(header.split())]
+    by_run: dict[str, list[RankInfo]] = {}
     for info in infos:
         r = info.record
-        status = info.liveness + (
-            " (stopping)" if r.stop_requested and info.liveness == "alive" else ""
-        )
+        by_run.setdefault(r.run, []).append(info)
+        status: str = info.liveness
+        if r.stop_requested and info.liveness in ANSWERING:
+            status += " (stopping)"
+        elif info.liveness == "exited" and r.error:
+            status += " (error)"
+        idle = info.idle
         rows.append(
             (
                 r.run,
@@ -138,6 +145,7 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
                 status,
                 str(r.version),
                 "-" if r.step is None else str(r.step),
+                "-" if idle is None or info.liveness == "exited" else _ago(idle),
                 _ago(info.age),
                 r.host,
                 str(r.pid),
@@ -145,9 +153,14 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
+    lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    ]
+    for run, ranks in by_run.items():
+        spread = run_spread(ranks)
+        if spread.behind:
+            lines.append(f"{run}: {spread.describe()}")
+    return "\n".join(lines)
 
 
 def _ago(seconds: float) -> str:
@@ -171,7 +184,7 @@ def get_command(args: argparse.Namespace) -> int:
 
     result = with_client(args, go)
     if isinstance(result, Result):
-        if result.liveness != "alive":
+        if result.liveness not in ANSWERING:
             note(
                 f"rank {result.rank} of run {run!r} is {result.liveness} (last heartbeat "
                 f"{_ago(result.age)}): this is its last published state"
@@ -297,7 +310,7 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     if args.json:
         print_json(result.to_json())
     else:
-        if result.change_id:
+        if result.at_step is not None:
             taken = not (result.errors or result.missing)
             print(
                 f"synchronised at step {result.at_step} (change {result.change_id[:12]})"

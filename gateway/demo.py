@@ -24,6 +24,7 @@ import anyio
 
 from runctl.bus.client import Client
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
+from runctl.bus.registry import ANSWERING
 from runctl.bus.server import NatsServer
 from runctl.bus.subjects import ALL, check_token
 
@@ -181,7 +182,7 @@ def _wait_ready(
                 infos = await client.ranks(run)
             except RunctlError:
                 return 0
-            return sum(1 for i in infos if i.liveness == "alive")
+            return sum(1 for i in infos if i.liveness in ANSWERING)
 
     deadline = time.monotonic() + timeout
     while anyio.run(alive) < count:

@@ -25,7 +25,8 @@ PAGE: Final = """<!doctype html>
  table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.3em .6em;
  text-align:left;vertical-align:top} th{background:#f4f4f4}
  pre{margin:0;font-size:12px;max-width:60em;white-space:pre-wrap;word-break:break-all}
- .alive{color:#080}.stale{color:#b60}.exited{color:#888} #err{color:#b00}
+ .alive{color:#080}.stalled{color:#c00;font-weight:bold}.stale{color:#b60}.exited{color:#888}
+ #err{color:#b00}
  #bar{display:flex;gap:1em;align-items:center} small{color:#666}
 </style></head><body>
 <div id="bar"><h1>runctl</h1><small><a href="/docs">API docs</a></small>
@@ -52,16 +53,20 @@ async function refresh() {
     let html = data.runs.length ? '' : '<p>No runs yet.</p>';
     for (const run of data.runs) {
       const r = encodeURIComponent(run.run);
-      html += `<h2>${esc(run.run)} <small>${run.counts.alive} alive, ${run.counts.stale}` +
-              ` stale, ${run.counts.exited} exited</small></h2><table><tr><th>rank</th>` +
-              `<th>status</th><th>version</th><th>step</th><th>heartbeat</th><th>host/pid</th>` +
-              `<th>state</th></tr>`;
+      const c = run.counts, lag = run.spread && run.spread.summary;
+      html += `<h2>${esc(run.run)} <small>${c.alive} alive, ${c.stalled || 0} stalled,` +
+              ` ${c.stale} stale, ${c.exited} exited</small></h2>` +
+              (run.spread && Object.keys(run.spread.behind).length
+                ? `<p class="stalled">${esc(lag)}</p>` : '') +
+              `<table><tr><th>rank</th><th>status</th><th>version</th><th>step</th>` +
+              `<th>advanced</th><th>heartbeat</th><th>host/pid</th><th>state</th></tr>`;
       const states = await api(`/runs/${r}/ranks/all/get`).catch(() => ({ranks: {}}));
       for (const k of run.ranks) {
         const st = states.ranks[k.rank];
         const value = st && st.value !== undefined ? JSON.stringify(st.value, null, 1) : '';
         html += `<tr><td>${esc(k.rank)}</td><td class="${esc(k.status)}">${esc(k.status)}` +
                 `</td><td>${k.version}</td><td>${k.step ?? ''}</td>` +
+                `<td>${k.idle_s == null ? '' : k.idle_s.toFixed(1) + ' s ago'}</td>` +
                 `<td>${k.heartbeat_age_s.toFixed(1)} s ago</td>` +
                 `<td>${esc(k.host)}/${k.pid}</td><td><pre>${esc(value)}</pre></td></tr>`;
       }

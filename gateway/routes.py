@@ -25,7 +25,7 @@ from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.paths import split_path
-from runctl.bus.registry import RankInfo
+from runctl.bus.registry import RankInfo, run_spread
 from runctl.bus.subjects import ALL, check_rank, check_token
 from runctl.gateway import ops
 from runctl.gateway.errors import json_response
@@ -130,7 +130,7 @@ def rank_summary(info: RankInfo) -> dict[str, Any]:
 
 
 def _counts(infos: list[RankInfo]) -> dict[str, int]:
-    counts = {"alive": 0, "stale": 0, "exited": 0}
+    counts = {"alive": 0, "stalled": 0, "stale": 0, "exited": 0}
     for info in infos:
         counts[info.liveness] += 1
     return counts
@@ -243,15 +243,21 @@ async def reset_of(
 
 @router.get("/runs", summary="List runs and their ranks", tags=["runs"])
 async def list_runs(client: ClientDep) -> Response:
-    """Every run the registry knows, each rank with its liveness (alive / stale / exited),
-    state version, heartbeat age, host and pid."""
+    """Every run the registry knows, each rank with its liveness (alive / stalled / stale /
+    exited), state version, step, heartbeat age, seconds since its program last advanced,
+    host and pid; per run the step spread (which ranks lag behind the leader)."""
     by_run: dict[str, list[RankInfo]] = {}
     for info in await client.runs():
         by_run.setdefault(info.record.run, []).append(info)
     return json_response(
         {
             "runs": [
-                {"run": run, "counts": _counts(infos), "ranks": [rank_summary(i) for i in infos]}
+                {
+                    "run": run,
+                    "counts": _counts(infos),
+                    "spread": run_spread(infos).to_json(),
+                    "ranks": [rank_summary(i) for i in infos],
+                }
                 for run, infos in by_run.items()
             ]
         }
@@ -266,6 +272,7 @@ async def get_run(run: RunParam, client: ClientDep) -> Response:
     body: dict[str, Any] = {
         "run": run,
         "counts": _counts(infos),
+        "spread": run_spread(infos).to_json(),
         "ranks": [rank_summary(i) for i in infos],
     }
     try:

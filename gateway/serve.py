@@ -30,6 +30,9 @@ def _config(settings: Settings, log_level: str, access_log: bool) -> uvicorn.Con
         # keep-alive clients must not hold up a stop
         timeout_graceful_shutdown=2,
         server_header=False,
+        # HTTPS when a certificate is given (uvicorn's own TLS; TLS 1.2 and later)
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
     )
 
 
@@ -60,7 +63,8 @@ class GatewayThread:
     def url(self) -> str:
         host = self.settings.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Self:
         self.thread.start()

@@ -43,6 +43,9 @@ class Settings:
     max_body: int = DEFAULT_MAX_BODY
     #: bearer tokens (gateway.auth); empty: open, which only a loopback bind allows
     tokens: TokenTable = field(default_factory=TokenTable)
+    #: serve HTTPS with this certificate and key (PEM files); None: plain HTTP
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         # Checked at start, so a bad --run fails the gateway instead of every request.
@@ -54,3 +57,5 @@ class Settings:
             raise ValueError("timeout must be positive")
         if self.max_body < 1:
             raise ValueError("max_body must be at least 1 byte")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")

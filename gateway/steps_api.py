@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from runctl.bus.canonical import hashed
 from runctl.bus.client import Client
 from runctl.bus.errors import BadRequest, NotFound, Unavailable
+from runctl.bus.registry import ANSWERING
 from runctl.bus.stepexplain import explain
 from runctl.bus.steprecords import parse_selector, record_row, scopes_for
 from runctl.bus.stepstore import forget, read_log
@@ -55,7 +56,7 @@ async def alive_processes(client: Client, run: str) -> set[tuple[str, int]]:
         infos = await client.ranks(run)
     except (NotFound, Unavailable):
         return set()
-    return {(i.record.host, i.record.pid) for i in infos if i.liveness == "alive"}
+    return {(i.record.host, i.record.pid) for i in infos if i.liveness in ANSWERING}
 
 
 def parse_configs(items: list[str] | None) -> dict[str, tuple[Any, str]]:

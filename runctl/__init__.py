@@ -41,6 +41,7 @@ from runctl.bus.errors import (
     Unavailable,
     ValidationRejected,
 )
+from runctl.bus.progress import StallPolicy
 from runctl.bus.server import NatsServer
 
 try:
@@ -65,6 +66,7 @@ __all__ = [
     "Result",
     "RunctlError",
     "ServerStartError",
+    "StallPolicy",
     "Step",
     "Steps",
     "Timeout",

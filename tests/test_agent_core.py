@@ -229,6 +229,10 @@ def test_request_stop_is_true_only_the_first_time() -> None:
 @pytest.mark.parametrize("verb", list(m.COMMAND_TYPES))
 def test_verb_of_every_command(verb: str) -> None:
     cls = m.COMMAND_TYPES[verb]
-    sample: dict[str, Any] = {"set": {"path": "x", "value": 1}, "patch": {"value": {}}}
+    sample: dict[str, Any] = {
+        "set": {"path": "x", "value": 1},
+        "patch": {"value": {}},
+        "assign": {"values": {"x": 1}},
+    }
     cmd = cls(**sample.get(verb, {"change_id": "c"} if verb == "cancel" else {}))
     assert verb_of(cmd) == verb

@@ -75,7 +75,7 @@ BAD_NAMES = [
 DEEP = 100_000
 #: a subject's tokens: clean, or a whole-token wildcard; $JS/$KV/_INBOX prefixes
 _TOKEN = re.compile(r"\$?[A-Za-z0-9_-]+|\*|>")
-_KINDS = {"cmd", "state", "evt", "done", "*", ">"}
+_KINDS = {"cmd", "state", "evt", "done", "journal", "*", ">"}
 
 
 def clean_subject(subject: str, runs: set[str]) -> bool:

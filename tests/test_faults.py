@@ -131,7 +131,7 @@ def test_server_killed_while_ranks_log_steps_and_the_gateway_serves(
             # the registry (KV) is written again after the restart: reads see the change
             wait_for(lambda: http.get(f"/runs/{run_id}/ranks/0/get/lr").json() == 0.5)
             listed = http.get(f"/runs/{run_id}").json()
-            assert listed["counts"] == {"alive": 2, "stale": 0, "exited": 0}
+            assert listed["counts"] == {"alive": 2, "stalled": 0, "stale": 0, "exited": 0}
             stop = http.post(f"/runs/{run_id}/ranks/all/stop")
             assert stop.status_code == 200, stop.text
         exits = [rank.finish() and rank.lines[-1] for rank in ranks]

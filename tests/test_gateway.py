@@ -108,7 +108,7 @@ def test_runs_list_each_rank_with_its_liveness(
     http = gateway()
     runs = http.get("/runs").json()["runs"]
     mine = next(r for r in runs if r["run"] == run_id)
-    assert mine["counts"] == {"alive": 2, "stale": 0, "exited": 0}
+    assert mine["counts"] == {"alive": 2, "stalled": 0, "stale": 0, "exited": 0}
     rank0 = mine["ranks"][0]
     assert (rank0["rank"], rank0["status"], rank0["version"], rank0["pid"]) == (
         "0",

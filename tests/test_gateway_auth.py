@@ -197,7 +197,14 @@ def test_no_open_gateway_beyond_loopback() -> None:
     for host in ("0.0.0.0", "::", "", "10.1.2.3", "gpu-node-7", "example.org"):
         with pytest.raises(InsecureBind, match="without authentication"):
             check_bind(host, none)
-        check_bind(host, some)
+        with pytest.raises(InsecureBind, match="without authentication"):
+            check_bind(host, none, tls=True)  # HTTPS does not make an open gateway safe
+        # tokens beyond loopback travel encrypted: HTTPS here, or a proxy's TLS in front
+        with pytest.raises(InsecureBind, match="bearer tokens over plain HTTP"):
+            check_bind(host, some)
+        check_bind(host, some, tls=True)
+        check_bind(host, some, allow_plain=True)
+    check_bind("127.0.0.1", some)  # loopback never leaves the machine
 
 
 def test_cli_refuses_an_open_gateway_on_all_interfaces() -> None:

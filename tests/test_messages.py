@@ -58,7 +58,7 @@ def test_every_message_tag_is_versioned() -> None:
 def _required(cls: type[Any]) -> dict[str, Any]:
     """Minimal arguments for a command's required fields."""
     fields = {f.name: f for f in msgspec.structs.fields(cls)}
-    values: dict[str, Any] = {"path": "a", "value": {}, "change_id": "c"}
+    values: dict[str, Any] = {"path": "a", "value": {}, "change_id": "c", "values": {"a": 1}}
     return {name: values[name] for name, f in fields.items() if f.required}
 
 

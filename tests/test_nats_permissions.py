@@ -27,10 +27,18 @@ from runctl.bus import Client, Result
 from runctl.bus import messages as m
 from runctl.bus.credentials import Credentials, NatsRole, ensure_credentials
 from runctl.bus.errors import RunctlError, ServerStartError
+from runctl.bus.journal import Record, encode_record
+from runctl.bus.journalstore import STREAM as JOURNAL
+from runctl.bus.journalstore import read_journal
 from runctl.bus.registry import BUCKET, Registry
 from runctl.bus.server import NatsServer
 from runctl.bus.stepstore import STREAM, ensure_stream, forget, read_log
-from runctl.bus.subjects import command_subject, state_subject, step_record_subject
+from runctl.bus.subjects import (
+    command_subject,
+    journal_subject,
+    state_subject,
+    step_record_subject,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NATS_CONF = ROOT / "nats.conf"
@@ -455,3 +463,93 @@ async def test_observer_cannot_publish_anything(
         await opc.request(cmd, payload, timeout=2)
         assert target.state.epochs == 99
     assert not operator.errors
+
+
+# --- the change journal: agents write their own records, observers read, operators remove
+
+
+def forged(run: str, rank: str) -> Record:
+    return Record(id="forged", run=run, rank=rank, target="all", verb="set", ts=0.0)
+
+
+@pytest.mark.anyio
+async def test_agents_write_and_replay_operators_read_schedule_and_forget(
+    secured: NatsServer, creds: Credentials, run_id: str
+) -> None:
+    agent_url = url_for(secured, creds, "agent")
+    async with await Client.connect(url_for(secured, creds, "operator"), by="op") as client:
+        async with Agent(Cfg(), run=run_id, rank=0, url=agent_url) as rank:
+            res = await client.set(run_id, 0, "epochs", 5)
+            assert res.journaled is True  # the agent wrote it, the operator confirmed it
+            rank.sync(1)
+            sched = await client.set(run_id, "all", "epochs", 6, at_step=100)
+            assert sched.journaled is True  # a run-wide record, written by the operator
+        async with Agent(Cfg(), run=run_id, rank=0, url=agent_url) as again:
+            assert again.state.epochs == 5  # read back with the agent's permissions
+            assert [c.id for c in again.replay_report.replayed] == [res.change_id]
+            assert again.replay_report.restored == [(sched.change_id, 100)]
+        history = await client.history(run_id)
+        assert {e.id for e in history} >= {res.change_id, sched.change_id}
+        assert await client.forget_history(run_id) >= 3
+        assert await client.history(run_id) == []
+
+
+@pytest.mark.anyio
+async def test_an_agent_cannot_write_run_wide_records_nor_remove_any(
+    secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]
+) -> None:
+    agent, anc = await login(logins, secured, creds, "agent")
+    operator, onc = await login(logins, secured, creds, "operator")
+    run_wide = journal_subject(run_id, "all", "forged")
+    await anc.publish(run_wide, encode_record(forged(run_id, "all")))
+    await agent.wait_violation("publish", run_wide)
+    purge = f"$JS.API.STREAM.PURGE.{JOURNAL}"
+    await anc.publish(purge, b"{}")
+    await agent.wait_violation("publish", purge)
+    # its own rank's record goes through, and the operator's run-wide one does
+    js = anc.jetstream()
+    async with Agent(Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent")):
+        pass  # creates the stream with the agent's rights
+    await js.publish(journal_subject(run_id, 0, "own"), encode_record(forged(run_id, "0")))
+    await onc.jetstream().publish(run_wide, encode_record(forged(run_id, "all")))
+    await settle(anc, onc)
+    stored = await read_journal(onc, run_id)
+    assert sorted((rec.rank, rec.id) for _, rec in stored) == [("0", "forged"), ("all", "forged")]
+    assert not operator.errors
+
+
+@pytest.mark.anyio
+async def test_observers_read_the_journal_and_change_nothing(
+    secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]
+) -> None:
+    operator_url = url_for(secured, creds, "operator")
+    agent_url = url_for(secured, creds, "agent")
+    async with (
+        await Client.connect(operator_url) as client,
+        Agent(Cfg(), run=run_id, rank=0, url=agent_url),
+    ):
+        res = await client.set(run_id, 0, "epochs", 7)
+    errors: list[str] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    observer = await nats.connect(
+        f"nats://127.0.0.1:{secured.port}",
+        inbox_prefix="_INBOX_observer",
+        error_cb=error_cb,
+        allow_reconnect=False,
+        **creds.auth("observer"),
+    )
+    try:
+        stored = await read_journal(observer, run_id)
+        assert [rec.id for _, rec in stored] == [res.change_id]
+        subject = journal_subject(run_id, 0, "forged")
+        await observer.publish(subject, encode_record(forged(run_id, "0")))
+        await observer.publish(f"$JS.API.STREAM.PURGE.{JOURNAL}", b"{}")
+        await observer.flush()
+        await until(lambda: len([e for e in errors if "permissions violation" in e.lower()]) == 2)
+        async with await Client.connect(operator_url) as client:
+            assert [e.id for e in await client.history(run_id)] == [res.change_id]
+    finally:
+        await observer.close()

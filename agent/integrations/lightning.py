@@ -152,6 +152,8 @@ class RunctlCallback(pl.Callback, Generic[M]):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if self.ctl is not None:  # the rank's exit says it failed, and why
+            self.ctl.agent.exit.record(type(exception), exception)
         self.close()
 
     def close(self) -> None:
