@@ -8,6 +8,13 @@ did not answer.
 
 Reads (``get`` without ``fresh=True``) come from the registry's last published state and
 never wake the controlled program.
+
+::
+
+    async with await Client.connect("nats://127.0.0.1:4222") as client:
+        result = await client.set("exp1", 0, "optimizer.lr", 0.01)    # one rank: Result
+        every = await client.set("exp1", "all", "optimizer.lr", 0.01)  # every rank: Gathered
+        print(every.acknowledged, every.missing, every.errors)
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from nats.aio.msg import Msg
 from runctl.bus import changes
 from runctl.bus import messages as m
 from runctl.bus.connection import close_quietly, connect
+from runctl.bus.credentials import NatsRole
+from runctl.bus.defaults import MAX_PAYLOAD
 from runctl.bus.errors import (
     BadRequest,
     NotFound,
@@ -46,11 +55,11 @@ from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.paths import resolve
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
-from runctl.bus.subjects import ALL, check_rank, check_token, command_subject
+from runctl.bus.subjects import ALL, check_rank, check_token, command_subject, rank_key
 
 __all__ = ["ACTING_AS", "DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 
-DEFAULT_MAX_PAYLOAD: Final = 1 << 20
+DEFAULT_MAX_PAYLOAD: Final = MAX_PAYLOAD
 #: a synchronised change must reach every rank within this many seconds of its progress
 SYNC_LATENCY_BUDGET: Final = 1.0
 MIN_SYNC_MARGIN: Final = 2
@@ -69,6 +78,9 @@ ACTING_AS: ContextVar[m.Author | None] = ContextVar("runctl_acting_as", default=
 
 @dataclass(frozen=True, slots=True)
 class Result:
+    """One rank's answer: its state version and ``value`` (the state, the value at a path,
+    or what the verb returns), whether it ``changed``, and where it came from."""
+
     rank: str
     version: int
     value: Any
@@ -85,6 +97,10 @@ class Result:
 
 @dataclass(slots=True)
 class Gathered:
+    """Every rank's answer to one command on ``all``: ``results`` (applied), ``errors``
+    (rejected, each rank's own error) and ``missing`` (known alive, did not answer in
+    time). :meth:`to_json` is the per-rank outcome view the gateway and the CLI print."""
+
     run: str
     verb: str
     results: dict[str, Result] = field(default_factory=dict)
@@ -102,9 +118,13 @@ class Gathered:
 
     @property
     def acknowledged(self) -> list[str]:
-        return sorted([*self.results, *self.errors], key=_rank_key)
+        """The ranks that answered (applied or rejected), in rank order."""
+        return sorted([*self.results, *self.errors], key=rank_key)
 
     def to_json(self) -> dict[str, Any]:
+        """``{"run", "verb", "acknowledged", "missing", "ranks": {rank: outcome}}``; each
+        outcome is ``applied`` (or ``ok``, ``pending``, ``cancelled``), ``rejected`` with the
+        error's code, message and detail, or ``no_answer``."""
         ranks: dict[str, Any] = {}
         for rank, res in self.results.items():
             ranks[rank] = {
@@ -139,8 +159,8 @@ class Gathered:
             "verb": self.verb,
             **sync,
             "acknowledged": self.acknowledged,
-            "missing": sorted(self.missing, key=_rank_key),
-            "ranks": dict(sorted(ranks.items(), key=lambda kv: _rank_key(kv[0]))),
+            "missing": sorted(self.missing, key=rank_key),
+            "ranks": dict(sorted(ranks.items(), key=lambda kv: rank_key(kv[0]))),
         }
 
     def _outcome(self, res: Result) -> str:
@@ -155,6 +175,14 @@ _WRITES = frozenset({"set", "patch", "reset", "stop"})
 
 
 class Client:
+    """Read and change the live state of runs over NATS: what the gateway, the CLI and
+    users' scripts call. Open one with :meth:`connect`; ``rank`` is a rank or ``"all"``.
+
+    Every method raises a :class:`~runctl.bus.errors.RunctlError` (``NotFound`` at once for
+    a run or rank nobody serves, ``Timeout`` naming who did not answer, ...); a write to
+    ``"all"`` returns a :class:`Gathered` instead of raising for one rank's rejection.
+    """
+
     def __init__(
         self,
         nc: NATS,
@@ -176,17 +204,64 @@ class Client:
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
 
     @classmethod
-    async def connect(cls, url: str | None = None, **kwargs: Any) -> Client:
-        options = {
-            k: kwargs.pop(k)
-            for k in ("timeout", "max_payload", "by", "journal_timeout")
-            if k in kwargs
+    async def connect(
+        cls,
+        url: str | None = None,
+        *,
+        name: str = "runctl-client",
+        timeout: float = 2.0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        by: str | m.Author | None = None,
+        journal_timeout: float | None = None,
+        role: NatsRole | None = "operator",
+        retry_initial: bool = False,
+        connect_timeout: float = 2.0,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        user_credentials: str | None = None,
+        nkeys_seed: str | None = None,
+        **nats_options: Any,
+    ) -> Client:
+        """Connect to NATS and return a client; ``async with`` closes it.
+
+        ``url``: one or several (comma-separated) NATS URLs; default ``$RUNCTL_NATS_URL``
+        or ``nats://127.0.0.1:4222``. ``timeout``: how long commands wait for ranks.
+        ``max_payload``: the largest command sent (``PayloadTooLarge`` above it). ``by``:
+        who the changes are by in the change journal (default ``user@host``);
+        ``journal_timeout``: how long a write waits for the journal (default ``timeout``).
+        ``role``: with no login in the URL, the environment or the arguments, log in with
+        that role's file from ``runctl up`` (``operator`` may change state; ``observer``
+        only reads). ``retry_initial``: keep retrying until the server is up, instead of
+        raising ``Unavailable``. ``user``/``password``, ``token``, ``user_credentials``
+        (a .creds file) and ``nkeys_seed`` (a seed file) are NATS logins. Any other keyword
+        goes to nats-py's ``connect`` as it is (``tls=``, ``error_cb=``, ...).
+
+        >>> async with await Client.connect("nats://127.0.0.1:4222", timeout=5) as client:
+        ...     infos = await client.ranks("exp1")
+        """
+        logins: dict[str, Any] = {
+            "user": user,
+            "password": password,
+            "token": token,
+            "user_credentials": user_credentials,
+            "nkeys_seed": nkeys_seed,
         }
-        kwargs.setdefault("role", "operator")  # runctl up's login file, if no other is given
-        nc = await connect(url, name=kwargs.pop("name", "runctl-client"), **kwargs)
-        return cls(nc, **options)
+        nc = await connect(
+            url,
+            name=name,
+            role=role,
+            retry_initial=retry_initial,
+            connect_timeout=connect_timeout,
+            **{k: v for k, v in logins.items() if v is not None},
+            **nats_options,
+        )
+        return cls(
+            nc, timeout=timeout, max_payload=max_payload, by=by, journal_timeout=journal_timeout
+        )
 
     async def close(self) -> None:
+        """Close the connection (quietly, shielded from cancellation: it is cleanup)."""
         await close_quietly(self.nc)
 
     async def __aenter__(self) -> Self:
@@ -203,6 +278,7 @@ class Client:
     # --- discovery ----------------------------------------------------------------
 
     async def registry(self) -> Registry:
+        """The rank registry (opened on first use; ``Unavailable`` without JetStream)."""
         if self._registry is None:
             try:
                 self._registry = await Registry.open(self.nc.jetstream())
@@ -216,6 +292,12 @@ class Client:
         return [RankInfo.of(r, now) for r in await (await self.registry()).records()]
 
     async def ranks(self, run: str) -> list[RankInfo]:
+        """The ranks of ``run`` the registry holds, with their liveness (``NotFound`` if
+        none).
+
+        >>> [i.record.rank for i in await client.ranks("exp1") if i.liveness == "alive"]
+        ['0', '1']
+        """
         check_token(run, "run")
         now = time.time()
         infos = [RankInfo.of(r, now) for r in await (await self.registry()).records(run)]
@@ -224,6 +306,7 @@ class Client:
         return infos
 
     async def rank(self, run: str, rank: str | int) -> RankInfo:
+        """One rank's registry record and liveness (``NotFound`` if the registry has none)."""
         check_token(run, "run")  # before the registry is opened: nothing sent for a bad name
         rank = check_rank(rank, allow_all=False)
         record = await (await self.registry()).get(run, rank)
@@ -272,8 +355,17 @@ class Client:
         margin: int | None = None,
         at_step: int | None = None,
     ) -> Result | Gathered:
-        """Set the value at ``path``; ``sync``: on every rank at the same step; ``at_step``:
-        at that step (journaled: ranks that restart before it still apply it there)."""
+        """Replace the value at the dotted ``path``, validated by the program's model
+        (``ValidationRejected`` with pydantic's errors, and nothing changed, if it does not
+        fit). ``sync=True`` applies it on every rank at the same step (``margin`` steps
+        ahead; the program calls ``ctl.sync(step)``); ``at_step``: at that step (journaled:
+        ranks that restart before it still apply it there).
+
+        >>> await client.set("exp1", 0, "optimizer.lr", 0.01)
+        Result(rank='0', version=4, value={...}, changed=True, ...)
+        >>> (await client.set("exp1", "all", "optimizer.lr", 0.01, sync=True)).at_step
+        120
+        """
         return await self._write(run, rank, m.Set(path=path, value=value), sync, margin, at_step)
 
     async def patch(
@@ -287,6 +379,13 @@ class Client:
         margin: int | None = None,
         at_step: int | None = None,
     ) -> Result | Gathered:
+        """Merge ``value`` into the state (or into the object at ``path``): objects merge,
+        everything else replaces; all or nothing. ``sync``, ``margin``, ``at_step`` as for
+        :meth:`set`.
+
+        >>> await client.patch("exp1", "all", {"optimizer": {"lr": 0.01, "kind": "adam"}})
+        Gathered(run='exp1', verb='patch', results={'0': ..., '1': ...}, ...)
+        """
         cmd = m.Patch(value=value, path=path or None)
         return await self._write(run, rank, cmd, sync, margin, at_step)
 
@@ -299,6 +398,11 @@ class Client:
         margin: int | None = None,
         at_step: int | None = None,
     ) -> Result | Gathered:
+        """Back to the state the program had when it called ``control()`` (``sync``,
+        ``margin``, ``at_step`` as for :meth:`set`).
+
+        >>> await client.reset("exp1", "all")
+        """
         return await self._write(run, rank, m.Reset(), sync, margin, at_step)
 
     async def _write(
@@ -446,14 +550,27 @@ class Client:
         return gathered
 
     async def cancel(self, run: str, rank: str | int, change_id: str) -> Result | Gathered:
+        """Take back a synchronised change that has not been applied yet (``change_id`` is
+        :attr:`Gathered.change_id` of the ``sync=True`` call).
+
+        >>> await client.cancel("exp1", "all", gathered.change_id)
+        """
         return await self.send(run, rank, m.Cancel(change_id=change_id))
 
     async def ping(self, run: str, rank: str | int) -> Result | Gathered:
+        """Ask the rank(s) themselves: ``value`` holds the step, step rate and pending
+        changes (a live answer, unlike the registry's last published state).
+
+        >>> (await client.ping("exp1", 0)).value["step"]
+        118
+        """
         return await self.send(run, rank, m.Ping())
 
     async def send(
         self, run: str, rank: str | int, cmd: m.Command, *, timeout: float | None = None
     ) -> Result | Gathered:
+        """Send any command (a :mod:`runctl.bus.messages` Struct) to one rank, or to every
+        rank with ``"all"``; what the other methods call."""
         verb = verb_of(cmd)
         subject = command_subject(run, rank, verb)
         payload = m.encode(cmd)
@@ -644,7 +761,7 @@ class Client:
                         break
             if no_responders:
                 raise NotFound(run)
-            gathered.missing = sorted(expected - answered, key=_rank_key)
+            gathered.missing = sorted(expected - answered, key=rank_key)
             settled = await self._settle(run, list(gathered.results.values()))
             gathered.results = {res.rank: res for res in settled}
             gathered.change_id = next(
@@ -732,7 +849,3 @@ def _from_registry(info: RankInfo, path: str | None) -> Result:
         liveness=info.liveness,
         age=info.age,
     )
-
-
-def _rank_key(rank: str) -> tuple[int, str]:
-    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)

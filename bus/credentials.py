@@ -94,8 +94,8 @@ class Credentials:
         """What a client of ``role`` needs (bus.connection reads these)."""
         return {"RUNCTL_NATS_USER": USERS[role], "RUNCTL_NATS_PASSWORD": self.passwords[role]}
 
-    def auth(self, role: NatsRole) -> dict[str, str]:
-        """nats-py ``connect()`` keyword arguments for ``role``."""
+    def auth(self, role: NatsRole) -> dict[str, Any]:
+        """nats-py ``connect()`` keyword arguments for ``role`` (``user``, ``password``)."""
         return {"user": USERS[role], "password": self.passwords[role]}
 
     def role_file(self, role: NatsRole) -> Path | None:

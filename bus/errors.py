@@ -43,6 +43,8 @@ import ssl
 from collections.abc import Sequence
 from typing import Any, Final
 
+from runctl.bus.tlserrors import describe_ssl_error
+
 __all__ = [
     "EXIT_ERROR",
     "EXIT_NOT_FOUND",
@@ -169,6 +171,7 @@ class InvalidRequest(BadRequest):
 
     @property
     def detail(self) -> Any:
+        """pydantic's list, each ``loc`` starting with ``query``, ``path`` or ``body``."""
         return self.errors
 
 
@@ -187,10 +190,13 @@ class ValidationRejected(RunctlError, ValueError):
         self.errors = list(errors)
 
     def describe(self) -> str:
+        """Each refused field in one line: ``invalid value for opt.kind: Input should be
+        'sgd' or 'adam'``."""
         return describe_validation(self.errors) if self.errors else str(self)
 
     @property
     def detail(self) -> Any:
+        """pydantic's error list (the message when there is none)."""
         return self.errors or str(self)
 
 
@@ -400,8 +406,6 @@ def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None
     if isinstance(exc, RunctlError):
         return exc
     if isinstance(exc, ssl.SSLError):  # before OSError: it is one
-        from runctl.bus.tls import describe_ssl_error
-
         return TlsError(describe_ssl_error(exc))
     if isinstance(exc, nats_errors.NoRespondersError):
         return NotFound(run, rank)

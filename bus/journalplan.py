@@ -24,7 +24,7 @@ import msgspec
 
 from runctl.bus.errors import BadRequest, Conflict, NotFound
 from runctl.bus.journal import CHANGE_VERBS, Record, request_paths
-from runctl.bus.subjects import ALL
+from runctl.bus.subjects import ALL, rank_key
 
 __all__ = [
     "Entry",
@@ -147,7 +147,7 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         ranks: dict[str, Any] = {}
-        for rank, rec in sorted(self.ranks.items(), key=lambda kv: _rank_key(kv[0])):
+        for rank, rec in sorted(self.ranks.items(), key=lambda kv: rank_key(kv[0])):
             item: dict[str, Any] = {"outcome": rec.outcome, "ts": rec.ts, "step": rec.step}
             if rec.verb == "replay":
                 item["replayed"] = rec.replayed
@@ -387,10 +387,6 @@ def _overlaps(a: str, b: str) -> bool:
     return a.startswith(b + ".") or b.startswith(a + ".")
 
 
-def _rank_key(rank: str) -> tuple[int, str]:
-    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)
-
-
 def ranks_of(records: Iterable[tuple[int, Record]]) -> list[str]:
     """The ranks that wrote records, in rank order."""
-    return sorted({rec.rank for _, rec in records if rec.rank != ALL}, key=_rank_key)
+    return sorted({rec.rank for _, rec in records if rec.rank != ALL}, key=rank_key)

@@ -25,7 +25,7 @@ from nats.js.kv import KeyValue
 
 from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
 from runctl.bus.progress import Spread, is_stalled, step_spread
-from runctl.bus.subjects import ALL, check_rank, check_token
+from runctl.bus.subjects import ALL, check_rank, check_token, rank_key
 
 __all__ = [
     "ANSWERING",
@@ -212,7 +212,7 @@ class Registry:
         records = await self._read_direct(pattern)
         if records is None:
             records = await self._read_watching(pattern)
-        records.sort(key=lambda r: (r.run, _rank_order(r.rank)))
+        records.sort(key=lambda r: (r.run, rank_key(r.rank)))
         return records
 
     async def _read_direct(self, pattern: str) -> list[RankRecord] | None:
@@ -317,7 +317,3 @@ class Registry:
     async def delete(self, run: str, rank: str) -> None:
         await self.kv.purge(self.key(run, rank))
         await self.kv.purge(self.key(run, rank) + ".schema")
-
-
-def _rank_order(rank: str) -> tuple[int, str]:
-    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)

@@ -26,7 +26,7 @@ from runctl.bus.errors import ServerStartError
 if TYPE_CHECKING:
     from runctl.bus.tls import TlsFiles
 
-__all__ = ["NatsServer", "find_binary", "packaged_config"]
+__all__ = ["NatsServer", "die_with_parent", "find_binary", "packaged_config"]
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
@@ -137,7 +137,7 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 # Own session: a Ctrl-C meant for the program does not kill its bus first.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         finally:
             log.close()
@@ -207,8 +207,9 @@ def _fatal_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the server gets SIGTERM when the thread that started it dies (no orphans)."""
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """A ``preexec_fn``: on Linux the child gets SIGTERM when the thread that started it
+    dies, so a killed parent leaves no orphan server (elsewhere: nothing happens)."""
     with contextlib.suppress(Exception):
         import ctypes
 

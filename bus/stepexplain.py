@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from runctl.bus.canonical import canonical_json
+from runctl.bus.formatting import ago, format_duration
 from runctl.bus.steprecords import (
     ForgetMarker,
     ForgottenStep,
@@ -23,7 +24,7 @@ from runctl.bus.steprecords import (
 )
 from runctl.bus.subjects import RUN_SCOPE
 
-__all__ = ["Explained", "config_diff", "explain", "format_ago", "format_duration"]
+__all__ = ["Explained", "config_diff", "explain"]
 
 
 # --- explain ---------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def explain(
                     "run",
                     "forced",
                     f"forced: {marker.count - len(marker.forgotten)} more steps of {name!r} "
-                    f"forgotten {format_ago(now, marker.ts)} ({marker.selector}) not listed",
+                    f"forgotten {ago(now - marker.ts)} ({marker.selector}) not listed",
                     marker.ts,
                 )
             )
@@ -153,7 +154,7 @@ def _explain_item(
                 target_hash,
                 "run",
                 "forced",
-                f"forced: forgotten {format_ago(now, marker.ts)} ({marker.selector}{by})",
+                f"forced: forgotten {ago(now - marker.ts)} ({marker.selector}{by})",
                 first,
             )
         key = latest.key if latest is not None else (last_gone[1].key if last_gone else None)
@@ -177,19 +178,19 @@ def _explain_item(
             cur.config_hash,
             "skip",
             "done",
-            f"done {format_ago(now, cur.ended or cur.started)} by {who}{took}",
+            f"done {ago(now - (cur.ended or cur.started))} by {who}{took}",
             first,
         )
     reason: Reason
     if cur.status == "failed":
         reason = "failed"
-        detail = f"failed {format_ago(now, cur.ended or cur.started)}: {cur.error or 'error'}"
+        detail = f"failed {ago(now - (cur.ended or cur.started))}: {cur.error or 'error'}"
     elif (cur.host, cur.pid) in alive:
         reason, detail = "running", f"running now ({who}, attempt {cur.attempt})"
     else:
         reason = "interrupted"
         detail = (
-            f"interrupted: started {format_ago(now, cur.started)} by {who} "
+            f"interrupted: started {ago(now - cur.started)} by {who} "
             f"(attempt {cur.attempt}), never completed"
         )
     if changed:
@@ -226,17 +227,3 @@ def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:
 def _short(value: Any) -> str:
     text = canonical_json(value, ignore_prefix=None)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def format_ago(now: float, ts: float) -> str:
-    return f"{format_duration(max(0.0, now - ts))} ago"

@@ -40,6 +40,7 @@ __all__ = [
     "journal_stream_subjects",
     "journal_subject",
     "parse_subject",
+    "rank_key",
     "state_subject",
     "states_wildcard",
     "step_record_subject",
@@ -91,6 +92,15 @@ def check_rank(rank: object, *, allow_all: bool = True) -> str:
     if token == RUN_SCOPE:
         raise BadToken("rank", token, f"'{RUN_SCOPE}' is reserved for run-wide steps")
     return token
+
+
+def rank_key(rank: str) -> tuple[int, str]:
+    """Sort key of rank tokens: numbers in numeric order, then the others by name.
+
+    >>> sorted(["10", "2", "b", "0"], key=rank_key)
+    ['0', '2', '10', 'b']
+    """
+    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)
 
 
 def command_subject(run: str, rank: str | int, verb: str) -> str:

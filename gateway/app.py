@@ -95,6 +95,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway's FastAPI app: routes, auth, the error handler and the body limit.
+
+    >>> app = create_app(Settings(nats_url="nats://127.0.0.1:4222", default_run="exp1"))
+    """
     settings = settings or Settings()
     app = FastAPI(
         title="runctl gateway",

@@ -117,6 +117,7 @@ class TokenTable:
         return found
 
     def merged(self, other: TokenTable) -> TokenTable:
+        """Both tables in one (``TokenError`` if a token has a different role in each)."""
         roles: dict[bytes, Role] = {}
         for digest, role in (*self.entries, *other.entries):
             if roles.setdefault(digest, role) != role:

@@ -84,4 +84,5 @@ refresh(); setInterval(refresh, 2000);
 
 @router.get("/", include_in_schema=False)
 async def index() -> HTMLResponse:
+    """The status page (static: it fetches the API itself)."""
     return HTMLResponse(PAGE)

@@ -21,13 +21,14 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
+from runctl.bus import assign
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.paths import split_path
 from runctl.bus.registry import RankInfo, run_spread
 from runctl.bus.subjects import ALL, check_rank, check_token
-from runctl.gateway import ops
+from runctl.bus.views import rank_summary, run_counts, write_outcome
 from runctl.gateway.errors import json_response
 from runctl.gateway.settings import Settings
 
@@ -38,7 +39,6 @@ __all__ = [
     "PathParam",
     "get_client",
     "patch_of",
-    "rank_summary",
     "read",
     "reset_of",
     "router",
@@ -62,6 +62,7 @@ PATCH_BODY: Final = {
 
 
 async def get_client(request: Request) -> Client:  # async: no thread-pool hop per request
+    """The gateway's connection; ``Unavailable`` (503) while it has none or lost it."""
     client = getattr(request.app.state, "client", None)
     if not isinstance(client, Client):
         settings: Settings = request.app.state.settings
@@ -117,25 +118,6 @@ def _sync_options(rank: str, sync: bool, margin: int | None) -> dict[str, Any]:
     return {"sync": True, "margin": margin}
 
 
-def rank_summary(info: RankInfo) -> dict[str, Any]:
-    r = info.record
-    return {
-        **info.summary(),
-        "world_size": r.world_size,
-        "heartbeat_interval": r.heartbeat_interval,
-        "step": r.step,
-        "step_rate": r.step_rate,
-        "pending": r.pending,
-    }
-
-
-def _counts(infos: list[RankInfo]) -> dict[str, int]:
-    counts = {"alive": 0, "stalled": 0, "stale": 0, "exited": 0}
-    for info in infos:
-        counts[info.liveness] += 1
-    return counts
-
-
 def _gathered_status(g: Gathered) -> int:
     if g.results:
         return 200 if not g.errors and not g.missing else 207
@@ -175,17 +157,7 @@ def write_response(run: str, result: Result | Gathered, *, freak: bool = False) 
     }
     if freak:
         return json_response("success", headers=headers)
-    return json_response(
-        {
-            "run": run,
-            "rank": result.rank,
-            "outcome": "applied",
-            "version": result.version,
-            "changed": result.changed,
-            "value": result.value,
-        },
-        headers=headers,
-    )
+    return json_response(write_outcome(run, result), headers=headers)
 
 
 async def _patch_body(request: Request) -> dict[str, Any]:
@@ -214,7 +186,7 @@ async def set_value_of(
     client: Client, run: str, rank: str, path: str, value: str, options: dict[str, Any]
 ) -> Result | Gathered:
     run, rank = _target(run, rank)
-    return await ops.set_text(client, run, rank, _dotted(path) or "", value, **options)
+    return await assign.set_text(client, run, rank, _dotted(path) or "", value, **options)
 
 
 async def patch_of(
@@ -254,7 +226,7 @@ async def list_runs(client: ClientDep) -> Response:
             "runs": [
                 {
                     "run": run,
-                    "counts": _counts(infos),
+                    "counts": run_counts(infos),
                     "spread": run_spread(infos).to_json(),
                     "ranks": [rank_summary(i) for i in infos],
                 }
@@ -271,7 +243,7 @@ async def get_run(run: RunParam, client: ClientDep) -> Response:
     infos = await client.ranks(run)
     body: dict[str, Any] = {
         "run": run,
-        "counts": _counts(infos),
+        "counts": run_counts(infos),
         "spread": run_spread(infos).to_json(),
         "ranks": [rank_summary(i) for i in infos],
     }

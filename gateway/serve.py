@@ -54,6 +54,7 @@ class GatewayThread:
 
     @property
     def port(self) -> int:
+        """The port it listens on (the one the OS picked for ``port=0``)."""
         for server in self.server.servers:
             for sock in server.sockets:
                 return int(sock.getsockname()[1])
@@ -61,12 +62,14 @@ class GatewayThread:
 
     @property
     def url(self) -> str:
+        """``http://host:port`` of the running gateway."""
         host = self.settings.host
         host = f"[{host}]" if ":" in host else host
         scheme = "https" if self.settings.tls_cert else "http"
         return f"{scheme}://{host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> Self:
+        """Start the thread; return once it accepts connections (``Unavailable`` if not)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -81,6 +84,7 @@ class GatewayThread:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Ask uvicorn to exit and wait up to ``timeout`` seconds for the thread."""
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, MAX_PAYLOAD
+from runctl.bus.logs import configure_logging  # re-exported: entry points import it from here
 from runctl.bus.subjects import check_rank, check_token
 from runctl.gateway.auth import TokenTable
-from runctl.gateway.logs import configure_logging  # re-exported: entry points import it from here
 
 __all__ = [
     "DEFAULT_HOST",
@@ -21,13 +22,15 @@ __all__ = [
     "configure_logging",
 ]
 
-DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 4444  # Freak's port: Freak users' curl lines keep working
-DEFAULT_MAX_BODY: Final = 1 << 20
+DEFAULT_HOST: Final = GATEWAY_HOST
+DEFAULT_PORT: Final = GATEWAY_PORT
+DEFAULT_MAX_BODY: Final = MAX_PAYLOAD
 
 
 @dataclass(frozen=True)
 class Settings:
+    """What a gateway is started with (checked at construction)."""
+
     #: NATS URL(s), comma separated; None means $RUNCTL_NATS_URL or nats://127.0.0.1:4222
     nats_url: str | None = None
     host: str = DEFAULT_HOST

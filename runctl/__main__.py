@@ -1,5 +1,5 @@
 """``python -m runctl``: the ``runctl`` command line."""
 
-from runctl.gateway.cli import main
+from runctl.cli.app import main
 
 raise SystemExit(main())

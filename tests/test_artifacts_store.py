@@ -10,6 +10,7 @@ import nats
 import numpy as np
 import pytest
 import torch
+from nats.aio.client import Client as NATS
 
 from runctl.bus.artifact_codec import (
     ArtifactRef,
@@ -87,7 +88,7 @@ def test_object_names_are_checked() -> None:
 # --- the store, on a real server -----------------------------------------------------------
 
 
-async def _store(url: str) -> tuple[nats.NATS, ArtifactStore]:
+async def _store(url: str) -> tuple[NATS, ArtifactStore]:
     nc = await nats.connect(url)
     return nc, await ArtifactStore.open(nc.jetstream())
 

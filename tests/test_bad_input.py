@@ -31,8 +31,8 @@ from runctl.bus import messages as m
 from runctl.bus.client import Client
 from runctl.bus.errors import BadPath, BadRequest, BadToken, PayloadTooLarge
 from runctl.bus.subjects import command_subject
+from runctl.cli.app import main as cli
 from runctl.gateway.app import create_app
-from runctl.gateway.cli import main as cli
 from runctl.gateway.serve import GatewayThread
 from runctl.gateway.settings import Settings
 

@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from runctl.agent import Control, control
 from runctl.bus import Client, NotFound
-from runctl.gateway.cli import main
-from runctl.gateway.cli_server import up_argv
-from runctl.gateway.cli_tail import format_message, tail_subjects
+from runctl.cli.app import main
+from runctl.cli.server import up_argv
+from runctl.cli.tail import format_message, tail_subjects
 
 
 class Opt(BaseModel):

@@ -110,7 +110,7 @@ def test_replicas_are_kept_and_scaled_up_never_down(
 ) -> None:
     monkeypatch.delenv("RUNCTL_REPLICAS", raising=False)
 
-    async def go() -> tuple[int, ...]:
+    async def go() -> tuple[int | None, ...]:
         nc = await nats.connect(cluster.urls)
         try:
             js = nc.jetstream()

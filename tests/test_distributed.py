@@ -104,7 +104,7 @@ class Ranks:
 
     def steps(self, rank: int | str) -> list[tuple[int, float, bool]]:
         lines = (self.logs / f"rank{rank}.jsonl").read_text().splitlines()
-        return [tuple(json.loads(line)) for line in lines]  # type: ignore[misc]
+        return [tuple(json.loads(line)) for line in lines]
 
     def cleanup(self) -> None:
         for proc in self.procs.values():
@@ -165,8 +165,8 @@ FOUR = ["0", "1", "2", "3"]
 async def test_four_ranks_are_listed_then_all_acknowledge_a_stop_and_exit(
     ranks: Ranks, client: Client, run_id: str
 ) -> None:
-    for rank in range(4):
-        ranks.start(rank)
+    for n in range(4):
+        ranks.start(n)
     await ranks.ready(0, 1, 2, 3)
     infos = await client.ranks(run_id)
     assert [i.record.rank for i in infos] == FOUR
@@ -200,8 +200,8 @@ async def test_four_ranks_are_listed_then_all_acknowledge_a_stop_and_exit(
 async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
     ranks: Ranks, client: Client, run_id: str
 ) -> None:
-    for rank in range(4):
-        ranks.start(rank)
+    for n in range(4):
+        ranks.start(n)
     await ranks.ready(0, 1, 2, 3)
     ranks.procs["2"].send_signal(signal.SIGKILL)
     assert await ranks.exit_code(2) == -signal.SIGKILL
@@ -240,8 +240,8 @@ async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
 async def test_a_synchronised_lr_change_and_stop_apply_at_the_same_step_on_four_ranks(
     ranks: Ranks, client: Client, run_id: str
 ) -> None:
-    for rank in range(4):
-        ranks.start(rank)
+    for n in range(4):
+        ranks.start(n)
     await ranks.ready(0, 1, 2, 3)
     await stepping(client, run_id, 4)
 

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from runctl.agent import Agent
-from runctl.bus import Client
+from runctl.bus import Client, Gathered
 from runctl.bus import messages as m
 from runctl.bus.errors import BadRequest, Conflict, TooLate
 from runctl.bus.journalstore import read_journal
@@ -251,6 +251,7 @@ async def test_a_change_scheduled_at_a_step_survives_a_restart_before_it(
         a.sync(10)
         b.sync(10)
         sched = await client.set(run_id, "all", "opt.lr", 0.01, at_step=20)
+        assert isinstance(sched, Gathered)
         assert sched.journaled and sched.at_step == 20
         listed = await client.schedules(run_id)
         assert [e.id for e in listed] == [sched.change_id]
@@ -286,6 +287,7 @@ async def test_synchronised_changes_are_durable_too(
     async with agent(nats_url, run_id, 0) as a:
         a.sync(3)
         sync = await client.set(run_id, "all", "epochs", 6, sync=True, margin=100)
+        assert isinstance(sync, Gathered)
         assert sync.journaled and not sync.cancelled
     async with agent(nats_url, run_id, 0) as again:
         again.sync(50)

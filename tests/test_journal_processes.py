@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_agent_processes import Ranks
 
-from runctl.bus import Client
+from runctl.bus import Client, Gathered
 from runctl.bus.server import NatsServer
 
 pytestmark = pytest.mark.anyio
@@ -141,6 +141,7 @@ async def test_a_scheduled_change_applies_at_its_step_on_every_rank(
             pass
     async with await Client.connect(nats_url) as client:
         sched = await client.set(run_id, "all", "opt.lr", 0.001, at_step=20)
+        assert isinstance(sched, Gathered)
         assert sched.journaled and not sched.cancelled
     # rank 1 dies at step 5 and comes back (resuming at step 5): the schedule comes back too
     ranks.procs["1"].send_signal(signal.SIGKILL)

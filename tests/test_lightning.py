@@ -21,7 +21,7 @@ import httpx
 import pytest
 from conftest import ROOT
 
-from runctl.bus import Client
+from runctl.bus import Client, Gathered
 from runctl.gateway.serve import GatewayThread
 from runctl.gateway.settings import Settings
 
@@ -273,14 +273,17 @@ async def test_lightning_synchronised_flag_and_stop_at_the_end_of_an_epoch(
     await both_stepping(client, run_id)
 
     change = await client.set(run_id, "all", "noisy", True, sync=True)
+    assert isinstance(change, Gathered)
     assert change.to_json()["acknowledged"] == ["0", "1"]
-    at_step = change.at_step  # type: ignore[union-attr]
+    at_step = change.at_step
     await applied(client, run_id)  # each rank reports the state version it runs
 
     # a synchronised stop: both ranks see it at the same step and finish that epoch
     stop = await client.stop(run_id, "all", reason="epoch", sync=True)
+    assert isinstance(stop, Gathered)
     assert stop.to_json()["acknowledged"] == ["0", "1"]
-    stop_step = stop.at_step  # type: ignore[union-attr]
+    stop_step = stop.at_step
+    assert stop_step is not None
     assert await fit.exit_code() == 0, fit.output
 
     (steps0, done0), (steps1, done1) = (rank_log(tmp_path / f"rank{r}.jsonl") for r in (0, 1))

@@ -15,9 +15,9 @@ from pydantic import BaseModel
 
 from runctl.agent import control
 from runctl.bus import Client
+from runctl.cli.app import main as cli
 from runctl.gateway.errors import install
 from runctl.gateway.steps_api import router
-from runctl.gateway.steps_cli import main as cli
 
 
 class S(BaseModel):

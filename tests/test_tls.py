@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -194,8 +195,10 @@ def test_agent_and_client_work_over_tls(
 
         async def change() -> tuple[float, str]:
             async with await Client.connect(secured.url, **creds.auth("operator")) as client:
+                assert client.nc.connected_url is not None
                 scheme = client.nc.connected_url.scheme
-                ssl_object = client.nc._transport._io_writer.get_extra_info("ssl_object")
+                transport: Any = client.nc._transport  # nats-py's own, to see the TLS session
+                ssl_object = transport._io_writer.get_extra_info("ssl_object")
                 result = await client.set(run_id, 0, "lr", 0.5)
                 assert isinstance(result, Result)
                 return float(state.lr), f"{scheme} {ssl_object.version()}"
@@ -209,7 +212,8 @@ def test_agent_and_client_work_over_tls(
     async def plain_scheme() -> bool:
         nc = await connect(nats_url, **creds.auth("observer"))
         try:
-            return nc._transport._io_writer.get_extra_info("ssl_object") is not None
+            transport: Any = nc._transport
+            return transport._io_writer.get_extra_info("ssl_object") is not None
         finally:
             await nc.close()
 

@@ -246,7 +246,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
     def _any_rank(self, trainer: pl.Trainer, flag: bool) -> bool:
         """True if ``flag`` is set on any rank (a collective: every rank must call it)."""
         if not self._torch_dist:  # another launcher: Lightning's own (barrier + reduce)
-            return trainer.strategy.reduce_boolean_decision(flag, all=False)
+            return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
         # one all-reduce of one float (Lightning's reduce_boolean_decision adds a barrier:
         # measured 0.4 ms vs 1.1 ms a call with gloo on 2 CPU ranks)
         value = torch.tensor([1.0 if flag else 0.0])

@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, Final
 
 import anyio
@@ -26,15 +25,15 @@ from runctl.bus import messages as m
 from runctl.bus.client import Client
 from runctl.bus.errors import EXIT_OK
 from runctl.bus.subjects import PREFIX, check_token
-from runctl.gateway.cli_common import with_client
+from runctl.cli.common import AddParser, with_client
 
 __all__ = ["format_message", "register", "tail_command", "tail_subjects"]
 
-AddParser = Callable[..., argparse.ArgumentParser]
 MAX_VALUE_CHARS: Final = 160
 
 
 def register(add: AddParser) -> None:
+    """Add ``tail``."""
     p = add("tail", "print a run's state changes, events and commands as they happen")
     p.add_argument("run", nargs="?", help="the run (default: every run)")
     p.add_argument("--json", action="store_true", help="one raw JSON message per line")
@@ -54,6 +53,7 @@ def register(add: AddParser) -> None:
 
 
 def tail_command(args: argparse.Namespace) -> int:
+    """``runctl tail [RUN]``: print messages until Ctrl-C (or ``--count`` lines)."""
     subjects = tail_subjects(args.run, commands=args.commands)
 
     async def go(client: Client) -> int:
@@ -91,6 +91,7 @@ def tail_command(args: argparse.Namespace) -> int:
 
 
 def tail_subjects(run: str | None, *, commands: bool = False) -> list[str]:
+    """The subjects ``tail`` subscribes to: states, events, step records (and commands)."""
     scope = f"{PREFIX}.{check_token(run, 'run')}.*" if run else f"{PREFIX}.*.*"
     kinds = ["state", "evt.*", "done.>", *(["cmd.*"] if commands else [])]
     return [f"{scope}.{kind}" for kind in kinds]

@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runctl.bus import assign
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest
+from runctl.bus.formatting import ago, render_table
 from runctl.bus.messages import StopMode
 from runctl.bus.paths import split_path
 from runctl.bus.registry import ANSWERING, RankInfo, run_spread
 from runctl.bus.subjects import ALL
-from runctl.gateway import ops
-from runctl.gateway.cli_common import (
+from runctl.bus.views import by_rank, rank_summary, write_outcome
+from runctl.cli.common import (
+    AddParser,
     exit_code,
     note,
     parse_target,
@@ -26,11 +29,11 @@ from runctl.gateway.cli_common import (
 
 __all__ = ["register", "render_ranks"]
 
-AddParser = Callable[..., argparse.ArgumentParser]
 TARGET_HELP = "RUN (every rank) or RUN/RANK"
 
 
 def register(add: AddParser) -> None:
+    """Add ``ls``, ``get``, ``set``, ``patch``, ``reset``, ``stop`` and ``schema``."""
     p = add("ls", "list runs and their ranks")
     p.add_argument("run", nargs="?", help="only this run")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -109,13 +112,13 @@ def _sync_options(args: argparse.Namespace, rank: str) -> dict[str, Any]:
 
 
 def ls_command(args: argparse.Namespace) -> int:
+    """``runctl ls [RUN]``: a table of runs and ranks (``--json``: the shared rank view)."""
+
     async def go(client: Client) -> list[RankInfo]:
         return await (client.ranks(args.run) if args.run else client.runs())
 
     infos = with_client(args, go)
     if args.json:
-        from runctl.gateway.routes import rank_summary
-
         print_json([rank_summary(i) for i in infos])
     elif not infos:
         print("no runs")
@@ -145,17 +148,14 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
                 status,
                 str(r.version),
                 "-" if r.step is None else str(r.step),
-                "-" if idle is None or info.liveness == "exited" else _ago(idle),
-                _ago(info.age),
+                "-" if idle is None or info.liveness == "exited" else ago(idle),
+                ago(info.age),
                 r.host,
                 str(r.pid),
                 r.model,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    lines = [render_table(rows)]
     for run, ranks in by_run.items():
         spread = run_spread(ranks)
         if spread.behind:
@@ -163,18 +163,11 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
     return "\n".join(lines)
 
 
-def _ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s ago"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
 # --- get / schema --------------------------------------------------------------------------
 
 
 def get_command(args: argparse.Namespace) -> int:
+    """``runctl get RUN[/RANK] [PATH]``: the state as JSON (notes a rank that is not alive)."""
     run, rank = parse_target(args.target)
     if args.path:
         split_path(args.path)  # a bad path is a usage error, whether the run exists or not
@@ -187,14 +180,14 @@ def get_command(args: argparse.Namespace) -> int:
         if result.liveness not in ANSWERING:
             note(
                 f"rank {result.rank} of run {run!r} is {result.liveness} (last heartbeat "
-                f"{_ago(result.age)}): this is its last published state"
+                f"{ago(result.age)}): this is its last published state"
             )
         print_json(result.value)
         return EXIT_OK
-    values: dict[str, Any] = {r: res.value for r, res in sorted_items(result.results)}
+    values: dict[str, Any] = {r: res.value for r, res in by_rank(result.results)}
     print_json(values)
     code = EXIT_OK
-    for r, err in sorted_items(result.errors):
+    for r, err in by_rank(result.errors):
         note(f"rank {r}: {err.describe()}")
         code = code or exit_code(err)
     for r in result.missing:
@@ -204,6 +197,7 @@ def get_command(args: argparse.Namespace) -> int:
 
 
 def schema_command(args: argparse.Namespace) -> int:
+    """``runctl schema RUN[/RANK]``: the model's JSON schema (``RUN``: its first rank's)."""
     run, rank = parse_target(args.target)
 
     async def go(client: Client) -> Any:
@@ -218,22 +212,24 @@ def schema_command(args: argparse.Namespace) -> int:
 
 
 def set_command(args: argparse.Namespace) -> int:
+    """``runctl set RUN[/RANK] PATH=VALUE...``: one change, all or nothing."""
     run, rank = parse_target(args.target)
-    assignments = [ops.parse_assignment(a) for a in args.assignments]
+    assignments = [assign.parse_assignment(a) for a in args.assignments]
     options = _sync_options(args, rank)
     if len(assignments) > 1:
-        ops.assignments_patch(assignments)  # conflicts are usage errors, before connecting
+        assign.assignments_patch(assignments)  # conflicts are usage errors, before connecting
 
     async def go(client: Client) -> Result | Gathered:
         if len(assignments) == 1:
             a = assignments[0]
-            return await ops.set_text(client, run, rank, a.path, a.text, **options)
-        return await ops.patch_assignments(client, run, rank, assignments, **options)
+            return await assign.set_text(client, run, rank, a.path, a.text, **options)
+        return await assign.patch_assignments(client, run, rank, assignments, **options)
 
     return report(args, run, with_client(args, go))
 
 
 def patch_command(args: argparse.Namespace) -> int:
+    """``runctl patch RUN[/RANK] JSON``: merge an object (``-``: stdin, ``@FILE``: a file)."""
     run, rank = parse_target(args.target)
     options = _sync_options(args, rank)
     value = _read_json_arg(args.value)
@@ -245,6 +241,7 @@ def patch_command(args: argparse.Namespace) -> int:
 
 
 def reset_command(args: argparse.Namespace) -> int:
+    """``runctl reset RUN[/RANK]``: back to the state at ``control()`` time."""
     run, rank = parse_target(args.target)
     options = _sync_options(args, rank)
 
@@ -255,6 +252,7 @@ def reset_command(args: argparse.Namespace) -> int:
 
 
 def stop_command(args: argparse.Namespace) -> int:
+    """``runctl stop RUN[/RANK]``: ask the program to stop (``--terminate``: then SIGTERM)."""
     run, rank = parse_target(args.target)
     options = _sync_options(args, rank)
     if args.grace <= 0:
@@ -289,16 +287,7 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     verb = args.command
     if isinstance(result, Result):
         if args.json:
-            print_json(
-                {
-                    "run": run,
-                    "rank": result.rank,
-                    "outcome": "applied",
-                    "version": result.version,
-                    "changed": result.changed,
-                    "value": result.value,
-                }
-            )
+            print_json(write_outcome(run, result))
         else:
             print(f"rank {result.rank}: {_applied(verb, result)}")
         return EXIT_OK
@@ -316,13 +305,13 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
                 f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
                 + ("" if taken else ": not every rank took it, cancelled everywhere")
             )
-        for r, res in sorted_items(result.results):
+        for r, res in by_rank(result.results):
             print(f"rank {r}: {_applied(verb, res)}")
-        for r, err in sorted_items(result.errors):
+        for r, err in by_rank(result.errors):
             print(f"rank {r}: rejected: {err.describe()}")
         for r in result.missing:
             print(f"rank {r}: no answer")
-    for _, err in sorted_items(result.errors):
+    for _, err in by_rank(result.errors):
         return exit_code(err)
     return EXIT_UNAVAILABLE if result.missing else EXIT_OK
 
@@ -331,11 +320,3 @@ def _applied(verb: str, res: Result) -> str:
     if verb == "stop":
         return "stop requested"
     return f"{'applied' if res.changed else 'unchanged'} (version {res.version})"
-
-
-def sorted_items(mapping: dict[str, Any]) -> list[tuple[str, Any]]:
-    return sorted(mapping.items(), key=lambda kv: _rank_key(kv[0]))
-
-
-def _rank_key(rank: str) -> tuple[int, str]:
-    return (int(rank), "") if rank.isdigit() else (1 << 62, rank)

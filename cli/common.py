@@ -1,4 +1,4 @@
-"""What the ``runctl`` sub-commands share: exit codes, targets, the connection, output."""
+"""What the ``runctl`` sub-commands share: the exit mapping, targets, the connection, output."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from runctl.bus.errors import EXIT_ERROR, BadToken, RunctlError, Unavailable
 from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
+    "AddParser",
     "exit_code",
+    "fail",
+    "note",
     "parse_target",
     "print_json",
     "with_client",
 ]
+
+#: how a module adds its sub-command: ``add(name, help, epilog=None)`` -> its parser
+AddParser = Callable[..., argparse.ArgumentParser]
 
 T = TypeVar("T")
 
@@ -58,8 +64,16 @@ def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) 
 
 
 def print_json(value: Any) -> None:
+    """``value`` as indented JSON on stdout (what ``--json`` prints)."""
     print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
 
 
 def note(message: str) -> None:
+    """A remark on stderr, prefixed ``runctl:`` (stdout stays machine-readable)."""
     print(f"runctl: {message}", file=sys.stderr)
+
+
+def fail(message: str, code: int) -> int:
+    """Print ``message`` as the one error line on stderr and return the exit ``code``."""
+    note(message)
+    return code

@@ -4,7 +4,7 @@ It is also what adding runctl to a program looks like: a pydantic model for the 
 one ``control()`` line, the loop reads the settings at each step and honours
 ``ctl.stop_requested``.
 
-    python -m runctl.gateway.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
+    python -m runctl.cli.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from runctl.agent import control
-from runctl.gateway.logs import configure_logging
+from runctl.bus.logs import configure_logging
 
 __all__ = ["Optimizer", "TrainState", "main"]
 
 
 class Optimizer(BaseModel):
+    """The optimizer settings an operator may change mid-run."""
+
     kind: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.01, gt=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -34,6 +36,8 @@ class Optimizer(BaseModel):
 
 
 class TrainState(BaseModel):
+    """The demo program's whole live state: settings it reads, progress it writes."""
+
     optimizer: Optimizer = Optimizer()
     batch_size: int = Field(32, ge=1, le=4096)
     #: stop on its own after this many steps (None: until stopped)
@@ -46,7 +50,8 @@ class TrainState(BaseModel):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runctl.gateway.demo_train")
+    """One rank: train until stopped (``runctl stop demo``) or ``max_steps``."""
+    parser = argparse.ArgumentParser(prog="python -m runctl.cli.demo_train")
     parser.add_argument("--run", default="demo")
     parser.add_argument("--rank", default="0")
     parser.add_argument("--url", default=None, help="NATS URL (default: $RUNCTL_NATS_URL)")

@@ -43,19 +43,28 @@ def parse_value(text: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
+    """One ``PATH=VALUE`` as typed: the path and the text of the value."""
+
     path: str
     text: str
 
     @property
     def parts(self) -> list[str]:
+        """The path's segments (``BadPath`` if it is not a valid path)."""
         return split_path(self.path)
 
     @property
     def value(self) -> Any:
+        """The text read as JSON, else the text itself (:func:`parse_value`)."""
         return parse_value(self.text)
 
 
 def parse_assignment(item: str) -> Assignment:
+    """``"optimizer.lr=0.01"`` -> ``Assignment("optimizer.lr", "0.01")``, the path checked.
+
+    >>> parse_assignment("optimizer.lr=0.01").value
+    0.01
+    """
     path, sep, text = item.partition("=")
     if not sep or not path.strip():
         raise BadRequest(f"{_short(item)!r} is not PATH=VALUE")

@@ -16,26 +16,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import anyio
 
 from runctl.bus.client import Client
+from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
-from runctl.bus.server import NatsServer
+from runctl.bus.server import NatsServer, die_with_parent
 from runctl.bus.subjects import ALL, check_token
+from runctl.cli.common import AddParser
 
 __all__ = ["demo_command", "instructions", "register"]
 
-AddParser = Callable[..., argparse.ArgumentParser]
 DEFAULT_STORE: Final = Path(".runctl") / "demo"
 MAX_RANKS: Final = 32
 
 
 def register(add: AddParser) -> None:
+    """Add ``demo``."""
     p = add(
         "demo",
         "run a nats-server, N ranks of a training-like loop and the gateway",
@@ -43,7 +44,9 @@ def register(add: AddParser) -> None:
         "rank has stopped.",
     )
     p.add_argument("--ranks", type=int, default=2, help="how many ranks (default: 2)")
-    p.add_argument("--port", type=int, default=4444, help="gateway port (default: 4444)")
+    p.add_argument(
+        "--port", type=int, default=GATEWAY_PORT, help=f"gateway port (default: {GATEWAY_PORT})"
+    )
     p.add_argument(
         "--nats-port",
         type=int,
@@ -89,9 +92,7 @@ def _say(line: str = "") -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from runctl.gateway.serve import GatewayThread
-    from runctl.gateway.settings import Settings
-
+    """Start everything, print how to try it, wait, stop everything (see the module doc)."""
     run = check_token(args.run, "run")
     if not 1 <= args.ranks <= MAX_RANKS:
         raise BadRequest(f"--ranks must be between 1 and {MAX_RANKS}")
@@ -102,12 +103,14 @@ def demo_command(args: argparse.Namespace) -> int:
         nats_port = 4222 if _port_free(4222) else -1
     elif nats_port == 0:
         nats_port = -1
-    if args.port != 0 and not _port_free(args.port):
+    if args.port == 0:
+        args.port = _free_port()
+    elif not _port_free(args.port):
         raise Unavailable(f"port {args.port} is in use: pick another with --port")
 
     server = NatsServer(port=nats_port, store_dir=args.store_dir, die_with_parent=True)
     ranks: list[subprocess.Popen[bytes]] = []
-    gateway: GatewayThread | None = None
+    gateway: subprocess.Popen[bytes] | None = None
     try:
         server.start()
         anyio.run(_forget_previous, server.url, run)
@@ -123,7 +126,7 @@ def demo_command(args: argparse.Namespace) -> int:
                     [
                         sys.executable,
                         "-m",
-                        "runctl.gateway.demo_train",
+                        "runctl.cli.demo_train",
                         "--run",
                         run,
                         "--rank",
@@ -139,11 +142,9 @@ def demo_command(args: argparse.Namespace) -> int:
                 )
             )
         _wait_ready(server.url, run, args.ranks, ranks)
-        gateway = GatewayThread(
-            Settings(nats_url=server.url, port=args.port, default_run=run, default_rank="0"),
-            log_level=args.log_level,
-        ).start()
-        _say(instructions(run, gateway.url, server.url, args.ranks))
+        gateway = _start_gateway(server.url, run, args.port, args.log_level, env)
+        gateway_url = f"http://{GATEWAY_HOST}:{args.port}"
+        _say(instructions(run, gateway_url, server.url, args.ranks))
         deadline = None if args.duration is None else time.monotonic() + args.duration
         while deadline is None or time.monotonic() < deadline:
             if all(p.poll() is not None for p in ranks):
@@ -158,9 +159,83 @@ def demo_command(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             _stop_ranks(server.url if server.running else None, run, ranks)
         if gateway is not None:
-            gateway.stop()
+            _stop([gateway])
         server.stop()
     return 0
+
+
+def _start_gateway(
+    url: str, run: str, port: int, log_level: str, env: dict[str, str], timeout: float = 30.0
+) -> subprocess.Popen[bytes]:
+    """The gateway's own program (``runctl gateway``), answering once it accepts
+    connections; it dies with the demo."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runctl.gateway",
+            "--nats",
+            url,
+            "--port",
+            str(port),
+            "--run",
+            run,
+            "--rank",
+            "0",
+            "--log-level",
+            log_level,
+            "--no-access-log",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C is the demo's to handle
+        preexec_fn=die_with_parent,
+    )
+    deadline = time.monotonic() + timeout
+    while not _accepts(GATEWAY_HOST, port):
+        if proc.poll() is not None:
+            raise Unavailable("the gateway exited during start (see its output above)")
+        if time.monotonic() > deadline:
+            _stop([proc])
+            raise Unavailable(f"the gateway did not start within {timeout:g}s")
+        time.sleep(0.05)
+    return proc
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((GATEWAY_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+#: how processes are stopped: (signal or None to only wait, seconds to wait), in turn
+GENTLY: Final = ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0))
+FIRMLY: Final = ((signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0))
+
+
+def _stop(
+    procs: list[subprocess.Popen[bytes]],
+    steps: tuple[tuple[signal.Signals | None, float], ...] = FIRMLY,
+) -> None:
+    """Escalate through ``steps`` until every one of ``procs`` has exited."""
+    for sig, wait in steps:
+        if sig is not None:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        if all(p.poll() is not None for p in procs):
+            return
 
 
 async def _forget_previous(url: str, run: str) -> None:
@@ -206,19 +281,11 @@ def _stop_ranks(url: str | None, run: str, procs: list[subprocess.Popen[bytes]])
 
         with contextlib.suppress(RunctlError, OSError):
             anyio.run(stop)
-    for sig, wait in ((None, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-        if sig is not None:
-            for p in running:
-                if p.poll() is None:
-                    p.send_signal(sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(p.poll() is None for p in running):
-            time.sleep(0.05)
-        if all(p.poll() is not None for p in running):
-            return
+    _stop(running, GENTLY)
 
 
 def instructions(run: str, gateway_url: str, nats_url: str, ranks: int) -> str:
+    """What the demo prints once everything is up: the addresses and lines to try."""
     host = gateway_url.removeprefix("http://")
     env = "" if nats_url == "nats://127.0.0.1:4222" else f"RUNCTL_NATS_URL={nats_url} "
     return f"""

@@ -1,4 +1,5 @@
-"""``runctl``: the operator's command line. It talks to NATS directly (not through a gateway).
+"""``runctl``: the operator's command line. It talks to NATS directly (not through a gateway),
+through :class:`runctl.bus.client.Client`.
 
     runctl up                      nats-server in the foreground (nats.conf if present)
     runctl gateway                 the HTTP gateway
@@ -18,7 +19,11 @@
 on ``RUN`` alone shows the first rank's.
 
 Exit codes: 0 ok, 1 other error, 2 bad usage or input, 3 not found, 4 rejected by the
-model, 5 timeout or bus unavailable. Errors are one line on stderr, never a traceback.
+model, 5 timeout or bus unavailable (each error class carries its own: runctl.bus.errors).
+Errors are one line on stderr, never a traceback.
+
+``gateway`` and ``tokens`` run the gateway's own program (``python -m runctl.gateway``) in
+this process's place: the CLI never imports the gateway, nor FastAPI.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Final
 
 from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.errors import RunctlError
-from runctl.gateway import cli_server, cli_state, cli_tail, demo
-from runctl.gateway.cli_common import exit_code
-from runctl.gateway.logs import configure_logging
+from runctl.bus.logs import configure_logging
+from runctl.cli import demo, server, state, steps, tail
+from runctl.cli.common import exit_code, fail
 
 __all__ = ["build_parser", "main"]
 
@@ -62,11 +68,19 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 _VALUE_OPTIONS = frozenset({"--nats", "--url", "--timeout"})
 
+#: commands that are another program's: ``runctl gateway ARGS`` runs ``python -m
+#: runctl.gateway ARGS`` and ``runctl tokens ARGS`` runs ``python -m runctl.gateway tokens
+#: ARGS``, in this process's place (options given before the command go along to gateway)
+PROGRAMS: Final = {
+    "gateway": ("runctl.gateway", (), "serve the HTTP gateway (FastAPI; docs at /docs)"),
+    "tokens": ("runctl.gateway", ("tokens",), "write a gateway tokens file: one token per role"),
+}
 
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The sub-command named in ``argv`` (None if there is none, or help is asked)."""
+
+def _command_index(argv: Sequence[str]) -> int | None:
+    """Where the sub-command is in ``argv`` (None if there is none, or help is asked)."""
     skip = False
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if skip:
             skip = False
         elif arg in ("-h", "--help"):
@@ -74,7 +88,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
         elif arg.startswith("-"):
             skip = arg in _VALUE_OPTIONS
         else:
-            return arg
+            return i
     return None
 
 
@@ -87,9 +101,8 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The whole parser; given ``argv``, the step-log commands (which import FastAPI) are
-    added only when they are the one asked for, or help is."""
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``runctl`` parser: every sub-command with its options."""
     parser = argparse.ArgumentParser(
         prog="runctl",
         description="Read and change the live state of running programs.",
@@ -107,20 +120,35 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         _common(p, top=False)
         return p
 
-    cli_server.register(add)
+    server.register(add)
+    for name, (_, _, help) in PROGRAMS.items():
+        # listed for --help; main() hands them to their program before parsing
+        sub.add_parser(name, help=help, add_help=False)
     demo.register(add)
-    cli_state.register(add)
-    cli_tail.register(add)
-    if argv is None or _command_of(argv) in (None, "steps", "forget"):
-        from runctl.gateway import steps_cli
-
-        steps_cli.register(sub)
+    state.register(add)
+    tail.register(add)
+    steps.register(add)
     return parser
 
 
+def run_program(command: str, argv: Sequence[str], at: int) -> None:
+    """Replace this process by the program behind ``command`` (see :data:`PROGRAMS`);
+    ``argv[at]`` is the command itself. Does not return."""
+    module, first, _ = PROGRAMS[command]
+    options = [] if first else list(argv[:at])  # --nats/--timeout mean nothing to tokens
+    args = [sys.executable, "-m", module, *first, *options, *argv[at + 1 :]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, args)  # noqa: S606 - our own interpreter and module
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``runctl ARGS``: the exit code (0 ok; see the module's docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
+    at = _command_index(argv)
+    if at is not None and argv[at] in PROGRAMS:
+        run_program(argv[at], argv, at)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "url", None) is None:
         args.url = os.environ.get("RUNCTL_NATS_URL") or DEFAULT_URL
@@ -134,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except RunctlError as exc:
-        return _fail(exc.describe(), exit_code(exc))  # a bad tokens file, an open bind too
+        return fail(exc.describe(), exit_code(exc))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `runctl tail | head`
@@ -144,15 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a bug of ours: still one line, and the way to see more
         if os.environ.get("RUNCTL_DEBUG"):
             raise
-        return _fail(
+        return fail(
             f"unexpected {type(exc).__name__}: {exc} (RUNCTL_DEBUG=1 shows the traceback)", 1
         )
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"runctl: {message}", file=sys.stderr)
-    return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,32 +1,30 @@
-"""``runctl up``, ``runctl gateway`` and ``runctl tokens``: the long-running pieces."""
+"""``runctl up``: nats-server (JetStream on) in the foreground, with runctl's roles.
+
+(``runctl gateway`` and ``runctl tokens`` are the gateway's own program: runctl.gateway.main.)"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials, redact_url
+from runctl.bus.cluster import serve_cluster
+from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials
 from runctl.bus.errors import BadRequest
 from runctl.bus.server import find_binary, packaged_config
 from runctl.bus.tls import DEFAULT_TLS_DIR, TlsFiles, ensure_tls, is_loopback, write_server_config
+from runctl.cli.common import AddParser
 
-__all__ = ["gateway_command", "register", "tokens_command", "up_argv", "up_command"]
+__all__ = ["register", "up_argv", "up_command"]
 
-AddParser = Callable[..., argparse.ArgumentParser]
 DEFAULT_CONFIG: Final = "nats.conf"
 DEFAULT_STORE: Final = Path(".runctl") / "nats"
-DEFAULT_TOKENS_FILE: Final = Path(".runctl") / "gateway-tokens"
-# as in gateway.settings, which imports FastAPI: only `runctl gateway` pays for that
-DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 4444
-DEFAULT_MAX_BODY: Final = 1 << 20
 
 
 def register(add: AddParser) -> None:
+    """Add ``up``."""
     p = add(
         "up",
         "run nats-server (JetStream on) in the foreground",
@@ -71,60 +69,6 @@ def register(add: AddParser) -> None:
     )
     _tls_arguments(p)
     p.set_defaults(func=up_command)
-
-    p = add("gateway", "serve the HTTP gateway (FastAPI; docs at /docs)")
-    p.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"address to listen on (default: {DEFAULT_HOST}; another needs tokens)",
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}")
-    p.add_argument(
-        "--run",
-        help="run of the Freak-compatible root routes (/get ...); default: the only live run",
-    )
-    p.add_argument(
-        "--rank",
-        help="rank of the root routes (default: reads from rank 0, writes to every rank)",
-    )
-    p.add_argument(
-        "--max-body",
-        type=int,
-        default=DEFAULT_MAX_BODY,
-        metavar="BYTES",
-        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY})",
-    )
-    p.add_argument(
-        "--tokens-file",
-        metavar="FILE",
-        help="bearer tokens, 'role token' per line (also $RUNCTL_GATEWAY_TOKENS)",
-    )
-    p.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        default=os.environ.get("RUNCTL_GATEWAY_TLS_CERT"),
-        help="serve HTTPS with this certificate (PEM; also $RUNCTL_GATEWAY_TLS_CERT)",
-    )
-    p.add_argument(
-        "--tls-key",
-        metavar="FILE",
-        default=os.environ.get("RUNCTL_GATEWAY_TLS_KEY"),
-        help="the certificate's private key (PEM; also $RUNCTL_GATEWAY_TLS_KEY)",
-    )
-    p.add_argument(
-        "--allow-plain-http",
-        action="store_true",
-        help="take tokens over plain HTTP beyond loopback (only behind a proxy that ends TLS)",
-    )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--no-access-log", action="store_true")
-    p.set_defaults(func=gateway_command)
-
-    p = add("tokens", "write a gateway tokens file: one random token per role")
-    p.add_argument(
-        "--file", default=str(DEFAULT_TOKENS_FILE), help=f"default: {DEFAULT_TOKENS_FILE}"
-    )
-    p.set_defaults(func=tokens_command)
 
 
 def _tls_arguments(p: argparse.ArgumentParser) -> None:
@@ -215,6 +159,7 @@ def _up_tls(args: argparse.Namespace) -> TlsFiles | None:
 
 
 def up_command(args: argparse.Namespace) -> int:
+    """Run nats-server in this process's place (exec), with runctl's config and roles."""
     config: str | None = args.config
     if config is None and not args.no_config:
         config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else str(packaged_config())
@@ -237,8 +182,6 @@ def up_command(args: argparse.Namespace) -> int:
     Path(args.store_dir).mkdir(parents=True, exist_ok=True)
     tls = _up_tls(args)
     if getattr(args, "cluster", None):
-        from runctl.bus.cluster import serve_cluster
-
         if args.host is not None:
             raise BadRequest("--host: a local cluster listens on 127.0.0.1 (docs/deploy.md)")
         return serve_cluster(
@@ -286,65 +229,3 @@ def up_command(args: argparse.Namespace) -> int:
     # exec: the server gets Ctrl-C and SIGTERM itself, and no runctl process is left over
     os.execve(binary, argv, env)  # noqa: S606 - argv list, our own binary
     return 0  # pragma: no cover - execve does not return
-
-
-# --- gateway -----------------------------------------------------------------------------
-
-
-def gateway_command(args: argparse.Namespace) -> int:
-    # FastAPI and uvicorn are imported only by the commands that serve
-    from runctl.gateway.auth import check_bind, load_tokens
-    from runctl.gateway.serve import serve
-    from runctl.gateway.settings import Settings
-
-    tokens = load_tokens(args.tokens_file)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise BadRequest("--tls-cert and --tls-key go together: give both or neither")
-    for given in (args.tls_cert, args.tls_key):
-        if given is not None and not Path(given).is_file():
-            raise BadRequest(f"{given}: no such file")
-    check_bind(args.host, tokens, tls=args.tls_cert is not None, allow_plain=args.allow_plain_http)
-    if not 0 <= args.port <= 65535:
-        raise BadRequest(f"--port {args.port} is not a port number")
-    if args.max_body < 1:
-        raise BadRequest("--max-body must be at least 1 byte")
-    settings = Settings(
-        nats_url=args.url,
-        host=args.host,
-        port=args.port,
-        default_run=args.run,
-        default_rank=args.rank,
-        timeout=args.timeout,
-        max_body=args.max_body,
-        tokens=tokens,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    scheme = "https" if args.tls_cert else "http"
-    print(
-        f"runctl: gateway on {scheme}://{host}:{args.port} (docs /docs) for NATS "
-        f"{redact_url(args.url)}" + ("" if tokens else ", no tokens: loopback only"),
-        file=sys.stderr,
-        flush=True,
-    )
-    serve(settings, log_level=args.log_level, access_log=not args.no_access_log)
-    return 0
-
-
-# --- tokens ------------------------------------------------------------------------------
-
-
-def tokens_command(args: argparse.Namespace) -> int:
-    from runctl.gateway.auth import generate_tokens_file
-
-    path = Path(args.file)
-    existed = path.exists()
-    generate_tokens_file(path)
-    if existed:
-        print(f"runctl: {path} exists: kept as it is")
-    else:
-        print(f"runctl: wrote {path} (mode 0600): one token per role (read, write, admin)")
-    print(f"  serve with:   runctl gateway --tokens-file {path}")
-    print("  call with:    curl -H 'Authorization: Bearer <token>' ...")
-    return 0

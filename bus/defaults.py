@@ -1,0 +1,15 @@
+"""Where runctl's servers listen when nobody says otherwise: one definition each, for the
+programs that serve (the gateway) and those that start or call them (the CLI, the demo)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["GATEWAY_HOST", "GATEWAY_PORT", "MAX_PAYLOAD"]
+
+#: the HTTP gateway listens on loopback unless tokens are configured (gateway.auth)
+GATEWAY_HOST: Final = "127.0.0.1"
+#: Freak's port: Freak users' curl lines keep working
+GATEWAY_PORT: Final = 4444
+#: the largest command (and HTTP request body) runctl sends or accepts, in bytes
+MAX_PAYLOAD: Final = 1 << 20

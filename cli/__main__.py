@@ -1,0 +1,5 @@
+"""``python -m runctl.cli``: the ``runctl`` command line."""
+
+from runctl.cli.app import main
+
+raise SystemExit(main())
