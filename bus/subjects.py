@@ -34,6 +34,7 @@ __all__ = [
     "check_token",
     "command_subject",
     "command_wildcards",
+    "commands_wildcard",
     "event_subject",
     "events_wildcard",
     "journal_filter",
@@ -45,6 +46,7 @@ __all__ = [
     "states_wildcard",
     "step_record_subject",
     "step_records_filter",
+    "step_records_wildcard",
     "step_subject",
     "steps_stream_subjects",
     "steps_wildcard",
@@ -116,6 +118,15 @@ def command_wildcards(run: str, rank: str | int) -> tuple[str, str]:
     return f"{PREFIX}.{run}.{rank}.cmd.*", f"{PREFIX}.{run}.{ALL}.cmd.*"
 
 
+def commands_wildcard(run: str | None = None) -> str:
+    """Every command to a run's ranks (or every run's): what ``runctl tail --commands`` reads.
+
+    >>> commands_wildcard("exp1")
+    'runctl.exp1.*.cmd.*'
+    """
+    return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.cmd.*"
+
+
 def state_subject(run: str, rank: str | int) -> str:
     return f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}.state"
 
@@ -166,6 +177,11 @@ def step_records_filter(
     scope_part = check_token(scope, "rank") if scope is not None else "*"
     step_part = check_token(step, "step") if step else "*"
     return f"{PREFIX}.{run_part}.{scope_part}.done.{step_part}.*"
+
+
+def step_records_wildcard(run: str | None = None) -> str:
+    """Every step record of a run (or of every run), whatever its scope and step."""
+    return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.done.>"
 
 
 def steps_stream_subjects() -> list[str]:

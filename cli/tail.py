@@ -24,7 +24,13 @@ from nats.aio.msg import Msg
 from runctl.bus import messages as m
 from runctl.bus.client import Client
 from runctl.bus.errors import EXIT_OK
-from runctl.bus.subjects import PREFIX, check_token
+from runctl.bus.subjects import (
+    PREFIX,
+    commands_wildcard,
+    events_wildcard,
+    states_wildcard,
+    step_records_wildcard,
+)
 from runctl.cli.common import AddParser, with_client
 
 __all__ = ["format_message", "register", "tail_command", "tail_subjects"]
@@ -92,9 +98,9 @@ def tail_command(args: argparse.Namespace) -> int:
 
 def tail_subjects(run: str | None, *, commands: bool = False) -> list[str]:
     """The subjects ``tail`` subscribes to: states, events, step records (and commands)."""
-    scope = f"{PREFIX}.{check_token(run, 'run')}.*" if run else f"{PREFIX}.*.*"
-    kinds = ["state", "evt.*", "done.>", *(["cmd.*"] if commands else [])]
-    return [f"{scope}.{kind}" for kind in kinds]
+    run = run or None
+    subjects = [states_wildcard(run), events_wildcard(run), step_records_wildcard(run)]
+    return [*subjects, commands_wildcard(run)] if commands else subjects
 
 
 def format_message(
