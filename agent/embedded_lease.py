@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from runctl.bus.defaults import GATEWAY_PORT, NATS_PORT
 from runctl.bus.errors import BadRequest, Unavailable
 from runctl.bus.server import find_binary
 
@@ -42,8 +43,8 @@ __all__ = [
     "lease_paths",
 ]
 
-DEFAULT_NATS_PORT: Final = 4222
-DEFAULT_GATEWAY_PORT: Final = 4444
+DEFAULT_NATS_PORT: Final = NATS_PORT
+DEFAULT_GATEWAY_PORT: Final = GATEWAY_PORT
 _OFF: Final = frozenset({"0", "false", "no", "off"})
 _HOST_SCRIPT: Final = Path(__file__).with_name("embedded_host.py")
 

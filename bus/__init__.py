@@ -1,7 +1,17 @@
-"""What agents, the gateway and users' scripts share: subjects, messages, errors,
-connection and server helpers, the rank registry and the client API."""
+"""What agents, the gateway, the CLI and users' scripts share, in layers (docs/architecture.md;
+tests/test_layers.py keeps them):
 
-from runctl.bus import messages, subjects
+* protocol, no I/O: ``subjects``, ``messages``, ``paths``, ``canonical``, ``errors`` (the one
+  error tree), ``steprecords``, ``stepexplain``, ``formatting``, ``defaults``
+* NATS I/O: ``connection``, ``registry``, ``stepstore``, ``steplog``, ``journalstore``,
+  ``cluster``, ``server``, ``credentials``, ``tls``
+* the client and what both surfaces build on it: ``client`` (:class:`Client`), ``views`` and
+  ``stepviews`` (JSON views), ``assign`` (typed-in values and patches)
+
+Here: the client API, the errors a caller catches, and the server helpers.
+"""
+
+from runctl.bus import errors, messages, subjects, views
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.cluster import NatsCluster
 from runctl.bus.connection import DEFAULT_URL, connect
@@ -42,6 +52,8 @@ __all__ = [
     "Unavailable",
     "ValidationRejected",
     "connect",
+    "errors",
     "messages",
     "subjects",
+    "views",
 ]

@@ -25,6 +25,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from runctl.bus.credentials import NatsRole, redact_url, role_auth
+from runctl.bus.defaults import NATS_URL
 from runctl.bus.errors import TlsError, Unavailable, map_nats_error
 from runctl.bus.tls import (
     CLIENT_CERT_HINT,
@@ -36,7 +37,7 @@ from runctl.bus.tls import (
 
 __all__ = ["DEFAULT_URL", "close_quietly", "connect", "env_url"]
 
-DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_URL: Final = NATS_URL
 log = structlog.get_logger()
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["GATEWAY_HOST", "GATEWAY_PORT", "MAX_PAYLOAD"]
+__all__ = ["GATEWAY_HOST", "GATEWAY_PORT", "MAX_PAYLOAD", "NATS_PORT", "NATS_URL"]
+
+#: nats-server's own default client port
+NATS_PORT: Final = 4222
+#: where clients and agents look for NATS when nothing else is said
+NATS_URL: Final = f"nats://127.0.0.1:{NATS_PORT}"
 
 #: the HTTP gateway listens on loopback unless tokens are configured (gateway.auth)
 GATEWAY_HOST: Final = "127.0.0.1"

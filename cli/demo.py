@@ -22,7 +22,7 @@ from typing import Final
 import anyio
 
 from runctl.bus.client import Client
-from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT
+from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, NATS_PORT, NATS_URL
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
 from runctl.bus.server import NatsServer, die_with_parent
@@ -52,7 +52,7 @@ def register(add: AddParser) -> None:
         type=int,
         default=None,
         metavar="PORT",
-        help="nats-server port (default: 4222 if free, else any; 0: any)",
+        help=f"nats-server port (default: {NATS_PORT} if free, else any; 0: any)",
     )
     p.add_argument(
         "--duration",
@@ -100,7 +100,7 @@ def demo_command(args: argparse.Namespace) -> int:
         raise BadRequest("--duration must not be negative")
     nats_port = args.nats_port
     if nats_port is None:
-        nats_port = 4222 if _port_free(4222) else -1
+        nats_port = NATS_PORT if _port_free(NATS_PORT) else -1
     elif nats_port == 0:
         nats_port = -1
     if args.port == 0:
@@ -287,7 +287,7 @@ def _stop_ranks(url: str | None, run: str, procs: list[subprocess.Popen[bytes]])
 def instructions(run: str, gateway_url: str, nats_url: str, ranks: int) -> str:
     """What the demo prints once everything is up: the addresses and lines to try."""
     host = gateway_url.removeprefix("http://")
-    env = "" if nats_url == "nats://127.0.0.1:4222" else f"RUNCTL_NATS_URL={nats_url} "
+    env = "" if nats_url == NATS_URL else f"RUNCTL_NATS_URL={nats_url} "
     return f"""
 runctl demo: {ranks} rank(s) of run '{run}' are training.
   NATS     {nats_url}

@@ -12,6 +12,7 @@ from typing import Final
 
 from runctl.bus.cluster import serve_cluster
 from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials
+from runctl.bus.defaults import NATS_PORT
 from runctl.bus.errors import BadRequest
 from runctl.bus.server import find_binary, packaged_config
 from runctl.bus.tls import DEFAULT_TLS_DIR, TlsFiles, ensure_tls, is_loopback, write_server_config
@@ -42,7 +43,9 @@ def register(add: AddParser) -> None:
         action="store_true",
         help="no config file: an open server on 127.0.0.1 with no logins (tests, experiments)",
     )
-    p.add_argument("--port", type=int, help="client port (default: the config's, else 4222)")
+    p.add_argument(
+        "--port", type=int, help=f"client port (default: the config's, else {NATS_PORT})"
+    )
     p.add_argument(
         "--monitor-port",
         type=int,
@@ -127,7 +130,7 @@ def up_argv(
         if port is not None:
             argv += ["-p", str(port)]
     else:
-        argv += ["-a", host or "127.0.0.1", "-p", str(4222 if port is None else port)]
+        argv += ["-a", host or "127.0.0.1", "-p", str(NATS_PORT if port is None else port)]
     if monitor_port is not None:
         argv += ["-m", str(monitor_port)]
     return [*argv, "-js", "-sd", store_dir]
@@ -186,7 +189,7 @@ def up_command(args: argparse.Namespace) -> int:
             raise BadRequest("--host: a local cluster listens on 127.0.0.1 (docs/deploy.md)")
         return serve_cluster(
             args.cluster,
-            port=args.port or 4222,
+            port=args.port or NATS_PORT,
             store_dir=args.store_dir,
             config_file=config,
             env=env,
@@ -196,7 +199,7 @@ def up_command(args: argparse.Namespace) -> int:
         )
     binary = find_binary()
     host = args.host
-    where = f"config {config}" if config else f"{host or '127.0.0.1'}:{args.port or 4222}"
+    where = f"config {config}" if config else f"{host or '127.0.0.1'}:{args.port or NATS_PORT}"
     if tls is not None:
         # a config of its own that includes the base one and adds TLS
         base = config

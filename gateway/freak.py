@@ -36,6 +36,8 @@ _FREAK: Final[list[str | Enum]] = ["freak-compatible"]
 
 @dataclass(frozen=True, slots=True)
 class RootTarget:
+    """The run the root routes act on, the rank they read from and the one they write to."""
+
     run: str
     read_rank: str
     write_rank: str
@@ -76,6 +78,7 @@ def _success(run: str, result: Result | Gathered) -> Response:
 
 @router.get("/get", summary="Read the state", tags=_FREAK)
 async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -> Response:
+    """The state's JSON, as Freak's `GET /get`."""
     t = await root_target(request, client)
     return await routes.read(client, t.run, t.read_rank, None, fresh)
 
@@ -84,6 +87,7 @@ async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -
 async def freak_get_value(
     request: Request, path: PathParam, client: ClientDep, fresh: Fresh = False
 ) -> Response:
+    """The value at a path (`lr`, `model/head`), as Freak's `GET /get/{path}`."""
     t = await root_target(request, client)
     return await routes.read(client, t.run, t.read_rank, path, fresh)
 
@@ -95,6 +99,7 @@ async def freak_get_from_path(
     path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
     fresh: Fresh = False,
 ) -> Response:
+    """The value at `?path=`, as Freak's `GET /get_from_path`."""
     t = await root_target(request, client)
     return await routes.read(client, t.run, t.read_rank, path, fresh)
 
@@ -118,6 +123,7 @@ async def freak_set(
     openapi_extra=routes.PATCH_BODY,
 )
 async def freak_patch(request: Request, client: ClientDep) -> Response:
+    """Merge a JSON object into the state; answers `"success"` as Freak did."""
     t = await root_target(request, client)
     return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {}))
 
@@ -129,11 +135,13 @@ async def freak_patch(request: Request, client: ClientDep) -> Response:
     openapi_extra=routes.PATCH_BODY,
 )
 async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
+    """Merge a JSON object into the object at `path`; answers `"success"`."""
     t = await root_target(request, client)
     return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {}))
 
 
 @router.delete("/reset", summary="Back to the initial state", tags=_FREAK)
 async def freak_reset(request: Request, client: ClientDep) -> Response:
+    """Back to the state at `control()` time; answers `"success"`."""
     t = await root_target(request, client)
     return _success(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))

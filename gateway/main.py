@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from runctl.bus.connection import env_url
+from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import EXIT_OK, BadRequest, RunctlError
 from runctl.bus.logs import configure_logging
@@ -38,7 +38,7 @@ def serve_parser() -> argparse.ArgumentParser:
         "--url",
         dest="url",
         metavar="URL",
-        help="NATS URL (default: $RUNCTL_NATS_URL or nats://127.0.0.1:4222)",
+        help=f"NATS URL (default: $RUNCTL_NATS_URL or {DEFAULT_URL})",
     )
     p.add_argument(
         "--timeout",

@@ -149,6 +149,8 @@ def _read_response(result: Result | Gathered) -> Response:
 
 
 def write_response(run: str, result: Result | Gathered, *, freak: bool = False) -> Response:
+    """A write's answer: one rank's outcome, or every rank's (200/207/the error's status);
+    ``freak``: ``"success"`` when every rank applied it."""
     if isinstance(result, Gathered):
         return _gathered_response(result, freak=freak)
     headers = {
@@ -178,6 +180,8 @@ async def _patch_body(request: Request) -> dict[str, Any]:
 
 
 async def read(client: Client, run: str, rank: str, path: str | None, fresh: bool) -> Response:
+    """A read's answer: the state (or value) itself with ``X-Runctl-*`` headers, or every
+    rank's outcome for ``all``."""
     run, rank = _target(run, rank)
     return _read_response(await client.get(run, rank, _dotted(path), fresh=fresh))
 
@@ -185,6 +189,7 @@ async def read(client: Client, run: str, rank: str, path: str | None, fresh: boo
 async def set_value_of(
     client: Client, run: str, rank: str, path: str, value: str, options: dict[str, Any]
 ) -> Result | Gathered:
+    """Set the typed-in ``value`` at ``path`` (``/`` or ``.`` separated), names checked first."""
     run, rank = _target(run, rank)
     return await assign.set_text(client, run, rank, _dotted(path) or "", value, **options)
 
@@ -197,6 +202,7 @@ async def patch_of(
     path: str | None,
     options: dict[str, Any],
 ) -> Result | Gathered:
+    """Merge the request's JSON body at ``path`` (or the whole state), names checked first."""
     run, rank = _target(run, rank)
     dotted = _dotted(path)
     body = await _patch_body(request)
@@ -206,6 +212,7 @@ async def patch_of(
 async def reset_of(
     client: Client, run: str, rank: str, options: dict[str, Any]
 ) -> Result | Gathered:
+    """Reset to the state at ``control()`` time, names checked first."""
     run, rank = _target(run, rank)
     return await client.reset(run, rank, **options)
 
@@ -284,6 +291,7 @@ async def get_from_path(
     path: Annotated[str, Query(description="dotted path, e.g. `optimizer.lr`")],
     fresh: Fresh = False,
 ) -> Response:
+    """The value at `?path=` (Freak's form of `/get/{path}`)."""
     return await read(client, run, rank, path, fresh)
 
 
