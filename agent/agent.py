@@ -30,7 +30,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
-from runctl.agent import commands, lifecycle
+import runctl.agent.commands as commands
+import runctl.agent.lifecycle as lifecycle
 from runctl.agent.commands import Effect, Outcome, RankState
 from runctl.agent.embedded import announce_access, take_lease
 from runctl.agent.embedded_lease import Lease, embedded_config
@@ -42,14 +43,13 @@ from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
 from runctl.agent.publish import Publisher
 from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
-from runctl.agent.steps import Steps
+from runctl.agent.steps import StepLog, Steps
 from runctl.bus import messages as m
 from runctl.bus.client import DEFAULT_MAX_PAYLOAD
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
-from runctl.bus.steplog import StepLog
 from runctl.bus.subjects import check_rank, check_token, state_subject
 
 __all__ = ["Agent"]
@@ -167,6 +167,11 @@ class Agent(Generic[M]):
     def step(self) -> int | None:
         """The last step passed to :meth:`sync` (None before the first)."""
         return self.clock.step
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The agent's event loop, once :meth:`serve` runs."""
+        return self._loop
 
     @property
     def stop_requested(self) -> bool:

@@ -23,10 +23,11 @@ import os
 import queue
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, cast, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -34,7 +35,8 @@ from pydantic import BaseModel
 
 from runctl.agent.agent import Agent
 from runctl.agent.replay import ReplayedChange
-from runctl.agent.steps import StepsMixin
+from runctl.agent.steps import Steps
+from runctl.agent.steps.cached import Cached
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, Unavailable
 from runctl.bus.journal import Skipped
@@ -42,10 +44,43 @@ from runctl.bus.journal import Skipped
 __all__ = ["Control", "control"]
 
 M = TypeVar("M", bound=BaseModel)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
-    """Handle returned by :func:`control`. Also a context manager."""
+class _StepMethod(Generic[P, R]):
+    """``ctl.<name>(...)`` calls ``ctl.agent.steps.<method>(...)``: the step API on the
+    sync handle, typed and documented as the method it calls."""
+
+    def __init__(self, method: Callable[Concatenate[Steps, P], R]) -> None:
+        self._method = method
+        self.__doc__ = method.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Self: ...
+    @overload
+    def __get__(self, obj: Control[Any], owner: type[Any]) -> Callable[P, R]: ...
+    def __get__(self, obj: Control[Any] | None, owner: type[Any]) -> Self | Callable[P, R]:
+        if obj is None:
+            return self
+        return cast(Callable[P, R], types.MethodType(self._method, obj.agent.steps))
+
+
+class Control(Generic[M]):
+    """Handle returned by :func:`control`. Also a context manager.
+
+    The step API (:class:`runctl.agent.steps.Steps`) is here too: ``ctl.steps(...)``
+    (:meth:`Steps.iter`), ``ctl.asteps`` (:meth:`Steps.aiter`), ``ctl.once``
+    (:meth:`Steps.step`; ``ctl.step`` is the :meth:`sync` step number), ``ctl.cached``,
+    ``ctl.is_done``, ``ctl.done`` and ``ctl.forget``; the rest on ``ctl.agent.steps``.
+    """
+
+    steps = _StepMethod(Steps.iter)
+    asteps = _StepMethod(Steps.aiter)
+    once = _StepMethod(Steps.step)
+    is_done = _StepMethod(Steps.is_done)
+    done = _StepMethod(Steps.done)
+    forget = _StepMethod(Steps.forget)
 
     def __init__(self, agent: Agent[M]) -> None:
         self.agent = agent
@@ -175,6 +210,11 @@ class Control(StepsMixin, Generic[M]):  # StepsMixin: ctl.steps/once/cached/...
 
     def __repr__(self) -> str:
         return f"<Control run={self.run!r} rank={self.rank!r} version={self.version}>"
+
+    @property
+    def cached(self) -> Cached:
+        """``@ctl.cached()``: the function's result is logged; see :class:`Cached`."""
+        return self.agent.steps.cached
 
 
 def control(

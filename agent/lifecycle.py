@@ -19,9 +19,9 @@ from structlog.typing import FilteringBoundLogger
 from runctl.agent.commands import RankState
 from runctl.agent.embedded_lease import Lease
 from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
+from runctl.agent.steps.log import StepLog
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.registry import Registry
-from runctl.bus.steplog import StepLog
 from runctl.bus.subjects import command_wildcards
 
 __all__ = ["announce", "connect_agent", "open_steplog", "shutdown", "subscribe_commands"]
@@ -35,7 +35,7 @@ async def connect_agent(
     nc = await connect(url, name=f"runctl-agent:{run}:{rank}", retry_initial=True, role="agent")
     try:
         with anyio.fail_after(5):
-            return nc, await Registry.open(nc.jetstream())
+            return nc, await Registry.open(nc)
     except Exception as exc:
         log.warning("rank registry unavailable", error=str(exc) or type(exc).__name__)
         return nc, None

@@ -24,7 +24,7 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 
-from runctl.agent import commands
+import runctl.agent.commands as commands
 from runctl.agent.journaling import Journaler
 from runctl.agent.publish import Publisher
 from runctl.bus import messages as m

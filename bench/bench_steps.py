@@ -37,11 +37,11 @@ from pydantic import BaseModel
 
 from bench._machine import nats_server_version, package_version
 from runctl.agent import control
+from runctl.agent.steps.log import StepLog
 from runctl.bus.canonical import hashed, key_digest
 from runctl.bus.server import NatsServer
-from runctl.bus.steplog import StepLog
-from runctl.bus.steprecords import StepRecord, encode_entry
-from runctl.bus.stepstore import ensure_stream
+from runctl.bus.steps.records import StepRecord, encode_entry
+from runctl.bus.steps.store import ensure_stream
 from runctl.bus.subjects import step_record_subject
 
 __all__ = ["main"]

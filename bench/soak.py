@@ -374,7 +374,7 @@ def run_soak(
 def _stored_records(url: str) -> int:
     import nats
 
-    from runctl.bus.stepstore import read_log
+    from runctl.bus.steps.store import read_log
 
     async def go() -> int:
         nc = await nats.connect(url)

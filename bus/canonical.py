@@ -70,6 +70,7 @@ def canonical_json(value: Any, *, ignore_prefix: str | None = DEFAULT_IGNORE_PRE
 
 
 def digest(text: str) -> str:
+    """The hash of a canonical text: the first 16 hex digits of its SHA-256."""
     return _sha256(text.encode("utf-8")).hexdigest()[:HASH_CHARS]
 
 
@@ -84,6 +85,12 @@ class Hashed:
 
 
 def hashed(value: Any, *, ignore_prefix: str | None = DEFAULT_IGNORE_PREFIX) -> Hashed:
+    """``value`` normalised, its canonical text and hash (a :class:`Hashed` is returned as
+    it is).
+
+    >>> hashed({"lr": 1.0, "_note": "ignored"}).text
+    '{"lr":1}'
+    """
     if isinstance(value, Hashed):
         return value
     norm = normalize(value, ignore_prefix=ignore_prefix)

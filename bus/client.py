@@ -281,7 +281,7 @@ class Client:
         """The rank registry (opened on first use; ``Unavailable`` without JetStream)."""
         if self._registry is None:
             try:
-                self._registry = await Registry.open(self.nc.jetstream())
+                self._registry = await Registry.open(self.nc)
             except Exception as exc:
                 raise Unavailable(f"rank registry unavailable: {map_nats_error(exc)}") from exc
         return self._registry

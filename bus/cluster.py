@@ -27,10 +27,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
+import anyio
+import nats
 import structlog
+from nats.js import errors as js_errors
 
+from runctl.bus.connection import connect
+from runctl.bus.credentials import role_auth
 from runctl.bus.errors import BadRequest, ServerStartError, Unavailable
+from runctl.bus.registry import BUCKET, allows_direct, create_bucket
+from runctl.bus.replicas import REPLICAS_ENV, replicas_from_env
 from runctl.bus.server import NatsServer
+from runctl.bus.steps.store import ensure_stream
 
 if TYPE_CHECKING:
     from runctl.bus.tls import TlsFiles
@@ -47,26 +55,9 @@ __all__ = [
 ]
 
 CLUSTER_NAME: Final = "runctl"
-#: replica count of the step stream and the registry bucket when a process creates them
-REPLICAS_ENV: Final = "RUNCTL_REPLICAS"
-MAX_REPLICAS: Final = 5  # JetStream's own limit
 
 T = TypeVar("T")
 log = structlog.get_logger()
-
-
-def replicas_from_env(env: Mapping[str, str] | None = None) -> int | None:
-    """``RUNCTL_REPLICAS`` as an int (1..5), or None when unset."""
-    text = (os.environ if env is None else env).get(REPLICAS_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadRequest(f"{REPLICAS_ENV}={text[:20]!r} is not a number") from None
-    if not 1 <= value <= MAX_REPLICAS:
-        raise BadRequest(f"{REPLICAS_ENV} must be between 1 and {MAX_REPLICAS}, not {value}")
-    return value
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -251,9 +242,6 @@ class NatsCluster:
         run_sync(lambda: self._await_jetstream(timeout, connect_options))
 
     async def _await_jetstream(self, timeout: float, options: dict[str, Any]) -> None:
-        import anyio
-        import nats
-
         async def quiet(exc: Exception) -> None:
             pass  # nats-py would print a traceback for every refused early attempt
 
@@ -318,8 +306,6 @@ def _bracket(host: str) -> str:
 def run_sync(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``await fn(*args)`` on a fresh event loop in a helper thread: callable from sync
     code and from inside a running loop alike (which it blocks meanwhile)."""
-    import anyio
-
     box: list[Any] = []
 
     def target() -> None:
@@ -343,13 +329,6 @@ async def ensure_replicated(
     """Create (or scale) the step stream and the registry bucket to ``replicas`` replicas.
     Retried until ``timeout``: right after a cluster starts, its peers may not all be
     known to the meta leader yet."""
-    import anyio
-    from nats.js import errors as js_errors
-
-    from runctl.bus.connection import connect
-    from runctl.bus.registry import BUCKET, allows_direct, create_bucket
-    from runctl.bus.stepstore import ensure_stream
-
     nc = await connect(url, name="runctl-cluster", **connect_options)
     try:
         js = nc.jetstream()
@@ -434,8 +413,6 @@ def serve_cluster(
         cluster.start(wait=False)
         replicas = min(3, size)
         try:
-            from runctl.bus.credentials import role_auth
-
             run_sync(
                 lambda: ensure_replicated(
                     cluster.url, replicas, **role_auth("agent"), **connect_tls

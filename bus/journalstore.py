@@ -31,7 +31,8 @@ from nats.js import errors as js_errors
 
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable, map_nats_error
 from runctl.bus.journal import Record, decode_record, encode_record
-from runctl.bus.stepstore import ensure_config, fast_read
+from runctl.bus.replicas import replicas_from_env
+from runctl.bus.steps.store import ensure_config, fast_read
 from runctl.bus.subjects import (
     check_rank,
     check_token,
@@ -107,8 +108,6 @@ async def ensure_journal(js: JetStreamContext, *, replicas: int | None = None) -
     """Create the stream, or make an existing one capture what runctl relies on (its
     subjects, the dedup window, direct gets) and keep the rest of an operator's config.
     ``replicas`` None: ``RUNCTL_REPLICAS``, else 1 (an existing stream keeps its count)."""
-    from runctl.bus.cluster import replicas_from_env
-
     asked = replicas if replicas is not None else replicas_from_env()
 
     def enforce(merged: api.StreamConfig) -> None:

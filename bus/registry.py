@@ -18,13 +18,15 @@ from typing import Any, Final, Literal
 
 import anyio
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
 from runctl.bus.progress import Spread, is_stalled, step_spread
+from runctl.bus.replicas import replicas_from_env
 from runctl.bus.subjects import ALL, check_rank, check_token, rank_key
 
 __all__ = [
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 BUCKET: Final = "RUNCTL_RANKS"
+#: the stream that holds the bucket, and the subject prefix of its keys
+STREAM: Final = f"KV_{BUCKET}"
+KEY_PREFIX: Final = f"$KV.{BUCKET}."
 DEFAULT_TTL: Final = 7 * 24 * 3600.0
 #: a rank is stale once this many heartbeats are overdue
 STALE_AFTER_BEATS: Final = 3.0
@@ -101,6 +106,7 @@ class RankInfo:
 
     @classmethod
     def of(cls, record: RankRecord, now: float | None = None) -> RankInfo:
+        """``record`` as seen at ``now`` (default: the current time)."""
         now = time.time() if now is None else now
         return cls(record, liveness(record, now), max(0.0, now - record.heartbeat))
 
@@ -112,6 +118,7 @@ class RankInfo:
         return max(0.0, self.record.heartbeat + self.age - self.record.progress_ts)
 
     def summary(self) -> dict[str, Any]:
+        """The rank as ``runctl ls`` and ``GET /runs/<run>`` list it."""
         r = self.record
         idle = self.idle
         return {
@@ -137,41 +144,58 @@ def run_spread(infos: list[RankInfo]) -> Spread:
 
 
 class Registry:
-    def __init__(self, kv: KeyValue) -> None:
+    """The rank registry of one connection: reads and writes of rank and run records.
+
+    Opened with :meth:`open`; ``direct`` says whether the bucket answers direct gets
+    (then :meth:`records` reads a whole run with one batched request).
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext, kv: KeyValue, *, direct: bool) -> None:
+        self.nc = nc
+        self.js = js  # the context ``kv`` was opened with: its acks share one inbox
         self.kv = kv
+        self.direct = direct
 
     @classmethod
-    async def open(
-        cls, js: JetStreamContext, *, create: bool = True, ttl: float = DEFAULT_TTL
-    ) -> Registry:
+    async def open(cls, nc: NATS, *, create: bool = True, ttl: float = DEFAULT_TTL) -> Registry:
+        """The registry on ``nc``; the bucket is created (``RUNCTL_REPLICAS`` copies, else
+        one) when missing, unless ``create`` is False (then BucketNotFoundError)."""
+        js = nc.jetstream()
         try:
-            return cls(await js.key_value(BUCKET))
-        except BucketNotFoundError:
+            info = await js.stream_info(STREAM)
+        except NotFoundError:
             if not create:
-                raise
-        from runctl.bus.cluster import replicas_from_env
-
-        return cls(await create_bucket(js, replicas_from_env() or 1, ttl=ttl))
+                raise BucketNotFoundError from None
+            replicas = replicas_from_env() or 1
+            kv = await create_bucket(js, replicas, ttl=ttl)
+            return cls(nc, js, kv, direct=allows_direct(replicas))
+        # what js.key_value() does, keeping the stream info it reads (one round trip)
+        direct = bool(info.config.allow_direct)
+        kv = KeyValue(name=BUCKET, stream=STREAM, pre=KEY_PREFIX, js=js, direct=direct)
+        return cls(nc, js, kv, direct=direct)
 
     @staticmethod
     def key(run: str, rank: str) -> str:
+        """The key of a rank's record: ``<run>.<rank>``, both checked."""
         return f"{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}"
 
     async def put(self, record: RankRecord) -> int:
+        """Write a rank's record and wait for the server; returns its revision."""
         return await self.kv.put(self.key(record.run, record.rank), msgspec.json.encode(record))
 
     async def put_nowait(self, record: RankRecord) -> asyncio.Future[Any]:
         """Send the write now (in call order) and return the future of the server's ack,
         so a caller can answer first and wait after. The future never times out by
         itself: bound the wait (a cancelled future frees its in-flight slot)."""
-        js: JetStreamContext = self.kv._js  # the context the bucket was opened with
-        subject = f"$KV.{BUCKET}.{self.key(record.run, record.rank)}"
-        return await js.publish_async(subject, msgspec.json.encode(record))
+        subject = KEY_PREFIX + self.key(record.run, record.rank)
+        return await self.js.publish_async(subject, msgspec.json.encode(record))
 
     async def put_schema(self, run: str, rank: str, schema: bytes) -> int:
+        """Write the model's JSON schema of a rank (once, at start)."""
         return await self.kv.put(self.key(run, rank) + ".schema", schema)
 
     async def get(self, run: str, rank: str) -> RankRecord | None:
+        """A rank's latest record, or None."""
         try:
             entry = await self.kv.get(self.key(run, rank))
         except (KeyNotFoundError, NotFoundError):
@@ -181,6 +205,7 @@ class Registry:
         return decode_record(entry.value)
 
     async def schema(self, run: str, rank: str) -> Any:
+        """A rank's model schema (decoded JSON), or None."""
         try:
             entry = await self.kv.get(self.key(run, rank) + ".schema")
         except (KeyNotFoundError, NotFoundError):
@@ -188,17 +213,18 @@ class Registry:
         return msgspec.json.decode(entry.value) if entry.value else None
 
     async def put_run(self, record: RunRecord) -> int:
+        """Write what applies to a whole run (key ``<run>.all``), e.g. a broadcast stop."""
         return await self.kv.put(
             f"{check_token(record.run, 'run')}.{ALL}", msgspec.json.encode(record)
         )
 
     async def put_run_nowait(self, record: RunRecord) -> asyncio.Future[Any]:
         """As :meth:`put_run`, returning the ack future instead of waiting for it."""
-        js: JetStreamContext = self.kv._js
-        subject = f"$KV.{BUCKET}.{check_token(record.run, 'run')}.{ALL}"
-        return await js.publish_async(subject, msgspec.json.encode(record))
+        subject = f"{KEY_PREFIX}{check_token(record.run, 'run')}.{ALL}"
+        return await self.js.publish_async(subject, msgspec.json.encode(record))
 
     async def get_run(self, run: str) -> RunRecord | None:
+        """The run's record, or None."""
         try:
             entry = await self.kv.get(f"{check_token(run, 'run')}.{ALL}")
         except (KeyNotFoundError, NotFoundError):
@@ -220,13 +246,10 @@ class Registry:
         (``multi_last``, nats-server 2.11+): no consumer to create and delete, and one
         consistent cut of the store. None if the bucket does not allow direct gets or
         the server did not end the batch normally (too many keys, an older server)."""
-        if not getattr(self.kv, "_direct", False):
+        if not self.direct:
             return None
-        js: JetStreamContext = self.kv._js
-        nc = js._nc
-        request = msgspec.json.encode(
-            {"multi_last": [f"$KV.{BUCKET}.{pattern}"], "batch": DIRECT_BATCH}
-        )
+        nc = self.nc
+        request = msgspec.json.encode({"multi_last": [KEY_PREFIX + pattern], "batch": DIRECT_BATCH})
         records: list[RankRecord] = []
         status: list[str] = []
         ended = anyio.Event()
@@ -246,7 +269,7 @@ class Registry:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_message)
         try:
-            await nc.publish(f"{js._prefix}.DIRECT.GET.KV_{BUCKET}", request, reply=inbox)
+            await nc.publish(f"{api.DEFAULT_PREFIX}.DIRECT.GET.{STREAM}", request, reply=inbox)
             with anyio.move_on_after(DIRECT_READ_TIMEOUT):
                 await ended.wait()
         finally:
@@ -288,8 +311,7 @@ class Registry:
         return records
 
     async def _list_subjects(self, pattern: str, into: list[str]) -> None:
-        js: JetStreamContext = self.kv._js
-        info = await js.stream_info(f"KV_{BUCKET}", subjects_filter=f"$KV.{BUCKET}.{pattern}")
+        info = await self.js.stream_info(STREAM, subjects_filter=KEY_PREFIX + pattern)
         into.extend(info.state.subjects or {})
 
     async def _add_skipped(self, records: list[RankRecord], subjects: list[str]) -> None:
@@ -315,5 +337,6 @@ class Registry:
                 tasks.start_soon(fetch, run, rank)
 
     async def delete(self, run: str, rank: str) -> None:
+        """Remove a rank's record and schema."""
         await self.kv.purge(self.key(run, rank))
         await self.kv.purge(self.key(run, rank) + ".schema")

@@ -15,9 +15,10 @@ from runctl.bus.canonical import hashed
 from runctl.bus.client import Client
 from runctl.bus.errors import BadRequest, NotFound, Unavailable
 from runctl.bus.registry import ANSWERING
-from runctl.bus.stepexplain import explain
-from runctl.bus.steprecords import parse_selector, record_row, scopes_for
-from runctl.bus.stepstore import forget, read_log
+from runctl.bus.steps.explain import explain, record_row
+from runctl.bus.steps.forget import parse_selector
+from runctl.bus.steps.records import scopes_for
+from runctl.bus.steps.store import forget, read_log
 from runctl.bus.subjects import RUN_SCOPE, check_token
 
 __all__ = ["STATUSES", "alive_processes", "forget_steps", "parse_configs", "steps_view"]

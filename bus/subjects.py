@@ -6,9 +6,10 @@ Layout (prefix ``runctl``)::
     runctl.<run>.all.cmd.<verb>        request to every rank    (each agent replies)
     runctl.<run>.<rank>.state          full state: after each change and on heartbeat
     runctl.<run>.<rank>.evt.<kind>     events: started, changed, stop_requested, exited, step_*
-    runctl.<run>.<rank>.done.<step>    completed-step records (JetStream stream, see steplog)
-    runctl.<run>.<scope>.done.<step>.<id>  one step record: <id> = <key hash>-<config hash>
-                                       (or ``_forgotten``: the step's last forget marker)
+    runctl.<run>.<scope>.done.<step>.<id>  one step record (JetStream stream RUNCTL_STEPS):
+                                       <id> = <key hash>-<config hash>, or ``_forgotten``
+                                       (the step's last forget marker); <scope> is a rank
+                                       or ``run`` (see runctl.bus.steps.records)
     runctl.<run>.<rank>.journal.<id>   change journal: what one rank did with change <id>
     runctl.<run>.all.journal.<id>      change journal: run-wide records (schedules, cancels)
 
@@ -40,7 +41,6 @@ __all__ = [
     "journal_filter",
     "journal_stream_subjects",
     "journal_subject",
-    "parse_subject",
     "rank_key",
     "state_subject",
     "states_wildcard",
@@ -49,7 +49,6 @@ __all__ = [
     "step_records_wildcard",
     "step_subject",
     "steps_stream_subjects",
-    "steps_wildcard",
 ]
 
 PREFIX: Final = "runctl"
@@ -106,6 +105,7 @@ def rank_key(rank: str) -> tuple[int, str]:
 
 
 def command_subject(run: str, rank: str | int, verb: str) -> str:
+    """``runctl.<run>.<rank>.cmd.<verb>``; ``rank`` may be ``all`` (every rank)."""
     if verb not in VERBS:
         raise BadToken("verb", str(verb), f"must be one of {', '.join(VERBS)}")
     return f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank)}.cmd.{verb}"
@@ -128,14 +128,17 @@ def commands_wildcard(run: str | None = None) -> str:
 
 
 def state_subject(run: str, rank: str | int) -> str:
+    """``runctl.<run>.<rank>.state``: where a rank publishes its full state."""
     return f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}.state"
 
 
 def states_wildcard(run: str | None = None) -> str:
+    """Every rank's state subject, of ``run`` or of every run."""
     return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.state"
 
 
 def event_subject(run: str, rank: str | int, kind: str) -> str:
+    """``runctl.<run>.<rank>.evt.<kind>``: one kind of a rank's events."""
     return (
         f"{PREFIX}.{check_token(run, 'run')}.{check_rank(rank, allow_all=False)}"
         f".evt.{check_token(kind, 'event kind')}"
@@ -143,24 +146,20 @@ def event_subject(run: str, rank: str | int, kind: str) -> str:
 
 
 def events_wildcard(run: str | None = None) -> str:
+    """Every event of ``run`` (or of every run)."""
     return f"{PREFIX}.{check_token(run, 'run') if run is not None else '*'}.*.evt.*"
 
 
 def step_subject(run: str, scope: str | int, step: str) -> str:
-    """Subject of a completed-step record; ``scope`` is a rank or :data:`RUN_SCOPE`."""
+    """``runctl.<run>.<scope>.done.<step>``: the prefix of a step's records (see
+    :func:`step_record_subject`); ``scope`` is a rank or :data:`RUN_SCOPE`."""
     scope_token = check_token(scope, "rank")
     if scope_token == ALL:
         raise BadToken("rank", scope_token, "a step belongs to one rank or to the run")
     return f"{PREFIX}.{check_token(run, 'run')}.{scope_token}.done.{check_token(step, 'step')}"
 
 
-def steps_wildcard(run: str | None = None, scope: str | int | None = None) -> str:
-    run_part = check_token(run, "run") if run is not None else "*"
-    scope_part = check_token(scope, "rank") if scope is not None else "*"
-    return f"{PREFIX}.{run_part}.{scope_part}.done.*"
-
-
-# --- step records (see bus/steplog.py): one more token for the record id ---------
+# --- step records (see runctl.bus.steps): one more token for the record id ---------
 
 
 def step_record_subject(run: str, scope: str | int, step: str, record_id: str) -> str:
@@ -187,15 +186,6 @@ def step_records_wildcard(run: str | None = None) -> str:
 def steps_stream_subjects() -> list[str]:
     """What the step-log stream captures; disjoint from every command subject."""
     return [f"{PREFIX}.*.*.done.>"]
-
-
-def parse_subject(subject: str) -> tuple[str, str, str, str | None]:
-    """Split ``runctl.<run>.<rank>.<kind>[.<name>]`` into (run, rank, kind, name)."""
-    parts = subject.split(".")
-    if len(parts) not in (4, 5) or parts[0] != PREFIX:
-        raise BadToken("subject", subject, "is not a runctl subject")
-    name = parts[4] if len(parts) == 5 else None
-    return parts[1], parts[2], parts[3], name
 
 
 # --- the change journal (see bus/journal.py): one subject per change and rank ------------

@@ -114,7 +114,7 @@ async def register_silent_rank(url: str, run: str, rank: str) -> None:
 
     nc = await nats.connect(url)
     try:
-        registry = await Registry.open(nc.jetstream())
+        registry = await Registry.open(nc)
         now = _time.time()
         await registry.put(
             RankRecord(

@@ -26,8 +26,8 @@ import httpx
 import nats
 from conftest import ROOT, spawn_python
 
-from runctl.bus.steprecords import RunLog, StepRecord
-from runctl.bus.stepstore import read_log
+from runctl.bus.steps.records import RunLog, StepRecord
+from runctl.bus.steps.store import read_log
 
 __all__ = [
     "RANK_PROGRAM",

@@ -26,7 +26,7 @@ from runctl.bus.client import Client, Result
 from runctl.bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
 from runctl.bus.errors import BadRequest, RunctlError
 from runctl.bus.registry import BUCKET, Registry
-from runctl.bus.stepstore import STREAM, ensure_stream
+from runctl.bus.steps.store import STREAM, ensure_stream
 
 KV = f"KV_{BUCKET}"
 
@@ -116,14 +116,14 @@ def test_replicas_are_kept_and_scaled_up_never_down(
             js = nc.jetstream()
             # a process that does not ask (a rank without RUNCTL_REPLICAS) keeps R3
             await ensure_stream(js)
-            await Registry.open(js)
+            await Registry.open(nc)
             kept = [(await js.stream_info(s)).config.num_replicas for s in (STREAM, KV)]
             # stores created with one replica are scaled up, not recreated
             await js.delete_stream(STREAM)
             await js.delete_key_value(BUCKET)
             await ensure_stream(js, replicas=1)
             monkeypatch.setenv("RUNCTL_REPLICAS", "1")
-            await Registry.open(js)
+            await Registry.open(nc)
             monkeypatch.delenv("RUNCTL_REPLICAS")
             one = [(await js.stream_info(s)).config.num_replicas for s in (STREAM, KV)]
         finally:

@@ -32,7 +32,7 @@ from runctl.bus.journalstore import STREAM as JOURNAL
 from runctl.bus.journalstore import read_journal
 from runctl.bus.registry import BUCKET, Registry
 from runctl.bus.server import NatsServer
-from runctl.bus.stepstore import STREAM, ensure_stream, forget, read_log
+from runctl.bus.steps.store import STREAM, ensure_stream, forget, read_log
 from runctl.bus.subjects import (
     command_subject,
     journal_subject,
@@ -311,7 +311,7 @@ async def test_operator_reads_a_large_registry_and_step_log(
     """Big reads need the operator's flow-control replies ($JS.FC.*): without them both
     reads stall (measured: the step log read then never ends)."""
     _, anc = await login(logins, secured, creds, "agent")
-    registry = await Registry.open(anc.jetstream())
+    registry = await Registry.open(anc)
     state = msgspec.Raw(msgspec.json.encode({"blob": "x" * 200_000}))
     for rank in range(120):
         await registry.put(
@@ -338,7 +338,7 @@ async def test_operator_reads_a_large_registry_and_step_log(
     operator, onc = await login(logins, secured, creds, "operator")
     server_log = ServerLog(secured)
     with anyio.fail_after(10):
-        records = await (await Registry.open(onc.jetstream(), create=False)).records(run_id)
+        records = await (await Registry.open(onc, create=False)).records(run_id)
         read = await read_log(onc, run_id)
     assert len(records) == 120
     assert read.run == run_id  # the entries are not step records: counted, not decoded
@@ -405,7 +405,7 @@ async def test_agent_cannot_snoop_or_forge_what_is_not_its_own(
         await agent.wait_violation("publish", api)
     await settle(anc, onc)
     assert marker not in tap.subjects
-    registry = await Registry.open(onc.jetstream())
+    registry = await Registry.open(onc)
     assert await registry.get_run(run_id) is None
 
 

@@ -16,12 +16,12 @@ from nats.js import api
 from pydantic import BaseModel
 
 from runctl.agent import Agent, control
+from runctl.agent.steps.log import StepLog
 from runctl.bus.canonical import hashed, key_digest
 from runctl.bus.errors import Unavailable
 from runctl.bus.server import NatsServer
-from runctl.bus.steplog import StepLog
-from runctl.bus.steprecords import StepRecord, encode_entry
-from runctl.bus.stepstore import STREAM, ensure_stream, forget, read_log, stream_config
+from runctl.bus.steps.records import StepRecord, encode_entry
+from runctl.bus.steps.store import STREAM, ensure_stream, forget, read_log, stream_config
 from runctl.bus.subjects import command_subject, step_record_subject
 
 

@@ -14,8 +14,8 @@ import nats
 from conftest import spawn_python
 
 from runctl.bus.server import NatsServer
-from runctl.bus.steprecords import RunLog
-from runctl.bus.stepstore import read_log
+from runctl.bus.steps.records import RunLog
+from runctl.bus.steps.store import read_log
 
 PROGRAM = """
 import json, os, sys, time

@@ -9,18 +9,14 @@ import pytest
 
 from runctl.bus.canonical import hashed, key_digest
 from runctl.bus.errors import BadRequest
-from runctl.bus.stepexplain import config_diff, explain
-from runctl.bus.steprecords import (
+from runctl.bus.steps.explain import config_diff, explain, record_row
+from runctl.bus.steps.forget import Selector, covered, parse_selector, plan_forget
+from runctl.bus.steps.records import (
     ForgetMarker,
     RunLog,
-    Selector,
     StepRecord,
-    covered,
     decode_entry,
     encode_entry,
-    parse_selector,
-    plan_forget,
-    record_row,
 )
 
 CFG = hashed({"lr": 0.1})

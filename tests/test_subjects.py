@@ -42,8 +42,6 @@ BUILDERS: list[tuple[str, Callable[[str], str]]] = [
     ("step_subject run", lambda bad: s.step_subject(bad, 0, "train")),
     ("step_subject scope", lambda bad: s.step_subject("exp1", bad, "train")),
     ("step_subject step", lambda bad: s.step_subject("exp1", 0, bad)),
-    ("steps_wildcard run", lambda bad: s.steps_wildcard(bad)),
-    ("steps_wildcard scope", lambda bad: s.steps_wildcard("exp1", bad)),
 ]
 
 
@@ -84,19 +82,6 @@ def test_state_and_event_subjects() -> None:
 def test_step_subjects() -> None:
     assert s.step_subject("exp1", 0, "train") == "runctl.exp1.0.done.train"
     assert s.step_subject("exp1", s.RUN_SCOPE, "download") == "runctl.exp1.run.done.download"
-    assert s.steps_wildcard() == "runctl.*.*.done.*"
-    assert s.steps_wildcard("exp1") == "runctl.exp1.*.done.*"
-    assert s.steps_wildcard("exp1", 3) == "runctl.exp1.3.done.*"
-    assert s.steps_wildcard("exp1", 0) == "runctl.exp1.0.done.*"  # 0 is a rank, not "any"
-
-
-def test_parse_subject_round_trips() -> None:
-    assert s.parse_subject(s.command_subject("exp1", 4, "set")) == ("exp1", "4", "cmd", "set")
-    assert s.parse_subject(s.state_subject("exp1", 4)) == ("exp1", "4", "state", None)
-    assert s.parse_subject(s.event_subject("e", 0, "exited")) == ("e", "0", "evt", "exited")
-    for bad in ["other.exp1.0.state", "runctl.exp1", "runctl.a.b.c.d.e"]:
-        with pytest.raises(BadToken):
-            s.parse_subject(bad)
 
 
 # --- token checks ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Stream ``RUNCTL_STEPS`` (file storage, limits retention) captures ``runctl.*.*.done.>``,
 which no command subject can match. It keeps **one message per subject**: the latest record
-of each step identity (see :mod:`runctl.bus.steprecords`). So resuming reads one message per step,
+of each step identity (see :mod:`runctl.bus.steps.records`). So resuming reads one message per step,
 a retried write can never leave two records, and a record left at ``started`` is an
 interrupted attempt.
 
@@ -10,7 +10,8 @@ Reads use an ephemeral push consumer with flow control, no acks and in-memory st
 through a plain subscription callback: the fast path (~100k records/s; ``stream_info``
 with a subjects filter would stop at 100,000 subjects).
 
-The writing side, which lives in each agent, is :class:`runctl.bus.steplog.StepLog`.
+Every side uses this module: agents (whose writer, :class:`runctl.agent.steps.log.StepLog`,
+appends completions), the gateway and the CLI (which list, explain and forget).
 """
 
 from __future__ import annotations
@@ -33,16 +34,14 @@ from nats.js import JetStreamContext, api
 from nats.js import errors as js_errors
 
 from runctl.bus.errors import RunctlError, Timeout, Unavailable, map_nats_error
-from runctl.bus.steprecords import (
+from runctl.bus.replicas import replicas_from_env
+from runctl.bus.steps.forget import Selector, covered, parse_selector, plan_forget
+from runctl.bus.steps.records import (
     FORGOTTEN_ID,
     ForgetMarker,
     RunLog,
-    Selector,
-    covered,
     decode_entry,
     encode_entry,
-    parse_selector,
-    plan_forget,
     scopes_for,
     step_label,
 )
@@ -80,6 +79,7 @@ log = structlog.get_logger()
 
 
 def stream_config(*, replicas: int = 1, max_age: float = 0.0) -> api.StreamConfig:
+    """The step stream's configuration: one record per subject, file storage, dedup."""
     return api.StreamConfig(
         name=STREAM,
         description="runctl completed-step log (latest record per step)",
@@ -99,10 +99,9 @@ async def ensure_stream(
     js: JetStreamContext, *, replicas: int | None = None, max_age: float = 0.0
 ) -> None:
     """Create the stream, or update it when its config differs. Safe to race: the server
-    accepts an identical create. ``replicas`` None: ``RUNCTL_REPLICAS`` (bus/cluster.py),
-    else 1 for a new stream and the existing stream's count (never scaled down unasked)."""
-    from runctl.bus.cluster import replicas_from_env
-
+    accepts an identical create. ``replicas`` None: ``RUNCTL_REPLICAS``
+    (:mod:`runctl.bus.replicas`), else 1 for a new stream and the existing stream's count
+    (never scaled down unasked)."""
     asked = replicas if replicas is not None else replicas_from_env()
 
     def enforce(merged: api.StreamConfig) -> None:
@@ -156,7 +155,7 @@ _gc_was_enabled = False
 
 
 @contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def _gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while a big log is read back: the records are many
     small containers, and collections triggered by their allocation cost ~20% of the read
     (measured). Nested and concurrent uses are counted; the previous state is restored."""
@@ -193,7 +192,7 @@ async def fast_read(
     step log's by default (the change journal reads its own the same way)."""
     for attempt in range(attempts):
         try:
-            with gc_paused():
+            with _gc_paused():
                 return await _read_once(nc, filters, on_entry, idle_timeout, stream)
         except _Gap:
             log.info("step log read skipped a message, reading again", attempt=attempt + 1)
@@ -263,7 +262,7 @@ async def _read_once(
     name = ""
     try:
         try:
-            info = await js._jsm.add_consumer(stream, config=config)
+            info = await js.add_consumer(stream, config=config)
         except js_errors.NotFoundError as exc:
             if exc.err_code == _ERR_STREAM_NOT_FOUND:
                 return 0
@@ -329,9 +328,12 @@ class ForgetReport:
 
     @property
     def forgotten(self) -> int:
+        """How many steps were forgotten in all."""
         return sum(mk.count for mk in self.markers)
 
     def to_json(self, limit: int = 1000) -> dict[str, Any]:
+        """The report as the CLI's ``--json`` and the HTTP gateway return it (at most
+        ``limit`` steps listed; the count is exact)."""
         listed = [
             {
                 "scope": mk.scope,

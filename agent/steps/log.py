@@ -1,27 +1,19 @@
-"""The agent side of the completed-step log: durable appends and the in-memory done set.
+"""One rank's view of the step log: its own scope and the run scope, in memory.
 
-Writes:
-
-- ``started`` and ``failed`` records and the ``step_*`` events are plain publishes (no
-  wait: they only inform).
-- A completion is a JetStream publish with a ``Nats-Msg-Id`` and is **done only once the
-  server acknowledged it**. The caller waits at most ``ack_timeout`` for the PubAck; an
-  unacknowledged completion stays queued and is re-sent with the same ``Nats-Msg-Id`` (the
-  server drops the duplicate) until acknowledged, across server restarts. Only an
-  acknowledged completion enters the in-memory done set.
+Writes go through the :class:`~runctl.agent.steps.outbox.Outbox`: a completion is done
+**only once the server acknowledged it** (the caller waits at most ``ack_timeout``; an
+unacknowledged completion stays queued and is re-sent until it is). Only an acknowledged
+completion enters the in-memory done set.
 
 Reads: the rank's and the run's records are loaded once at start (fast path, see
-:mod:`runctl.bus.stepstore`), and again after a reconnect (a forget may have been missed).
-Afterwards "is it done?" is a dict lookup. The index is plain dicts, replaced wholesale
-(never resized under a reader) when reloaded or forgotten from, so the program's thread reads
-it without a lock while the agent's event loop writes it.
+:mod:`runctl.bus.steps.store`), and again after a reconnect (a forget may have been missed).
+Afterwards "is it done?" is one dict lookup from the program's thread, without a lock: a
+lookup is a single dict operation, and a load or a forget swaps in a whole new dict, so a
+reader never sees half of one. The agent's loop is the only writer.
 
 Live updates: forget markers for this rank and run-wide records arrive on plain
 subscriptions; another rank's run-wide completion is trusted only once read back from the
 stream (so nothing is counted done that the server has not stored).
-
-The writer is an asyncio task owned by the StepLog (the agent's ``serve()`` is a single
-linear task with no task group to lend), cancelled and awaited in :meth:`StepLog.aclose`.
 """
 
 from __future__ import annotations
@@ -29,12 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import threading
 import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Final
 
 import anyio
@@ -43,20 +31,20 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import errors as js_errors
 
+from runctl.agent.steps.outbox import Outbox, Pending
 from runctl.bus import messages as m
-from runctl.bus.steprecords import (
+from runctl.bus.steps.forget import covered
+from runctl.bus.steps.records import (
     FORGOTTEN_ID,
     ForgetMarker,
     RunLog,
     StepRecord,
-    covered,
     decode_entry,
     encode_entry,
     step_label,
 )
-from runctl.bus.stepstore import STREAM, ForgetReport, ensure_stream, fast_read, forget
+from runctl.bus.steps.store import STREAM, ForgetReport, ensure_stream, fast_read, forget
 from runctl.bus.subjects import (
     RUN_SCOPE,
     check_token,
@@ -65,38 +53,21 @@ from runctl.bus.subjects import (
     step_records_filter,
 )
 
-__all__ = ["ACK_TIMEOUT", "MAX_IN_FLIGHT", "RESEND_AFTER", "Pending", "StepLog"]
+__all__ = ["ACK_TIMEOUT", "Index", "StepLog"]
 
 #: longest a program waits for the PubAck of one completion before carrying on
 ACK_TIMEOUT: Final = 1.0
-#: an unacknowledged completion is sent again (same Nats-Msg-Id) after this long
-RESEND_AFTER: Final = 2.0
-MAX_IN_FLIGHT: Final = 1024
+
+#: a scope's done set: step id -> (stream sequence, latest record)
+Index = dict[str, tuple[int, StepRecord]]
 
 log = structlog.get_logger()
 
 
-@dataclass(eq=False, slots=True)
-class Pending:
-    """A completion on its way to the server."""
-
-    record: StepRecord
-    subject: str
-    payload: bytes
-    msg_id: str
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    acked: bool = False
-    error: str = ""
-    future: asyncio.Future[Any] | None = None
-    sent: float = 0.0
-    sends: int = 0
-
-
-Index = dict[str, tuple[int, StepRecord]]
-
-
 class StepLog:
-    """One rank's view of the log: its own scope and the run scope, in memory."""
+    """One rank's view of the log: its own scope and the run scope, in memory.
+    Made by :meth:`open` on the agent's loop; every method but the coroutines may be
+    called from any thread."""
 
     def __init__(
         self,
@@ -117,41 +88,28 @@ class StepLog:
         self.pid = pid
         self.ack_timeout = ack_timeout
         self.events = events
+        #: scope (this rank, "run") -> its done set
         self.index: dict[str, Index] = {self.rank: {}, RUN_SCOPE: {}}
         self.markers: dict[tuple[str, str], tuple[int, ForgetMarker]] = {}
         #: attempts found at ``started`` when the log was loaded: interrupted by a crash
         self.interrupted: list[StepRecord] = []
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
-        self._outbox: deque[Pending | tuple[str, bytes]] = deque()
-        self._unsent: deque[Pending] = deque()
-        self._in_flight: dict[str, Pending] = {}
-        #: completions submitted / finished (acknowledged or refused), under _count_lock:
-        #: submitted from the program's thread, finished on the loop's
-        self._submitted = 0
-        self._finished = 0
-        self._count_lock = threading.Lock()
-        self._wake = asyncio.Event()
-        self._wake_pending = False
-        self._task: asyncio.Task[None] | None = None
+        self._outbox: Outbox | None = None
         self._reload: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._loading = False
         self._loaded_once = False
         self._held_markers: list[tuple[int, ForgetMarker]] = []
-        self._reconnects = 0
-        self._stream_missing = False
         self._prefixes: dict[tuple[str, str], str] = {}
         self._closed = False
         self.log = log.bind(run=run, rank=rank)
 
     @classmethod
     async def open(cls, nc: NATS, **kwargs: Any) -> StepLog:
-        """Ensure the stream, listen for forgets and run-wide completions, load the log."""
+        """Ensure the stream, listen for forgets and run-wide completions, load the log,
+        start the writer. ``kwargs``: as the constructor."""
         self = cls(nc, **kwargs)
         self.loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._reconnects = nc.stats.get("reconnects", 0)
         await ensure_stream(self.js)
         # forget markers for this rank; every run-wide record and marker
         for subject in (
@@ -160,12 +118,20 @@ class StepLog:
         ):
             self._subs.append(await nc.subscribe(subject, cb=self._on_notice))
         await self.load()
-        self._task = asyncio.create_task(self._writer(), name=f"runctl-steplog-{self.rank}")
+        self._outbox = Outbox(
+            nc,
+            ack_timeout=self.ack_timeout,
+            on_acked=self._acked,
+            on_reconnect=self._reload_soon,
+            log=self.log,
+        )
         return self
 
     # --- reads: plain dict lookups, safe from any thread -------------------------------
 
     def lookup(self, scope: str, sid: str) -> tuple[int, StepRecord] | None:
+        """The latest record of step ``sid`` in ``scope`` this rank holds, with its stream
+        sequence; None if it has none."""
         return self.index[scope].get(sid)
 
     def records(self, scopes: Iterable[str] | None = None) -> RunLog:
@@ -179,16 +145,18 @@ class StepLog:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`aclose` ran: nothing more can be logged."""
         return self._closed
 
     @property
     def pending(self) -> int:
         """Completions not yet acknowledged by the server."""
-        return self._submitted - self._finished
+        return 0 if self._outbox is None else self._outbox.pending
 
     # --- writes ----------------------------------------------------------------------
 
     def subject(self, rec: StepRecord) -> str:
+        """The subject of ``rec``: ``runctl.<run>.<scope>.done.<name>.<record id>``."""
         prefix = self._prefixes.get((rec.scope, rec.name))
         if prefix is None:
             prefix = step_record_subject(self.run, rec.scope, rec.name, "x")[:-1]
@@ -197,20 +165,18 @@ class StepLog:
 
     def note(self, rec: StepRecord) -> None:
         """Publish a ``started``/``failed`` record, without waiting. Thread-safe."""
-        self._post((self.subject(rec), encode_entry(rec)))
+        self._writer().post(self.subject(rec), encode_entry(rec))
 
     def event(self, kind: str, **data: Any) -> None:
         """Publish a ``step_*`` event on this rank's event subject. Thread-safe."""
         if self.events:
             ev = m.Event(run=self.run, rank=self.rank, kind=kind, ts=time.time(), data=data)
-            self._post((event_subject(self.run, self.rank, kind), m.encode(ev)))
+            self._writer().post(event_subject(self.run, self.rank, kind), m.encode(ev))
 
     def submit(self, rec: StepRecord) -> Pending:
         """Queue a completion; it is re-sent until acknowledged. Thread-safe."""
         pending = Pending(rec, self.subject(rec), encode_entry(rec), secrets.token_hex(12))
-        with self._count_lock:
-            self._submitted += 1
-        self._post(pending)
+        self._writer().submit(pending)
         return pending
 
     async def complete(
@@ -228,131 +194,16 @@ class StepLog:
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued completion is acknowledged (bounded). True if none is left."""
-        with anyio.move_on_after(timeout):
-            while self.pending:  # noqa: ASYNC110 - counted across threads; a short poll is simplest
-                await asyncio.sleep(0.005)
-        return not self.pending
+        return await self._writer().flush(timeout)
 
-    def _post(self, item: Pending | tuple[str, bytes]) -> None:
-        self._outbox.append(item)
-        if threading.get_ident() == self._loop_thread:
-            self._wake.set()
-        elif not self._wake_pending and self.loop is not None:
-            self._wake_pending = True
-            self.loop.call_soon_threadsafe(self._wake.set)
-
-    # --- the writer task ---------------------------------------------------------------
-
-    async def _writer(self) -> None:
-        while not self._closed:
-            with anyio.move_on_after(0.05 if self._in_flight or self._unsent else 0.25):
-                await self._wake.wait()
-            self._wake.clear()
-            self._wake_pending = False
-            try:
-                self._check_reconnect()
-                await self._drain()
-                await self._send()
-            except Exception:  # the writer must outlive any single failure
-                self.log.exception("step log writer failed; retrying")
-                await asyncio.sleep(0.1)
-
-    def _check_reconnect(self) -> None:
-        count = self.nc.stats.get("reconnects", 0)
-        if count == self._reconnects:
-            return
-        self._reconnects = count
-        # acks of what was in flight may be lost: send again (the server drops duplicates)
-        for pending in sorted(self._in_flight.values(), key=lambda p: p.sent, reverse=True):
-            self._cancel(pending)
-            self._unsent.appendleft(pending)
-        self._in_flight.clear()
-        if self._reload is None or self._reload.done():
-            # forgets and other ranks' completions may have been missed while away
-            self._reload = asyncio.create_task(self.reload())
-
-    async def _drain(self) -> None:
-        connected = self.nc.is_connected
-        while self._outbox:
-            item = self._outbox.popleft()
-            if isinstance(item, Pending):
-                self._unsent.append(item)
-            elif connected:  # notes and events are best-effort
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(item[0], item[1])
-
-    async def _send(self) -> None:
-        if not self.nc.is_connected:
-            return
-        now = time.monotonic()
-        for pending in [p for p in self._in_flight.values() if now - p.sent > RESEND_AFTER]:
-            self._cancel(pending)
-            del self._in_flight[pending.msg_id]
-            self._unsent.appendleft(pending)
-        if self._stream_missing:
-            try:
-                with anyio.fail_after(self.ack_timeout):
-                    await ensure_stream(self.js)
-            except Exception as exc:  # JetStream not back yet: next round
-                self.log.debug("step stream not available yet", error=str(exc) or repr(exc))
-                return
-            self._stream_missing = False
-        while self._unsent and len(self._in_flight) < MAX_IN_FLIGHT and self.nc.is_connected:
-            pending = self._unsent[0]
-            try:
-                # no wait_stall: with one, nats-py wraps every publish in a task and yields,
-                # which sends each on its own (our window stays under its own limit)
-                future = await self.js.publish_async(
-                    pending.subject,
-                    pending.payload,
-                    headers={"Nats-Msg-Id": pending.msg_id},
-                )
-            except Exception as exc:
-                self.log.debug("completion not sent, will retry", error=str(exc) or repr(exc))
-                return
-            self._unsent.popleft()
-            pending.future = future
-            pending.sent = time.monotonic()
-            pending.sends += 1
-            self._in_flight[pending.msg_id] = pending
-            future.add_done_callback(partial(self._on_ack, pending))
-
-    def _cancel(self, pending: Pending) -> None:
-        if pending.future is not None:
-            pending.future.cancel()  # frees nats-py's slot for it
-            pending.future = None
-
-    def _on_ack(self, pending: Pending, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or pending.future is not future:
-            return
-        pending.future = None
-        self._in_flight.pop(pending.msg_id, None)
-        exc = future.exception()
-        if exc is None:
-            self._acked(pending, future.result().seq)
-            return
-        if isinstance(exc, js_errors.NoStreamResponseError) or (
-            isinstance(exc, js_errors.APIError) and exc.code == 503
-        ):
-            self._stream_missing = True  # e.g. a server restarted from an empty store
-        elif isinstance(exc, js_errors.APIError):
-            # the server refused this record (too large, ...): retrying cannot help
-            pending.error = f"{exc.description or exc}"
-            self._finish(pending)
-            self.log.error(
-                "step completion refused by the server",
-                subject=pending.subject,
-                error=pending.error,
-            )
-            return
-        self._unsent.appendleft(pending)
-        self._wake.set()
+    def _writer(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the step log is not open: use StepLog.open()")
+        return self._outbox
 
     def _acked(self, pending: Pending, seq: int) -> None:
         rec = pending.record
         self.index[rec.scope][rec.sid] = (seq, rec)
-        pending.acked = True
-        self._finish(pending)
         self.event(
             "step_done",
             name=rec.name,
@@ -364,10 +215,10 @@ class StepLog:
             seq=seq,
         )
 
-    def _finish(self, pending: Pending) -> None:
-        with self._count_lock:
-            self._finished += 1
-        pending.done.set()
+    def _reload_soon(self) -> None:
+        if self._reload is None or self._reload.done():
+            # forgets and other ranks' completions may have been missed while away
+            self._reload = asyncio.create_task(self.reload())
 
     # --- loading and notices -----------------------------------------------------------
 
@@ -419,6 +270,7 @@ class StepLog:
                 )
 
     async def reload(self) -> None:
+        """:meth:`load` again, bounded; a failure is logged, the held log kept."""
         try:
             with anyio.fail_after(30):
                 await ensure_stream(self.js)
@@ -475,8 +327,8 @@ class StepLog:
         )
 
     async def forget(self, selector: str | None, *, rank: str | None = None) -> ForgetReport:
-        """Forget steps of this run (see :func:`runctl.bus.stepstore.forget`); this agent's done set
-        follows before it returns."""
+        """Forget steps of this run (see :func:`runctl.bus.steps.store.forget`); this
+        agent's done set follows before it returns."""
         report = await forget(
             self.nc, self.run, selector, rank=rank, by=f"pid {self.pid} on {self.host}"
         )
@@ -494,14 +346,12 @@ class StepLog:
         if self.pending and self.nc.is_connected:
             await self.flush(timeout)
         self._closed = True
-        self._wake.set()
-        for task in (self._task, self._reload):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        for pending in list(self._in_flight.values()):
-            self._cancel(pending)
+        if self._outbox is not None:
+            await self._outbox.aclose()
+        if self._reload is not None and not self._reload.done():
+            self._reload.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reload
         for sub in self._subs:
             with anyio.move_on_after(0.5), contextlib.suppress(Exception):
                 await sub.unsubscribe()

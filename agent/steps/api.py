@@ -12,7 +12,7 @@
             s.result = merge()
 
 An item is marked done only when its body completed and the server acknowledged the record
-(see :mod:`runctl.bus.steplog`); an exception or a ``break`` leaves it not done. Identity is the
+(see :mod:`runctl.agent.steps.log`); an exception or a ``break`` leaves it not done. Identity is the
 step name, the key (the loop item, or the function's arguments) and the hash of the config's
 canonical JSON (:mod:`runctl.bus.canonical`); keys with the ignore prefix (``"_"``) are left out.
 
@@ -23,7 +23,7 @@ Threading: the lookups ("is it done?") are dict reads on the program's thread. T
 network wait is the bounded PubAck wait of a completion (``wait=False`` skips it: the
 record is then acknowledged in the background and enters the done set when it is). The first
 call waits (at most ``ready_timeout``, default 30 s) for the agent to connect and load the
-log, and raises :class:`~bus.errors.Unavailable` if it cannot.
+log, and raises :class:`~runctl.bus.errors.Unavailable` if it cannot.
 
 Async programs use the same object: ``agent.steps`` (or the ``a*`` methods on ``ctl``):
 ``async for`` over :meth:`Steps.aiter`, ``async with`` :meth:`Steps.step`, ``@cached`` on an
@@ -32,33 +32,22 @@ Async programs use the same object: ``agent.steps`` (or the ``a*`` methods on ``
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar
 
-from runctl.agent.step_core import (
-    RESULT_LIMIT,
-    Scope,
-    Skips,
-    Step,
-    StepCore,
-    T,
-    aiter_any,
-    default_key,
-    jsonable,
-)
-from runctl.agent.steps_mixin import StepsMixin
-from runctl.bus.canonical import Hashed, key_digest
-from runctl.bus.errors import BadToken
-from runctl.bus.stepexplain import Explained, explain
-from runctl.bus.steplog import StepLog
-from runctl.bus.steprecords import step_label
-from runctl.bus.stepstore import ForgetReport
+from runctl.agent.steps.cached import Cached
+from runctl.agent.steps.core import Scope, Skips, StepCore, aiter_any, default_key, jsonable
+from runctl.agent.steps.log import StepLog
+from runctl.agent.steps.step import Step
+from runctl.bus.canonical import Hashed
+from runctl.bus.steps.explain import Explained, explain
+from runctl.bus.steps.records import StepRecord, step_id, step_label
+from runctl.bus.steps.store import ForgetReport
 from runctl.bus.subjects import check_token
 
-__all__ = ["RESULT_LIMIT", "Scope", "Step", "Steps", "StepsMixin"]
+__all__ = ["Steps"]
 
+T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = object()
 
@@ -99,23 +88,13 @@ class Steps(StepCore):
         wait: bool,
     ) -> Iterator[T]:
         skips = Skips(log, name, scope)
-        tail = f"-{cfg.hash}"
-        ignore = self.ignore_prefix
         for position, item in enumerate(items):
-            knorm, khash = key_digest(
-                key(item) if key else default_key(item, position), ignore_prefix=ignore
-            )
-            prev = log.index[scope].get(f"{name}.{khash}{tail}")
-            if prev is not None and prev[1].status == "done":
-                skips.add(knorm)
+            knorm, khash = self._key(key(item) if key else default_key(item, position))
+            _, rec = self._start(log, skips, knorm, khash, cfg)
+            if rec is None:
                 continue
-            skips.flush()
-            rec = self._begin(log, scope, name, knorm, khash, cfg, prev)
-            try:
+            with self._failing(log, rec):  # GeneratorExit: a break, or the body raised
                 yield item
-            except BaseException as exc:  # GeneratorExit: a break, or the body raised
-                self._fail(log, rec, exc)
-                raise
             self._finish(log, rec, None, wait)
         skips.flush()
 
@@ -147,20 +126,12 @@ class Steps(StepCore):
         position = -1
         async for item in aiter_any(items):
             position += 1
-            knorm, khash = key_digest(
-                key(item) if key else default_key(item, position), ignore_prefix=self.ignore_prefix
-            )
-            prev = log.index[scope].get(f"{name}.{khash}-{cfg.hash}")
-            if prev is not None and prev[1].status == "done":
-                skips.add(knorm)
+            knorm, khash = self._key(key(item) if key else default_key(item, position))
+            _, rec = self._start(log, skips, knorm, khash, cfg)
+            if rec is None:
                 continue
-            skips.flush()
-            rec = self._begin(log, scope, name, knorm, khash, cfg, prev)
-            try:
+            with self._failing(log, rec):
                 yield item
-            except BaseException as exc:
-                self._fail(log, rec, exc)
-                raise
             await self._afinish(log, rec, None, wait)
         skips.flush()
 
@@ -187,7 +158,7 @@ class Steps(StepCore):
         loops to hash it once."""
         log = self._agent.steplog or self._log()
         scope_token = self._agent.rank if scope == "rank" else self._scope(scope)
-        entry = log.index[scope_token].get(self._sid(name, key, config))
+        entry = log.index[scope_token].get(self._sid(name, key, config))  # the hot path
         return entry is not None and entry[1].status == "done"
 
     def result(
@@ -223,6 +194,16 @@ class Steps(StepCore):
         rec = self._mark(log, name, key, config, scope, result)
         return self._finish(log, rec, rec.result, wait)
 
+    def _mark(
+        self, log: StepLog, name: str, key: Any, config: Any, scope: str, result: Any
+    ) -> StepRecord:
+        """The attempt that :meth:`done` logs as done, without a ``started`` record."""
+        scope_token = self._scope(scope)
+        knorm, khash = self._key(key)
+        cfg = self._config(config)
+        prev = log.lookup(scope_token, step_id(check_token(name, "step"), khash, cfg.hash))
+        return self._record(scope_token, name, knorm, khash, cfg, prev, jsonable(result))
+
     async def adone(
         self,
         name: str,
@@ -233,112 +214,18 @@ class Steps(StepCore):
         result: Any = None,
         wait: bool = True,
     ) -> bool:
+        """``await``-able :meth:`done`."""
         log = await self._alog()
         rec = self._mark(log, name, key, config, scope, result)
         return await self._afinish(log, rec, rec.result, wait)
 
     # --- decorator form ------------------------------------------------------------------
 
-    @overload
-    def cached(self, fn: F, /) -> F: ...
-
-    @overload
-    def cached(
-        self,
-        fn: None = None,
-        /,
-        *,
-        name: str | None = None,
-        config: Any = None,
-        key: Callable[..., Any] | None = None,
-        scope: Scope = "rank",
-        wait: bool = True,
-    ) -> Callable[[F], F]: ...
-
-    def cached(
-        self,
-        fn: F | None = None,
-        /,
-        *,
-        name: str | None = None,
-        config: Any = None,
-        key: Callable[..., Any] | None = None,
-        scope: Scope = "rank",
-        wait: bool = True,
-    ) -> F | Callable[[F], F]:
-        """Decorator: run the function once per distinct arguments (and ``config``); later
-        calls, in this process or after a restart, return the logged result. The result
-        must be small JSON (it comes back as JSON: tuples as lists) and is returned
-        JSON-round-tripped on the first call too, so code sees the same thing on a rerun.
-        Arguments named ``self``/``cls`` or starting with the ignore prefix are not part of
-        the key; ``key(*args, **kwargs)`` replaces the arguments as the key."""
-
-        def decorate(func: F) -> F:
-            step_name: str = name or str(getattr(func, "__name__", ""))
-            try:
-                check_token(step_name, "step")
-            except BadToken as exc:
-                raise BadToken("step", step_name, f"{exc.problem}; pass cached(name=...)") from None
-            cfg = self._config(config)
-            scope_token = self._scope(scope)
-            signature = inspect.signature(func)
-
-            def ident(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str]:
-                if key is not None:
-                    value = key(*args, **kwargs)
-                else:
-                    bound = signature.bind(*args, **kwargs)
-                    bound.apply_defaults()
-                    value = {k: v for k, v in bound.arguments.items() if k not in ("self", "cls")}
-                try:
-                    return key_digest(value, ignore_prefix=self.ignore_prefix)
-                except (TypeError, ValueError) as exc:
-                    raise TypeError(
-                        f"cannot key cached step {step_name!r} by its arguments: {exc}; pass "
-                        f"key=... or give the argument a {self.ignore_prefix!r} prefix"
-                    ) from None
-
-            if inspect.iscoroutinefunction(func):
-
-                @functools.wraps(func)
-                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                    log = await self._alog()
-                    knorm, khash = ident(args, kwargs)
-                    prev = log.index[scope_token].get(f"{step_name}.{khash}-{cfg.hash}")
-                    if prev is not None and prev[1].status == "done":
-                        Skips(log, step_name, scope_token).one(knorm)
-                        return prev[1].result
-                    rec = self._begin(log, scope_token, step_name, knorm, khash, cfg, prev)
-                    try:
-                        result = jsonable(await func(*args, **kwargs))
-                    except BaseException as exc:
-                        self._fail(log, rec, exc)
-                        raise
-                    await self._afinish(log, rec, result, wait)
-                    return result
-
-                return cast(F, async_wrapper)
-
-            @functools.wraps(func)
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                log = self._log()
-                knorm, khash = ident(args, kwargs)
-                prev = log.index[scope_token].get(f"{step_name}.{khash}-{cfg.hash}")
-                if prev is not None and prev[1].status == "done":
-                    Skips(log, step_name, scope_token).one(knorm)
-                    return prev[1].result
-                rec = self._begin(log, scope_token, step_name, knorm, khash, cfg, prev)
-                try:
-                    result = jsonable(func(*args, **kwargs))
-                except BaseException as exc:
-                    self._fail(log, rec, exc)
-                    raise
-                self._finish(log, rec, result, wait)
-                return result
-
-            return cast(F, wrapper)
-
-        return decorate(fn) if fn is not None else decorate
+    @property
+    def cached(self) -> Cached:
+        """``@steps.cached`` or ``@steps.cached(name=..., config=..., key=...)``: run the
+        function once per distinct arguments; see :class:`~runctl.agent.steps.cached.Cached`."""
+        return Cached(self)
 
     # --- forget, flush, explain ----------------------------------------------------------
 
@@ -350,30 +237,28 @@ class Steps(StepCore):
         ``everything=True`` forgets the whole run. This agent's done set follows at once,
         other live agents when they receive the forget marker."""
         log = self._log()
-        report: ForgetReport = self._call(
-            log,
-            log.forget(_selector(step, everything), rank=None if rank is None else str(rank)),
-            60.0,
-        )
-        return report
+        selector = _selector(step, everything)
+        who = None if rank is None else str(rank)
+        return self._call(log, log.forget(selector, rank=who), 60.0)
 
     async def aforget(
         self, step: str | None = None, *, rank: str | int | None = None, everything: bool = False
     ) -> ForgetReport:
+        """``await``-able :meth:`forget`."""
         log = await self._alog()
-        report: ForgetReport = await self._acall(
-            log, log.forget(_selector(step, everything), rank=None if rank is None else str(rank))
-        )
-        return report
+        selector = _selector(step, everything)
+        who = None if rank is None else str(rank)
+        return await self._acall(log, log.forget(selector, rank=who))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait (bounded) until every completion is acknowledged; True if none is left."""
         log = self._log()
-        return bool(self._call(log, log.flush(timeout), timeout + 5.0))
+        return self._call(log, log.flush(timeout), timeout + 5.0)
 
     async def aflush(self, timeout: float = 10.0) -> bool:
+        """``await``-able :meth:`flush`."""
         log = await self._alog()
-        return bool(await self._acall(log, log.flush(timeout)))
+        return await self._acall(log, log.flush(timeout))
 
     @property
     def pending(self) -> int:

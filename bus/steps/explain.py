@@ -1,7 +1,7 @@
-"""Explain a step log: what a restart would skip and what it would run, and why.
+"""How a step log is shown: records as listed, and what a restart would skip or run, and why.
 
-Pure functions over a :class:`runctl.bus.steprecords.RunLog`, shared by the agent
-(``ctl.agent.steps.explain()``), ``runctl steps --explain`` and the HTTP gateway.
+A pure view over a :class:`runctl.bus.steps.records.RunLog`, shared by the agent
+(``ctl.agent.steps.explain()``), ``runctl steps`` (``--explain``) and the HTTP gateway.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 from runctl.bus.canonical import canonical_json
 from runctl.bus.formatting import ago, format_duration
-from runctl.bus.steprecords import (
+from runctl.bus.steps.records import (
     ForgetMarker,
     ForgottenStep,
     RunLog,
@@ -24,7 +24,44 @@ from runctl.bus.steprecords import (
 )
 from runctl.bus.subjects import RUN_SCOPE
 
-__all__ = ["Explained", "config_diff", "explain"]
+__all__ = [
+    "Explained",
+    "config_diff",
+    "explain",
+    "record_row",
+]
+
+
+# --- listing ---------------------------------------------------------------------------
+
+
+def record_row(
+    seq: int, rec: StepRecord, alive: Collection[tuple[str, int]] = ()
+) -> dict[str, Any]:
+    """A record as the CLI and HTTP list it. ``status`` is ``running`` for a started attempt
+    whose process is alive, ``interrupted`` for one whose process is gone."""
+    status: str = rec.status
+    if status == "started":
+        status = "running" if (rec.host, rec.pid) in alive else "interrupted"
+    return {
+        "step": step_label(rec.name, rec.key),
+        "name": rec.name,
+        "key": rec.key,
+        "scope": rec.scope,
+        "rank": rec.rank,
+        "status": status,
+        "config_hash": rec.config_hash,
+        "config": rec.config,
+        "result": rec.result,
+        "error": rec.error,
+        "started": rec.started,
+        "ended": rec.ended,
+        "duration": rec.duration,
+        "attempt": rec.attempt,
+        "host": rec.host,
+        "pid": rec.pid,
+        "seq": seq,
+    }
 
 
 # --- explain ---------------------------------------------------------------------------
@@ -48,9 +85,11 @@ class Explained:
 
     @property
     def step(self) -> str:
+        """The step as listed: :func:`~runctl.bus.steps.records.step_label`."""
         return step_label(self.name, self.key)
 
     def to_json(self) -> dict[str, Any]:
+        """The explanation as the CLI's ``--json`` and the HTTP gateway return it."""
         return {
             "step": self.step,
             "name": self.name,

@@ -1,8 +1,15 @@
-"""The plumbing under :mod:`runctl.agent.steps`: identities, records, waiting for the agent,
-crossing to its event loop, and the ``with`` form (:class:`Step`).
+"""The plumbing under :class:`runctl.agent.steps.Steps`: identities, records, waiting for
+the agent, crossing to its event loop.
 
-Every network wait goes through :meth:`StepCore._call` (from the program's thread) or
-:meth:`StepCore._acall` (from a coroutine), both bounded by the step log's PubAck wait.
+Every form of the step API (loop, ``with``, decorator, ``done``), sync or async, runs an
+item through the same three calls: :meth:`StepCore._start` (is it done? if not, log the
+attempt as started), then :meth:`StepCore._fail` or :meth:`StepCore._finish` /
+:meth:`StepCore._afinish`. Every network wait goes through :meth:`StepCore._call` (from the
+program's thread) or :meth:`StepCore._acall` (from a coroutine), both bounded by the step
+log's PubAck wait.
+
+The API reads the agent through :class:`StepHost` (what an agent is to its steps), so it
+does not import the agent that holds it.
 """
 
 from __future__ import annotations
@@ -10,36 +17,36 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import math
+import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable
 from pathlib import PurePath
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import anyio
 import msgspec
 
+from runctl.agent.progress import Progress
+from runctl.agent.steps.log import StepLog
 from runctl.bus.canonical import DEFAULT_IGNORE_PREFIX, Hashed, hashed, key_digest
 from runctl.bus.errors import Unavailable
-from runctl.bus.steplog import StepLog
-from runctl.bus.steprecords import StepRecord, step_label
-from runctl.bus.subjects import RUN_SCOPE, check_token
-
-if TYPE_CHECKING:
-    from runctl.agent.agent import Agent
+from runctl.bus.steps.records import StepRecord, step_id
+from runctl.bus.subjects import RUN_SCOPE
 
 __all__ = [
     "RESULT_LIMIT",
     "Scope",
     "Skips",
-    "Step",
     "StepCore",
+    "StepHost",
     "aiter_any",
     "default_key",
     "jsonable",
 ]
 
 T = TypeVar("T")
+#: ``"rank"``: this rank's own log; ``"run"``: one log for every rank of the run
 Scope = Literal["rank", "run"]
 #: largest logged result (encoded); store big outputs in files and return their path
 RESULT_LIMIT: Final = 256 * 1024
@@ -47,10 +54,36 @@ RESULT_LIMIT: Final = 256 * 1024
 _NO_CONFIG: Final = hashed({})
 
 
-class _Leave(Exception):
-    """Raised by :meth:`Step.skip` to leave a ``with`` block; caught by that Step."""
+class StepHost(Protocol):
+    """What the step API needs of its agent (:class:`runctl.agent.Agent` is one)."""
 
-    def __init__(self, step: Step) -> None:
+    @property
+    def run(self) -> str: ...
+    @property
+    def rank(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def ready(self) -> threading.Event: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    @property
+    def steplog(self) -> StepLog | None: ...
+    @property
+    def steplog_error(self) -> str: ...
+    @property
+    def progress(self) -> Progress: ...
+
+
+class Leave(Exception):
+    """Raised by :meth:`runctl.agent.steps.Step.skip` to leave a ``with`` block; caught
+    by that Step."""
+
+    def __init__(self, step: object) -> None:
         super().__init__("step skipped")
         self.step = step
 
@@ -58,14 +91,14 @@ class _Leave(Exception):
 class StepCore:
     """What :class:`runctl.agent.steps.Steps` is built on."""
 
-    def __init__(self, agent: Agent[Any]) -> None:
+    def __init__(self, agent: StepHost) -> None:
         self._agent = agent
         #: config keys (and cached-function arguments) starting with this are not hashed
         self.ignore_prefix: str | None = DEFAULT_IGNORE_PREFIX
         #: how long the first call waits for the agent to connect and load the log
         self.ready_timeout = 30.0
 
-    # --- plumbing ------------------------------------------------------------------------
+    # --- identities ----------------------------------------------------------------------
 
     def _scope(self, scope: str) -> str:
         if scope == "rank":
@@ -79,19 +112,24 @@ class StepCore:
             return _NO_CONFIG
         return hashed(config, ignore_prefix=self.ignore_prefix)
 
+    def _key(self, key: Any) -> tuple[Any, str]:
+        """(normalised key, key hash)."""
+        return key_digest(key, ignore_prefix=self.ignore_prefix)
+
     def _sid(self, name: str, key: Any, config: Any) -> str:
-        _, khash = key_digest(key, ignore_prefix=self.ignore_prefix)
-        chash = config.hash if type(config) is Hashed else self._config(config).hash
-        return f"{name}.{khash}-{chash}"
+        return step_id(name, self._key(key)[1], self._config(config).hash)
+
+    # --- the log ---------------------------------------------------------------------------
 
     def _log(self) -> StepLog:
+        """The open log, waiting (at most ``ready_timeout``) for the agent to load it."""
         log = self._agent.steplog
         if log is not None and not log.closed:
             return log
         agent = self._agent
         if not agent.ready.is_set():
             running = _running_loop()
-            if running is not None and running is getattr(agent, "_loop", None):
+            if running is not None and running is agent.loop:
                 # blocking here would hold up the very loop the agent needs to get ready
                 raise RuntimeError(
                     "the agent is not ready yet: in async code use the async "
@@ -121,14 +159,10 @@ class StepCore:
             )
         raise Unavailable(f"the step log is unavailable: {agent.steplog_error or 'not open'}")
 
-    def _call(self, log: StepLog, coro: Any, timeout: float) -> Any:
+    def _call(self, log: StepLog, coro: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coro`` on the agent's loop from the program's thread."""
         assert log.loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is log.loop:
+        if _running_loop() is log.loop:
             coro.close()
             raise RuntimeError(
                 "called from the agent's event loop: use the async form "
@@ -136,25 +170,51 @@ class StepCore:
             )
         return asyncio.run_coroutine_threadsafe(coro, log.loop).result(timeout)
 
-    async def _acall(self, log: StepLog, coro: Any) -> Any:
+    async def _acall(self, log: StepLog, coro: Coroutine[Any, Any, T]) -> T:
         assert log.loop is not None
         if asyncio.get_running_loop() is log.loop:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, log.loop))
 
-    def _begin(
+    # --- one item: start, then fail or finish ---------------------------------------------
+
+    def _start(
+        self, log: StepLog, skips: Skips, knorm: Any, khash: str, cfg: Hashed
+    ) -> tuple[StepRecord | None, StepRecord | None]:
+        """(the logged record, None) when the item is done: counted as skipped; else
+        (None, the attempt now logged as started)."""
+        name, scope = skips.name, skips.scope
+        prev = log.lookup(scope, step_id(name, khash, cfg.hash))
+        if prev is not None and prev[1].status == "done":
+            skips.add(knorm)
+            return prev[1], None
+        skips.flush()  # the skip events come before this step's start
+        self._agent.progress.tick()  # a step started: the program advances
+        rec = self._record(scope, name, knorm, khash, cfg, prev)
+        log.note(rec)
+        log.event(
+            "step_started",
+            name=name,
+            key=knorm,
+            scope=scope,
+            attempt=rec.attempt,
+            previous=prev[1].status if prev is not None else None,
+        )
+        return None, rec
+
+    def _record(
         self,
-        log: StepLog,
         scope: str,
         name: str,
-        key: Any,
+        knorm: Any,
         khash: str,
         cfg: Hashed,
         prev: tuple[int, StepRecord] | None,
+        result: Any = None,
     ) -> StepRecord:
+        """A new attempt at a step, started now."""
         agent = self._agent
-        agent.progress.tick()  # a step started: the program advances
-        rec = StepRecord(
+        return StepRecord(
             run=agent.run,
             scope=scope,
             name=name,
@@ -162,44 +222,9 @@ class StepCore:
             config_hash=cfg.hash,
             status="started",
             started=time.time(),
-            key=key,
-            config=cfg.value,
-            attempt=prev[1].attempt + 1 if prev is not None else 1,
-            rank=agent.rank,
-            host=agent.host,
-            pid=agent.pid,
-        )
-        log.note(rec)
-        log.event(
-            "step_started",
-            name=name,
-            key=key,
-            scope=scope,
-            attempt=rec.attempt,
-            previous=prev[1].status if prev is not None else None,
-        )
-        return rec
-
-    def _mark(
-        self, log: StepLog, name: str, key: Any, config: Any, scope: str, result: Any
-    ) -> StepRecord:
-        scope_token = self._scope(scope)
-        knorm, khash = key_digest(key, ignore_prefix=self.ignore_prefix)
-        cfg = self._config(config)
-        prev = log.index[scope_token].get(f"{check_token(name, 'step')}.{khash}-{cfg.hash}")
-        now = time.time()
-        agent = self._agent
-        return StepRecord(
-            run=agent.run,
-            scope=scope_token,
-            name=name,
-            key_hash=khash,
-            config_hash=cfg.hash,
-            status="started",
-            started=now,
             key=knorm,
             config=cfg.value,
-            result=jsonable(result),
+            result=result,
             attempt=prev[1].attempt + 1 if prev is not None else 1,
             rank=agent.rank,
             host=agent.host,
@@ -209,7 +234,7 @@ class StepCore:
     def _fail(self, log: StepLog, rec: StepRecord, exc: BaseException | str) -> None:
         if isinstance(exc, GeneratorExit):
             error = "the loop body did not complete (break or exception)"
-        elif isinstance(exc, _Leave):
+        elif isinstance(exc, Leave):
             error = "left with skip()"
         elif isinstance(exc, BaseException):
             error = f"{type(exc).__name__}: {exc}"[:500]
@@ -225,6 +250,11 @@ class StepCore:
         except RuntimeError:  # the agent's loop is gone (interpreter exit): nothing to tell
             pass
 
+    def _failing(self, log: StepLog, rec: StepRecord) -> _Failing:
+        """``with self._failing(log, rec):`` marks ``rec`` failed if the block raises
+        (a ``break`` out of a step loop included: GeneratorExit), and re-raises."""
+        return _Failing(self, log, rec)
+
     def _ended(self, rec: StepRecord, result: Any) -> StepRecord:
         ended = time.time()
         return msgspec.structs.replace(
@@ -232,125 +262,50 @@ class StepCore:
         )
 
     def _finish(self, log: StepLog, rec: StepRecord, result: Any, wait: bool) -> bool:
+        """Log ``rec`` as done; with ``wait``, True once the server acknowledged it."""
         done = self._ended(rec, result)
         if not wait:
             log.submit(done)
             return False
         try:
-            return bool(self._call(log, log.complete(done), log.ack_timeout + 5.0))
+            return self._call(log, log.complete(done), log.ack_timeout + 5.0)
         except concurrent.futures.TimeoutError:
             return False
 
     async def _afinish(self, log: StepLog, rec: StepRecord, result: Any, wait: bool) -> bool:
+        """As :meth:`_finish`, from a coroutine."""
         done = self._ended(rec, result)
         if not wait:
             log.submit(done)
             return False
-        return bool(await self._acall(log, log.complete(done)))
+        return await self._acall(log, log.complete(done))
 
 
-class Step:
-    """``with steps.step(name, key, config=...) as s:``
+# --- helpers ---------------------------------------------------------------------------
 
-    ``s.done`` is True when the step was already done (``s.result`` then holds its logged
-    result): the body still runs, so check it, or call ``s.skip()`` to leave the block.
-    Otherwise the step is marked done when the block ends without an exception, with
-    ``s.result`` (set it in the body) as its result; ``s.done`` then says whether the server
-    acknowledged it. An exception marks the attempt failed and propagates.
-    """
 
-    def __init__(
-        self, steps: StepCore, name: str, key: Any, cfg: Hashed, scope: str, wait: bool
-    ) -> None:
-        self._steps = steps
-        self.name = name
-        self.key = key
-        self.scope = scope
-        self._cfg = cfg
-        self._wait = wait
-        self.done = False
-        self.was_done = False
-        self.result: Any = None
-        self.record: StepRecord | None = None
-        self._running: StepRecord | None = None
-        self._log: StepLog | None = None
+class _Failing:
+    __slots__ = ("core", "log", "rec")
 
-    def skip(self) -> NoReturn:
-        """Leave the ``with`` block now. A step that was not done stays not done."""
-        raise _Leave(self)
+    def __init__(self, core: StepCore, log: StepLog, rec: StepRecord) -> None:
+        self.core, self.log, self.rec = core, log, rec
 
-    def _enter(self, log: StepLog) -> Step:
-        self._log = log
-        knorm, khash = key_digest(self.key, ignore_prefix=self._steps.ignore_prefix)
-        prev = log.index[self.scope].get(f"{self.name}.{khash}-{self._cfg.hash}")
-        if prev is not None and prev[1].status == "done":
-            self.done = self.was_done = True
-            self.record = prev[1]
-            self.result = prev[1].result
-            Skips(log, self.name, self.scope).one(knorm)
-        else:
-            self._running = self._steps._begin(
-                log, self.scope, self.name, knorm, khash, self._cfg, prev
-            )
-        return self
-
-    def _exit(self, exc: BaseException | None) -> tuple[bool, StepRecord | None]:
-        """(suppress the exception?, record to complete)."""
-        leaving = isinstance(exc, _Leave) and exc.step is self
-        if self.was_done or self._running is None:
-            return leaving, None
-        assert self._log is not None
-        if exc is not None:
-            self._steps._fail(self._log, self._running, exc)
-            return leaving, None
-        try:
-            self.result = jsonable(self.result)
-        except (TypeError, ValueError) as error:
-            self._steps._fail(self._log, self._running, error)
-            raise
-        return False, self._running
-
-    def __enter__(self) -> Step:
-        return self._enter(self._steps._log())
+    def __enter__(self) -> None:
+        return None
 
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        suppress, rec = self._exit(exc)
-        if rec is not None:
-            assert self._log is not None
-            self.done = self._steps._finish(self._log, rec, self.result, self._wait)
-            self.record = rec
-        return suppress
-
-    async def __aenter__(self) -> Step:
-        return self._enter(await self._steps._alog())
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        suppress, rec = self._exit(exc)
-        if rec is not None:
-            assert self._log is not None
-            self.done = await self._steps._afinish(self._log, rec, self.result, self._wait)
-            self.record = rec
-        return suppress
-
-    def __repr__(self) -> str:
-        return f"<Step {step_label(self.name, self.key)} scope={self.scope} done={self.done}>"
-
-
-# --- helpers ---------------------------------------------------------------------------
+    ) -> None:
+        if exc is not None:
+            self.core._fail(self.log, self.rec, exc)
 
 
 class Skips:
-    """Batches ``step_skipped`` events: one per run of consecutive skipped items."""
+    """Batches ``step_skipped`` events of one step: one per run of consecutive skipped
+    items."""
 
     __slots__ = ("count", "keys", "log", "name", "scope")
 
@@ -360,15 +315,13 @@ class Skips:
         self.keys: list[Any] = []
 
     def add(self, key: Any) -> None:
+        """Count one skipped item (the first ten keys are listed)."""
         self.count += 1
         if len(self.keys) < 10:
             self.keys.append(key)
 
-    def one(self, key: Any) -> None:
-        self.add(key)
-        self.flush()
-
     def flush(self) -> None:
+        """Publish the event for the items counted so far, if any."""
         if self.count:
             self.log.event(
                 "step_skipped",
@@ -383,6 +336,8 @@ class Skips:
 
 
 def default_key(item: Any, position: int) -> Any:
+    """A loop item's key: the item itself if it is a str/int/bool/None, a finite float or
+    a path, else its position."""
     if item is None or isinstance(item, str | int | bool):
         return item
     if isinstance(item, float) and math.isfinite(item):
@@ -416,6 +371,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 async def aiter_any(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    """Iterate ``items`` asynchronously, whether it is an iterable or an async iterable."""
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item
