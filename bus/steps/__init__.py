@@ -5,7 +5,9 @@
 - :mod:`~runctl.bus.steps.explain`: records as listed, and what a restart would do (pure);
 - :mod:`~runctl.bus.steps.store`: the JetStream stream: config, read-back, forget.
 
-The agent's side (its writer and the ``ctl.steps(...)`` API) is :mod:`runctl.agent.steps`.
+The package exports the pure names only, so a pure module importing one of them loads no
+NATS code; the store is :mod:`runctl.bus.steps.store`. The agent's side (its writer and the
+``ctl.steps(...)`` API) is :mod:`runctl.agent.steps`.
 """
 
 from runctl.bus.steps.explain import Explained, explain, record_row
@@ -19,24 +21,18 @@ from runctl.bus.steps.records import (
     step_id,
     step_label,
 )
-from runctl.bus.steps.store import STREAM, ForgetReport, ensure_stream, forget, read_log
 
 __all__ = [
-    "STREAM",
     "Explained",
     "ForgetMarker",
-    "ForgetReport",
     "RunLog",
     "Selector",
     "StepRecord",
     "decode_entry",
     "encode_entry",
-    "ensure_stream",
     "explain",
-    "forget",
     "parse_selector",
     "plan_forget",
-    "read_log",
     "record_row",
     "step_id",
     "step_label",
