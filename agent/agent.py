@@ -7,6 +7,11 @@ Async programs use it directly::
 
 Sync programs call :func:`runctl.agent.control`, which runs this same class on a background
 event-loop thread.
+
+This module wires the parts together: the command core (:mod:`runctl.agent.commands`,
+pure), publishing (:mod:`~runctl.agent.publish`), the lifecycle steps
+(:mod:`~runctl.agent.lifecycle`), stop escalation (:mod:`~runctl.agent.escalation`), the
+change journal (:mod:`~runctl.agent.journaling`) and the step log (:mod:`runctl.agent.steps`).
 """
 
 from __future__ import annotations

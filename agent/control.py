@@ -94,6 +94,7 @@ class Control(Generic[M]):
 
     @property
     def state(self) -> M:
+        """The live model: read it freely; commands change it in place."""
         return self.agent.state
 
     @property
@@ -108,22 +109,27 @@ class Control(Generic[M]):
 
     @property
     def stop_requested(self) -> bool:
+        """True once a stop arrived: finish the current step and leave the loop."""
         return self.agent.stop_requested
 
     @property
     def stop_reason(self) -> str:
+        """The reason given with the latest stop."""
         return self.agent.stop_reason
 
     @property
     def run(self) -> str:
+        """This process's run id."""
         return self.agent.run
 
     @property
     def rank(self) -> str:
+        """This process's rank."""
         return self.agent.rank
 
     @property
     def url(self) -> str | None:
+        """The NATS URL the agent uses (None until known, with an embedded server)."""
         return self.agent.url
 
     @property

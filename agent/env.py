@@ -25,6 +25,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 def generate_run_id() -> str:
+    """A fresh run id: ``run-<date>-<time>-<4 hex digits>``."""
     return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
@@ -34,6 +35,8 @@ def _token(value: str) -> str:
 
 
 def detect_run(env: Mapping[str, str] | None = None) -> str:
+    """The run id: ``RUNCTL_RUN``, else the launcher's job id (torchrun, SLURM), else a
+    generated one (exported, so child processes join the same run)."""
     env = os.environ if env is None else env
     if run := env.get("RUNCTL_RUN"):
         return run  # explicit: validated as given, never rewritten
@@ -59,6 +62,8 @@ def detect_run(env: Mapping[str, str] | None = None) -> str:
 
 
 def detect_rank(env: Mapping[str, str] | None = None) -> str:
+    """The rank: ``RUNCTL_RANK``, ``RANK``, Lightning's ``NODE_RANK``/``LOCAL_RANK``,
+    ``SLURM_PROCID``, MPI's, else ``0``."""
     env = os.environ if env is None else env
     for key in ("RUNCTL_RANK", "RANK"):
         if value := env.get(key):
@@ -74,6 +79,8 @@ def detect_rank(env: Mapping[str, str] | None = None) -> str:
 
 
 def detect_world_size(env: Mapping[str, str] | None = None) -> int | None:
+    """How many ranks the launcher started (``RUNCTL_WORLD_SIZE``, ``WORLD_SIZE``,
+    SLURM's, MPI's), or None if it does not say."""
     env = os.environ if env is None else env
     for key in (
         "RUNCTL_WORLD_SIZE",

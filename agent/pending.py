@@ -28,6 +28,9 @@ __all__ = ["Pending", "PendingChanges", "StepClock"]
 
 @dataclass(order=True, slots=True)
 class Pending:
+    """One change kept for its step: applied at the first ``sync(step)`` with
+    ``step >= at_step``, in (at_step, arrival) order."""
+
     at_step: int
     seq: int
     change_id: str = field(compare=False)
@@ -44,6 +47,7 @@ class PendingChanges:
         self._seq = itertools.count()
 
     def add(self, at_step: int, change_id: str, command: Any) -> Pending:
+        """Keep ``command`` until ``at_step``."""
         item = Pending(at_step, next(self._seq), change_id, command)
         with self._lock:
             self._items.append(item)
@@ -51,12 +55,14 @@ class PendingChanges:
         return item
 
     def cancel(self, change_id: str) -> int:
+        """Drop the changes with ``change_id``; returns how many there were."""
         with self._lock:
             before = len(self._items)
             self._items = [p for p in self._items if p.change_id != change_id]
             return before - len(self._items)
 
     def pop_due(self, step: int) -> list[Pending]:
+        """Take the changes due at ``step``, in the order they apply."""
         # Lock-free fast path: sync() is called every step and is usually a no-op.
         items = self._items
         if not items or items[0].at_step > step:
@@ -70,6 +76,7 @@ class PendingChanges:
         return len(self._items)
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """The kept changes, as ``ping`` reports them."""
         with self._lock:
             return [
                 {
@@ -90,6 +97,7 @@ class StepClock:
         self._last: tuple[int, float] | None = None
 
     def observe(self, step: int, now: float | None = None) -> None:
+        """The program reached ``step`` (at ``now``, monotonic seconds)."""
         now = time.monotonic() if now is None else now
         last = self._last
         if last is not None and step > last[0] and now > last[1]:

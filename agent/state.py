@@ -22,8 +22,6 @@ from __future__ import annotations
 import builtins
 import copy
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Final, Generic, TypeVar
 
 import msgspec
@@ -41,6 +39,9 @@ _encoder = msgspec.json.Encoder()
 
 
 class LiveState(Generic[M]):
+    """The program's pydantic model, and every change applied to it (see the module
+    docs); ``lock`` is held while one is."""
+
     def __init__(self, model: M, lock: threading.RLock | None = None) -> None:
         if not isinstance(model, BaseModel):
             raise TypeError(f"runctl controls a pydantic BaseModel, not {type(model).__name__}")
@@ -62,6 +63,7 @@ class LiveState(Generic[M]):
         return copy.deepcopy(data)
 
     def dump_json(self) -> bytes:
+        """The whole state as JSON."""
         with self.lock:
             return self.model.model_dump_json().encode()
 
@@ -77,6 +79,7 @@ class LiveState(Generic[M]):
             return _encoder.encode(node)
 
     def schema(self) -> dict[str, Any]:
+        """The model's JSON schema."""
         return self.cls.model_json_schema()
 
     def poll_changed(self) -> bytes | None:
@@ -198,11 +201,6 @@ class LiveState(Generic[M]):
         fields = self.cls.model_fields
         names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
         return {names.get(str(key)) or str(key) for key in change}
-
-    @contextmanager
-    def locked(self) -> Iterator[M]:
-        with self.lock:
-            yield self.model
 
 
 # --- path checks ----------------------------------------------------------------------

@@ -128,6 +128,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
     # --- lifecycle ------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lightning hook: start this rank's agent (once per process)."""
         # Runs in every rank's process, after Lightning launched them.
         if stage != "fit" or (self.ctl is not None and not self._closed):
             return
@@ -146,12 +147,14 @@ class RunctlCallback(pl.Callback, Generic[M]):
         self.ctl.on_stop(self._on_stop)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Lightning hook: close the agent."""
         if stage == "fit":
             self.close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        """Lightning hook: close the agent when the fit fails."""
         if self.ctl is not None:  # the rank's exit says it failed, and why
             self.ctl.agent.exit.record(type(exception), exception)
         self.close()
@@ -175,6 +178,7 @@ class RunctlCallback(pl.Callback, Generic[M]):
     # --- the step boundary ----------------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning hook: report the starting step and apply the live state."""
         ctl = self._control()
         ctl.sync(trainer.global_step)  # report the step (a resumed fit starts past 0)
         self._apply(trainer, pl_module, force=True)
@@ -187,6 +191,8 @@ class RunctlCallback(pl.Callback, Generic[M]):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        """Lightning hook, the step boundary: ``sync`` the global step, apply changes, and
+        agree on a stop across ranks (``stop_on="step"``)."""
         ctl = self._control()
         ctl.sync(trainer.global_step)
         self._apply(trainer, pl_module)
@@ -196,6 +202,8 @@ class RunctlCallback(pl.Callback, Generic[M]):
             self._decide_stop(trainer, check)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning hook: a stop asked for at the end of an epoch ends the fit here; a
+        completed epoch is logged as a step (``log_epochs``)."""
         if self.stop_on == "epoch" and not trainer.should_stop:
             self._decide_stop(trainer, check=True)
         # an epoch cut short (a stop at a step, max_steps) did not complete: not logged

@@ -58,25 +58,44 @@ class StepHost(Protocol):
     """What the step API needs of its agent (:class:`runctl.agent.Agent` is one)."""
 
     @property
-    def run(self) -> str: ...
+    def run(self) -> str:
+        """The run id."""
+
     @property
-    def rank(self) -> str: ...
+    def rank(self) -> str:
+        """The rank: the scope of ``scope="rank"`` steps."""
+
     @property
-    def host(self) -> str: ...
+    def host(self) -> str:
+        """The host name, recorded with each attempt."""
+
     @property
-    def pid(self) -> int: ...
+    def pid(self) -> int:
+        """The process id, recorded with each attempt."""
+
     @property
-    def url(self) -> str | None: ...
+    def url(self) -> str | None:
+        """The NATS URL (for error messages)."""
+
     @property
-    def ready(self) -> threading.Event: ...
+    def ready(self) -> threading.Event:
+        """Set once connected and the step log is loaded (or failed to load)."""
+
     @property
-    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The agent's event loop, where the log's coroutines run."""
+
     @property
-    def steplog(self) -> StepLog | None: ...
+    def steplog(self) -> StepLog | None:
+        """The loaded log, or None."""
+
     @property
-    def steplog_error(self) -> str: ...
+    def steplog_error(self) -> str:
+        """Why the log could not be loaded, if it could not."""
+
     @property
-    def progress(self) -> Progress: ...
+    def progress(self) -> Progress:
+        """Where a started step counts as the program advancing (stall detection)."""
 
 
 class Leave(Exception):

@@ -197,10 +197,6 @@ class RunLog:
         items.sort(key=lambda item: (item[1].started, item[0]))
         return items
 
-    def scopes(self) -> set[str]:
-        """Every scope with a record or a marker."""
-        return {scope for scope, _ in self.records} | {scope for scope, _ in self.markers}
-
 
 def scopes_for(rank: str | None) -> set[str] | None:
     """A rank sees its own log and the run-wide one; no rank means every scope."""
