@@ -133,7 +133,7 @@ async def _measure(url: str, source: Path, work: Path) -> dict[str, Any]:
     nc = await nats.connect(url, max_reconnect_attempts=0)
     try:
         store = await ArtifactStore.open(nc.jetstream())
-        name = object_name("bench", "0", "ckpt", "0-0", "files/model.bin")
+        name = object_name("bench", "0", "ckpt", "0-0", 1, "files/model.bin")
         up_s, up_rss, ref = await _timed_async(lambda: store.put_file(name, source))
         target = work / "downloaded.bin"
         down_s, down_rss, _ = await _timed_async(lambda: store.download(ref, target))

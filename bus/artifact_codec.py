@@ -192,8 +192,10 @@ def step_prefix(run: str, scope: str, name: str, record_id: str | None = None) -
     return prefix if record_id is None else f"{prefix}{record_id}/"
 
 
-def object_name(run: str, scope: str, name: str, record_id: str, part: str) -> str:
-    """``<run>/<scope>/<name>/<record id>/<part>``: ``part`` is ``result`` or ``files/<file>``.
+def object_name(run: str, scope: str, name: str, record_id: str, attempt: int, part: str) -> str:
+    """``<run>/<scope>/<name>/<record id>/<attempt>/<part>``: ``part`` is ``result`` or
+    ``files/<file>``. Every attempt has names of its own, so a rerun never overwrites what
+    an earlier attempt stored (and the agent needs no right to purge).
 
     A file name may hold any character but ``/`` and NUL (it names one file, not a path).
     """
@@ -203,4 +205,4 @@ def object_name(run: str, scope: str, name: str, record_id: str, part: str) -> s
             raise ValueError(f"not an artifact part: {part!r}")
         if file in (".", ".."):
             raise ValueError(f"not a file name: {file!r}")
-    return f"{step_prefix(run, scope, name, record_id)}{part}"
+    return f"{step_prefix(run, scope, name, record_id)}{int(attempt)}/{part}"

@@ -134,7 +134,7 @@ class ArtifactStore:
             return cls(await js.object_store(BUCKET))
         except js_errors.BucketNotFoundError:
             if not create:
-                raise NotFound("no step results or files were stored yet") from None
+                raise NotFound("", message="no step results or files were stored yet") from None
         config = api.ObjectStoreConfig(
             description="runctl step results, attached files and checkpoints",
             storage=api.StorageType.FILE,

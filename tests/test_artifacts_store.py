@@ -76,13 +76,13 @@ def test_pickle_only_when_asked_on_both_sides() -> None:
 
 
 def test_object_names_are_checked() -> None:
-    assert object_name("r1", "0", "epoch", "ab-cd", "result") == "r1/0/epoch/ab-cd/result"
-    assert object_name("r1", "run", "ckpt", "ab-cd", "files/model.pt").endswith("files/model.pt")
+    assert object_name("r1", "0", "epoch", "ab-cd", 1, "result") == "r1/0/epoch/ab-cd/1/result"
+    assert object_name("r1", "run", "ckpt", "ab-cd", 1, "files/model.pt").endswith("files/model.pt")
     with pytest.raises(BadToken):
-        object_name("r 1", "0", "epoch", "ab-cd", "result")
+        object_name("r 1", "0", "epoch", "ab-cd", 1, "result")
     for part in ("files/", "files/a/b", "files/..", "other"):
         with pytest.raises(ValueError, match="not a"):
-            object_name("r1", "0", "epoch", "ab-cd", part)
+            object_name("r1", "0", "epoch", "ab-cd", 1, part)
 
 
 # --- the store, on a real server -----------------------------------------------------------
@@ -97,7 +97,7 @@ async def test_bytes_round_trip_with_the_records_digest(nats_url: str, run_id: s
     nc, store = await _store(nats_url)
     try:
         data = os.urandom(3 * 1024 * 1024 + 17)
-        name = object_name(run_id, "0", "shard", "k-c", "result")
+        name = object_name(run_id, "0", "shard", "k-c", 1, "result")
         ref = await store.put_bytes(name, data, "bytes")
         assert ref.size == len(data) and ref.digest == digest_of(data)
         assert await store.get_bytes(ref) == data
@@ -109,7 +109,7 @@ async def test_a_damaged_or_replaced_object_is_never_returned(nats_url: str, run
     nc, store = await _store(nats_url)
     js = nc.jetstream()
     try:
-        name = object_name(run_id, "0", "shard", "k-c", "result")
+        name = object_name(run_id, "0", "shard", "k-c", 1, "result")
         data = os.urandom(300_000)
         ref = await store.put_bytes(name, data, "bytes")
 
@@ -149,7 +149,7 @@ async def test_files_stream_both_ways_with_progress(
     nc, store = await _store(nats_url)
     try:
         up: list[int] = []
-        name = object_name(run_id, "0", "ckpt", "k-c", "files/model.pt")
+        name = object_name(run_id, "0", "ckpt", "k-c", 1, "files/model.pt")
         ref = await store.put_file(name, source, progress=lambda done, total: up.append(done))
         assert ref.size == source.stat().st_size and up[-1] == ref.size and len(up) > 10
         down: list[int] = []
@@ -168,12 +168,15 @@ async def test_listing_and_deleting_by_prefix(nats_url: str, run_id: str) -> Non
     nc, store = await _store(nats_url)
     try:
         for rid in ("a-1", "b-2"):
-            await store.put_bytes(object_name(run_id, "0", "s", rid, "result"), b"x", "bytes")
-        await store.put_bytes(object_name(run_id, "1", "s", "a-1", "result"), b"y", "bytes")
+            await store.put_bytes(object_name(run_id, "0", "s", rid, 1, "result"), b"x", "bytes")
+        await store.put_bytes(object_name(run_id, "1", "s", "a-1", 1, "result"), b"y", "bytes")
         listed = await store.list(f"{run_id}/0/")
-        assert [i.name for i in listed] == [f"{run_id}/0/s/a-1/result", f"{run_id}/0/s/b-2/result"]
+        assert [i.name for i in listed] == [
+            f"{run_id}/0/s/a-1/1/result",
+            f"{run_id}/0/s/b-2/1/result",
+        ]
         assert await store.delete_prefix(f"{run_id}/0/") == 2
-        assert [i.name for i in await store.list(f"{run_id}/")] == [f"{run_id}/1/s/a-1/result"]
+        assert [i.name for i in await store.list(f"{run_id}/")] == [f"{run_id}/1/s/a-1/1/result"]
         with pytest.raises(ValueError, match="prefix"):
             await store.delete_prefix("")
         missing = ArtifactRef(name=f"{run_id}/9/s/x-y/result", size=1, digest="SHA-256=x")

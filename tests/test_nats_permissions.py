@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from runctl.agent import Agent
 from runctl.bus import Client, Result
 from runctl.bus import messages as m
+from runctl.bus.artifact_store import ArtifactStore
 from runctl.bus.credentials import Credentials, NatsRole, ensure_credentials
 from runctl.bus.errors import RunctlError, ServerStartError
 from runctl.bus.journal import Record, encode_record
@@ -553,3 +554,29 @@ async def test_observers_read_the_journal_and_change_nothing(
             assert [e.id for e in await client.history(run_id)] == [res.change_id]
     finally:
         await observer.close()
+@pytest.mark.anyio
+async def test_agents_store_and_read_results_operators_delete_them(
+    secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]
+) -> None:
+    """Step results in the object store: the agent login stores and reads them back, but
+    cannot purge; the operator's forget deletes them; the observer reaches none of it."""
+    blob = bytes(range(256)) * 2048  # 512 KiB of bytes: an object, not an inline result
+    async with Agent(Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent")) as a0:
+        assert await a0.steps.adone("blob", 0, result=blob)
+        entry = a0.steps._opened().lookup("0", a0.steps._sid("blob", 0, None))
+        assert entry is not None and entry[1].artifact is not None
+        assert await a0.steps.aresult("blob", 0) == blob  # read back through the agent login
+    agent, anc = await login(logins, secured, creds, "agent")
+    with pytest.raises(nats.errors.TimeoutError):
+        await anc.request("$JS.API.STREAM.PURGE.OBJ_RUNCTL_ARTIFACTS", b"{}", timeout=0.5)
+    await agent.wait_violation("publish", "$JS.API.STREAM.PURGE.OBJ_RUNCTL_ARTIFACTS")
+    observer, obs = await login(logins, secured, creds, "observer")
+    with pytest.raises(nats.errors.TimeoutError):
+        await obs.request("$JS.API.STREAM.INFO.OBJ_RUNCTL_ARTIFACTS", b"", timeout=0.3)
+    await observer.wait_violation("publish", "$JS.API.STREAM.INFO.OBJ_RUNCTL_ARTIFACTS")
+    async with await Client.connect(url_for(secured, creds, "operator")) as client:
+        store = await ArtifactStore.open(client.nc.jetstream(), create=False)
+        assert len(await store.list(f"{run_id}/")) == 1
+        report = await forget(client.nc, run_id, "blob")
+        assert report.objects == 1
+        assert await store.list(f"{run_id}/") == []

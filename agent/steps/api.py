@@ -36,7 +36,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from typing import Any, TypeVar
 
 from runctl.agent.steps.cached import Cached
-from runctl.agent.steps.core import Scope, Skips, StepCore, aiter_any, default_key, jsonable
+from runctl.agent.steps.core import Scope, Skips, StepCore, aiter_any, default_key, encode_result
 from runctl.agent.steps.log import StepLog
 from runctl.agent.steps.step import Step
 from runctl.bus.canonical import Hashed
@@ -145,10 +145,20 @@ class Steps(StepCore):
         config: Any = None,
         scope: Scope = "rank",
         wait: bool = True,
+        pickle: bool = False,
     ) -> Step:
-        """``with steps.step("merge", config=cfg) as s:`` (or ``async with``); see :class:`Step`."""
+        """``with steps.step("merge", config=cfg) as s:`` (or ``async with``); see :class:`Step`.
+
+        ``pickle=True`` lets a result with no safe format be stored (and read back) with
+        pickle: only on a bus you trust, a pickle from the bus can run code."""
         return Step(
-            self, check_token(name, "step"), key, self._config(config), self._scope(scope), wait
+            self,
+            check_token(name, "step"),
+            key,
+            self._config(config),
+            self._scope(scope),
+            wait,
+            pickle,
         )
 
     def is_done(
@@ -169,12 +179,34 @@ class Steps(StepCore):
         config: Any = None,
         scope: Scope = "rank",
         default: Any = _MISSING,
+        pickle: bool = False,
     ) -> Any:
-        """The logged result of a done step; ``default`` (or KeyError) if it is not done."""
+        """The logged result of a done step; ``default`` (or KeyError) if it is not done.
+        A result kept in the object store is fetched now (and verified: a damaged one
+        raises :class:`~runctl.bus.errors.CorruptArtifact`)."""
         log = self._log()
         entry = log.index[self._scope(scope)].get(self._sid(name, key, config))
         if entry is not None and entry[1].status == "done":
-            return entry[1].result
+            return self._load(log, entry[1], pickle)
+        if default is _MISSING:
+            raise KeyError(f"step {step_label(name, key)!r} is not done")
+        return default
+
+    async def aresult(
+        self,
+        name: str,
+        key: Any = None,
+        *,
+        config: Any = None,
+        scope: Scope = "rank",
+        default: Any = _MISSING,
+        pickle: bool = False,
+    ) -> Any:
+        """``await``-able :meth:`result`."""
+        log = await self._alog()
+        entry = log.index[self._scope(scope)].get(self._sid(name, key, config))
+        if entry is not None and entry[1].status == "done":
+            return await self._aload(log, entry[1], pickle)
         if default is _MISSING:
             raise KeyError(f"step {step_label(name, key)!r} is not done")
         return default
@@ -188,21 +220,22 @@ class Steps(StepCore):
         scope: Scope = "rank",
         result: Any = None,
         wait: bool = True,
+        pickle: bool = False,
     ) -> bool:
-        """Mark a step done (with a small JSON ``result``). True once acknowledged."""
+        """Mark a step done, with a ``result`` of any size (small JSON stays in the record;
+        anything else goes to the object store first). True once acknowledged."""
         log = self._log()
-        rec = self._mark(log, name, key, config, scope, result)
-        return self._finish(log, rec, rec.result, wait)
+        _, encoded = encode_result(result, pickle_ok=pickle)
+        rec = self._mark(log, name, key, config, scope)
+        return self._finish(log, rec, encoded, wait)
 
-    def _mark(
-        self, log: StepLog, name: str, key: Any, config: Any, scope: str, result: Any
-    ) -> StepRecord:
+    def _mark(self, log: StepLog, name: str, key: Any, config: Any, scope: str) -> StepRecord:
         """The attempt that :meth:`done` logs as done, without a ``started`` record."""
         scope_token = self._scope(scope)
         knorm, khash = self._key(key)
         cfg = self._config(config)
         prev = log.lookup(scope_token, step_id(check_token(name, "step"), khash, cfg.hash))
-        return self._record(scope_token, name, knorm, khash, cfg, prev, jsonable(result))
+        return self._record(scope_token, name, knorm, khash, cfg, prev)
 
     async def adone(
         self,
@@ -213,11 +246,13 @@ class Steps(StepCore):
         scope: Scope = "rank",
         result: Any = None,
         wait: bool = True,
+        pickle: bool = False,
     ) -> bool:
         """``await``-able :meth:`done`."""
         log = await self._alog()
-        rec = self._mark(log, name, key, config, scope, result)
-        return await self._afinish(log, rec, rec.result, wait)
+        _, encoded = encode_result(result, pickle_ok=pickle)
+        rec = self._mark(log, name, key, config, scope)
+        return await self._afinish(log, rec, encoded, wait)
 
     # --- decorator form ------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, cast, overload
 
-from runctl.agent.steps.core import Scope, Skips, StepCore, jsonable
+from runctl.agent.steps.core import Scope, Skips, StepCore, encode_result
 from runctl.agent.steps.log import StepLog
-from runctl.bus.errors import BadToken
+from runctl.bus.errors import BadToken, CorruptArtifact
 from runctl.bus.steps.records import StepRecord
 from runctl.bus.subjects import check_token
 
@@ -39,6 +39,7 @@ class Cached:
         key: Callable[..., Any] | None = None,
         scope: Scope = "rank",
         wait: bool = True,
+        pickle: bool = False,
     ) -> Callable[[F], F]: ...
 
     def __call__(
@@ -51,11 +52,15 @@ class Cached:
         key: Callable[..., Any] | None = None,
         scope: Scope = "rank",
         wait: bool = True,
+        pickle: bool = False,
     ) -> F | Callable[[F], F]:
         """Decorator: run the function once per distinct arguments (and ``config``); later
-        calls, in this process or after a restart, return the logged result. The result
-        must be small JSON (it comes back as JSON: tuples as lists) and is returned
-        JSON-round-tripped on the first call too, so code sees the same thing on a rerun.
+        calls, in this process or after a restart, return the logged result. A result of
+        any size: JSON comes back as JSON (tuples as lists; returned JSON-round-tripped on
+        the first call too, so code sees the same thing on a rerun); bytes, numpy arrays
+        and torch tensors in their own formats through the object store, fetched when a
+        call asks for them; anything else only with ``pickle=True`` (a bus you trust).
+        A stored result found damaged runs the function again.
         Arguments named ``self``/``cls`` or starting with the ignore prefix are not part of
         the key; ``key(*args, **kwargs)`` replaces the arguments as the key."""
 
@@ -86,25 +91,34 @@ class Cached:
                         f"key=... or give the argument a {steps.ignore_prefix!r} prefix"
                     ) from None
 
-            def logged(log: StepLog, args: Any, kwargs: Any) -> tuple[Any, StepRecord | None]:
-                """(the logged result, None) when done, else (None, the started attempt)."""
+            def logged(
+                log: StepLog, args: Any, kwargs: Any, redo: bool = False
+            ) -> tuple[StepRecord | None, StepRecord | None]:
+                """(the done record, None) when done, else (None, the started attempt)."""
                 knorm, khash = ident(args, kwargs)
                 skips = Skips(log, step_name, scope_token)
-                done, rec = steps._start(log, skips, knorm, khash, cfg)
+                done, rec = steps._start(log, skips, knorm, khash, cfg, redo=redo)
                 skips.flush()
-                return (done.result if done is not None else None), rec
+                return done, rec
 
             if inspect.iscoroutinefunction(func):
 
                 @functools.wraps(func)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                     log = await steps._alog()
-                    result, rec = logged(log, args, kwargs)
-                    if rec is None:
-                        return result
+                    done, rec = logged(log, args, kwargs)
+                    if done is not None:
+                        try:
+                            return await steps._aload(log, done, pickle)
+                        except CorruptArtifact as error:
+                            steps._damaged(log, done, error)
+                            _, rec = logged(log, args, kwargs, redo=True)
+                    assert rec is not None
                     with steps._failing(log, rec):
-                        result = jsonable(await func(*args, **kwargs))
-                    await steps._afinish(log, rec, result, wait)
+                        result, encoded = encode_result(
+                            await func(*args, **kwargs), pickle_ok=pickle
+                        )
+                    await steps._afinish(log, rec, encoded, wait)
                     return result
 
                 return cast(F, async_wrapper)
@@ -112,12 +126,17 @@ class Cached:
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 log = steps._log()
-                result, rec = logged(log, args, kwargs)
-                if rec is None:
-                    return result
+                done, rec = logged(log, args, kwargs)
+                if done is not None:
+                    try:
+                        return steps._load(log, done, pickle)
+                    except CorruptArtifact as error:
+                        steps._damaged(log, done, error)
+                        _, rec = logged(log, args, kwargs, redo=True)
+                assert rec is not None
                 with steps._failing(log, rec):
-                    result = jsonable(func(*args, **kwargs))
-                steps._finish(log, rec, result, wait)
+                    result, encoded = encode_result(func(*args, **kwargs), pickle_ok=pickle)
+                steps._finish(log, rec, encoded, wait)
                 return result
 
             return cast(F, wrapper)

@@ -29,6 +29,7 @@ import msgspec
 
 from runctl.agent.progress import Progress
 from runctl.agent.steps.log import StepLog
+from runctl.bus.artifact_codec import INLINE_LIMIT, ArtifactRef, Encoded, decode_value, encode_value
 from runctl.bus.canonical import DEFAULT_IGNORE_PREFIX, Hashed, hashed, key_digest
 from runctl.bus.errors import Unavailable
 from runctl.bus.steps.records import StepRecord, step_id
@@ -42,14 +43,19 @@ __all__ = [
     "StepHost",
     "aiter_any",
     "default_key",
-    "jsonable",
+    "encode_result",
 ]
 
 T = TypeVar("T")
+#: files attached to an attempt, by name
+Files = dict[str, ArtifactRef] | None
 #: ``"rank"``: this rank's own log; ``"run"``: one log for every rank of the run
 Scope = Literal["rank", "run"]
-#: largest logged result (encoded); store big outputs in files and return their path
-RESULT_LIMIT: Final = 256 * 1024
+#: largest result kept inside its record (encoded JSON); larger ones, and results that are
+#: not JSON, go to the object store (:mod:`runctl.bus.artifact_codec`)
+RESULT_LIMIT: Final = INLINE_LIMIT
+#: no result: nothing to store
+_NO_RESULT: Final = Encoded(codec="json", inline=None)
 #: no config: the empty object, hashed once
 _NO_CONFIG: Final = hashed({})
 
@@ -178,7 +184,7 @@ class StepCore:
             )
         raise Unavailable(f"the step log is unavailable: {agent.steplog_error or 'not open'}")
 
-    def _call(self, log: StepLog, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    def _call(self, log: StepLog, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         """Run ``coro`` on the agent's loop from the program's thread."""
         assert log.loop is not None
         if _running_loop() is log.loop:
@@ -198,13 +204,21 @@ class StepCore:
     # --- one item: start, then fail or finish ---------------------------------------------
 
     def _start(
-        self, log: StepLog, skips: Skips, knorm: Any, khash: str, cfg: Hashed
+        self,
+        log: StepLog,
+        skips: Skips,
+        knorm: Any,
+        khash: str,
+        cfg: Hashed,
+        *,
+        redo: bool = False,
     ) -> tuple[StepRecord | None, StepRecord | None]:
         """(the logged record, None) when the item is done: counted as skipped; else
-        (None, the attempt now logged as started)."""
+        (None, the attempt now logged as started). ``redo``: start a new attempt even
+        though the step is done (its stored result was found damaged)."""
         name, scope = skips.name, skips.scope
         prev = log.lookup(scope, step_id(name, khash, cfg.hash))
-        if prev is not None and prev[1].status == "done":
+        if prev is not None and prev[1].status == "done" and not redo:
             skips.add(knorm)
             return prev[1], None
         skips.flush()  # the skip events come before this step's start
@@ -280,9 +294,31 @@ class StepCore:
             rec, status="done", ended=ended, duration=ended - rec.started, result=result
         )
 
-    def _finish(self, log: StepLog, rec: StepRecord, result: Any, wait: bool) -> bool:
-        """Log ``rec`` as done; with ``wait``, True once the server acknowledged it."""
-        done = self._ended(rec, result)
+    def _completed(
+        self, rec: StepRecord, encoded: Encoded, ref: ArtifactRef | None, files: Files
+    ) -> StepRecord:
+        done = self._ended(rec, encoded.inline if ref is None else None)
+        if ref is None and not files:
+            return done
+        return msgspec.structs.replace(done, artifact=ref, files=dict(files or {}))
+
+    def _finish(
+        self,
+        log: StepLog,
+        rec: StepRecord,
+        encoded: Encoded | None,
+        wait: bool,
+        files: Files = None,
+    ) -> bool:
+        """Log ``rec`` as done; with ``wait``, True once the server acknowledged it.
+
+        A result that does not fit in the record is stored first (the program waits for
+        that, whatever ``wait`` says: the record must never point at a missing object)."""
+        encoded = encoded or _NO_RESULT
+        ref = None
+        if not encoded.is_inline:
+            ref = self._call(log, log.put_result(rec, encoded), None)
+        done = self._completed(rec, encoded, ref, files)
         if not wait:
             log.submit(done)
             return False
@@ -291,13 +327,48 @@ class StepCore:
         except concurrent.futures.TimeoutError:
             return False
 
-    async def _afinish(self, log: StepLog, rec: StepRecord, result: Any, wait: bool) -> bool:
+    async def _afinish(
+        self,
+        log: StepLog,
+        rec: StepRecord,
+        encoded: Encoded | None,
+        wait: bool,
+        files: Files = None,
+    ) -> bool:
         """As :meth:`_finish`, from a coroutine."""
-        done = self._ended(rec, result)
+        encoded = encoded or _NO_RESULT
+        ref = None
+        if not encoded.is_inline:
+            ref = await self._acall(log, log.put_result(rec, encoded))
+        done = self._completed(rec, encoded, ref, files)
         if not wait:
             log.submit(done)
             return False
         return await self._acall(log, log.complete(done))
+
+    # --- results kept in the object store -------------------------------------------------
+
+    def _load(self, log: StepLog, rec: StepRecord, pickle_ok: bool) -> Any:
+        """A done step's result, fetched (and verified) when it lives in the object store.
+        Raises :class:`~runctl.bus.errors.CorruptArtifact` for a missing or damaged one."""
+        if rec.artifact is None:
+            return rec.result
+        data = self._call(log, log.get_artifact(rec.artifact), None)
+        return decode_value(rec.artifact.codec, data, pickle_ok=pickle_ok)
+
+    async def _aload(self, log: StepLog, rec: StepRecord, pickle_ok: bool) -> Any:
+        """As :meth:`_load`, from a coroutine."""
+        if rec.artifact is None:
+            return rec.result
+        data = await self._acall(log, log.get_artifact(rec.artifact))
+        return decode_value(rec.artifact.codec, data, pickle_ok=pickle_ok)
+
+    def _damaged(self, log: StepLog, rec: StepRecord, error: Exception) -> None:
+        """Say that a done step's stored result is unusable, so it runs again."""
+        log.log.warning("stored step result unusable, running the step again", error=str(error))
+        log.event(
+            "step_result_damaged", name=rec.name, key=rec.key, scope=rec.scope, error=str(error)
+        )
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -366,20 +437,22 @@ def default_key(item: Any, position: int) -> Any:
     return position
 
 
-def jsonable(result: Any) -> Any:
-    """``result`` as it will come back from the log (JSON round trip), or a clear error."""
+def encode_result(result: Any, *, pickle_ok: bool = False) -> tuple[Any, Encoded]:
+    """(what the program gets back now, the result encoded for the log).
+
+    What it gets back is what a rerun gets: small JSON as its JSON round trip (tuples
+    become lists), a large JSON value likewise, bytes, arrays and tensors as themselves.
+    Raises :class:`TypeError` for a value with no safe codec (see
+    :func:`runctl.bus.artifact_codec.encode_value`)."""
     if result is None:
-        return None
-    try:
-        data = msgspec.json.encode(result)
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise TypeError(f"a step result must be JSON (small, plain data): {exc}") from None
-    if len(data) > RESULT_LIMIT:
-        raise ValueError(
-            f"step result of {len(data)} bytes is over the {RESULT_LIMIT}-byte "
-            "limit: write it to a file and return the path"
-        )
-    return msgspec.json.decode(data)
+        return None, _NO_RESULT
+    encoded = encode_value(result, pickle_ok=pickle_ok)
+    if encoded.is_inline:
+        return encoded.inline, encoded
+    if encoded.codec == "json":
+        assert encoded.data is not None
+        return msgspec.json.decode(encoded.data), encoded
+    return result, encoded
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -23,6 +23,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -34,6 +35,9 @@ from nats.aio.subscription import Subscription
 
 from runctl.agent.steps.outbox import Outbox, Pending
 from runctl.bus import messages as m
+from runctl.bus.artifact_codec import ArtifactRef, Encoded, object_name
+from runctl.bus.artifact_store import ArtifactStore, Progress
+from runctl.bus.replicas import replicas_from_env
 from runctl.bus.steps.forget import covered
 from runctl.bus.steps.records import (
     FORGOTTEN_ID,
@@ -102,6 +106,7 @@ class StepLog:
         self._held_markers: list[tuple[int, ForgetMarker]] = []
         self._prefixes: dict[tuple[str, str], str] = {}
         self._closed = False
+        self._artifacts: ArtifactStore | None = None
         self.log = log.bind(run=run, rank=rank)
 
     @classmethod
@@ -191,6 +196,37 @@ class StepLog:
         with anyio.move_on_after(self.ack_timeout if timeout is None else timeout):
             await pending.done.wait()
         return pending.acked
+
+    # --- results and files in the object store (on the agent's loop) --------------------
+
+    async def artifacts(self) -> ArtifactStore:
+        """The object store of step results and files, opened (or created) on first use."""
+        if self._artifacts is None:
+            self._artifacts = await ArtifactStore.open(self.js, replicas=replicas_from_env())
+        return self._artifacts
+
+    async def put_result(self, rec: StepRecord, encoded: Encoded) -> ArtifactRef:
+        """Store a result that does not fit in its record; the reference to keep there."""
+        assert encoded.data is not None
+        name = object_name(rec.run, rec.scope, rec.name, rec.id, rec.attempt, "result")
+        store = await self.artifacts()
+        return await store.put_bytes(name, encoded.data, encoded.codec)
+
+    async def put_file(
+        self, rec: StepRecord, file_name: str, path: Path, progress: Progress | None
+    ) -> ArtifactRef:
+        """Stream a file into the object store as one of ``rec``'s files."""
+        name = object_name(rec.run, rec.scope, rec.name, rec.id, rec.attempt, f"files/{file_name}")
+        store = await self.artifacts()
+        return await store.put_file(name, path, progress)
+
+    async def get_artifact(self, ref: ArtifactRef) -> bytes:
+        """A stored result's bytes, verified (:class:`~runctl.bus.errors.CorruptArtifact`)."""
+        return await (await self.artifacts()).get_bytes(ref)
+
+    async def download(self, ref: ArtifactRef, path: Path, progress: Progress | None) -> Path:
+        """Stream a stored file to ``path``, verified before it gets that name."""
+        return await (await self.artifacts()).download(ref, path, progress)
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued completion is acknowledged (bounded). True if none is left."""

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from runctl.bus.artifact_codec import ArtifactRef
 from runctl.bus.canonical import canonical_json
 from runctl.bus.subjects import RUN_SCOPE, check_token
 
@@ -91,6 +92,17 @@ class StepRecord(msgspec.Struct, tag="step/1", gc=False, **_TAG):
     pid: int = 0
     #: the Nats-Msg-Id of the completion (the server drops a retried duplicate)
     msg_id: str = ""
+    #: a result too large for the record, or not JSON, kept in the object store
+    #: (``result`` is then None): see :mod:`runctl.bus.artifact_codec`
+    artifact: ArtifactRef | None = None
+    #: files attached to the step (``s.attach``), by file name
+    files: dict[str, ArtifactRef] = msgspec.field(default_factory=dict)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this step keeps in the object store (its result and its files)."""
+        total = self.artifact.size if self.artifact is not None else 0
+        return total + sum(ref.size for ref in self.files.values())
 
     @property
     def id(self) -> str:

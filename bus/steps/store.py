@@ -33,7 +33,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js import errors as js_errors
 
-from runctl.bus.errors import RunctlError, Timeout, Unavailable, map_nats_error
+from runctl.bus.artifact_codec import run_prefix, step_prefix
+from runctl.bus.artifact_store import ArtifactStore
+from runctl.bus.errors import NotFound, RunctlError, Timeout, Unavailable, map_nats_error
 from runctl.bus.replicas import replicas_from_env
 from runctl.bus.steps.forget import Selector, covered, parse_selector, plan_forget
 from runctl.bus.steps.records import (
@@ -325,6 +327,8 @@ class ForgetReport:
     selector: str
     rank: str | None
     markers: list[ForgetMarker] = field(default_factory=list)
+    #: objects (results, files) removed from the object store with the steps
+    objects: int = 0
 
     @property
     def forgotten(self) -> int:
@@ -349,6 +353,7 @@ class ForgetReport:
             "selector": self.selector,
             "rank": self.rank,
             "forgotten": self.forgotten,
+            "objects_deleted": self.objects,
             "steps": listed[:limit],
         }
 
@@ -376,17 +381,17 @@ async def forget(
     try:
         runlog = await read_log(nc, run)
         report.markers = plan_forget(runlog, sel, scopes=scopes_for(rank), by=by)
+        prefixes: list[str] = []
         for marker in report.markers:
             if marker.all:
+                prefixes.append(step_prefix(run, marker.scope, marker.name))
                 await js.purge_stream(
                     STREAM, subject=step_records_filter(run, marker.scope, marker.name)
                 )
                 continue
-            subjects = [
-                step_record_subject(run, rec.scope, rec.name, rec.id)
-                for _, rec in runlog.records.values()
-                if covered(marker, rec)
-            ]
+            forgotten = [rec for _, rec in runlog.records.values() if covered(marker, rec)]
+            prefixes += [step_prefix(run, rec.scope, rec.name, rec.id) for rec in forgotten]
+            subjects = [step_record_subject(run, rec.scope, rec.name, rec.id) for rec in forgotten]
             for chunk in range(0, len(subjects), 256):  # pipelined: a big "+" is many purges
                 await asyncio.gather(
                     *(js.purge_stream(STREAM, subject=s) for s in subjects[chunk : chunk + 256])
@@ -401,8 +406,24 @@ async def forget(
                     step_record_subject(run, marker.scope, marker.name, FORGOTTEN_ID),
                     encode_entry(marker),
                 )
+        report.objects = await _delete_objects(js, run, prefixes)
     except RunctlError:
         raise
     except Exception as exc:
         raise map_nats_error(exc, run=run) from exc
     return report
+
+
+async def _delete_objects(js: JetStreamContext, run: str, prefixes: list[str]) -> int:
+    """Remove the stored results and files of forgotten steps (every attempt's)."""
+    if not prefixes:
+        return 0
+    try:
+        store = await ArtifactStore.open(js, create=False)
+    except NotFound:
+        return 0  # nothing was ever stored
+    deleted = 0
+    for info in await store.list(run_prefix(run)):
+        if info.name.startswith(tuple(prefixes)):
+            deleted += await store.delete(info.name)
+    return deleted
