@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
+import runctl.agent.checkpoint as checkpoint
 import runctl.agent.commands as commands
 import runctl.agent.lifecycle as lifecycle
 from runctl.agent.commands import Effect, Outcome, RankState
@@ -137,6 +138,7 @@ class Agent(Generic[M]):
             exit=self.exit,
         )
         self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
+        self._checkpoint_callbacks: list[checkpoint.CheckpointFn] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: TaskGroup | None = None
         self.ready = threading.Event()
@@ -194,6 +196,17 @@ class Agent(Generic[M]):
         self._stop_callbacks.append(callback)
         return callback
 
+    def on_checkpoint(self, callback: checkpoint.CheckpointFn) -> checkpoint.CheckpointFn:
+        """Register ``callback(step)`` for ``runctl stop RUN --checkpoint``: it runs on the
+        program's thread at the stop's step and returns a path to store (or a value, or
+        None); the stop is acknowledged once it is stored. See :mod:`runctl.agent.checkpoint`."""
+        self._checkpoint_callbacks.append(callback)
+        return callback
+
+    def latest_checkpoint(self) -> checkpoint.Checkpoint | None:
+        """The newest checkpoint this rank stored (in this run), or None."""
+        return checkpoint.latest(self.steps, self.rank)
+
     def sync(self, step: int) -> int:
         """A step boundary: apply the deferred changes due at ``step``; return how many.
 
@@ -209,6 +222,8 @@ class Agent(Generic[M]):
         if not due:
             return 0
         for item in due:
+            if isinstance(item.command, m.Stop) and item.command.checkpoint:
+                self._checkpoint(step, item.change_id)
             outcome = commands.apply(self.core, item.command, defer=False)
             self._carry_out(outcome.effects)
             self._soon(partial(self.publisher.after_deferred, outcome, step))
@@ -220,6 +235,11 @@ class Agent(Generic[M]):
         ``stalled`` when it stops calling it for longer than its threshold. Two attribute
         writes: no lock, no network, nothing for the agent's thread to do."""
         self.progress.tick()
+
+    def _checkpoint(self, step: int, change_id: str) -> None:
+        report = checkpoint.take(self.steps, self._checkpoint_callbacks, step)
+        if self.steplog is not None and not self.steplog.closed:
+            self.steplog.event(checkpoint.CHECKPOINT_STEP, change_id=change_id, **report)
 
     async def __aenter__(self) -> Self:
         self._tg = anyio.create_task_group()

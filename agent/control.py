@@ -34,6 +34,7 @@ from anyio.from_thread import BlockingPortal
 from pydantic import BaseModel
 
 from runctl.agent.agent import Agent
+from runctl.agent.checkpoint import Checkpoint, CheckpointFn
 from runctl.agent.replay import ReplayedChange
 from runctl.agent.steps import Steps
 from runctl.agent.steps.cached import Cached
@@ -151,6 +152,25 @@ class Control(Generic[M]):
     def on_stop(self, callback: Callable[[str], object]) -> Callable[[str], object]:
         """``callback(reason)`` runs on the agent thread when a stop command arrives."""
         return self.agent.on_stop(callback)
+
+    def on_checkpoint(self, callback: CheckpointFn) -> CheckpointFn:
+        """``callback(step)`` saves a checkpoint for ``runctl stop RUN --checkpoint``.
+
+        It runs on this thread at the stop's step (every rank at the same step) and returns
+        the path of what it saved (stored in the object store, streamed), a value to store,
+        or None. The stop is acknowledged once the checkpoint is stored::
+
+            @ctl.on_checkpoint
+            def save(step: int) -> str:
+                torch.save(model.state_dict(), f"ckpt-{step}.pt")
+                return f"ckpt-{step}.pt"
+        """
+        return self.agent.on_checkpoint(callback)
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint this rank stored in this run, or None: ``.step``,
+        ``.files[name].download(path)``, ``.download(directory)``, ``.result()``."""
+        return self.agent.latest_checkpoint()
 
     def sync(self, step: int) -> int:
         """Call at every step boundary with the global step (the same on every rank).

@@ -55,7 +55,14 @@ from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.paths import resolve
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
-from runctl.bus.subjects import ALL, check_rank, check_token, command_subject, rank_key
+from runctl.bus.subjects import (
+    ALL,
+    check_rank,
+    check_token,
+    command_subject,
+    events_wildcard,
+    rank_key,
+)
 
 __all__ = ["ACTING_AS", "DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 
@@ -115,6 +122,10 @@ class Gathered:
     #: a synchronised or scheduled change: the journal holds it (ranks that restart before
     #: its step apply it there); None when not asked
     journaled: bool | None = None
+    #: a checkpointing stop: each rank's ``checkpoint`` report (what it stored, or why not)
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ranks that took a checkpointing stop but reported no checkpoint before the deadline
+    no_checkpoint: list[str] = field(default_factory=list)
 
     @property
     def acknowledged(self) -> list[str]:
@@ -142,6 +153,10 @@ class Gathered:
             ranks[rank] = entry
         for rank in self.missing:
             ranks[rank] = {"outcome": "no_answer"}
+        for rank, report in self.checkpoints.items():
+            ranks.setdefault(rank, {})["checkpoint"] = report
+        for rank in self.no_checkpoint:
+            ranks.setdefault(rank, {})["checkpoint"] = {"ok": False, "error": "no report in time"}
         sync = (
             {
                 "at_step": self.at_step,
@@ -470,13 +485,31 @@ class Client:
         sync: bool = False,
         margin: int | None = None,
         at_step: int | None = None,
+        checkpoint: bool = False,
+        checkpoint_timeout: float = 300.0,
     ) -> Result | Gathered:
         """Stop one rank, or every rank (``"all"``). A run-wide stop is also recorded in
         the registry, so a rank that starts later in the same run stops too. ``at_step``:
-        stop there (journaled, as a scheduled change)."""
-        cmd = m.Stop(reason=reason, mode=mode, grace=grace)
-        if at_step is not None:
+        stop there (journaled, as a scheduled change).
+
+        ``checkpoint=True`` (run-wide only): every rank saves a checkpoint at the same step
+        (``ctl.on_checkpoint``) and then stops; the answer waits, at most
+        ``checkpoint_timeout`` seconds, for each rank's report of what it stored
+        (``Gathered.checkpoints``; ranks without one in ``no_checkpoint``)::
+
+            stopped = await client.stop("exp1", "all", checkpoint=True)
+            stopped.checkpoints["0"]["files"]   # {"model.pt": {"size": ..., "digest": ...}}
+        """
+        cmd = m.Stop(reason=reason, mode=mode, grace=grace, checkpoint=checkpoint)
+        if at_step is not None and not checkpoint:
             return await self._write(run, rank, cmd, sync, margin, at_step)
+        if checkpoint:
+            if str(rank) != ALL:
+                raise BadRequest(
+                    "a checkpointing stop is run-wide (every rank saves at the same step): "
+                    "address the run, not one rank"
+                )
+            return await self._stop_with_checkpoint(run, cmd, margin, checkpoint_timeout)
         if str(rank) != ALL:
             return await (self.send_synced(run, cmd, margin) if sync else self.send(run, rank, cmd))
         # The record (for ranks that start later) is sent first but its ack is awaited
@@ -488,6 +521,49 @@ class Client:
             if ack is not None:
                 with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):
                     await ack
+
+    async def _stop_with_checkpoint(
+        self, run: str, cmd: m.Stop, margin: int | None, timeout: float
+    ) -> Gathered:
+        reports: dict[str, dict[str, Any]] = {}
+        arrived = anyio.Event()
+        wanted: set[str] = set()
+        change_id: list[str] = []
+
+        async def on_event(msg: Msg) -> None:
+            try:
+                event = m.decode_event(msg.data)
+            except Exception:
+                return
+            if event.kind != "checkpoint" or event.data.get("change_id") not in change_id:
+                return
+            reports[event.rank] = {k: v for k, v in event.data.items() if k != "change_id"}
+            if wanted and wanted <= set(reports):
+                arrived.set()
+
+        sub = await self.nc.subscribe(events_wildcard(run), cb=on_event)
+        try:
+            ack = await self._record_run_stop(run, cmd)
+            # the id is known before any rank can report: reports are matched by it
+            change_id.append(uuid.uuid4().hex)
+            gathered = await self.send_synced(
+                run, msgspec.structs.replace(cmd, change_id=change_id[0]), margin
+            )
+            if ack is not None:
+                with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):
+                    await ack
+            if gathered.cancelled:
+                return gathered
+            wanted.update(gathered.results)
+            if not wanted <= set(reports):
+                with anyio.move_on_after(timeout):
+                    await arrived.wait()
+            gathered.checkpoints = {r: reports[r] for r in sorted(reports, key=rank_key)}
+            gathered.no_checkpoint = sorted(wanted - set(reports), key=rank_key)
+            return gathered
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _record_run_stop(self, run: str, cmd: m.Stop) -> asyncio.Future[Any] | None:
         """Send the run-wide stop record; returns its ack future (None if it could not be
@@ -535,7 +611,7 @@ class Client:
             margin = max(MIN_SYNC_MARGIN, math.ceil(rate * SYNC_LATENCY_BUDGET) + 1)
         # Never before a change already waiting: synchronised changes keep their order.
         at_step = max(max(steps.values()) + margin, latest_pending)
-        change_id = uuid.uuid4().hex
+        change_id = cmd.change_id or uuid.uuid4().hex
         deferred = msgspec.structs.replace(self._stamped(cmd), at_step=at_step, change_id=change_id)
         gathered = await self.send(run, ALL, deferred)
         assert isinstance(gathered, Gathered)

@@ -121,6 +121,8 @@ class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     at_step: int | None = None
     change_id: str = ""
     by: Author | None = None
+    #: save a checkpoint at ``at_step`` before stopping (``ctl.on_checkpoint``)
+    checkpoint: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel/1", **_TAG):

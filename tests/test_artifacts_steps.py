@@ -10,16 +10,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import nats
+import pytest
 from conftest import spawn_python
 
 from runctl.bus.artifact_store import BUCKET, ArtifactStore
+from runctl.bus.client import Client, Gathered
 
 PROGRAM = """
 import json, os, sys, time
@@ -192,3 +196,142 @@ ctl.close()
     )
     assert forget.returncode == 0, forget.stdout + forget.stderr
     assert _stored(nats_url, f"{run_id}/") == []
+
+
+CHECKPOINTING = """
+import json, os, sys, time
+from pydantic import BaseModel
+from runctl import control
+
+class S(BaseModel):
+    lr: float = 0.1
+
+rank = int(os.environ["RANK_"])
+ctl = control(S(), run=os.environ["RUN"], rank=rank, url=os.environ["URL"])
+ctl.wait_ready(30)
+
+def say(**kw):
+    print("\\n" + json.dumps(kw), flush=True)
+
+def content(step):
+    return (f"rank {rank} at step {step};" * 50_000).encode()
+
+@ctl.on_checkpoint
+def save(step):
+    time.sleep(0.5)              # a slow save: the stop must wait for it
+    with open(f"model-{rank}.bin", "wb") as f:
+        f.write(content(step))
+    return f"model-{rank}.bin"
+
+found = ctl.latest_checkpoint()
+if found is not None:
+    paths = found.download("restored")
+    data = paths[f"model-{rank}.bin"].read_bytes()
+    say(resumed=found.step, intact=data == content(found.step), files=sorted(found.files))
+say(ready=True)
+step = 0
+deadline = time.monotonic() + 60
+while not ctl.stop_requested and time.monotonic() < deadline:
+    ctl.sync(step)
+    step += 1
+    time.sleep(0.005)
+say(stopped=ctl.stop_requested, step=step)
+ctl.close()
+"""
+
+
+class _Rank:
+    """A rank process whose output goes to a file: waited on with a deadline, shown on failure."""
+
+    def __init__(self, code: str, env: dict[str, str], cwd: Path) -> None:
+        self.log = cwd / "rank.log"
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            cwd=cwd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} (exit {self.proc.poll()}):\n{self.output()}")
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 60) -> list[dict[str, Any]]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s:\n{self.output()}") from None
+        assert code == 0, f"exit {code}:\n{self.output()}"
+        return _objects(self.output())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self._out.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_checkpointing_stop_waits_for_every_ranks_checkpoint_and_a_restart_resumes(
+    nats_url: str, run_id: str, tmp_path: Path
+) -> None:
+    ranks: list[_Rank] = []
+    try:
+        _checkpoint_and_resume(nats_url, run_id, tmp_path, ranks)
+    finally:
+        for rank in ranks:
+            rank.kill()
+
+
+def _checkpoint_and_resume(nats_url: str, run_id: str, tmp_path: Path, ranks: list[_Rank]) -> None:
+    for rank in (0, 1):
+        where = tmp_path / f"host{rank}"
+        where.mkdir()
+        env = {"RUN": run_id, "URL": nats_url, "RANK_": str(rank)}
+        ranks.append(_Rank(CHECKPOINTING, env, where))
+    for proc in ranks:
+        proc.wait_for('"ready": true')
+
+    async def stop() -> Gathered:
+        async with await Client.connect(nats_url, timeout=10) as client:
+            result = await client.stop(run_id, "all", reason="checkpoint", checkpoint=True)
+            assert isinstance(result, Gathered)
+            return result
+
+    stopped = anyio.run(stop)
+    assert not stopped.cancelled and stopped.no_checkpoint == [], stopped.to_json()
+    assert set(stopped.checkpoints) == {"0", "1"}, stopped.to_json()
+    steps = {r["step"] for r in stopped.checkpoints.values()}
+    assert steps == {stopped.at_step}  # every rank at the same step
+    for rank, report in stopped.checkpoints.items():
+        assert report["ok"] and report["acknowledged"], report
+        size = len(f"rank {rank} at step {stopped.at_step};".encode()) * 50_000
+        assert report["files"][f"model-{rank}.bin"]["size"] == size
+        # stored before the answer came: the object is there now
+        assert any(n.endswith(f"files/model-{rank}.bin") for n in _stored(nats_url, f"{run_id}/"))
+    for proc in ranks:
+        done = proc.finish()
+        assert done[-1]["stopped"] is True
+
+    restarted = []
+    for rank in (0, 1):
+        where = tmp_path / f"other-host{rank}"
+        where.mkdir()
+        env = {"RUN": run_id, "URL": nats_url, "RANK_": str(rank)}
+        restarted.append(_Rank(CHECKPOINTING, env, where))
+        ranks.append(restarted[-1])
+    for rank, proc in enumerate(restarted):
+        out = proc.finish()
+        assert {
+            "resumed": stopped.at_step,
+            "intact": True,
+            "files": [f"model-{rank}.bin"],
+        } in out, out
