@@ -212,6 +212,14 @@ class ArtifactStore:
         os.replace(partial, target)
         return target
 
+    async def ref(self, name: str) -> ArtifactRef:
+        """A reference to the object stored now under ``name`` (to download it by name)."""
+        try:
+            info = await self._store.get_info(name)
+        except js_errors.NotFoundError:
+            raise NotFound("", message=f"no stored object {name!r}") from None
+        return ArtifactRef(name=name, size=int(info.size or 0), digest=str(info.digest))
+
     async def list(self, prefix: str = "") -> list[ArtifactInfo]:
         """Stored objects whose name starts with ``prefix``, by name."""
         try:

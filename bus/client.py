@@ -23,10 +23,12 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -37,6 +39,8 @@ from nats.aio.msg import Msg
 
 from runctl.bus import changes
 from runctl.bus import messages as m
+from runctl.bus.artifact_codec import run_prefix
+from runctl.bus.artifact_store import ArtifactInfo, ArtifactStore, Progress
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.credentials import NatsRole
 from runctl.bus.defaults import MAX_PAYLOAD
@@ -300,6 +304,27 @@ class Client:
             except Exception as exc:
                 raise Unavailable(f"rank registry unavailable: {map_nats_error(exc)}") from exc
         return self._registry
+
+    async def artifacts(self, run: str) -> list[ArtifactInfo]:
+        """The step results and files run ``run`` keeps in the object store, by name::
+
+        for info in await client.artifacts("exp1"):
+            print(info.name, info.size)
+        """
+        prefix = run_prefix(run)
+        try:
+            store = await ArtifactStore.open(self.nc.jetstream(), create=False)
+        except NotFound:
+            return []
+        return await store.list(prefix)
+
+    async def download(
+        self, name: str, path: str | os.PathLike[str], progress: Progress | None = None
+    ) -> Path:
+        """Stream the stored object ``name`` (see :meth:`artifacts`) into ``path``,
+        verified against its digest before it gets that name."""
+        store = await ArtifactStore.open(self.nc.jetstream(), create=False)
+        return await store.download(await store.ref(name), path, progress)
 
     async def runs(self) -> list[RankInfo]:
         """Every rank of every run the registry holds, with its liveness."""

@@ -38,7 +38,7 @@ from typing import Final
 from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.errors import RunctlError
 from runctl.bus.logs import configure_logging
-from runctl.cli import demo, server, state, steps, tail
+from runctl.cli import artifacts, demo, server, state, steps, tail
 from runctl.cli.common import exit_code, fail
 
 __all__ = ["build_parser", "main"]
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     state.register(add)
     tail.register(add)
     steps.register(add)
+    artifacts.register(add)
     return parser
 
 

@@ -78,6 +78,19 @@ def register(add: AddParser) -> None:
         help="also SIGTERM the rank's process after --grace seconds",
     )
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="every rank saves a checkpoint (ctl.on_checkpoint) at the same step, then stops; "
+        "waits for each rank's report (run-wide only)",
+    )
+    p.add_argument(
+        "--checkpoint-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the checkpoints (default 300)",
+    )
     _write_options(p)
     p.set_defaults(func=stop_command)
 
@@ -254,7 +267,14 @@ def reset_command(args: argparse.Namespace) -> int:
 def stop_command(args: argparse.Namespace) -> int:
     """``runctl stop RUN[/RANK]``: ask the program to stop (``--terminate``: then SIGTERM)."""
     run, rank = parse_target(args.target)
-    options = _sync_options(args, rank)
+    if args.checkpoint:
+        options: dict[str, Any] = {
+            "checkpoint": True,
+            "margin": args.margin,
+            "checkpoint_timeout": args.checkpoint_timeout,
+        }
+    else:
+        options = _sync_options(args, rank)
     if args.grace <= 0:
         raise BadRequest("--grace must be positive")
     mode: StopMode = "terminate" if args.terminate else "graceful"

@@ -371,11 +371,21 @@ async def stop(
     grace: Annotated[float, Query(gt=0, description="seconds, with mode=terminate")] = 30.0,
     sync: Sync = False,
     margin: Margin = None,
+    checkpoint: Annotated[
+        bool,
+        Query(
+            description="every rank saves a checkpoint (`ctl.on_checkpoint`) at the same step, "
+            "then stops; the answer lists each rank's stored checkpoint (run-wide only)"
+        ),
+    ] = False,
 ) -> Response:
     """Sets `ctl.stop_requested` (and runs `on_stop` callbacks). On `all` it is also
     recorded for the run, so a rank that starts later stops too."""
     run, rank = _target(run, rank)
-    options = _sync_options(rank, sync, margin)
+    if checkpoint:
+        options: dict[str, Any] = {"checkpoint": True, "margin": margin}
+    else:
+        options = _sync_options(rank, sync, margin)
     result = await client.stop(run, rank, reason, mode=mode, grace=grace, **options)
     return write_response(run, result)
 

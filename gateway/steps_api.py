@@ -100,3 +100,18 @@ async def delete_run_steps(
 def _json(view: dict[str, Any]) -> Any:
     # records hold arbitrary JSON (configs, results): msgspec already made it plain data
     return msgspec.to_builtins(view)
+
+
+@router.get("/runs/{run}/artifacts")
+async def get_artifacts(run: str, client: ClientDep) -> Any:
+    """What the run keeps in the object store: step results and attached files (checkpoints
+    among them), by object name ``<run>/<scope>/<step>/<id>/<attempt>/<part>``."""
+    infos = await client.artifacts(run)
+    return {
+        "run": run,
+        "count": len(infos),
+        "bytes": sum(i.size for i in infos),
+        "artifacts": [
+            {"name": i.name, "size": i.size, "digest": i.digest, "mtime": i.mtime} for i in infos
+        ],
+    }

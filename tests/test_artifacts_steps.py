@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from conftest import spawn_python
+from conftest import GatewayFactory, spawn_python
 
 from runctl.bus.artifact_store import BUCKET, ArtifactStore
 from runctl.bus.client import Client, Gathered
@@ -155,7 +155,7 @@ ctl.close()
 
 
 def test_attached_files_come_back_elsewhere_and_forget_removes_them(
-    nats_url: str, run_id: str, tmp_path: Path
+    nats_url: str, run_id: str, tmp_path: Path, gateway: GatewayFactory
 ) -> None:
     code = (
         PROGRAM
@@ -186,6 +186,24 @@ ctl.close()
     assert {"restored": expected, "result": {"loss": 0.25}, "size": expected} in again
     restored = tmp_path / "host2" / "restored" / "model.bin"
     assert restored.read_bytes() == (tmp_path / "host1" / "model.bin").read_bytes()
+
+    # listed and fetched from outside: HTTP, and the CLI (streamed, digest-checked)
+    listed = gateway().get(f"/runs/{run_id}/artifacts")
+    assert listed.status_code == 200, listed.text
+    assert [a["size"] for a in listed.json()["artifacts"]] == [expected]
+    (name,) = names
+    cli = [sys.executable, "-m", "runctl", "--nats", nats_url, "artifacts", run_id]
+    shown = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and name in shown.stdout, shown.stdout + shown.stderr
+    fetched = subprocess.run(
+        [*cli, "--get", name, "--to", str(tmp_path / "cli" / "model.bin")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert (tmp_path / "cli" / "model.bin").read_bytes() == restored.read_bytes()
 
     forget = subprocess.run(
         [sys.executable, "-m", "runctl", "--nats", nats_url, "forget", run_id, "train"],
@@ -311,12 +329,12 @@ def _checkpoint_and_resume(nats_url: str, run_id: str, tmp_path: Path, ranks: li
     assert set(stopped.checkpoints) == {"0", "1"}, stopped.to_json()
     steps = {r["step"] for r in stopped.checkpoints.values()}
     assert steps == {stopped.at_step}  # every rank at the same step
-    for rank, report in stopped.checkpoints.items():
+    for who, report in stopped.checkpoints.items():
         assert report["ok"] and report["acknowledged"], report
-        size = len(f"rank {rank} at step {stopped.at_step};".encode()) * 50_000
-        assert report["files"][f"model-{rank}.bin"]["size"] == size
+        size = len(f"rank {who} at step {stopped.at_step};".encode()) * 50_000
+        assert report["files"][f"model-{who}.bin"]["size"] == size
         # stored before the answer came: the object is there now
-        assert any(n.endswith(f"files/model-{rank}.bin") for n in _stored(nats_url, f"{run_id}/"))
+        assert any(n.endswith(f"files/model-{who}.bin") for n in _stored(nats_url, f"{run_id}/"))
     for proc in ranks:
         done = proc.finish()
         assert done[-1]["stopped"] is True

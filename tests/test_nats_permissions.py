@@ -554,6 +554,8 @@ async def test_observers_read_the_journal_and_change_nothing(
             assert [e.id for e in await client.history(run_id)] == [res.change_id]
     finally:
         await observer.close()
+
+
 @pytest.mark.anyio
 async def test_agents_store_and_read_results_operators_delete_them(
     secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]

@@ -61,6 +61,12 @@ def record_row(
         "host": rec.host,
         "pid": rec.pid,
         "seq": seq,
+        # what the step keeps in the object store (its result and attached files)
+        "stored_bytes": rec.stored_bytes,
+        "files": {name: ref.size for name, ref in rec.files.items()},
+        "stored_result": None
+        if rec.artifact is None
+        else {"codec": rec.artifact.codec, "size": rec.artifact.size},
     }
 
 
