@@ -4,6 +4,11 @@
     runctl ls RUN                       # RUN is printed at start: torchrun's run id
     runctl set RUN lr=0.01 --sync       # every rank switches at the same step
     runctl stop RUN                     # every rank stops at the same step, exit code 0
+    runctl stop RUN --checkpoint        # ... after storing a checkpoint of every rank
+
+Checkpoints taken by ``runctl stop RUN --checkpoint`` live in the bus's object store, not on
+one machine's disk: started again under the same run id (``RUNCTL_RUN=...``), on any host,
+every rank resumes from its own latest one (``ctl.latest_checkpoint()``).
 
 Epochs go through the step iterator (``ctl.steps``): an epoch is logged done once its body
 completed, so a restarted job skips the epochs already done (it reloads ``--checkpoint``).
@@ -17,13 +22,14 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, Field
 from torch.nn.parallel import DistributedDataParallel
 
-from runctl.agent import control
+from runctl import control
 
 
 class TrainConfig(BaseModel):
@@ -52,6 +58,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"runctl run: {ctl.run} rank: {ctl.rank}", flush=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=state.lr)
     step, epoch, stop = 0, -1, torch.zeros(1)
+
+    @ctl.on_checkpoint
+    def save(at: int) -> dict[str, Any]:  # `runctl stop RUN --checkpoint`, at step `at`
+        return {"model": model.module.state_dict(), "step": at}
+
+    found = ctl.latest_checkpoint()  # stored by an earlier stop of this run, on any host
+    if found is not None:
+        saved = found.result()
+        model.module.load_state_dict(saved["model"])
+        step = int(saved["step"])
+        print(f"resumed from the checkpoint of step {found.step}", flush=True)
     for epoch in ctl.steps("epoch", range(state.epochs), scope="run"):
         for _ in range(state.batches_per_epoch):
             ctl.sync(step)  # synchronised changes land here, at the same step on every rank

@@ -166,6 +166,7 @@ def read_log(path: Path) -> tuple[list[list[Any]], dict[str, Any] | None]:
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(240)  # two torch processes per launch: slow to start on a loaded machine
 async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
     jobs: list[Job],
     client: Client,
@@ -203,6 +204,7 @@ async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(240)  # two launches of two torch processes each
 async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
     jobs: list[Job],
     client: Client,

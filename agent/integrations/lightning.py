@@ -33,6 +33,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import lightning.pytorch as pl
@@ -145,6 +146,16 @@ class RunctlCallback(pl.Callback, Generic[M]):
             self.state, run=self.run, rank=trainer.global_rank, url=self.url, **self.options
         )
         self.ctl.on_stop(self._on_stop)
+        self._trainer = trainer
+        self.ctl.on_checkpoint(self._save_checkpoint)
+
+    def _save_checkpoint(self, step: int) -> Path | None:
+        """``runctl stop RUN --checkpoint``: every rank calls this at the same step (it is
+        a collective in DDP); global rank 0 writes the file and runctl stores it."""
+        trainer = self._trainer
+        path = Path(trainer.default_root_dir) / f"runctl-step{step}.ckpt"
+        trainer.save_checkpoint(path)
+        return path if path.exists() else None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Lightning hook: close the agent."""
