@@ -7,7 +7,9 @@ How a change is applied (set, patch, reset):
    private attributes, class variables and properties are refused.
 2. The change is applied to a JSON copy of the whole state, and that whole document is
    validated by the model class, exactly as declared (constraints, Literal, Optional,
-   unions, validators). If anything is invalid, nothing changes.
+   unions, validators). If anything is invalid, nothing changes. The copy is lossless:
+   a non-finite float the program stored (a diverged loss) stays that float, so it never
+   makes an unrelated change invalid (see :func:`_lossless_serializer`).
 3. Keys the model does not declare are rejected (pydantic would silently ignore them).
 4. The validated values are mirrored into the live objects in place: nested models keep
    their identity, so ``opt = state.optimizer`` held by the program sees the new values;
@@ -21,15 +23,20 @@ from __future__ import annotations
 
 import builtins
 import copy
+import math
 import threading
+import weakref
 from typing import Any, Final, Generic, TypeVar
 
 import msgspec
+import pydantic_core
 from pydantic import BaseModel, ValidationError
+from pydantic_core import SchemaSerializer
 
 from runctl.bus.errors import BadPath, BadRequest, ValidationRejected
 from runctl.bus.journal import FieldChange, field_diff
-from runctl.bus.paths import split_path
+from runctl.bus.jsonform import dumps, wire_value
+from runctl.bus.paths import parse_index, split_path
 
 __all__ = ["LiveState", "check_path"]
 
@@ -58,14 +65,20 @@ class LiveState(Generic[M]):
 
     # --- reading ------------------------------------------------------------------
 
+    def _doc(self, *, round_trip: bool) -> Any:
+        """The state as JSON data (dicts, lists, str, numbers), non-finite floats kept."""
+        serializer = _lossless_serializer(self.cls)
+        return serializer.to_python(self.model, mode="json", round_trip=round_trip)
+
     def _json(self) -> dict[str, Any]:
-        data = self.model.model_dump(mode="json", round_trip=True)
-        return copy.deepcopy(data)
+        data: dict[str, Any] = self._doc(round_trip=True)
+        return data
 
     def dump_json(self) -> bytes:
-        """The whole state as JSON."""
+        """The state's JSON as published: non-finite floats as ``"NaN"``/``"Infinity"``
+        /``"-Infinity"`` (bus.jsonform), whatever the model's own ``ser_json_inf_nan``."""
         with self.lock:
-            return self.model.model_dump_json().encode()
+            return dumps(self._doc(round_trip=False))
 
     def get(self, path: str | None = None) -> bytes:
         """JSON of the state, or of the value at ``path`` (checked against the model)."""
@@ -73,14 +86,15 @@ class LiveState(Generic[M]):
             if not path:
                 return self.dump_json()
             parts = check_path(self.model, path, for_write=False)
-            node: Any = self.model.model_dump(mode="json")
+            node: Any = self._doc(round_trip=False)
             for part in parts:
                 node = node[int(part)] if isinstance(node, list) else node[part]
-            return _encoder.encode(node)
+            return dumps(node)
 
     def schema(self) -> dict[str, Any]:
-        """The model's JSON schema."""
-        return self.cls.model_json_schema()
+        """The model's JSON schema (a NaN default in its JSON form, not null)."""
+        schema: dict[str, Any] = wire_value(self.cls.model_json_schema())
+        return schema
 
     def poll_changed(self) -> bytes | None:
         """Heartbeat: the state's JSON if the program changed it since last time."""
@@ -163,7 +177,10 @@ class LiveState(Generic[M]):
         if self.cls.model_config.get("frozen"):
             raise BadRequest(f"{self.cls.__name__} is frozen: it cannot be changed")
         try:
-            new = self.cls.model_validate_json(_encoder.encode(data), by_alias=True, by_name=True)
+            # non-finite floats as the NaN/Infinity tokens pydantic's JSON parser reads
+            # back as floats (under any field type: float | str stays a float)
+            document = pydantic_core.to_json(data, inf_nan_mode="constants")
+            new = self.cls.model_validate_json(document, by_alias=True, by_name=True)
         except ValidationError as exc:
             raise ValidationRejected(
                 f"{exc.error_count()} validation error(s) for {self.cls.__name__}",
@@ -183,16 +200,22 @@ class LiveState(Generic[M]):
             return changed
         # only the top-level fields the change names are dumped and compared
         touched = self._touched(change)
-        before = self.model.model_dump(mode="json", include=touched)
+        before = self._fields(touched)
         changed = _mirror_model(self.model, new)
         if changed:
             self.version += 1
             self._last_dump = self.dump_json()
-            after = self.model.model_dump(mode="json", include=touched)
+            after = self._fields(touched)
             if len(self._diffs) > 64:  # nobody took them: never grow without bound
                 self._diffs.clear()
             self._diffs[self.version] = field_diff(before, after)
         return changed
+
+    def _fields(self, names: builtins.set[str] | None) -> Any:
+        """The named top-level fields as published (non-finite floats in their JSON form):
+        a journal's before and after must read back as they were."""
+        serializer = _lossless_serializer(self.cls)
+        return wire_value(serializer.to_python(self.model, mode="json", include=names))
 
     def _touched(self, change: Any) -> builtins.set[str] | None:
         """The top-level field names ``change`` names (None: all of them)."""
@@ -201,6 +224,48 @@ class LiveState(Generic[M]):
         fields = self.cls.model_fields
         names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
         return {names.get(str(key)) or str(key) for key in change}
+
+
+# --- a lossless JSON view of the model -------------------------------------------------
+
+_SERIALIZERS: weakref.WeakKeyDictionary[type[BaseModel], SchemaSerializer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lossless_serializer(cls: type[BaseModel]) -> SchemaSerializer:
+    """``cls``'s own serializer, except that non-finite floats stay floats everywhere.
+
+    pydantic's JSON-mode dump keeps NaN in a ``float`` field but turns it into None in
+    ``Any``/``object`` fields (``ser_json_inf_nan="null"``, the default): rebuilding a
+    change from that dump would turn the program's NaN into a None the model refuses, and
+    block every later change. So the model's core schema is serialized with
+    ``ser_json_inf_nan="constants"`` in every config it holds; everything else (aliases,
+    custom serializers, other JSON settings) is the model's own. If the schema cannot be
+    rebuilt (a model pydantic has not completed), the model's serializer is used.
+    """
+    serializer = _SERIALIZERS.get(cls)
+    if serializer is None:
+        try:
+            schema = copy.deepcopy(cls.__pydantic_core_schema__)
+            _keep_non_finite(schema)
+            serializer = SchemaSerializer(schema, {"ser_json_inf_nan": "constants"})
+        except Exception:  # never worse than pydantic's own dump
+            serializer = cls.__pydantic_serializer__
+        _SERIALIZERS[cls] = serializer
+    return serializer
+
+
+def _keep_non_finite(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "config" and isinstance(value, dict):
+                value["ser_json_inf_nan"] = "constants"
+            else:
+                _keep_non_finite(value)
+    elif isinstance(node, list):
+        for value in node:
+            _keep_non_finite(value)
 
 
 # --- path checks ----------------------------------------------------------------------
@@ -234,10 +299,9 @@ def check_path(model: BaseModel, path: str, *, for_write: bool) -> list[str]:
             else:
                 raise BadPath(path, f"no key {part!r} in {where}")
         elif isinstance(node, list | tuple):
-            try:
-                index = int(part)
-            except ValueError:
-                raise BadPath(path, f"{part!r} is not an index of the list {where}") from None
+            index = parse_index(part)
+            if index is None:
+                raise BadPath(path, f"{part!r} is not an index of the list {where}")
             if not -len(node) <= index < len(node):  # negative as in bus.paths.resolve
                 raise BadPath(path, f"index {index} out of range for {where} ({len(node)})")
             node = node[index]
@@ -300,10 +364,13 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         for i, (item, sub) in enumerate(zip(model, change, strict=False)):
             _reject_undeclared(item, sub, [*loc, i])
     elif isinstance(model, list) and isinstance(change, dict):
-        # a path through a list index (set "layers.1", patch at "layers.0") nests as a dict
+        # a path through a list index (set "layers.1", patch at "layers.0") nests as a dict;
+        # check_path let only in-range indices through: anything else is refused here too
         for key, sub in change.items():
-            if key.lstrip("-").isdigit() and -len(model) <= int(key) < len(model):
-                _reject_undeclared(model[int(key)], sub, [*loc, int(key)])
+            index = parse_index(key)
+            if index is None or not -len(model) <= index < len(model):
+                raise BadPath(".".join(map(str, [*loc, key])), f"{key!r} is not an index")
+            _reject_undeclared(model[index], sub, [*loc, index])
     elif isinstance(model, dict) and isinstance(change, dict):
         for key, sub in change.items():
             if key in model:
@@ -315,6 +382,8 @@ def _same(a: Any, b: Any) -> bool:
         return True
     if type(a) is not type(b):
         return False
+    if type(a) is float:  # NaN is NaN; -0.0 is not 0.0 (their JSON differs)
+        return (a == b and math.copysign(1.0, a) == math.copysign(1.0, b)) or (a != a and b != b)
     try:
         return bool(a == b)
     except Exception:
@@ -383,6 +452,8 @@ def _mirror_value(lv: Any, nv: Any) -> tuple[Any, bool]:
 
 def _preview(value: Any, limit: int = 200) -> Any:
     """Inputs are shown back only when small: a 10 MB body is never echoed."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return wire_value(value)
     if isinstance(value, str | int | float | bool) or value is None:
         return value if not isinstance(value, str) or len(value) <= limit else value[:limit] + "…"
     text = _encoder.encode(value)

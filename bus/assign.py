@@ -15,9 +15,10 @@ from typing import Any
 
 import msgspec
 
+from runctl.bus import jsonform
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import BadRequest, RunctlError, ValidationRejected
-from runctl.bus.paths import split_path
+from runctl.bus.paths import parse_index, split_path
 
 __all__ = [
     "Assignment",
@@ -28,17 +29,15 @@ __all__ = [
     "set_text",
 ]
 
-_decode = msgspec.json.decode
-
 
 def parse_value(text: str) -> Any:
-    """JSON if it parses (strict: no NaN), else the text itself."""
+    """JSON if it parses, else the text itself. ``NaN``, ``Infinity`` and ``-Infinity``
+    are the strings of that name (bus.jsonform: how runctl writes non-finite floats);
+    the model decides whether a field takes them."""
     try:
-        return _decode(text)
+        return jsonform.decode(text)
     except msgspec.DecodeError:
         return text
-    except RecursionError:  # JSON, but nested deeper than any state: not a string either
-        raise BadRequest("the value is nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +85,7 @@ def assignments_patch(
         parts = a.parts
         if not parts:
             raise BadRequest("an assignment needs a path (PATH=VALUE)")
-        if any(p.lstrip("-").isdigit() for p in parts):
+        if any(parse_index(p) is not None for p in parts):
             # a patch merges objects: "layers.0.width" would replace the list by an object
             raise BadRequest(f"{a.path!r} goes through a list index: set it in its own command")
         node = patch

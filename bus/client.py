@@ -57,6 +57,7 @@ from runctl.bus.errors import (
 from runctl.bus.identity import author_of
 from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
+from runctl.bus.jsonform import wire_value
 from runctl.bus.paths import resolve
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
 from runctl.bus.subjects import (
@@ -674,6 +675,8 @@ class Client:
         rank with ``"all"``; what the other methods call."""
         verb = verb_of(cmd)
         subject = command_subject(run, rank, verb)
+        if isinstance(cmd, m.Set | m.Patch):  # NaN must not travel as null (jsonform)
+            cmd = msgspec.structs.replace(cmd, value=wire_value(cmd.value))
         payload = m.encode(cmd)
         limit = min(self.max_payload, self.nc.max_payload or self.max_payload)
         if len(payload) > limit:

@@ -6,14 +6,24 @@ first checks the path against the model's declared fields, see ``agent.state``).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from runctl.bus.errors import BadPath
 
-__all__ = ["MAX_PATH_LENGTH", "resolve", "split_path"]
+__all__ = ["MAX_PATH_LENGTH", "parse_index", "resolve", "split_path"]
 
 MAX_PATH_LENGTH: Final = 1024
 MAX_DEPTH: Final = 64
+#: a list index: ASCII digits, an optional minus; never "+1", " 1", "1_0" or other digits
+_INDEX: Final = re.compile(r"-?[0-9]+")
+
+
+def parse_index(part: str) -> int | None:
+    """The list index a path segment names, or None if it is not one (``-1`` counts
+    from the end). ``int()`` would also take ``+1``, `` 1``, ``1_0`` and fullwidth
+    digits: a path must name one thing only."""
+    return int(part) if _INDEX.fullmatch(part) else None
 
 
 def split_path(path: str) -> list[str]:
@@ -55,10 +65,9 @@ def resolve(data: Any, path: str | None) -> Any:
 
 
 def _index(path: str, part: str, length: int) -> int:
-    try:
-        index = int(part)
-    except ValueError:
-        raise BadPath(path, f"{part!r} is not a list index") from None
+    index = parse_index(part)
+    if index is None:
+        raise BadPath(path, f"{part!r} is not a list index")
     if not -length <= index < length:
         raise BadPath(path, f"index {index} out of range for a list of {length}")
     return index

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runctl.bus import assign
+import msgspec
+
+from runctl.bus import assign, jsonform
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest
 from runctl.bus.formatting import ago, render_table
@@ -294,8 +295,8 @@ def _read_json_arg(text: str) -> dict[str, Any]:
         except OSError as exc:
             raise BadRequest(f"cannot read {text[1:]}: {exc.strerror or exc}") from None
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: 100k-deep nesting
+        value = jsonform.decode(text, "the patch")
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")

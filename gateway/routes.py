@@ -21,7 +21,7 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from runctl.bus import assign
+from runctl.bus import assign, jsonform
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
@@ -167,9 +167,9 @@ async def _patch_body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("a patch needs a JSON object as the request body")
     try:
-        value = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        # invalid UTF-8 and 100k-deep nesting are not DecodeErrors in msgspec
+        value = jsonform.decode(raw, "the request body")
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # invalid UTF-8 is not a DecodeError in msgspec
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")
