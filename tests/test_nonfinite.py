@@ -81,37 +81,24 @@ def then_an_unrelated_change_applies(
     assert fresh[group][name] == 0.01 and fresh["metrics"]["acc"] == 0.5
 
 
+def _put(field: str, value: str) -> Callable[[httpx.Client, str, str], None]:
+    def send(h: httpx.Client, run: str, url: str) -> None:
+        _ok(h.put(f"/runs/{run}/ranks/0/set/{field}", params={"value": value}))
+
+    return send
+
+
+MOMENTUM = ["optimizer", "momentum"]
 POISON: list[tuple[str, Callable[[httpx.Client, str, str], None], list[str], str]] = [
-    (
-        "PUT ?value=NaN",
-        lambda h, run, url: _ok(
-            h.put(f"/runs/{run}/ranks/0/set/optimizer.momentum", params={"value": "NaN"})
-        ),
-        ["optimizer", "momentum"],
-        "NaN",
-    ),
-    (
-        "PUT ?value=Infinity",
-        lambda h, run, url: _ok(
-            h.put(f"/runs/{run}/ranks/0/set/optimizer.momentum", params={"value": "Infinity"})
-        ),
-        ["optimizer", "momentum"],
-        "Infinity",
-    ),
-    (
-        "PUT ?value=-Infinity",
-        lambda h, run, url: _ok(
-            h.put(f"/runs/{run}/ranks/0/set/optimizer.momentum", params={"value": "-Infinity"})
-        ),
-        ["optimizer", "momentum"],
-        "-Infinity",
-    ),
+    ("PUT ?value=NaN", _put("optimizer.momentum", "NaN"), MOMENTUM, "NaN"),
+    ("PUT ?value=Infinity", _put("optimizer.momentum", "Infinity"), MOMENTUM, "Infinity"),
+    ("PUT ?value=-Infinity", _put("optimizer.momentum", "-Infinity"), MOMENTUM, "-Infinity"),
     (
         'PATCH {"momentum": "-Infinity"}',
         lambda h, run, url: _ok(
             h.patch(f"/runs/{run}/ranks/0/set/optimizer", json={"momentum": "-Infinity"})
         ),
-        ["optimizer", "momentum"],
+        MOMENTUM,
         "-Infinity",
     ),
     (
@@ -123,20 +110,18 @@ POISON: list[tuple[str, Callable[[httpx.Client, str, str], None], list[str], str
                 headers={"Content-Type": "application/json"},
             )
         ),
-        ["optimizer", "momentum"],
+        MOMENTUM,
         "NaN",
     ),
     (
         "runctl set R optimizer.momentum=NaN",
         lambda h, run, url: _cli_ok(runctl_cli("set", run, "optimizer.momentum=NaN", url=url)),
-        ["optimizer", "momentum"],
+        MOMENTUM,
         "NaN",
     ),
     (
         "a 5000-digit integer on a float field with gt=0 (the model reads it as inf)",
-        lambda h, run, url: _ok(
-            h.put(f"/runs/{run}/ranks/0/set/optimizer.lr", params={"value": FIVE_THOUSAND_DIGITS})
-        ),
+        _put("optimizer.lr", FIVE_THOUSAND_DIGITS),
         ["optimizer", "lr"],
         "Infinity",
     ),
