@@ -257,3 +257,23 @@ def test_state_messages_and_cli_show_the_json_form(
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == "NaN"
     assert msgspec.json.decode(http.get(f"/runs/{run_id}").content)  # the run listing too
+
+
+def test_the_journal_keeps_and_undoes_non_finite_values(
+    rank: ProgramRank, nats_url: str, run_id: str
+) -> None:
+    """History shows the JSON form, and undoing a change back to NaN restores NaN."""
+
+    async def main() -> None:
+        async with await Client.connect(nats_url) as client:
+            await client.set(run_id, 0, "optimizer.momentum", "NaN")
+            await client.set(run_id, 0, "optimizer.momentum", 0.5)
+            entries = await client.history(run_id)
+            latest = entries[0].ranks["0"]
+            assert "NaN" in json.dumps(msgspec.to_builtins(latest)), latest
+            await client.undo(run_id)
+            res = await client.get(run_id, 0, "optimizer.momentum", fresh=True)
+            assert isinstance(res, Result) and res.value == "NaN"
+
+    anyio.run(main)
+    rank.do("assert math.isnan(state.optimizer.momentum)")
