@@ -38,3 +38,7 @@ bench *args:
 # 60 s soak: mixed HTTP load while ranks log steps; fails on any error or memory growth
 soak *args:
     {{py}} -m bench.soak {{args}}
+
+# refresh the console's screenshots in docs/img (runs the demo, photographs it in chromium)
+screenshots *args:
+    {{py}} docs/screenshots.py {{args}}

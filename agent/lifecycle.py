@@ -20,6 +20,7 @@ from runctl.agent.commands import RankState
 from runctl.agent.embedded_lease import Lease
 from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
 from runctl.agent.steps.log import StepLog
+from runctl.bus import statestore
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.registry import Registry
 from runctl.bus.subjects import command_wildcards
@@ -35,10 +36,16 @@ async def connect_agent(
     nc = await connect(url, name=f"runctl-agent:{run}:{rank}", retry_initial=True, role="agent")
     try:
         with anyio.fail_after(5):
-            return nc, await Registry.open(nc)
+            registry = await Registry.open(nc)
     except Exception as exc:
         log.warning("rank registry unavailable", error=str(exc) or type(exc).__name__)
         return nc, None
+    try:  # recent states, for the console's curves (bus/statestore.py)
+        with anyio.fail_after(5):
+            await statestore.ensure_stream(nc.jetstream())
+    except Exception as exc:
+        log.warning("state history unavailable", error=str(exc) or type(exc).__name__)
+    return nc, registry
 
 
 async def subscribe_commands(

@@ -178,6 +178,7 @@ class Publisher:
             step=rank.clock.step,
             progress_ts=self.monitor.progress_ts(),
             stall_after=self.monitor.stall_after,
+            step_rate=round(rank.clock.rate, 3),
         )
         try:
             await nc.publish(state_subject(rank.run, rank.rank), m.encode(msg))

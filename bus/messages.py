@@ -222,6 +222,8 @@ class StateMsg(msgspec.Struct, tag="state/1", **_TAG):
     step: int | None = None
     progress_ts: float | None = None
     stall_after: float = 0.0
+    #: steps per second, recent average (as in the registry record): for curves
+    step_rate: float = 0.0
 
 
 class Event(msgspec.Struct, tag="event/1", **_TAG):

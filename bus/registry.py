@@ -49,6 +49,8 @@ KEY_PREFIX: Final = f"$KV.{BUCKET}."
 DEFAULT_TTL: Final = 7 * 24 * 3600.0
 #: a rank is stale once this many heartbeats are overdue
 STALE_AFTER_BEATS: Final = 3.0
+#: ... and at least this many seconds
+STALE_FLOOR: Final = 1.5
 #: seconds the server keeps a registry read's consumer after the read (see records())
 WATCHER_LINGER: Final = 2.0
 #: keys one batched direct get may return (the server's own cap may be lower: then the
@@ -93,7 +95,7 @@ def liveness(record: RankRecord, now: float | None = None) -> Liveness:
 
 def heartbeat_overdue(heartbeat: float, interval: float, now: float) -> bool:
     """No heartbeat for :data:`STALE_AFTER_BEATS` periods (at least 1.5 s)."""
-    return now - heartbeat > max(STALE_AFTER_BEATS * interval, 1.5)
+    return now - heartbeat > max(STALE_AFTER_BEATS * interval, STALE_FLOOR)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, NATS_PORT, NATS_URL
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
 from runctl.bus.server import NatsServer, die_with_parent
+from runctl.bus.stepstore import forget
 from runctl.bus.subjects import ALL, check_token
 from runctl.cli.common import AddParser
 
@@ -239,13 +240,16 @@ def _stop(
 
 
 async def _forget_previous(url: str, run: str) -> None:
-    """A stop recorded for the run by an earlier demo would stop these ranks at once."""
+    """A stop recorded for the run by an earlier demo would stop these ranks at once, and
+    its logged epochs would be skipped: each demo starts afresh."""
     async with await Client.connect(url, name="runctl-demo") as client:
         registry = await client.registry()
         with contextlib.suppress(Exception):
             await registry.kv.purge(f"{run}.{ALL}")
         for record in await registry.records(run):
             await registry.delete(run, record.rank)
+        with contextlib.suppress(RunctlError):
+            await forget(client.nc, run, None, by="runctl demo")
 
 
 def _wait_ready(
@@ -291,7 +295,8 @@ def instructions(run: str, gateway_url: str, nats_url: str, ranks: int) -> str:
     return f"""
 runctl demo: {ranks} rank(s) of run '{run}' are training.
   NATS     {nats_url}
-  gateway  {gateway_url}   (state in a browser: {gateway_url}/ , API docs: {gateway_url}/docs)
+  gateway  {gateway_url}   (API docs: {gateway_url}/docs)
+  console  {gateway_url}/console/{run}   (open it in a browser: curves, changes, stop)
 
 Try, from another terminal:
   curl -s {host}/runs

@@ -23,7 +23,10 @@ from pydantic import BaseModel, Field
 from runctl.agent import control
 from runctl.bus.logs import configure_logging
 
-__all__ = ["Optimizer", "TrainState", "main"]
+__all__ = ["EPOCH_STEPS", "Optimizer", "TrainState", "main"]
+
+#: training steps per epoch (each epoch is one logged step)
+EPOCH_STEPS = 10
 
 
 class Optimizer(BaseModel):
@@ -68,26 +71,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctl.wait_ready(15)
         print(f"{tag} pid {os.getpid()} ready: {_describe(state)}", flush=True)
         step, loss, seen = 0, 2.5, _describe(state)
-        while not ctl.stop_requested:
-            if os.getppid() != parent:
-                break  # whoever started us is gone: do not linger as an orphan
+        epoch, orphaned = 0, False
+        while not ctl.stop_requested and not orphaned:
+            # an epoch is a logged step (ctl.once): `runctl steps demo` and the console's
+            # timeline show them; a stop is honoured once the current epoch is done
+            with ctl.once("epoch", key=epoch, wait=False) as done:
+                if done.done:
+                    epoch += 1
+                    continue
+                for _ in range(EPOCH_STEPS):
+                    if os.getppid() != parent:
+                        orphaned = True  # whoever started us is gone: do not linger
+                        done.skip()  # the epoch was not finished
+                    if state.max_steps is not None and step >= state.max_steps:
+                        break
+                    ctl.sync(step)  # lets `runctl set --sync` apply at the same step everywhere
+                    with ctl.lock:  # several fields, read consistently
+                        lr, kind, batch = (
+                            state.optimizer.lr,
+                            state.optimizer.kind,
+                            state.batch_size,
+                        )
+                    speed = lr * (3.0 if kind == "adam" else 1.0) * math.sqrt(batch / 32)
+                    loss = max(0.01, loss * (1 - min(speed, 0.5) * 0.1) + rng.gauss(0, 0.01))
+                    with ctl.lock:
+                        state.step, state.loss = step, round(loss, 4)
+                    if (now := _describe(state)) != seen:  # changed from outside
+                        seen = now
+                        print(f"{tag} step {step}: now {now} (version {ctl.version})", flush=True)
+                    elif step % state.log_every == 0:
+                        print(f"{tag} step {step}: loss {loss:.4f}  {_describe(state)}", flush=True)
+                    time.sleep(args.step_time)
+                    step += 1
+                done.result = {"loss": round(loss, 4), "last_step": step - 1}
+            epoch += 1
+            if orphaned:
+                break
             if state.max_steps is not None and step >= state.max_steps:
                 print(f"{tag} reached max_steps={state.max_steps}", flush=True)
                 break
-            ctl.sync(step)  # lets `runctl set --sync` apply a change at the same step everywhere
-            with ctl.lock:  # several fields, read consistently
-                lr, kind, batch = state.optimizer.lr, state.optimizer.kind, state.batch_size
-            speed = lr * (3.0 if kind == "adam" else 1.0) * math.sqrt(batch / 32)
-            loss = max(0.01, loss * (1 - min(speed, 0.5) * 0.1) + rng.gauss(0, 0.01))
-            with ctl.lock:
-                state.step, state.loss = step, round(loss, 4)
-            if (now := _describe(state)) != seen:  # changed from outside
-                seen = now
-                print(f"{tag} step {step}: now {now} (version {ctl.version})", flush=True)
-            elif step % state.log_every == 0:
-                print(f"{tag} step {step}: loss {loss:.4f}  {_describe(state)}", flush=True)
-            time.sleep(args.step_time)
-            step += 1
         if ctl.stop_requested:
             print(
                 f"{tag} stop requested at step {step} ({ctl.stop_reason or 'no reason'}): "

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI
 from runctl.bus.client import Client
 from runctl.bus.credentials import CredentialsError, redact_url
 from runctl.bus.errors import Unavailable
-from runctl.gateway import errors, freak, page, routes, steps_api
+from runctl.gateway import console, errors, freak, live, routes, series, steps_api
 from runctl.gateway.auth import require
 from runctl.gateway.settings import Settings
 
@@ -123,6 +123,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router, dependencies=guarded)
     app.include_router(steps_api.router, dependencies=guarded)
     app.include_router(freak.router, dependencies=guarded)
-    app.include_router(page.router)  # static page: it fetches the API with the user's token
+    app.include_router(live.router, dependencies=guarded)
+    app.include_router(series.router, dependencies=guarded)
+    # the console: static pages (they call the API with the user's token) and /whoami
+    app.include_router(console.router)
+    console.install(app)
     app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
     return app

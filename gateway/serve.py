@@ -5,18 +5,32 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import TracebackType
 from typing import Self
 
 import uvicorn
+from fastapi import FastAPI
 
 from runctl.bus.errors import Unavailable
 from runctl.gateway.app import create_app
+from runctl.gateway.live import close_bridges
 from runctl.gateway.settings import Settings
 
 __all__ = ["GatewayThread", "serve"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the console's live streams first when it stops (it would
+    otherwise wait for them, then cancel them with an error in the log)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        if isinstance(app, FastAPI):
+            close_bridges(app)
+        await super().shutdown(sockets)
 
 
 def _config(settings: Settings, log_level: str, access_log: bool) -> uvicorn.Config:
@@ -38,7 +52,7 @@ def _config(settings: Settings, log_level: str, access_log: bool) -> uvicorn.Con
 
 def serve(settings: Settings, *, log_level: str = "info", access_log: bool = True) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's own signal handling)."""
-    uvicorn.Server(_config(settings, log_level, access_log)).run()
+    _Server(_config(settings, log_level, access_log)).run()
 
 
 class GatewayThread:
@@ -49,7 +63,7 @@ class GatewayThread:
         self, settings: Settings, *, log_level: str = "warning", access_log: bool = False
     ) -> None:
         self.settings = settings
-        self.server = uvicorn.Server(_config(settings, log_level, access_log))
+        self.server = _Server(_config(settings, log_level, access_log))
         self.thread = threading.Thread(target=self.server.run, name="runctl-gateway", daemon=True)
 
     @property

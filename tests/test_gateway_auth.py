@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import wait_for
 from pydantic import BaseModel
 from test_nats_permissions import start_secured
 
@@ -145,6 +146,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/runs/{run}/steps"): "read",
     ("DELETE", "/runs/{run}/steps/{step}"): "admin",
     ("DELETE", "/runs/{run}/steps"): "admin",
+    ("GET", "/runs/{run}/series"): "read",
+    ("GET", "/runs/{run}/live"): "read",
+    ("GET", "/live"): "read",
+    ("GET", "/whoami"): "read",
     ("GET", "/get"): "read",
     ("GET", "/get/{path}"): "read",
     ("GET", "/get_from_path"): "read",
@@ -385,5 +390,14 @@ def test_gateway_over_secured_nats(
     assert call("PUT", f"{base}/set/epochs", WRITE, params={"value": "8"}).status_code == 200
     assert ctl.state.epochs == 8
     assert call("GET", f"/runs/{run_id}/steps", READ).status_code == 200
+
+    # the console's curves: the agent's login created the stream, the operator's reads it
+    def curve() -> list[int]:
+        series = call("GET", f"/runs/{run_id}/series", READ).json()
+        assert series["available"], series
+        return list(series["ranks"].get("0", {}).get("fields", {}).get("epochs", []))
+
+    wait_for(lambda: curve()[-1:] == [8], timeout=10)
+    assert curve()[0] == 3
     assert call("POST", f"/runs/{run_id}/ranks/all/stop", ADMIN).status_code == 200
     assert ctl.stop_requested

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
 from runctl.agent import Agent
-from runctl.bus import Client, Result
+from runctl.bus import Client, Result, statestore
 from runctl.bus import messages as m
 from runctl.bus.artifact_store import ArtifactStore
 from runctl.bus.credentials import Credentials, NatsRole, ensure_credentials
@@ -400,6 +400,9 @@ async def test_agent_cannot_snoop_or_forge_what_is_not_its_own(
         f"$JS.API.STREAM.DELETE.{STREAM}",
         f"$JS.API.STREAM.UPDATE.{STREAM}",
         f"$JS.API.STREAM.DELETE.KV_{BUCKET}",
+        f"$JS.API.DIRECT.GET.{statestore.STREAM}",  # other ranks' states, kept for the console
+        f"$JS.API.STREAM.UPDATE.{statestore.STREAM}",
+        f"$JS.API.STREAM.DELETE.{statestore.STREAM}",
     ):
         with pytest.raises(nats.errors.TimeoutError):
             await anc.request(api, b"{}", timeout=0.3)
