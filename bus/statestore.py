@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from runctl.bus.errors import Unavailable
-from runctl.bus.stepstore import ensure_config
+from runctl.bus.steps.store import ensure_config
 from runctl.bus.subjects import check_token, states_wildcard
 
 __all__ = [

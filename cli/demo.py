@@ -26,7 +26,7 @@ from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, NATS_PORT, NATS_URL
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
 from runctl.bus.server import NatsServer, die_with_parent
-from runctl.bus.stepstore import forget
+from runctl.bus.steps.store import forget
 from runctl.bus.subjects import ALL, check_token
 from runctl.cli.common import AddParser
 

@@ -146,6 +146,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/runs/{run}/steps"): "read",
     ("DELETE", "/runs/{run}/steps/{step}"): "admin",
     ("DELETE", "/runs/{run}/steps"): "admin",
+    ("GET", "/runs/{run}/artifacts"): "read",
     ("GET", "/runs/{run}/series"): "read",
     ("GET", "/runs/{run}/live"): "read",
     ("GET", "/live"): "read",
