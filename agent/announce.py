@@ -40,7 +40,8 @@ def access_line(run: str, lease: Lease, gateway_url: str | None, why_not: str) -
     cli = f"{runctl_command()} get {run}"
     if gateway_url is not None:
         return (
-            f"runctl: run {run!r}: state at {gateway_url}/get, set with "
+            f"runctl: run {run!r}: console at {gateway_url}/console/{run}, "
+            f"state at {gateway_url}/get, set with "
             f"curl -X PUT '{gateway_url}/set/FIELD?value=V', typed forms at "
             f"{gateway_url}/runs/{run}/docs; or {cli}"
         )

@@ -29,6 +29,7 @@ from runctl.gateway.routes import ClientDep, RunParam
 __all__ = [
     "MAX_DEPTH",
     "MAX_FIELDS",
+    "NON_FINITE",
     "NumberCache",
     "StateView",
     "decode_view",
@@ -41,6 +42,8 @@ router = APIRouter(tags=["runs"])
 #: fields plotted per state at most (the first ones in the model's order)
 MAX_FIELDS: Final = 64
 MAX_DEPTH: Final = 6
+#: how the bus writes non-finite floats (JSON has no NaN): plotted as gaps
+NON_FINITE: Final = frozenset({"NaN", "Infinity", "-Infinity"})
 #: JavaScript numbers are doubles: larger integers are sent as floats
 _SAFE_INT: Final = 2**53
 
@@ -86,7 +89,8 @@ def _number(value: int | float) -> float | int | None:
 
 def numbers(state: Any, *, limit: int = MAX_FIELDS) -> dict[str, float | int | None]:
     """Every numeric leaf reachable through objects, by dotted path; booleans are not
-    numbers; a non-finite or unrepresentable number is None (a gap in the curve)."""
+    numbers; a non-finite (``"NaN"``, ``"Infinity"``, ``"-Infinity"`` on the bus) or
+    unrepresentable number is None (a gap in the curve)."""
     out: dict[str, float | int | None] = {}
 
     def walk(value: Any, prefix: str, depth: int) -> None:
@@ -99,6 +103,8 @@ def numbers(state: Any, *, limit: int = MAX_FIELDS) -> dict[str, float | int | N
                 walk(item, f"{prefix}.{key}" if prefix else str(key), depth + 1)
         elif prefix and not isinstance(value, bool) and isinstance(value, int | float):
             out[prefix] = _number(value)
+        elif prefix and isinstance(value, str) and value in NON_FINITE:
+            out[prefix] = None  # a diverged loss: a gap in its curve, not a missing curve
 
     walk(state, "", 0)
     return out

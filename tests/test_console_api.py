@@ -91,6 +91,8 @@ def test_numbers_walk_objects_not_lists_and_keep_gaps() -> None:
     state = {
         "opt": {"lr": 0.1, "kind": "sgd", "betas": [0.9, 0.99], "deep": {"x": 3}},
         "loss": float("nan"),
+        "grad_norm": "Infinity",  # how the bus writes a non-finite float
+        "label": "NaN-free",
         "flag": True,
         "big": 10**400,
         "huge_int": 2**60,
@@ -100,6 +102,7 @@ def test_numbers_walk_objects_not_lists_and_keep_gaps() -> None:
         "opt.lr": 0.1,
         "opt.deep.x": 3,
         "loss": None,  # a gap, not a crash
+        "grad_norm": None,
         "big": None,  # no double can hold it
         "huge_int": float(2**60),  # beyond what a JavaScript number holds exactly
     }

@@ -202,6 +202,7 @@ def test_programs_share_one_server_and_gateway_that_outlive_the_first(
     # each prints one line saying where its state is
     access = b.line("runctl: run 'second'")
     assert f"{ports.http}/get" in access and f"{ports.http}/runs/second/docs" in access
+    assert f"{ports.http}/console/second" in access
     with httpx.Client(base_url=ports.http, timeout=20) as http:
         # two live runs: the root routes cannot pick one and say which there are
         r = http.get("/get")
