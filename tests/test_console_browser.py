@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import anyio
 import httpx
 import pytest
-from conftest import spawn_python, wait_for
+from conftest import register_silent_rank, spawn_python, wait_for
 from test_console_api import has_listener
 
 from runctl.gateway.auth import parse_env
@@ -421,6 +421,32 @@ def test_forgetting_a_step_from_the_timeline(
     page.wait_for_selector("#notice:has-text('forgot chunk[0]')")
     wait_for(lambda: ("0", "chunk[0]") not in logged(), timeout=20)
     assert ("0", "chunk[1]") in logged()  # that step only
+
+
+def test_stop_names_the_ranks_that_do_not_answer(
+    page: Page, console: Any, ranks: list[Rank], run_id: str, nats_url: str
+) -> None:
+    # a rank the registry knows alive whose program never answers (frozen, cut off)
+    registering = threading.Thread(
+        target=anyio.run, args=(register_silent_rank, nats_url, run_id, "7")
+    )
+    registering.start()  # its own thread: Playwright's loop runs on this one
+    registering.join()
+    url, _ = console()
+    open_run(page, url, run_id)
+    page.wait_for_selector('#ranks tr[data-rank="7"]')
+    page.click("#stop-button")
+    page.wait_for_selector("#stop-button.armed")
+    page.click("#stop-button")
+    page.wait_for_selector('#stop-acks li[data-rank="7"][data-state="none"]')
+    for rank in ("0", "1"):
+        page.wait_for_selector(
+            f'#stop-acks li[data-rank="{rank}"][data-state="ok"], '
+            f'#stop-acks li[data-rank="{rank}"][data-state="exited"]'
+        )
+    page.wait_for_selector("#stop-result:has-text('no answer from rank(s) 7')")
+    for program in ranks:
+        program.wait_said("STOPPED")
 
 
 # --- who may do what --------------------------------------------------------------------------
