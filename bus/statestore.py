@@ -28,12 +28,13 @@ from nats.js import JetStreamContext, api
 
 from runctl.bus.errors import Unavailable
 from runctl.bus.steps.store import ensure_config
-from runctl.bus.subjects import check_token, states_wildcard
+from runctl.bus.subjects import check_token, state_subject, states_wildcard
 
 __all__ = [
     "MAX_AGE",
     "MAX_BYTES",
     "MAX_PER_RANK",
+    "SEGMENTS",
     "STREAM",
     "StoredStates",
     "ensure_stream",
@@ -93,34 +94,76 @@ class StoredStates:
     payloads: list[bytes] = field(default_factory=list)
     #: False when the stream does not exist (no agent created it yet)
     available: bool = True
-    #: True when ``limit`` stopped the read before the newest message
-    truncated: bool = False
+    #: how many messages the window holds; more than were read when ``sampled``
+    matching: int = 0
+    #: True when the window held more than ``limit`` messages: ``payloads`` are
+    #: :data:`SEGMENTS` runs of consecutive messages spread evenly over the window, and
+    #: each rank's newest message
+    sampled: bool = False
 
 
-async def read_states(nc: NATS, run: str, *, since: float, limit: int = 50_000) -> StoredStates:
-    """The run's state messages stored since ``since`` (unix time), at most ``limit``."""
-    history = StoredStates(check_token(run, "run"))
-    subject = states_wildcard(run)
-    start = datetime.datetime.fromtimestamp(max(since, 0.0), datetime.UTC).isoformat()
-    request: dict[str, object] = {"next_by_subj": subject, "start_time": start}
-    while len(history.payloads) < limit:
-        page = await _direct_batch(
-            nc, {**request, "batch": min(BATCH, limit - len(history.payloads))}
-        )
-        if page.status == "503":  # no responders: the stream does not exist
-            history.available = False
-            return history
-        history.payloads.extend(page.payloads)
+#: a window with more messages than asked for is read as this many evenly spread runs
+SEGMENTS: Final = 16
+
+
+def _start_time(t: float) -> str:
+    return datetime.datetime.fromtimestamp(max(t, 0.0), datetime.UTC).isoformat()
+
+
+async def read_states(
+    nc: NATS, run: str, *, since: float, limit: int = 20_000, rank: str | None = None
+) -> StoredStates:
+    """The run's (or one rank's) state messages stored since ``since`` (unix time).
+
+    At most about ``limit`` messages are read: when the window holds more (many ranks, a
+    long window), :data:`SEGMENTS` runs of consecutive messages spread evenly over it are
+    read instead, and each rank's newest message, so every rank has points all along the
+    window and up to now, at a bounded cost."""
+    found = StoredStates(check_token(run, "run"))
+    subject = state_subject(run, rank) if rank is not None else states_wildcard(run)
+    probe = await _direct_batch(
+        nc, {"next_by_subj": subject, "start_time": _start_time(since), "batch": 1}
+    )
+    if probe.status == "503":  # no responders: the stream does not exist
+        found.available = False
+        return found
+    if not probe.payloads:
+        return found
+    found.matching = len(probe.payloads) + probe.pending
+    got: dict[int, bytes] = {}
+    first = probe.seqs[0]
+    if found.matching <= limit:
+        await _read_run(nc, subject, first, limit, got)
+    else:
+        found.sampled = True
+        newest = await _direct_batch(nc, {"multi_last": [subject], "batch": BATCH})
+        got.update(zip(newest.seqs, newest.payloads, strict=True))
+        last = max(newest.seqs, default=first)
+        quota = max(1, (limit - len(newest.seqs)) // SEGMENTS)
+        for i in range(SEGMENTS):
+            await _read_run(nc, subject, first + (last - first) * i // SEGMENTS, quota, got)
+    found.payloads = [got[seq] for seq in sorted(got)]
+    return found
+
+
+async def _read_run(nc: NATS, subject: str, seq: int, limit: int, into: dict[int, bytes]) -> None:
+    """Up to ``limit`` consecutive messages matching ``subject`` from sequence ``seq`` on,
+    into ``into`` (by sequence: runs that overlap keep each message once)."""
+    got = 0
+    while got < limit:
+        request = {"next_by_subj": subject, "seq": seq, "batch": min(BATCH, limit - got)}
+        page = await _direct_batch(nc, request)
+        into.update(zip(page.seqs, page.payloads, strict=True))
+        got += len(page.payloads)
         if page.status != "204" or page.pending == 0 or page.last_seq is None:
-            return history
-        request = {"next_by_subj": subject, "seq": page.last_seq + 1}
-    history.truncated = True
-    return history
+            return
+        seq = page.last_seq + 1
 
 
 @dataclass(slots=True)
 class _Page:
     payloads: list[bytes] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
     status: str = ""
     pending: int = 0
     last_seq: int | None = None
@@ -140,10 +183,10 @@ async def _direct_batch(nc: NATS, request: dict[str, object]) -> _Page:
             page.last_seq = int(last) if last else page.last_seq
             ended.set()
             return
+        seq = int(headers.get("Nats-Sequence", "0") or 0)
         page.payloads.append(msg.data)
-        seq = headers.get("Nats-Sequence")
-        if seq:
-            page.last_seq = int(seq)
+        page.seqs.append(seq)
+        page.last_seq = seq or page.last_seq
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_message)

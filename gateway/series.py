@@ -190,16 +190,18 @@ async def series(
 ) -> Response:
     """Per rank: times (`t`, unix seconds), `step`, `step_rate`, `version` and every
     numeric state field (`fields`, dotted paths) from the state messages the bus keeps
-    (stream `RUNCTL_STATES`); `available` is false when no agent created that stream."""
+    (stream `RUNCTL_STATES`); `available` is false when no agent created that stream.
+    A window of more than 20,000 messages (many ranks, a long window) is `sampled`: runs of
+    consecutive messages spread evenly over it, the newest included."""
     run = check_token(run, "run")
     only = check_rank(rank, allow_all=False) if rank is not None else None
     now = time.time()
-    history = await read_states(client.nc, run, since=now - since)
+    stored = await read_states(client.nc, run, since=now - since, rank=only)
     cache = NumberCache()
     per_rank: dict[str, _Series] = {}
-    for payload in history.payloads:
+    for payload in stored.payloads:
         view = decode_view(payload)
-        if view is None or (only is not None and view.rank != only):
+        if view is None:
             continue
         values, _ = cache.of(view)
         per_rank.setdefault(view.rank, _Series()).add(view, values)
@@ -208,8 +210,10 @@ async def series(
             "run": run,
             "since": round(now - since, 3),
             "now": round(now, 3),
-            "available": history.available,
-            "truncated": history.truncated,
+            "available": stored.available,
+            # more messages than one answer reads: evenly spread runs of them, read instead
+            "sampled": stored.sampled,
+            "messages": stored.matching,
             "ranks": {rank_id: s.thinned(points) for rank_id, s in by_rank(per_rank)},
         }
     )

@@ -139,7 +139,7 @@ def test_series_come_from_the_bus_even_from_before_the_gateway_started(
     wait_for(lambda: min(anyio.run(stored, "0"), anyio.run(stored, "1")) >= 6, timeout=20)
     http = gateway()  # started after the points were published: it keeps nothing itself
     body = http.get(f"/runs/{run_id}/series", params={"since": 600}).json()
-    assert body["available"] is True and body["truncated"] is False
+    assert body["available"] is True and body["sampled"] is False
     assert set(body["ranks"]) == {"0", "1"}
     rank0 = body["ranks"]["0"]
     assert len(rank0["t"]) >= 6 and rank0["t"] == sorted(rank0["t"])
@@ -313,28 +313,36 @@ def test_whoami_tells_the_page_its_role(gateway: GatewayFactory) -> None:
     assert http.get("/whoami").status_code == 401
 
 
-def test_history_reads_are_bounded(nats_url: str, run_id: str) -> None:
-    async def publish_and_read() -> statestore.StoredStates:
+def test_a_long_window_is_read_as_evenly_spread_samples(nats_url: str, run_id: str) -> None:
+    async def publish_and_read() -> tuple[statestore.StoredStates, statestore.StoredStates]:
         from runctl.bus import messages as m
 
         nc = await nats.connect(nats_url)
         try:
             await statestore.ensure_stream(nc.jetstream())
-            now = time.time()
-            for i in range(30):
-                msg = m.StateMsg(run=run_id, rank="0", version=i, ts=now, state={"x": i})
-                await nc.publish(f"runctl.{run_id}.0.state", m.encode(msg))
+            since = time.time() - 60
+            for i in range(160):
+                for rank in ("0", "1"):
+                    msg = m.StateMsg(run=run_id, rank=rank, version=i, ts=time.time(), state={})
+                    await nc.publish(f"runctl.{run_id}.{rank}.state", m.encode(msg))
             await nc.flush()
-            got = statestore.StoredStates(run_id)
+            whole = statestore.StoredStates(run_id)
             with anyio.fail_after(10):
-                while len(got.payloads) < 30:
-                    got = await statestore.read_states(nc, run_id, since=now - 60)
-            return await statestore.read_states(nc, run_id, since=now - 60, limit=10)
+                while whole.matching < 320:
+                    whole = await statestore.read_states(nc, run_id, since=since)
+            return whole, await statestore.read_states(nc, run_id, since=since, limit=40)
         finally:
             await nc.close()
 
-    capped = anyio.run(publish_and_read)
-    assert len(capped.payloads) == 10 and capped.truncated
+    whole, sampled = anyio.run(publish_and_read)
+    assert not whole.sampled and whole.matching == 320
+    assert sampled.sampled and sampled.matching == 320 and len(sampled.payloads) <= 42
+    seen = [(json.loads(p)["rank"], json.loads(p)["version"]) for p in sampled.payloads]
+    for rank in ("0", "1"):
+        versions = [v for r, v in seen if r == rank]
+        assert versions == sorted(versions)  # oldest first
+        assert versions[0] == 0 and versions[-1] == 159  # from the start of the window to now
+        assert len({v // 20 for v in versions}) >= 6  # and spread along it, not one clump
 
 
 def test_a_large_state_is_announced_not_streamed(
