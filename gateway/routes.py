@@ -65,8 +65,9 @@ async def get_client(request: Request) -> Client:  # async: no thread-pool hop p
     """The gateway's connection; ``Unavailable`` (503) while it has none or lost it."""
     client = getattr(request.app.state, "client", None)
     if not isinstance(client, Client):
-        settings: Settings = request.app.state.settings
-        where = f" at {redact_url(settings.nats_url)}" if settings.nats_url else ""
+        settings: Settings | None = getattr(request.app.state, "settings", None)
+        url = settings.nats_url if settings is not None else None
+        where = f" at {redact_url(url)}" if url else ""
         raise Unavailable(f"the gateway is not connected to NATS{where} yet")
     if not client.nc.is_connected:
         raise Unavailable("the gateway lost its NATS connection (reconnecting)")

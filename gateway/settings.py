@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, MAX_PAYLOAD
-from runctl.bus.logs import configure_logging  # re-exported: entry points import it from here
 from runctl.bus.subjects import check_rank, check_token
 from runctl.gateway.auth import TokenTable
 
@@ -19,7 +18,6 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_PORT",
     "Settings",
-    "configure_logging",
 ]
 
 DEFAULT_HOST: Final = GATEWAY_HOST

@@ -9,8 +9,8 @@ after every rank has exited.
 
 The JSON views themselves are :mod:`runctl.bus.stepviews` (the CLI uses the same). The
 routes need a connected :class:`runctl.bus.Client`: by default ``app.state.client``; a gateway
-that keeps it elsewhere overrides the :func:`steps_client` dependency
-(``app.dependency_overrides[steps_client] = ...``). Roles come from the app's own
+that keeps it elsewhere overrides the :func:`runctl.gateway.routes.get_client` dependency
+(``app.dependency_overrides[get_client] = ...``), as for every route. Roles come from the app's own
 ``require()`` dependency (DELETE needs admin). Errors are raised as runctl errors and answered
 by the app's handler (:func:`runctl.gateway.errors.install`).
 """
@@ -20,29 +20,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 
-from runctl.bus.client import Client
-from runctl.bus.errors import BadRequest, Unavailable
+from runctl.bus.errors import BadRequest
 from runctl.bus.stepviews import forget_steps, steps_view
+from runctl.gateway.routes import ClientDep
 
-__all__ = ["router", "steps_client"]
+__all__ = ["router"]
 
 router = APIRouter(tags=["steps"])
-
-
-def steps_client(request: Request) -> Client:
-    """The gateway's connection (``app.state.client``); 503 while it has none."""
-    client = getattr(request.app.state, "client", None)
-    if not isinstance(client, Client):
-        raise Unavailable("the gateway is not connected to NATS")
-    return client
-
-
-# --- routes --------------------------------------------------------------------------
-
-
-ClientDep = Annotated[Client, Depends(steps_client)]
 
 
 @router.get("/runs/{run}/steps")

@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
 
+    from runctl.bus.logs import configure_logging
     from runctl.gateway.serve import serve
-    from runctl.gateway.settings import Settings, configure_logging
+    from runctl.gateway.settings import Settings
 
     configure_logging(args.log_level)
     settings = Settings(
