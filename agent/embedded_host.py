@@ -198,8 +198,7 @@ class Host:
             argv = [
                 sys.executable,
                 "-m",
-                "runctl",
-                "gateway",
+                "runctl.gateway",  # `runctl gateway`, without the CLI's own start first
                 "--nats",
                 self.nats_info["url"],
                 "--host",
