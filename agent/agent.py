@@ -51,9 +51,9 @@ from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import StepLog, Steps
 from runctl.bus import messages as m
-from runctl.bus.client import DEFAULT_MAX_PAYLOAD
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
+from runctl.bus.defaults import MAX_PAYLOAD
 from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.subjects import check_rank, check_token, state_subject
@@ -91,7 +91,7 @@ class Agent(Generic[M]):
         embedded: bool | None = None,
         gateway: bool | None = None,
         data_dir: str | os.PathLike[str] = ".runctl",
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_payload: int = MAX_PAYLOAD,
         replay: bool | None = None,
         stall: StallPolicy | None = None,
     ) -> None:

@@ -30,8 +30,9 @@ import structlog
 from runctl.agent.pending import PendingChanges, StepClock
 from runctl.agent.state import LiveState
 from runctl.bus import messages as m
-from runctl.bus.client import DEFAULT_MAX_PAYLOAD
+from runctl.bus.defaults import MAX_PAYLOAD
 from runctl.bus.errors import BadRequest, PayloadTooLarge, RunctlError, TooLate
+from runctl.bus.messages import verb_of  # the agent's callers import it from here
 
 __all__ = [
     "MAX_ERRORS",
@@ -66,7 +67,7 @@ class RankState:
     world_size: int | None = None
     pending: PendingChanges = field(default_factory=PendingChanges)
     clock: StepClock = field(default_factory=StepClock)
-    max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_payload: int = MAX_PAYLOAD
     stop_requested: bool = False
     stop_reason: str = ""
     #: journaled changes applied when the rank started, and those the replay skipped
@@ -99,11 +100,6 @@ class Outcome:
     #: the state's JSON when the command changed it, else None
     new_state: bytes | None = None
     effects: tuple[Effect, ...] = ()
-
-
-def verb_of(command: m.Command) -> str:
-    """The verb (subject token) of a decoded command, e.g. ``"set"``."""
-    return _VERBS[type(command)]
 
 
 def execute(rank: RankState, verb: str, data: bytes, *, now: float | None = None) -> Outcome:
@@ -256,6 +252,3 @@ def _ping(rank: RankState, now: float) -> dict[str, Any]:
         "step_rate": round(rank.clock.rate, 3),
         "pending": rank.pending.snapshot(),
     }
-
-
-_VERBS: Final[dict[type[m.Command], str]] = {cls: v for v, cls in m.COMMAND_TYPES.items()}

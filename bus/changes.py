@@ -19,10 +19,11 @@ from runctl.bus.errors import BadRequest, NotFound, TooLate, Unavailable
 from runctl.bus.journal import Record, request_json
 from runctl.bus.journalplan import Entry, UndoPlan, find_change, plan_undo, schedules
 from runctl.bus.journalstore import append, forget_run, read_journal
+from runctl.bus.results import Gathered, Result
 from runctl.bus.subjects import ALL, check_rank, check_token
 
-if TYPE_CHECKING:
-    from runctl.bus.client import Client, Gathered, Result
+if TYPE_CHECKING:  # the client calls these with itself; no import at run time
+    from runctl.bus.client import Client
 
 __all__ = [
     "UndoResult",
@@ -48,8 +49,7 @@ class UndoResult:
     errors: dict[str, Exception] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        from runctl.bus.client import Gathered
-
+        """The change taken back and each rank's outcome, as the per-rank view."""
         ranks: dict[str, Any] = {}
         for target, res in self.results.items():
             if isinstance(res, Gathered):
@@ -114,8 +114,6 @@ async def schedule(
     already past the step refuses (then it is cancelled everywhere and TooLate raised).
     Once accepted it is journaled, so a rank that restarts before the step, or joins later,
     still applies it there."""
-    from runctl.bus.client import Gathered, verb_of
-
     check_token(run, "run")
     target = check_rank(rank)
     if at_step < 0:
@@ -124,7 +122,7 @@ async def schedule(
     deferred = msgspec.structs.replace(client._stamped(cmd), at_step=at_step, change_id=change_id)
     sent = await client.send(run, target, deferred)
     gathered = (
-        sent if isinstance(sent, Gathered) else Gathered(run, verb_of(cmd), {sent.rank: sent})
+        sent if isinstance(sent, Gathered) else Gathered(run, m.verb_of(cmd), {sent.rank: sent})
     )
     gathered.at_step, gathered.change_id = at_step, change_id
     refused = dict(gathered.errors)
@@ -201,8 +199,6 @@ async def cancel_schedule(client: Client, run: str, change: str) -> dict[str, An
     await append(client.nc.jetstream(), record, timeout=client.timeout)
     out: dict[str, Any] = {"cancelled": entry.id, "change_id": cancel_id}
     if sent is not None:
-        from runctl.bus.client import Gathered
-
         out["ranks"] = (
             sent.to_json()["ranks"] if isinstance(sent, Gathered) else {sent.rank: sent.value}
         )

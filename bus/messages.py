@@ -43,6 +43,7 @@ __all__ = [
     "decode_run_record",
     "decode_state",
     "encode",
+    "verb_of",
 ]
 
 _TAG = {"tag_field": "t", "kw_only": True, "omit_defaults": False}
@@ -170,6 +171,19 @@ COMMAND_TYPES: Final[dict[str, type[Command]]] = {
 DEFERRABLE: Final = (Set, Patch, Reset, Stop)
 #: commands that change something on a rank: each is recorded in the change journal
 WRITES: Final = (Set, Patch, Reset, Stop, Cancel, Assign)
+_VERB_OF: Final[dict[type[Command], str]] = {cls: v for v, cls in COMMAND_TYPES.items()}
+
+
+def verb_of(command: Command) -> str:
+    """The verb (subject token) of a command.
+
+    >>> verb_of(Set(path="lr", value=0.1))
+    'set'
+    """
+    try:
+        return _VERB_OF[type(command)]
+    except KeyError:
+        raise TypeError(f"not a command: {command!r}") from None
 
 
 # --- replies ------------------------------------------------------------------------
