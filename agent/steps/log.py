@@ -61,6 +61,8 @@ __all__ = ["ACK_TIMEOUT", "Index", "StepLog"]
 
 #: longest a program waits for the PubAck of one completion before carrying on
 ACK_TIMEOUT: Final = 1.0
+#: between reads of another rank's run-wide completion not yet stored
+CONFIRM_RETRY: Final = 0.02
 
 #: a scope's done set: step id -> (stream sequence, latest record)
 Index = dict[str, tuple[int, StepRecord]]
@@ -329,17 +331,24 @@ class StepLog:
             await self._confirm(msg.subject)
 
     async def _confirm(self, subject: str) -> None:
-        try:
-            with anyio.fail_after(self.ack_timeout * 2):
-                stored = await self.js.get_last_msg(STREAM, subject)
-        except Exception:
-            return  # not stored (yet): the reload after a reconnect or the next start sees it
-        entry = decode_entry(stored.data or b"")
-        seq = stored.seq or 0
-        if isinstance(entry, StepRecord) and entry.status == "done":
-            scope = self.index[entry.scope]
-            if seq > scope.get(entry.sid, (0, entry))[0]:
-                scope[entry.sid] = (seq, entry)
+        """Count another rank's run-wide completion as done once the stream shows it. A read
+        that fails (a busy server) or does not show it yet is tried again, bounded: one
+        failed read must not leave the step undone here until the next start."""
+        with anyio.move_on_after(self.ack_timeout * 2):
+            while True:
+                try:
+                    stored = await self.js.get_last_msg(STREAM, subject)
+                    entry = decode_entry(stored.data or b"")
+                except Exception:  # not stored yet, or unreadable: read again
+                    entry = None
+                if isinstance(entry, StepRecord) and entry.status == "done":
+                    seq = stored.seq or 0
+                    scope = self.index[entry.scope]
+                    if seq > scope.get(entry.sid, (0, entry))[0]:
+                        scope[entry.sid] = (seq, entry)
+                    return
+                await anyio.sleep(CONFIRM_RETRY)
+        # not stored in time: the reload after a reconnect or the next start sees it
 
     def _apply_marker(self, seq: int, marker: ForgetMarker) -> None:
         scope = self.index.get(marker.scope)
