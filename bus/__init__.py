@@ -4,8 +4,8 @@ tests/test_layers.py keeps them):
 * protocol, no I/O: ``subjects``, ``messages``, ``paths``, ``canonical``, ``errors`` (the one
   error tree), ``results`` (what an answer looks like), ``steps.records``, ``steps.forget``,
   ``steps.explain``, ``formatting``, ``defaults``
-* NATS I/O: ``connection``, ``registry``, ``steps.store``, ``journalstore``, ``cluster``,
-  ``server``, ``credentials``, ``tls``
+* NATS I/O: ``connection``, ``transport`` (requests, scatter-gather), ``registry``,
+  ``steps.store``, ``journalstore``, ``cluster``, ``server``, ``credentials``, ``tls``
 * the client and what both surfaces build on it: ``client`` (:class:`Client`), ``views`` and
   ``stepviews`` (JSON views), ``assign`` (typed-in values and patches)
 

@@ -9,6 +9,11 @@ did not answer.
 Reads (``get`` without ``fresh=True``) come from the registry's last published state and
 never wake the controlled program.
 
+Why one module of this size: :class:`Client` is the whole API a caller sees (reads, writes,
+stops, the change journal, artifacts), each method a few lines with its documentation; the
+machinery is elsewhere: requests and scatter-gather in :mod:`runctl.bus.transport`, the
+journal's operator side in :mod:`runctl.bus.changes`, the answers in :mod:`runctl.bus.results`.
+
 ::
 
     async with await Client.connect("nats://127.0.0.1:4222") as client:
@@ -48,7 +53,6 @@ from runctl.bus.errors import (
     NotFound,
     PayloadTooLarge,
     RunctlError,
-    Timeout,
     Unavailable,
     from_code,
     map_nats_error,
@@ -58,7 +62,7 @@ from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.jsonform import wire_value
 from runctl.bus.paths import resolve
-from runctl.bus.registry import ANSWERING, RankInfo, Registry
+from runctl.bus.registry import RankInfo, Registry
 from runctl.bus.results import Gathered, Result
 from runctl.bus.subjects import (
     ALL,
@@ -68,6 +72,7 @@ from runctl.bus.subjects import (
     events_wildcard,
     rank_key,
 )
+from runctl.bus.transport import Transport, decode_reply, result_of
 
 __all__ = ["ACTING_AS", "DEFAULT_MAX_PAYLOAD", "Client", "Gathered", "Result"]
 
@@ -75,14 +80,8 @@ DEFAULT_MAX_PAYLOAD: Final = MAX_PAYLOAD
 #: a synchronised change must reach every rank within this many seconds of its progress
 SYNC_LATENCY_BUDGET: Final = 1.0
 MIN_SYNC_MARGIN: Final = 2
-#: a request unanswered this long makes the client ask the registry whether the rank exists
-REGISTRY_CHECK_AFTER: Final = 0.05
 #: how long a writer waits for the registry to show its write (normally well under 1 ms)
 REGISTRY_CATCH_UP: Final = 1.0
-#: with no known live ranks, a broadcast stops this long after the last reply
-QUIET_AFTER_LAST_REPLY: Final = 0.15
-#: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
-EXPECTED_TTL: Final = 0.25
 #: who the changes sent from this context are by, when not the client's own ``by`` (the
 #: gateway sets it per request from the caller's token)
 ACTING_AS: ContextVar[m.Author | None] = ContextVar("runctl_acting_as", default=None)
@@ -114,8 +113,8 @@ class Client:
         #: how long a write waits for the journal to hold every rank's record
         self.journal_timeout = timeout if journal_timeout is None else journal_timeout
         self._registry: Registry | None = None
-        #: per run: when the registry was read, and the ranks it knew alive
-        self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
+        #: requests and broadcasts (scatter-gather)
+        self.transport = Transport(nc, self.registry)
 
     @classmethod
     async def connect(
@@ -583,12 +582,14 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         rank = str(rank)
         if rank == ALL:
-            return await self._gather(run, verb, subject, payload, timeout)
-        msg = await self._request(run, rank, subject, payload, timeout)
-        reply = _decode_reply(msg)
+            return await self.transport.gather(
+                run, verb, subject, payload, timeout, settle=self._settle
+            )
+        msg = await self.transport.request(run, rank, subject, payload, timeout)
+        reply = decode_reply(msg)
         if isinstance(reply, m.Err):
             raise from_code(reply.code, reply.message, reply.detail)
-        (result,) = await self._settle(run, [_result(reply)])
+        (result,) = await self._settle(run, [result_of(reply)])
         return result
 
     def _stamped(self, cmd: m.Command) -> m.Command:
@@ -654,179 +655,6 @@ class Client:
                     if record is None or record.version >= version:
                         break
                     await anyio.sleep(0.001)
-
-    async def _request(
-        self, run: str, rank: str, subject: str, payload: bytes, timeout: float
-    ) -> Msg:
-        """One request. No responders is NotFound at once; but any subscriber to the
-        subject (``nats sub 'runctl.>'``, an observer) suppresses that status, so if no
-        reply came after a moment the registry decides: a rank it never saw, or one that
-        exited, is NotFound too; a registered rank that stays silent is a Timeout."""
-        reply: Msg | None = None
-        failure: BaseException | None = None
-        gone = False
-        async with anyio.create_task_group() as tasks:
-
-            async def ask() -> None:
-                nonlocal reply, failure
-                try:
-                    reply = await self.nc.request(subject, payload, timeout=timeout)
-                except Exception as exc:
-                    failure = exc
-                tasks.cancel_scope.cancel()
-
-            async def check_registered() -> None:
-                nonlocal gone
-                await anyio.sleep(REGISTRY_CHECK_AFTER)
-                try:
-                    registry = await self.registry()
-                    record = await registry.get(run, rank)
-                except Exception:  # no registry: wait for the reply or the deadline
-                    return
-                if record is None or record.status == "exited":
-                    gone = True
-                    tasks.cancel_scope.cancel()
-
-            tasks.start_soon(ask)
-            tasks.start_soon(check_registered)
-        if reply is not None:
-            return reply
-        if gone:
-            raise NotFound(run, rank)
-        assert failure is not None
-        raise map_nats_error(failure, run=run, rank=rank) from failure
-
-    async def _gather(
-        self, run: str, verb: str, subject: str, payload: bytes, timeout: float
-    ) -> Gathered:
-        """One request on the broadcast subject; replies are collected on a fresh inbox
-        until every rank the registry knows alive has answered, or the deadline. The
-        registry is read while the replies come in (see :meth:`_expected`)."""
-        gathered = Gathered(run=run, verb=verb)
-        answered: set[str] = set()
-        expected: frozenset[str] = frozenset()
-        registry_read = False
-        complete = anyio.Event()
-        arrived = anyio.Event()
-        no_responders = False
-
-        async def on_reply(msg: Msg) -> None:
-            # a subscription callback: no per-reply timer task, as next_msg(timeout) has
-            nonlocal no_responders
-            if _is_no_responders(msg):
-                no_responders = not answered
-                complete.set()
-                return
-            try:
-                reply = _decode_reply(msg)
-            except RunctlError:
-                return
-            answered.add(reply.rank)
-            if isinstance(reply, m.Err):
-                gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
-            else:
-                gathered.results[reply.rank] = _result(reply)
-            arrived.set()
-            if registry_read and expected and expected <= answered:
-                complete.set()
-
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
-        try:
-            await self.nc.publish(subject, payload, reply=inbox)
-            deadline = anyio.current_time() + timeout
-            #: the registry knows a rank of this run that has not exited (None: no registry)
-            known: bool | None = None
-            with anyio.move_on_after(timeout):
-                expected, known = await self._expected(run)
-            registry_read = True
-            if expected and expected <= answered:
-                complete.set()
-            remaining = deadline - anyio.current_time()
-            if known is False and not answered:
-                # nobody the registry knows; a subscriber to runctl.> may have hidden the
-                # no-responders status, so don't wait out the deadline for it
-                remaining = min(remaining, REGISTRY_CHECK_AFTER)
-            with anyio.move_on_after(max(0.0, remaining)):
-                if expected:
-                    await complete.wait()
-                while not complete.is_set():  # no live rank known: until quiet after a reply
-                    count = len(answered)
-                    arrived = anyio.Event()
-                    with anyio.move_on_after(QUIET_AFTER_LAST_REPLY if count else math.inf):
-                        await arrived.wait()
-                    if len(answered) == count:
-                        break
-            if no_responders:
-                raise NotFound(run)
-            gathered.missing = sorted(expected - answered, key=rank_key)
-            settled = await self._settle(run, list(gathered.results.values()))
-            gathered.results = {res.rank: res for res in settled}
-            gathered.change_id = next(
-                (res.change_id for res in gathered.results.values() if res.change_id), ""
-            )
-            if verb == "stop" or gathered.missing or not answered <= expected:
-                self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
-        except RunctlError:
-            raise
-        except Exception as exc:
-            raise map_nats_error(exc, run=run) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
-        if not gathered.results and not gathered.errors:
-            if known is False:
-                raise NotFound(run)
-            # Someone subscribes (no no-responders status came back) but nobody answered:
-            # that is a silent rank, not a missing run.
-            raise Timeout(f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing)
-        return gathered
-
-    async def _expected(self, run: str) -> tuple[frozenset[str], bool | None]:
-        """The ranks of ``run`` the registry knows alive, and whether it knows any rank
-        that has not exited (None: no registry, or it failed: wait until quiet instead).
-
-        Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run: reading 64
-        records costs the client more CPU than handling 64 replies (bench_fanout). The
-        registry itself is up to three heartbeats behind a dead rank anyway."""
-        cached = self._expected_ranks.get(run)
-        if cached is not None and time.monotonic() - cached[0] < EXPECTED_TTL:
-            return cached[1], True
-        try:
-            registry = await self.registry()
-            infos = [RankInfo.of(r) for r in await registry.records(run)]
-        except Exception:
-            return frozenset(), None
-        # a stalled rank's program is stuck, but its agent answers
-        expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
-        if expected:
-            if len(self._expected_ranks) > 1024:
-                self._expected_ranks.clear()
-            self._expected_ranks[run] = (time.monotonic(), expected)
-        return expected, any(info.liveness != "exited" for info in infos)
-
-
-def _result(reply: m.Ok) -> Result:
-    return Result(
-        reply.rank,
-        reply.version,
-        reply.value,
-        reply.changed,
-        change_id=reply.change_id,
-        journaled=True if reply.journaled else None,
-    )
-
-
-def _is_no_responders(msg: Msg) -> bool:
-    headers = msg.headers or {}
-    return headers.get("Status") == "503" and not msg.data
-
-
-def _decode_reply(msg: Msg) -> m.Reply:
-    try:
-        return m.decode_reply(msg.data)
-    except msgspec.DecodeError as exc:
-        raise RunctlError(f"undecodable reply on {msg.subject}: {exc}") from exc
 
 
 def _from_registry(info: RankInfo, path: str | None) -> Result:

@@ -1,4 +1,5 @@
-"""Every error runctl raises on purpose derives from :class:`RunctlError`.
+"""Every error runctl raises on purpose derives from :class:`RunctlError` (one tree, kept in
+one module on purpose: this file is the table every surface reads).
 
 Each class carries what every surface needs: ``code`` (the stable name on the wire and in
 HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI's)::

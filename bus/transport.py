@@ -1,0 +1,245 @@
+"""How a command reaches its rank(s) and how the answers come back: one request to one
+rank, or one publish on the broadcast subject with the replies gathered (scatter-gather).
+
+nats-py has no request-many, so :meth:`Transport.gather` subscribes a fresh inbox,
+publishes once, reads the registry for the ranks it knows alive while the replies arrive,
+and stops when every one of them answered, or at the deadline (docs/protocol.md). No
+responders is ``NotFound`` at once; a rank the registry knows that stays silent is
+``missing`` (``Timeout`` when nobody answered at all).
+
+:class:`runctl.bus.client.Client` owns one ``Transport``; this module is its machinery.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from runctl.bus import messages as m
+from runctl.bus.errors import NotFound, RunctlError, Timeout, from_code, map_nats_error
+from runctl.bus.registry import ANSWERING, RankInfo, Registry
+from runctl.bus.results import Gathered, Result
+from runctl.bus.subjects import rank_key
+
+__all__ = [
+    "EXPECTED_TTL",
+    "QUIET_AFTER_LAST_REPLY",
+    "REGISTRY_CHECK_AFTER",
+    "Settle",
+    "Transport",
+    "decode_reply",
+    "is_no_responders",
+    "result_of",
+]
+
+#: a request unanswered this long makes the client ask the registry whether the rank exists
+REGISTRY_CHECK_AFTER: Final = 0.05
+#: with no known live ranks, a broadcast stops this long after the last reply
+QUIET_AFTER_LAST_REPLY: Final = 0.15
+#: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
+EXPECTED_TTL: Final = 0.25
+
+#: what runs on a broadcast's results before it returns: (run, results) -> results
+Settle = Callable[[str, list[Result]], Awaitable[list[Result]]]
+
+
+class Transport:
+    """Requests and broadcasts over one NATS connection; ``registry`` opens (or returns)
+    the rank registry that decides who is expected to answer."""
+
+    def __init__(self, nc: NATS, registry: Callable[[], Awaitable[Registry]]) -> None:
+        self.nc = nc
+        self._registry = registry
+        #: per run: when the registry was read, and the ranks it knew alive
+        self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def request(
+        self, run: str, rank: str, subject: str, payload: bytes, timeout: float
+    ) -> Msg:
+        """One request. No responders is NotFound at once; but any subscriber to the
+        subject (``nats sub 'runctl.>'``, an observer) suppresses that status, so if no
+        reply came after a moment the registry decides: a rank it never saw, or one that
+        exited, is NotFound too; a registered rank that stays silent is a Timeout."""
+        reply: Msg | None = None
+        failure: BaseException | None = None
+        gone = False
+        async with anyio.create_task_group() as tasks:
+
+            async def ask() -> None:
+                nonlocal reply, failure
+                try:
+                    reply = await self.nc.request(subject, payload, timeout=timeout)
+                except Exception as exc:
+                    failure = exc
+                tasks.cancel_scope.cancel()
+
+            async def check_registered() -> None:
+                nonlocal gone
+                await anyio.sleep(REGISTRY_CHECK_AFTER)
+                try:
+                    registry = await self._registry()
+                    record = await registry.get(run, rank)
+                except Exception:  # no registry: wait for the reply or the deadline
+                    return
+                if record is None or record.status == "exited":
+                    gone = True
+                    tasks.cancel_scope.cancel()
+
+            tasks.start_soon(ask)
+            tasks.start_soon(check_registered)
+        if reply is not None:
+            return reply
+        if gone:
+            raise NotFound(run, rank)
+        assert failure is not None
+        raise map_nats_error(failure, run=run, rank=rank) from failure
+
+    async def gather(
+        self,
+        run: str,
+        verb: str,
+        subject: str,
+        payload: bytes,
+        timeout: float,
+        settle: Settle | None = None,
+    ) -> Gathered:
+        """One request on the broadcast subject; replies are collected on a fresh inbox
+        until every rank the registry knows alive has answered, or the deadline. The
+        registry is read while the replies come in (see :meth:`expected`). ``settle`` runs
+        on the results before the subscription ends (the client's read-your-writes wait)."""
+        gathered = Gathered(run=run, verb=verb)
+        answered: set[str] = set()
+        expected: frozenset[str] = frozenset()
+        registry_read = False
+        complete = anyio.Event()
+        arrived = anyio.Event()
+        no_responders = False
+
+        async def on_reply(msg: Msg) -> None:
+            # a subscription callback: no per-reply timer task, as next_msg(timeout) has
+            nonlocal no_responders
+            if is_no_responders(msg):
+                no_responders = not answered
+                complete.set()
+                return
+            try:
+                reply = decode_reply(msg)
+            except RunctlError:
+                return
+            answered.add(reply.rank)
+            if isinstance(reply, m.Err):
+                gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
+            else:
+                gathered.results[reply.rank] = result_of(reply)
+            arrived.set()
+            if registry_read and expected and expected <= answered:
+                complete.set()
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+            deadline = anyio.current_time() + timeout
+            #: the registry knows a rank of this run that has not exited (None: no registry)
+            known: bool | None = None
+            with anyio.move_on_after(timeout):
+                expected, known = await self.expected(run)
+            registry_read = True
+            if expected and expected <= answered:
+                complete.set()
+            remaining = deadline - anyio.current_time()
+            if known is False and not answered:
+                # nobody the registry knows; a subscriber to runctl.> may have hidden the
+                # no-responders status, so don't wait out the deadline for it
+                remaining = min(remaining, REGISTRY_CHECK_AFTER)
+            with anyio.move_on_after(max(0.0, remaining)):
+                if expected:
+                    await complete.wait()
+                while not complete.is_set():  # no live rank known: until quiet after a reply
+                    count = len(answered)
+                    arrived = anyio.Event()
+                    with anyio.move_on_after(QUIET_AFTER_LAST_REPLY if count else math.inf):
+                        await arrived.wait()
+                    if len(answered) == count:
+                        break
+            if no_responders:
+                raise NotFound(run)
+            gathered.missing = sorted(expected - answered, key=rank_key)
+            if settle is not None:
+                settled = await settle(run, list(gathered.results.values()))
+                gathered.results = {res.rank: res for res in settled}
+            gathered.change_id = next(
+                (res.change_id for res in gathered.results.values() if res.change_id), ""
+            )
+            if verb == "stop" or gathered.missing or not answered <= expected:
+                self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
+        except RunctlError:
+            raise
+        except Exception as exc:
+            raise map_nats_error(exc, run=run) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+        if not gathered.results and not gathered.errors:
+            if known is False:
+                raise NotFound(run)
+            # Someone subscribes (no no-responders status came back) but nobody answered:
+            # that is a silent rank, not a missing run.
+            raise Timeout(f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing)
+        return gathered
+
+    async def expected(self, run: str) -> tuple[frozenset[str], bool | None]:
+        """The ranks of ``run`` the registry knows alive, and whether it knows any rank
+        that has not exited (None: no registry, or it failed: wait until quiet instead).
+
+        Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run: reading 64
+        records costs the client more CPU than handling 64 replies (bench_fanout). The
+        registry itself is up to three heartbeats behind a dead rank anyway."""
+        cached = self._expected_ranks.get(run)
+        if cached is not None and time.monotonic() - cached[0] < EXPECTED_TTL:
+            return cached[1], True
+        try:
+            registry = await self._registry()
+            infos = [RankInfo.of(r) for r in await registry.records(run)]
+        except Exception:
+            return frozenset(), None
+        # a stalled rank's program is stuck, but its agent answers
+        expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
+        if expected:
+            if len(self._expected_ranks) > 1024:
+                self._expected_ranks.clear()
+            self._expected_ranks[run] = (time.monotonic(), expected)
+        return expected, any(info.liveness != "exited" for info in infos)
+
+
+def result_of(reply: m.Ok) -> Result:
+    """One rank's ``ok`` reply as a :class:`Result`."""
+    return Result(
+        reply.rank,
+        reply.version,
+        reply.value,
+        reply.changed,
+        change_id=reply.change_id,
+        journaled=True if reply.journaled else None,
+    )
+
+
+def is_no_responders(msg: Msg) -> bool:
+    """The server's own 503 status: nobody subscribes to the subject."""
+    headers = msg.headers or {}
+    return headers.get("Status") == "503" and not msg.data
+
+
+def decode_reply(msg: Msg) -> m.Reply:
+    """A reply, or ``RunctlError`` for bytes that are not one."""
+    try:
+        return m.decode_reply(msg.data)
+    except msgspec.DecodeError as exc:
+        raise RunctlError(f"undecodable reply on {msg.subject}: {exc}") from exc
