@@ -277,7 +277,7 @@ def test_pages_have_stable_urls_and_refuse_to_be_framed(gateway: GatewayFactory)
         csp = r.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
         assert r.headers["x-frame-options"] == "DENY"
-        assert '<script src="/static/console.js"' in r.text
+        assert '<script type="module" src="/static/js/main.js"' in r.text
     assert http.get("/console/bad.run").status_code == 400
     assert http.get("/runs/bad.run/live").status_code == 400
     assert http.get("/console/exp1/all").status_code == 400
@@ -294,7 +294,7 @@ def test_the_wheel_ships_every_static_file() -> None:
     files = [
         p.relative_to(STATIC_DIR.parent).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()
     ]
-    assert {"static/console.js", "static/vendor/uplot/LICENSE"} <= set(files)
+    assert {"static/js/main.js", "static/vendor/uplot/LICENSE"} <= set(files)
     for name in files:
         assert any(fnmatch(name, g) for g in globs), name
 

@@ -132,7 +132,7 @@ def test_demo_changes_a_rank_mid_run_and_stops_after_duration(
     console = re.search(r"console\s+(http://\S+)", d.output)  # the console's URL, printed
     assert console and console.group(1) == f"{d.url}/console/demo", d.output
     page = httpx.get(console.group(1), timeout=10)
-    assert page.status_code == 200 and "console.js" in page.text
+    assert page.status_code == 200 and "/static/js/main.js" in page.text
     r = httpx.put(
         f"{d.url}/runs/demo/ranks/all/set/optimizer.lr", params={"value": "0.05"}, timeout=10
     )

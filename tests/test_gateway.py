@@ -398,4 +398,4 @@ def test_openapi_docs_and_page(gateway: GatewayFactory) -> None:
     assert ops[("/runs/{run}/ranks/{rank}/set", "patch")]["requestBody"]["required"] is True
     assert all(op.get("summary") for op in ops.values())
     page = http.get("/")  # the console (tests/test_console_*.py drive it)
-    assert page.status_code == 200 and "/static/console.js" in page.text
+    assert page.status_code == 200 and "/static/js/main.js" in page.text
