@@ -77,12 +77,17 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def spawn_python(
-    code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None
+    code: str,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.Popen[str]:
-    """Run ``code`` in a separate Python process (a real rank), stdout/stderr piped."""
+    """Run ``code`` in a separate Python process (a real rank), stdout/stderr piped;
+    ``prefix`` runs it under another command (``ip netns exec NS``: on another host)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [*prefix, sys.executable, "-c", textwrap.dedent(code)],
         env=full_env,
         cwd=str(cwd or ROOT),
         stdout=subprocess.PIPE,

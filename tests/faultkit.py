@@ -146,6 +146,8 @@ class Rank:
     pace: float = 0.05
     env: dict[str, str] = field(default_factory=dict)
     lines: list[dict[str, Any]] = field(default_factory=list)
+    #: a command the rank runs under (``ip netns exec NS``: a rank on another host)
+    prefix: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         env = {
@@ -156,7 +158,7 @@ class Rank:
             "PACE": str(self.pace),
             **self.env,
         }
-        self.proc = spawn_python(RANK_PROGRAM, env=env)
+        self.proc = spawn_python(RANK_PROGRAM, env=env, prefix=self.prefix)
         self._err: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
