@@ -18,7 +18,7 @@ from runctl.bus.server import find_binary, packaged_config
 from runctl.bus.tls import DEFAULT_TLS_DIR, TlsFiles, ensure_tls, is_loopback, write_server_config
 from runctl.cli.common import AddParser
 
-__all__ = ["register", "up_argv", "up_command"]
+__all__ = ["register", "tls_command", "up_argv", "up_command"]
 
 DEFAULT_CONFIG: Final = "nats.conf"
 DEFAULT_STORE: Final = Path(".runctl") / "nats"
@@ -73,6 +73,15 @@ def register(add: AddParser) -> None:
     _tls_arguments(p)
     p.set_defaults(func=up_command)
 
+    p = add(
+        "tls",
+        "write a private CA and certificates (what up --tls makes); start nothing",
+        epilog="For servers started elsewhere (Kubernetes secrets, a batch job's first "
+        "node): see docs/deploy.md.",
+    )
+    _tls_names(p)
+    p.set_defaults(func=tls_command)
+
 
 def _tls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -81,6 +90,21 @@ def _tls_arguments(p: argparse.ArgumentParser) -> None:
         help="TLS on client and route connections: a private CA and certificates are "
         "written to TLS_DIR on first start; clients need RUNCTL_NATS_CA=TLS_DIR/ca.pem",
     )
+    _tls_names(p)
+    p.add_argument(
+        "--tls-verify-clients",
+        action="store_true",
+        help="clients must also present a certificate from the CA (RUNCTL_NATS_CERT, "
+        "RUNCTL_NATS_KEY: TLS_DIR/client.pem, client-key.pem)",
+    )
+    p.add_argument(
+        "--allow-plain",
+        action="store_true",
+        help="listen beyond loopback without --tls (passwords cross the network readable)",
+    )
+
+
+def _tls_names(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tls-host",
         action="append",
@@ -94,17 +118,6 @@ def _tls_arguments(p: argparse.ArgumentParser) -> None:
         default=str(DEFAULT_TLS_DIR),
         metavar="DIR",
         help=f"where the CA and certificates are (default: {DEFAULT_TLS_DIR})",
-    )
-    p.add_argument(
-        "--tls-verify-clients",
-        action="store_true",
-        help="clients must also present a certificate from the CA (RUNCTL_NATS_CERT, "
-        "RUNCTL_NATS_KEY: TLS_DIR/client.pem, client-key.pem)",
-    )
-    p.add_argument(
-        "--allow-plain",
-        action="store_true",
-        help="listen beyond loopback without --tls (passwords cross the network readable)",
     )
 
 
@@ -151,6 +164,10 @@ def _up_tls(args: argparse.Namespace) -> TlsFiles | None:
     wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - a check, not a bind
     if host is not None and not is_loopback(host) and not wildcard:
         args.tls_host.append(host)  # the address it listens on is a name clients use
+    return _ensure_tls(args)
+
+
+def _ensure_tls(args: argparse.Namespace) -> TlsFiles:
     files = ensure_tls(args.tls_dir, args.tls_host)
     verb = "wrote" if files.created else "using"
     print(
@@ -159,6 +176,12 @@ def _up_tls(args: argparse.Namespace) -> TlsFiles | None:
         file=sys.stderr,
     )
     return files
+
+
+def tls_command(args: argparse.Namespace) -> int:
+    """``runctl tls``: the CA and certificates ``up --tls`` would make, and nothing else."""
+    _ensure_tls(args)
+    return 0
 
 
 def up_command(args: argparse.Namespace) -> int:
