@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,19 @@ def unavailable() -> str | None:
     return None
 
 
+def _remove_orphans() -> None:
+    """Namespaces left by a test process that was killed before it could clean up (its pid
+    is in the name and no longer runs): delete them, they hold nothing of anyone else."""
+    listed = _ip("netns", "list", check=False).stdout.split()
+    for name in listed:
+        match = re.fullmatch(r"rc(\d+)x\d+-\w+", name)
+        if match and not os.path.exists(f"/proc/{match[1]}"):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "del", name, check=False)
+
+
 def _join_netns(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -85,6 +99,7 @@ class Hosts:
         return ("ip", "netns", "exec", self.ns(name))
 
     def up(self) -> Hosts:
+        _remove_orphans()
         try:
             self._add(self.switch)
             _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
