@@ -27,16 +27,27 @@ from runctl.bus.credentials import ensure_credentials
 from runctl.bus.errors import Unavailable
 from runctl.bus.server import NatsServer, packaged_config
 from runctl.bus.tls import CA_ENV, ensure_tls
-from runctl.gateway import cli_server
-from runctl.gateway.cli import build_parser
+from runctl.cli import server as cli_server
+from runctl.cli.app import PROGRAMS, build_parser
+from runctl.gateway.main import serve_parser, tokens_parser
 
 DEPLOY = ROOT / "docs" / "deploy"
 COMPOSE_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """``runctl ARGV`` as the CLI parses it (exits the test on a bad option)."""
-    return build_parser(argv).parse_args(argv)
+    """``runctl ARGV`` as runctl parses it (exits the test on a bad option): ``gateway``
+    and ``tokens`` are the gateway's own program, with the options given before them."""
+    for i, word in enumerate(argv):
+        if word in PROGRAMS:
+            parser = serve_parser() if word == "gateway" else tokens_parser()
+            before = argv[:i] if word == "gateway" else []
+            args = parser.parse_args([*before, *argv[i + 1 :]])
+            args.command = word
+            return args
+        if not word.startswith("-"):
+            break
+    return build_parser().parse_args(argv)
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -88,8 +99,8 @@ def test_compose_commands_are_runctl_commands_that_fit_together() -> None:
     init = service_args(services["init"], env)
     nats = service_args(services["nats"], env)
     gateway = service_args(services["gateway"], env)
-    assert init.func is cli_server.tokens_command
-    assert nats.func is cli_server.up_command and gateway.func is cli_server.gateway_command
+    assert init.command == "tokens" and gateway.command == "gateway"
+    assert nats.func is cli_server.up_command
     # nats: TLS, every interface, a certificate for the gateway's name and the public one
     assert (
         nats.tls and nats.host == "0.0.0.0" and nats.tls_host == ["nats", env["RUNCTL_PUBLIC_NAME"]]
@@ -141,7 +152,7 @@ def test_k8s_gateway_manifest_lines_up() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = parse(container["args"])
-    assert args.func is cli_server.gateway_command and args.host == "0.0.0.0"
+    assert args.command == "gateway" and args.host == "0.0.0.0"
     assert args.url == "tls://nats.runctl.svc.cluster.local:4222"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v["secret"] for v in pod["volumes"]}
@@ -219,7 +230,8 @@ def test_k8s_accounts_file_runs_in_a_real_server_with_tls(
         async def operator_has_jetstream() -> bool:
             nc = await connect(server.url, **creds.auth("operator"))
             try:
-                return bool(nc.connected_url.scheme == "tls" and nc.is_connected)
+                url = nc.connected_url
+                return bool(url is not None and url.scheme == "tls" and nc.is_connected)
             finally:
                 await nc.close()
 
