@@ -32,14 +32,16 @@ from runctl.bus.connection import close_quietly, connect
 from runctl.bus.credentials import Credentials, ensure_credentials
 from runctl.bus.registry import BUCKET
 from runctl.bus.server import packaged_config
-from runctl.bus.steprecords import RunLog
-from runctl.bus.stepstore import STREAM, read_log
+from runctl.bus.steps.records import RunLog
+from runctl.bus.steps.store import STREAM, read_log
 from runctl.bus.tls import CA_ENV, TlsFiles, ensure_tls
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 WHY_NOT = unavailable()
 if WHY_NOT is not None:
+    if os.environ.get("RUNCTL_REQUIRE_NETNS"):  # CI: the machine allows them, so must run
+        pytest.fail(f"RUNCTL_REQUIRE_NETNS is set, but: {WHY_NOT}", pytrace=False)
     pytest.skip(f"no network namespaces: {WHY_NOT}", allow_module_level=True)
 
 HOSTS = ["h1", "h2", "h3"]
