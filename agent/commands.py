@@ -26,9 +26,11 @@ from typing import Any, Final
 
 import msgspec
 import structlog
+from msgspec.structs import replace
 
 from runctl.agent.pending import PendingChanges, StepClock
 from runctl.agent.state import LiveState
+from runctl.agent.typed_text import patch_typed, set_typed
 from runctl.bus import messages as m
 from runctl.bus.defaults import MAX_PAYLOAD
 from runctl.bus.errors import BadRequest, PayloadTooLarge, RunctlError, TooLate
@@ -149,8 +151,16 @@ def apply(
         match cmd:
             case m.Get(path=path):
                 value = msgspec.Raw(live.get(path))
+            case m.Set(path=path, value=new, text=True):
+                before = live.version
+                cmd = replace(cmd, value=set_typed(live, path, str(new)), text=False)
+                changed = live.version != before
             case m.Set(path=path, value=new):
                 changed = live.set(path, new)
+            case m.Patch(value=new, path=path, texts=texts) if texts:
+                before = live.version
+                cmd = replace(cmd, value=patch_typed(live, new, path, texts), texts=[])
+                changed = live.version != before
             case m.Patch(value=new, path=path):
                 changed = live.patch(new, path)
             case m.Reset():
@@ -220,10 +230,16 @@ def _defer(
     rank: RankState, cmd: m.Set | m.Patch | m.Reset | m.Stop, new_id: Callable[[], str]
 ) -> m.Reply:
     """Validate now (every rank refuses a bad change before any applies), apply later."""
-    assert cmd.at_step is not None
+    at_step = cmd.at_step
+    assert at_step is not None
     live = rank.live
     # Validity first: an invalid change is refused as such on every rank, however late.
+    # Typed text is read now, and the change kept as read (every rank the same way).
     match cmd:
+        case m.Set(path=path, value=new, text=True):
+            cmd = replace(cmd, value=set_typed(live, path, str(new), dry_run=True), text=False)
+        case m.Patch(value=new, path=path, texts=texts) if texts:
+            cmd = replace(cmd, value=patch_typed(live, new, path, texts, dry_run=True), texts=[])
         case m.Set(path=path, value=new):
             live.set(path, new, dry_run=True)
         case m.Patch(value=new, path=path):
@@ -231,15 +247,15 @@ def _defer(
         case m.Reset():
             live.reset(dry_run=True)
     current = rank.clock.step
-    if current is not None and current >= cmd.at_step:
-        raise TooLate(f"rank {rank.rank} is at step {current}, past at_step {cmd.at_step}")
+    if current is not None and current >= at_step:
+        raise TooLate(f"rank {rank.rank} is at step {current}, past at_step {at_step}")
     change_id = cmd.change_id or new_id()
-    rank.pending.add(cmd.at_step, change_id, cmd)
+    rank.pending.add(at_step, change_id, cmd)
     return m.Ok(
         run=rank.run,
         rank=rank.rank,
         version=live.version,
-        value={"pending": True, "at_step": cmd.at_step, "change_id": change_id, "step": current},
+        value={"pending": True, "at_step": at_step, "change_id": change_id, "step": current},
     )
 
 

@@ -33,7 +33,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 from pydantic_core import SchemaSerializer
 
-from runctl.bus.errors import BadPath, BadRequest, ValidationRejected
+from runctl.bus.errors import BadRequest, NotAnObject, UnknownPath, ValidationRejected
 from runctl.bus.journal import FieldChange, field_diff
 from runctl.bus.jsonform import dumps, wire_value
 from runctl.bus.paths import parse_index, split_path
@@ -139,7 +139,11 @@ class LiveState(Generic[M]):
             data = self._json()
             target = _walk(data, parts)
             if not isinstance(target, dict):
-                raise BadPath(path or "", "a patch applies to an object; use set for a value")
+                raise NotAnObject(
+                    path or "",
+                    f"it holds a {type(target).__name__}, and a patch merges into an object; "
+                    "set it instead",
+                )
             _merge(target, value)
             return self._apply(data, _nest(parts, value), dry_run)
 
@@ -290,23 +294,23 @@ def check_path(model: BaseModel, path: str, *, for_write: bool) -> list[str]:
             elif node.model_extra is not None and part in node.model_extra:
                 node = node.model_extra[part]
             else:
-                raise BadPath(path, f"{part!r} is not a declared field of {where}")
+                raise UnknownPath(path, f"{part!r} is not a declared field of {where}")
         elif isinstance(node, dict):
             if part in node:
                 node = node[part]
             elif for_write and i == len(parts) - 1:
                 node = None  # a new key in a dict field; the model validates it
             else:
-                raise BadPath(path, f"no key {part!r} in {where}")
+                raise UnknownPath(path, f"no key {part!r} in {where}")
         elif isinstance(node, list | tuple):
             index = parse_index(part)
             if index is None:
-                raise BadPath(path, f"{part!r} is not an index of the list {where}")
+                raise UnknownPath(path, f"{part!r} is not an index of the list {where}")
             if not -len(node) <= index < len(node):  # negative as in bus.paths.resolve
-                raise BadPath(path, f"index {index} out of range for {where} ({len(node)})")
+                raise UnknownPath(path, f"index {index} out of range for {where} ({len(node)})")
             node = node[index]
         else:
-            raise BadPath(path, f"{where} is a {type(node).__name__}: it has no {part!r}")
+            raise UnknownPath(path, f"{where} is a {type(node).__name__}: it has no {part!r}")
         walked.append(part)
     return parts
 
@@ -369,7 +373,7 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         for key, sub in change.items():
             index = parse_index(key)
             if index is None or not -len(model) <= index < len(model):
-                raise BadPath(".".join(map(str, [*loc, key])), f"{key!r} is not an index")
+                raise UnknownPath(".".join(map(str, [*loc, key])), f"{key!r} is not an index")
             _reject_undeclared(model[index], sub, [*loc, index])
     elif isinstance(model, dict) and isinstance(change, dict):
         for key, sub in change.items():

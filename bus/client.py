@@ -31,6 +31,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
@@ -302,6 +303,23 @@ class Client:
         """
         return await self._write(run, rank, m.Set(path=path, value=value), sync, margin, at_step)
 
+    async def set_text(
+        self,
+        run: str,
+        rank: str | int,
+        path: str,
+        text: str,
+        *,
+        sync: bool = False,
+        margin: int | None = None,
+        at_step: int | None = None,
+    ) -> Result | Gathered:
+        """Set ``path`` from text as typed: JSON if the field takes it as JSON (``0.01``,
+        ``null``, ``[1]``), else the text itself (``adam``; ``[1]`` for a ``str`` field).
+        The rank decides, knowing its model: one request."""
+        cmd = m.Set(path=path, value=text, text=True)
+        return await self._write(run, rank, cmd, sync, margin, at_step)
+
     async def patch(
         self,
         run: str,
@@ -312,15 +330,17 @@ class Client:
         sync: bool = False,
         margin: int | None = None,
         at_step: int | None = None,
+        texts: Sequence[str] = (),
     ) -> Result | Gathered:
         """Merge ``value`` into the state (or into the object at ``path``): objects merge,
         everything else replaces; all or nothing. ``sync``, ``margin``, ``at_step`` as for
-        :meth:`set`.
+        :meth:`set`; ``texts``: dotted paths inside ``value`` whose values are text as
+        typed (read by the rank as in :meth:`set_text`).
 
         >>> await client.patch("exp1", "all", {"optimizer": {"lr": 0.01, "kind": "adam"}})
         Gathered(run='exp1', verb='patch', results={'0': ..., '1': ...}, ...)
         """
-        cmd = m.Patch(value=value, path=path or None)
+        cmd = m.Patch(value=value, path=path or None, texts=list(texts))
         return await self._write(run, rank, cmd, sync, margin, at_step)
 
     async def reset(

@@ -6,7 +6,9 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
 
     RunctlError                  code             HTTP exit
     ├── BadToken                 bad_token         400  2  a name that cannot be a subject token
-    ├── BadPath                  bad_path          400  2  a dotted path that names no field
+    ├── BadPath                  bad_path          400  2  a dotted path that cannot name a field
+    │   ├── UnknownPath          unknown_path      404  3  a path that names nothing in the state
+    │   └── NotAnObject          not_an_object     405  2  a merge into a value that is no object
     ├── BadRequest               bad_request       400  2  a malformed command or request
     │   └── InvalidRequest       bad_request       422  2  an HTTP request FastAPI refused
     ├── ValidationRejected       validation        422  4  the model refused it; nothing changed
@@ -64,6 +66,7 @@ __all__ = [
     "InsecureBind",
     "InvalidRequest",
     "MethodNotAllowed",
+    "NotAnObject",
     "NotFound",
     "PayloadTooLarge",
     "RemoteError",
@@ -76,6 +79,7 @@ __all__ = [
     "TooLate",
     "Unauthorized",
     "Unavailable",
+    "UnknownPath",
     "ValidationRejected",
     "describe_validation",
     "from_code",
@@ -149,6 +153,24 @@ class BadPath(RunctlError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message again
         return self.message
+
+
+class UnknownPath(BadPath):
+    """A well-formed path that names nothing: no such field, key or index (HTTP 404, as
+    Freak answered for a route that did not exist)."""
+
+    code = "unknown_path"
+    http_status = 404
+    exit_code = EXIT_NOT_FOUND
+
+
+class NotAnObject(BadPath):
+    """A merge (patch) into a value that is not an object: a number, a string, a list.
+    Set it instead (HTTP 405: Freak had no PATCH route for such a field, only PUT)."""
+
+    code = "not_an_object"
+    http_status = 405
+    exit_code = EXIT_USAGE
 
 
 class BadRequest(RunctlError, ValueError):
@@ -353,13 +375,15 @@ class InsecureBind(SetupError, RuntimeError):
 
 def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
     """``invalid value for opt.kind: Input should be 'sgd' or 'adam'`` (joined by ``; ``).
+    An error's ``field`` (its place in the state, where ``loc`` says where in an HTTP
+    request the input was) names it when present.
 
     >>> describe_validation([{"loc": ["opt", "kind"], "msg": "Input should be 'sgd'"}])
     "invalid value for opt.kind: Input should be 'sgd'"
     """
     parts = []
     for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "the state"
+        loc = ".".join(str(p) for p in err.get("field", err.get("loc", ()))) or "the state"
         msg = str(err.get("msg", "invalid"))
         if err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {loc}: {msg}")
@@ -390,8 +414,9 @@ def from_code(code: str, message: str, detail: Sequence[dict[str, Any]] = ()) ->
     """Rebuild an error an agent sent back in a reply (``code``, ``message``, ``detail``)."""
     if code == ValidationRejected.code:
         return ValidationRejected(message, detail)
-    if code == BadPath.code:
-        return BadPath("", message, message)
+    for path_error in (BadPath, UnknownPath, NotAnObject):
+        if code == path_error.code:
+            return path_error("", message, message)
     if code == BadToken.code:
         return BadRequest(message)
     if code == PayloadTooLarge.code:

@@ -88,6 +88,8 @@ class Set(msgspec.Struct, tag="set/1", **_TAG):
     #: names the change in the change journal (and a deferred change, to cancel it)
     change_id: str = ""
     by: Author | None = None
+    #: ``value`` is text as typed: JSON if the field takes it so, else the text itself
+    text: bool = False
 
 
 class Patch(msgspec.Struct, tag="patch/1", **_TAG):
@@ -99,6 +101,8 @@ class Patch(msgspec.Struct, tag="patch/1", **_TAG):
     at_step: int | None = None
     change_id: str = ""
     by: Author | None = None
+    #: dotted paths (inside ``value``) of leaves that are text as typed (see Set.text)
+    texts: list[str] = msgspec.field(default_factory=list)
 
 
 class Reset(msgspec.Struct, tag="reset/1", **_TAG):

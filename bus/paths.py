@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from runctl.bus.errors import BadPath
+from runctl.bus.errors import BadPath, UnknownPath
 
 __all__ = ["MAX_PATH_LENGTH", "parse_index", "resolve", "split_path"]
 
@@ -44,7 +44,8 @@ def split_path(path: str) -> list[str]:
 
 
 def resolve(data: Any, path: str | None) -> Any:
-    """The value at ``path`` inside dicts and lists; raise :class:`BadPath` if absent."""
+    """The value at ``path`` inside dicts and lists; raise :class:`UnknownPath` if absent
+    (:class:`BadPath` if the path cannot name anything)."""
     if not path:
         return data
     node = data
@@ -52,14 +53,14 @@ def resolve(data: Any, path: str | None) -> Any:
     for part in split_path(path):
         if isinstance(node, dict):
             if part not in node:
-                raise BadPath(path, f"no field {part!r} in {'.'.join(walked) or 'the state'}")
+                raise UnknownPath(path, f"no field {part!r} in {'.'.join(walked) or 'the state'}")
             node = node[part]
         elif isinstance(node, list):
             index = _index(path, part, len(node))
             node = node[index]
         else:
             where = ".".join(walked) or "the state"
-            raise BadPath(path, f"{where} is a {type(node).__name__}, it has no {part!r}")
+            raise UnknownPath(path, f"{where} is a {type(node).__name__}, it has no {part!r}")
         walked.append(part)
     return node
 
@@ -67,7 +68,7 @@ def resolve(data: Any, path: str | None) -> Any:
 def _index(path: str, part: str, length: int) -> int:
     index = parse_index(part)
     if index is None:
-        raise BadPath(path, f"{part!r} is not a list index")
+        raise UnknownPath(path, f"{part!r} is not a list index")
     if not -length <= index < length:
-        raise BadPath(path, f"index {index} out of range for a list of {length}")
+        raise UnknownPath(path, f"index {index} out of range for a list of {length}")
     return index

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI
 from runctl.bus.client import Client
 from runctl.bus.credentials import CredentialsError, redact_url
 from runctl.bus.errors import Unavailable
-from runctl.gateway import console, errors, freak, live, routes, series, steps_api
+from runctl.gateway import console, errors, freak, live, routes, run_docs, series, steps_api
 from runctl.gateway.auth import require
 from runctl.gateway.settings import Settings
 
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(
         title="runctl gateway",
+        docs_url=None,  # served by run_docs from the package's own Swagger UI, not a CDN
         version=_version(),
         description=DESCRIPTION,
         lifespan=_lifespan,
@@ -128,5 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the console: static pages (they call the API with the user's token) and /whoami
     app.include_router(console.router)
     console.install(app)
+    # Swagger pages (static shells: they fetch their spec with the user's token)
+    app.include_router(run_docs.router)
     app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
     return app

@@ -33,6 +33,7 @@ from runctl.bus.errors import (
     Forbidden,
     InvalidRequest,
     MethodNotAllowed,
+    NotAnObject,
     NotFound,
     PayloadTooLarge,
     RunctlError,
@@ -99,6 +100,8 @@ def error_headers(exc: RunctlError) -> dict[str, str] | None:
         return {"X-Runctl-Missing": ",".join(exc.missing)}
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": _CHALLENGE}
+    if isinstance(exc, NotAnObject):  # a value is set (PUT), only objects merge (PATCH)
+        return {"Allow": "PUT"}
     return None
 
 

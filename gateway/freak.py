@@ -25,8 +25,9 @@ from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import AmbiguousRun, NotFound
 from runctl.bus.subjects import ALL
 from runctl.gateway import routes
-from runctl.gateway.routes import ClientDep, Fresh, PathParam
+from runctl.gateway.routes import ClientDep, Fresh, PathParam, Value
 from runctl.gateway.settings import Settings
+from runctl.gateway.writes import SET_BODY
 
 __all__ = ["RootTarget", "root_target", "router"]
 
@@ -104,16 +105,14 @@ async def freak_get_from_path(
     return await routes.read(client, t.run, t.read_rank, path, fresh)
 
 
-@router.put("/set/{path:path}", summary="Set one value", tags=_FREAK)
+@router.put("/set/{path:path}", summary="Set one value", tags=_FREAK, openapi_extra=SET_BODY)
 async def freak_set(
-    request: Request,
-    path: PathParam,
-    client: ClientDep,
-    value: Annotated[str, Query(description="JSON, else a string")],
+    request: Request, path: PathParam, client: ClientDep, value: Value = None
 ) -> Response:
-    """Answers `"success"` as Freak did."""
+    """The JSON body, else `?value=`; answers `"success"` as Freak did."""
     t = await root_target(request, client)
-    return _success(t.run, await routes.set_value_of(client, t.run, t.write_rank, path, value, {}))
+    result = await routes.set_value_of(client, request, t.run, t.write_rank, path, value, {})
+    return _success(t.run, result)
 
 
 @router.patch(

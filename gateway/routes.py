@@ -21,7 +21,6 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from runctl.bus import assign, jsonform
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
@@ -29,6 +28,7 @@ from runctl.bus.paths import split_path
 from runctl.bus.registry import RankInfo, run_spread
 from runctl.bus.subjects import ALL, check_rank, check_token
 from runctl.bus.views import rank_summary, run_counts, write_outcome
+from runctl.gateway import writes
 from runctl.gateway.errors import json_response
 from runctl.gateway.settings import Settings
 
@@ -37,6 +37,7 @@ __all__ = [
     "ClientDep",
     "Fresh",
     "PathParam",
+    "Value",
     "get_client",
     "patch_of",
     "read",
@@ -91,6 +92,13 @@ Sync = Annotated[
     ),
 ]
 Margin = Annotated[int | None, Query(ge=0, description="with sync: steps ahead to apply at")]
+Value = Annotated[
+    str | None,
+    Query(
+        description="as typed: JSON if the field takes it (`0.01`, `null`, `[1,2]`), else the "
+        "text; a JSON body wins over it"
+    ),
+]
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -164,14 +172,9 @@ def write_response(run: str, result: Result | Gathered, *, freak: bool = False) 
 
 
 async def _patch_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()  # size-capped by the BodyLimit middleware
-    if not raw.strip():
+    has_body, value = await writes.read_json_body(request)
+    if not has_body:
         raise BadRequest("a patch needs a JSON object as the request body")
-    try:
-        value = jsonform.decode(raw, "the request body")
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # invalid UTF-8 is not a DecodeError in msgspec
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"a patch must be a JSON object, not {type(value).__name__}")
     return value
@@ -188,11 +191,18 @@ async def read(client: Client, run: str, rank: str, path: str | None, fresh: boo
 
 
 async def set_value_of(
-    client: Client, run: str, rank: str, path: str, value: str, options: dict[str, Any]
+    client: Client,
+    request: Request,
+    run: str,
+    rank: str,
+    path: str,
+    value: str | None,
+    options: dict[str, Any],
 ) -> Result | Gathered:
     """Set the typed-in ``value`` at ``path`` (``/`` or ``.`` separated), names checked first."""
     run, rank = _target(run, rank)
-    return await assign.set_text(client, run, rank, _dotted(path) or "", value, **options)
+    dotted = _dotted(path) or ""
+    return await writes.set_from_request(client, request, run, rank, dotted, value, options)
 
 
 async def patch_of(
@@ -207,7 +217,8 @@ async def patch_of(
     run, rank = _target(run, rank)
     dotted = _dotted(path)
     body = await _patch_body(request)
-    return await client.patch(run, rank, body, dotted, **options)
+    patch = client.patch(run, rank, body, dotted, **options)
+    return await writes.located(patch, writes.BODY, dotted)
 
 
 async def reset_of(
@@ -296,20 +307,28 @@ async def get_from_path(
     return await read(client, run, rank, path, fresh)
 
 
-@router.put(R + "/set/{path:path}", summary="Set one value", tags=["state"])
+@router.put(
+    R + "/set/{path:path}",
+    summary="Set one value",
+    tags=["state"],
+    openapi_extra=writes.SET_BODY,
+)
 async def set_value(
     run: RunParam,
     rank: RankParam,
     path: PathParam,
+    request: Request,
     client: ClientDep,
-    value: Annotated[str, Query(description="JSON (`0.01`, `null`, `[1,2]`), else a string")],
+    value: Value = None,
     sync: Sync = False,
     margin: Margin = None,
 ) -> Response:
     """Replace the value at `path`, validated by the program's model; 422 with pydantic's
-    errors (and nothing changed) if it does not fit."""
+    errors (and nothing changed) if it does not fit. The value is the JSON body, else
+    `?value=`."""
     options = _sync_options(rank, sync, margin)
-    return write_response(run, await set_value_of(client, run, rank, path, value, options))
+    result = await set_value_of(client, request, run, rank, path, value, options)
+    return write_response(run, result)
 
 
 @router.patch(R + "/set", summary="Merge a partial state", tags=["state"], openapi_extra=PATCH_BODY)

@@ -132,7 +132,7 @@ def test_a_refused_change_is_an_error_reply_and_changes_nothing() -> None:
     reply = err(outcome)
     assert reply.code == "validation" and reply.detail[0]["loc"] == ["opt", "lr"]
     assert outcome.new_state is None and rank.live.model.opt.lr == 0.1
-    assert err(run(rank, "set", m.Set(path="nope", value=1))).code == "bad_path"
+    assert err(run(rank, "set", m.Set(path="nope", value=1))).code == "unknown_path"
 
 
 def test_a_bug_in_the_users_validator_is_an_internal_error_not_a_crash() -> None:

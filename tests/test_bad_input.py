@@ -332,7 +332,14 @@ async def test_bad_commands_on_the_bus_get_an_error_reply_and_change_nothing(
     finally:
         await nc.close()
     assert agent.version == 0 and agent.state == Cfg() and not agent.stop_requested
-    assert set(codes) <= {"bad_request", "bad_path", "too_large", "validation"}, codes
+    assert set(codes) <= {
+        "bad_request",
+        "bad_path",
+        "unknown_path",
+        "not_an_object",
+        "too_large",
+        "validation",
+    }, codes
     figures("bad_commands_nats", inputs=sum(codes.values()), codes=dict(codes), state_changed=False)
 
 

@@ -111,6 +111,8 @@ SURFACES: list[tuple[type[e.RunctlError], str, int, int]] = [
     (e.RunctlError, "error", 500, 1),
     (e.BadToken, "bad_token", 400, 2),
     (e.BadPath, "bad_path", 400, 2),
+    (e.UnknownPath, "unknown_path", 404, 3),
+    (e.NotAnObject, "not_an_object", 405, 2),
     (e.BadRequest, "bad_request", 400, 2),
     (e.InvalidRequest, "bad_request", 422, 2),
     (e.ValidationRejected, "validation", 422, 4),

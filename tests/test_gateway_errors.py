@@ -87,18 +87,27 @@ async def test_bad_names_are_400_and_never_reach_the_bus(
     assert not [s for s in bus_traffic if ".cmd." in s]
 
 
-def test_bad_paths_are_400(gateway: GatewayFactory, agent: Control[Cfg], run_id: str) -> None:
+def test_malformed_paths_are_400_and_unknown_ones_404(
+    gateway: GatewayFactory, agent: Control[Cfg], run_id: str
+) -> None:
     http = gateway()
     base = f"/runs/{run_id}/ranks/0"
-    for path in ["opt..lr", "opt.nope", "__dict__", "opt._private", "x" * 2000]:
+    for path, status, code in [
+        ("opt..lr", 400, "bad_path"),
+        ("__dict__", 400, "bad_path"),
+        ("opt._private", 400, "bad_path"),
+        ("x" * 2000, 400, "bad_path"),
+        ("opt.nope", 404, "unknown_path"),  # well formed, names nothing: Freak's 404
+        ("nope", 404, "unknown_path"),
+    ]:
         for r in (
             http.get(f"{base}/get/{path}"),
             http.get(f"{base}/get/{path}", params={"fresh": "true"}),
             http.put(f"{base}/set/{path}", params={"value": "1"}),
             http.patch(f"{base}/set/{path}", json={"lr": 1}),
         ):
-            assert r.status_code == 400, (path[:20], r.request.method, r.text[:200])
-            assert r.json()["error"] == "bad_path" and len(r.content) < 1000
+            assert r.status_code == status, (path[:20], r.request.method, r.text[:200])
+            assert r.json()["error"] == code and len(r.content) < 1000
     assert agent.version == 0
 
 
@@ -241,8 +250,9 @@ def test_malformed_input_is_refused_without_echo(
     http = gateway()
     url = f"/runs/{run_id}/ranks/0/set"
     r = http.patch(url, content=b"{" + b"q" * 500_000)
-    assert r.status_code == 400 and b"qqqq" not in r.content and len(r.content) < 1000
-    assert "not valid JSON" in r.json()["message"]
+    assert r.status_code == 422 and b"qqqq" not in r.content and len(r.content) < 1000
+    assert "not valid JSON" in r.json()["message"]  # as FastAPI: 422, loc in the body
+    assert r.json()["detail"][0]["loc"][0] == "body"
     r = http.patch(url, json=[1, 2])
     assert r.status_code == 400 and "JSON object" in r.json()["message"]
     assert http.patch(url, content=b"").status_code == 400
