@@ -4,14 +4,14 @@ set dotenv-load := false
 
 py := if path_exists(".venv/bin/python") == "true" { ".venv/bin/python" } else { "python3" }
 
-# list the recipes
+# list the recipes (with this same just: it need not be on PATH, e.g. .venv/bin/just)
 default:
-    @just --list
+    @{{just_executable()}} --list
 
 # install runctl with its dev tools into .venv
 setup:
     python3 -m venv .venv
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -e '.[dev]'
 
 # run nats-server (JetStream on) in the foreground with nats.conf
 up *args:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ from pydantic import BaseModel
 import runctl.agent.checkpoint as checkpoint
 import runctl.agent.commands as commands
 import runctl.agent.lifecycle as lifecycle
+from runctl.agent.announce import recorded_stop_line
 from runctl.agent.commands import Effect, Outcome, RankState
 from runctl.agent.embedded import announce_access, take_lease
 from runctl.agent.embedded_lease import Lease, embedded_config
@@ -355,6 +357,7 @@ class Agent(Generic[M]):
         record = await recorded_stop(self.registry, self.run, self.rank)
         if record is None:
             return
+        print(recorded_stop_line(record, self.rank), file=sys.stderr, flush=True)
         reason = record.reason or "run stopped before this rank started"
         first = commands.request_stop(self.core, reason)
         self._carry_out((commands.StopEffect(reason, record.mode, record.grace, first),))

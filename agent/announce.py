@@ -4,35 +4,14 @@ changed (one printed line), and which bus it uses (one log line that says who st
 
 from __future__ import annotations
 
-import shutil
-import sys
-from pathlib import Path
+import time
 from typing import Any
 
 from runctl.agent.embedded_lease import Lease
+from runctl.bus.messages import RunRecord
+from runctl.bus.shell import runctl_command
 
-__all__ = ["access_line", "runctl_command", "server_log_fields"]
-
-
-def runctl_command() -> str:
-    """How to run ``runctl`` from here as typed: ``runctl`` when the shell finds this
-    environment's script, else its path (``.venv/bin/runctl``), else ``python -m runctl``."""
-    script = Path(sys.executable).parent / "runctl"
-    found = shutil.which("runctl")
-    if found is not None and (not script.exists() or Path(found).resolve() == script.resolve()):
-        return "runctl"
-    if script.exists():
-        return _short(script)
-    return f"{_short(Path(sys.executable))} -m runctl"
-
-
-def _short(path: Path) -> str:
-    """Relative to the working directory when inside it (``.venv/bin/runctl``)."""
-    absolute = path.absolute()
-    try:
-        return str(absolute.relative_to(Path.cwd()))
-    except ValueError:
-        return str(absolute)
+__all__ = ["access_line", "recorded_stop_line", "server_log_fields"]
 
 
 def access_line(run: str, lease: Lease, gateway_url: str | None, why_not: str) -> str:
@@ -60,3 +39,16 @@ def server_log_fields(lease: Lease) -> tuple[str, dict[str, Any]]:
     fields["started_by_pid"] = lease.owner
     fields["users"] = lease.users
     return "using the embedded nats-server another program started", fields
+
+
+def recorded_stop_line(record: RunRecord, rank: str, now: float | None = None) -> str:
+    """Why a program stops as soon as it starts (a run-wide stop recorded before it), and
+    how to start fresh."""
+    ago = max(0.0, (time.time() if now is None else now) - record.ts)
+    reason = f" ({record.reason})" if record.reason else ""
+    return (
+        f"runctl: run {record.run!r} was stopped {ago:.0f}s ago{reason}, so rank {rank} "
+        f"stops at once (ctl.stop_requested is set). To start fresh, use another run id "
+        f"(run=..., or RUNCTL_RUN), or forget that stop: {runctl_command()} forget "
+        f"{record.run} --stop"
+    )

@@ -413,6 +413,11 @@ class Client:
         """Remove a run's journal (its history; ranks started afterwards replay nothing)."""
         return await changes.forget_history(self, run)
 
+    async def forget_stop(self, run: str) -> bool:
+        """Forget the run's recorded run-wide stop (see :meth:`stop`), so a program started
+        again in the run is not stopped at once; True if there was one."""
+        return await (await self.registry()).clear_run(check_token(run, "run")) is not None
+
     async def stop(
         self,
         run: str,

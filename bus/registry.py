@@ -233,6 +233,14 @@ class Registry:
             return None
         return decode_run_record(entry.value) if entry.value else None
 
+    async def clear_run(self, run: str) -> RunRecord | None:
+        """Remove the run's record (a recorded run-wide stop): a rank that starts in the
+        run afterwards is not stopped at once. Returns the record that was there."""
+        record = await self.get_run(run)
+        if record is not None:
+            await self.kv.purge(f"{check_token(run, 'run')}.{ALL}")
+        return record
+
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run), in one pass: a batched direct get
         where the bucket allows it, else an ordered consumer. Never N gets."""

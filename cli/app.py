@@ -36,7 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
 from runctl.bus.connection import DEFAULT_URL
-from runctl.bus.errors import RunctlError
+from runctl.bus.errors import EXIT_USAGE, RunctlError
 from runctl.bus.logs import configure_logging
 from runctl.cli import artifacts, demo, server, state, steps, tail
 from runctl.cli.common import exit_code, fail
@@ -61,7 +61,7 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
         "--timeout",
         type=float,
         metavar="SECONDS",
-        default=2.0 if top else argparse.SUPPRESS,
+        default=None if top else argparse.SUPPRESS,
         help="how long to wait for ranks to answer (default: 2)",
     )
 
@@ -113,11 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    def add(
+        name: str, help: str, epilog: str | None = None, *, bus: bool = True
+    ) -> argparse.ArgumentParser:
+        """A sub-command; ``bus=False``: one that starts its own bus (demo, up), so it
+        offers no --nats/--timeout (given before it, they are refused)."""
         p: argparse.ArgumentParser = sub.add_parser(
             name, help=help, description=help, epilog=epilog
         )
-        _common(p, top=False)
+        if bus:
+            _common(p, top=False)
+        else:
+            p.set_defaults(own_bus=True)
         return p
 
     server.register(add)
@@ -136,7 +143,10 @@ def run_program(command: str, argv: Sequence[str], at: int) -> None:
     """Replace this process by the program behind ``command`` (see :data:`PROGRAMS`);
     ``argv[at]`` is the command itself. Does not return."""
     module, first, _ = PROGRAMS[command]
-    options = [] if first else list(argv[:at])  # --nats/--timeout mean nothing to tokens
+    options = list(argv[:at])
+    if first and options:  # --nats/--timeout mean nothing to tokens: say so
+        fail(f"{command} takes no {' '.join(options)}", EXIT_USAGE)
+        raise SystemExit(EXIT_USAGE)
     args = [sys.executable, "-m", module, *first, *options, *argv[at + 1 :]]
     sys.stdout.flush()
     sys.stderr.flush()
@@ -151,9 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_program(argv[at], argv, at)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "own_bus", False) and (args.url is not None or args.timeout is not None):
+        parser.error(f"{args.command} starts its own nats-server: it takes no --nats/--timeout")
     if getattr(args, "url", None) is None:
         args.url = os.environ.get("RUNCTL_NATS_URL") or DEFAULT_URL
-    if not hasattr(args, "timeout"):
+    if getattr(args, "timeout", None) is None:
         args.timeout = 2.0
     if args.timeout <= 0:
         parser.error("--timeout must be positive")

@@ -26,6 +26,7 @@ from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, NATS_PORT, NATS_URL
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
 from runctl.bus.server import NatsServer, die_with_parent
+from runctl.bus.shell import runctl_command
 from runctl.bus.steps.store import forget
 from runctl.bus.subjects import ALL, check_token
 from runctl.cli.common import AddParser
@@ -43,6 +44,7 @@ def register(add: AddParser) -> None:
         "run a nats-server, N ranks of a training-like loop and the gateway",
         epilog="Stops everything it started on Ctrl-C, after --duration, or once every "
         "rank has stopped.",
+        bus=False,
     )
     p.add_argument("--ranks", type=int, default=2, help="how many ranks (default: 2)")
     p.add_argument(
@@ -289,29 +291,34 @@ def _stop_ranks(url: str | None, run: str, procs: list[subprocess.Popen[bytes]])
 
 
 def instructions(run: str, gateway_url: str, nats_url: str, ranks: int) -> str:
-    """What the demo prints once everything is up: the addresses and lines to try."""
+    """What the demo prints once everything is up: the addresses and lines to try, each
+    runnable as printed (``runctl`` by the path the shell finds it at, see bus.shell)."""
     host = gateway_url.removeprefix("http://")
     env = "" if nats_url == NATS_URL else f"RUNCTL_NATS_URL={nats_url} "
+    cli = env + runctl_command()
     return f"""
 runctl demo: {ranks} rank(s) of run '{run}' are training.
   NATS     {nats_url}
   gateway  {gateway_url}   (API docs: {gateway_url}/docs)
   console  {gateway_url}/console/{run}   (open it in a browser: curves, changes, stop)
+  typed    {gateway_url}/runs/{run}/docs   (forms typed from the demo's model)
 
 Try, from another terminal:
-  curl -s {host}/runs
+  curl -s {host}/get
   curl -s {host}/runs/{run}/ranks/0/get
   curl -s -X PUT '{host}/runs/{run}/ranks/all/set/optimizer.lr?value=0.05'
   curl -s -X PATCH {host}/runs/{run}/ranks/0/set -d '{{"optimizer": {{"kind": "adam"}}}}'
   curl -s -X PUT '{host}/runs/{run}/ranks/0/set/optimizer.kind?value=rmsprop'   # refused: 422
-  curl -s -X POST '{host}/runs/{run}/ranks/all/stop?reason=enough'
 
 or with the CLI:
-  {env}runctl ls
-  {env}runctl get {run}/0 optimizer
-  {env}runctl set {run} optimizer.lr=0.05 optimizer.kind=adam
-  {env}runctl tail {run}
-  {env}runctl stop {run}
+  {cli} ls
+  {cli} get {run}/0 optimizer
+  {cli} set {run} optimizer.lr=0.02 optimizer.kind=adam
+  {cli} set {run} batch_size=64 --sync      # every rank at the same step
+  {cli} tail {run}                          # changes and events (Ctrl-C ends it)
+  {cli} steps {run} --explain               # the epochs logged done, what a restart skips
+  {cli} forget {run} 'epoch:3+'             # epoch 3 and after run again next time
+  {cli} stop {run} --sync                   # every rank stops before the same step
 
 Ctrl-C stops everything.
 """

@@ -2,7 +2,13 @@
 
 It is also what adding runctl to a program looks like: a pydantic model for the settings,
 one ``control()`` line, the loop reads the settings at each step and honours
-``ctl.stop_requested``.
+``ctl.stop_requested``. Its epochs go through the step log (``ctl.once``), so ``runctl
+steps demo``, ``--explain`` and ``runctl forget`` have something to show, and a demo
+started again in the same directory skips the epochs done.
+
+Step numbers: step N is the N-th training step, and ``ctl.sync(N)`` runs before it, so a
+synchronised stop "at step N" stops the rank before step N runs: the rank says
+"stopping before step N", the number the stop reported.
 
     python -m runctl.cli.demo_train --run demo --rank 0 --url nats://127.0.0.1:4222
 """
@@ -70,28 +76,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ctl.wait_ready(15)
         print(f"{tag} pid {os.getpid()} ready: {_describe(state)}", flush=True)
-        step, loss, seen = 0, 2.5, _describe(state)
-        epoch, orphaned = 0, False
-        while not ctl.stop_requested and not orphaned:
-            # an epoch is a logged step (ctl.once): `runctl steps demo` and the console's
-            # timeline show them; a stop is honoured once the current epoch is done
+        loss, seen, step, epoch, why = 2.5, _describe(state), 0, 0, ""
+        while not why:
+            # an epoch is a logged step (ctl.once): `runctl steps demo`, --explain, forget
+            # and the console's timeline show them; one an earlier demo finished is skipped
             with ctl.once("epoch", key=epoch, wait=False) as done:
                 if done.done:
                     epoch += 1
+                    step = max(step, epoch * EPOCH_STEPS)  # its steps with it
                     continue
+                first = step
                 for _ in range(EPOCH_STEPS):
                     if os.getppid() != parent:
-                        orphaned = True  # whoever started us is gone: do not linger
-                        done.skip()  # the epoch was not finished
-                    if state.max_steps is not None and step >= state.max_steps:
+                        why = "the demo is gone"  # do not linger as an orphan
                         break
-                    ctl.sync(step)  # lets `runctl set --sync` apply at the same step everywhere
+                    if state.max_steps is not None and step >= state.max_steps:
+                        why = f"reached max_steps={state.max_steps}"
+                        break
+                    ctl.sync(step)  # `runctl set --sync` changes (and stops) land here, before step
+                    if ctl.stop_requested:
+                        why = f"stop requested ({ctl.stop_reason or 'no reason'})"
+                        break
                     with ctl.lock:  # several fields, read consistently
-                        lr, kind, batch = (
-                            state.optimizer.lr,
-                            state.optimizer.kind,
-                            state.batch_size,
-                        )
+                        lr, kind = state.optimizer.lr, state.optimizer.kind
+                        batch = state.batch_size
                     speed = lr * (3.0 if kind == "adam" else 1.0) * math.sqrt(batch / 32)
                     loss = max(0.01, loss * (1 - min(speed, 0.5) * 0.1) + rng.gauss(0, 0.01))
                     with ctl.lock:
@@ -103,19 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         print(f"{tag} step {step}: loss {loss:.4f}  {_describe(state)}", flush=True)
                     time.sleep(args.step_time)
                     step += 1
+                if why:
+                    done.skip()  # an epoch cut short is not logged done: a restart runs it
                 done.result = {"loss": round(loss, 4), "last_step": step - 1}
+            if why:
+                break
+            print(f"{tag} epoch {epoch} done (steps {first}-{step - 1})", flush=True)
             epoch += 1
-            if orphaned:
-                break
-            if state.max_steps is not None and step >= state.max_steps:
-                print(f"{tag} reached max_steps={state.max_steps}", flush=True)
-                break
-        if ctl.stop_requested:
-            print(
-                f"{tag} stop requested at step {step} ({ctl.stop_reason or 'no reason'}): "
-                "finishing cleanly",
-                flush=True,
-            )
+        print(f"{tag} {why}: stopping before step {step}, finishing cleanly", flush=True)
     except KeyboardInterrupt:
         pass
     finally:

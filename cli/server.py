@@ -32,6 +32,7 @@ def register(add: AddParser) -> None:
         epilog=f"Uses ./{DEFAULT_CONFIG} if present, else the secured nats.conf that ships "
         f"with runctl (three roles, loopback only; their passwords are generated into "
         f"{DEFAULT_DIR} on first start).",
+        bus=False,
     )
     p.add_argument(
         "--config",

@@ -19,7 +19,7 @@ import time
 from typing import Any, TextIO
 
 from runctl.bus.client import Client
-from runctl.bus.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from runctl.bus.errors import EXIT_OK, EXIT_USAGE
 from runctl.bus.formatting import ago, cut, format_duration, render_table
 from runctl.bus.stepviews import STATUSES, forget_steps, steps_view
 from runctl.cli.common import AddParser, with_client
@@ -53,13 +53,20 @@ def register(add: AddParser) -> None:
 
     f = add(
         "forget",
-        "forget steps so they run again",
-        epilog="STEP is a name or name:key; a trailing + also forgets every step started after it.",
+        "forget steps so they run again (or the run's recorded stop)",
+        epilog="STEP is a name or name:key; a trailing + also forgets every step started after "
+        "it. Nothing matching is no error: it says so (forgotten: 0), as the HTTP route does.",
     )
     f.add_argument("run")
     f.add_argument("step", nargs="?", help="name, name:key, name+ or name:key+")
     f.add_argument("--rank", help="only this rank's log ('run': the run-wide log)")
     f.add_argument("--everything", action="store_true", help="forget the whole run")
+    f.add_argument(
+        "--stop",
+        action="store_true",
+        help="forget the run's recorded stop: a program started again in the run is not "
+        "stopped at once",
+    )
     f.add_argument("--json", action="store_true", help="print JSON")
     f.set_defaults(func=forget_command)
 
@@ -91,10 +98,20 @@ def steps_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """``runctl forget RUN STEP``: forget steps so a restart runs them (3 if none matched)."""
+    """``runctl forget RUN STEP``: forget steps so a restart runs them; ``--stop``: the
+    run's recorded stop. Exit 0 also when nothing matched (the report says 0)."""
     out = out or sys.stdout
+    if getattr(args, "stop", False):
+        if args.step is not None or args.everything:
+            print("runctl forget: --stop forgets the recorded stop only", file=sys.stderr)
+            return EXIT_USAGE
+        return _forget_stop(args, out)
     if (args.step is None) == (not args.everything):
-        print("runctl forget: name a STEP, or pass --everything for the whole run", file=sys.stderr)
+        print(
+            "runctl forget: name a STEP, or pass --everything for the whole run "
+            "(--stop: the run's recorded stop)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
     async def go(client: Client) -> dict[str, Any]:
@@ -103,13 +120,14 @@ def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     report = with_client(args, go)
     if args.json:
         print(json.dumps(report, indent=2, default=str), file=out)
-        return EXIT_OK if report["forgotten"] else EXIT_NOT_FOUND
+        return EXIT_OK
     if not report["forgotten"]:
         print(
-            f"nothing to forget: no logged step of run {args.run!r} matches {report['selector']!r}",
+            f"nothing to forget: no logged step of run {args.run!r} matches "
+            f"{report['selector']!r} (forgotten: 0)",
             file=out,
         )
-        return EXIT_NOT_FOUND
+        return EXIT_OK
     print(
         f"forgot {report['forgotten']} step(s) of run {args.run!r} ({report['selector']}); "
         "they run again on the next start",
@@ -120,6 +138,24 @@ def forget_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if report["forgotten"] > 20:
         print(f"  ... and {report['forgotten'] - 20} more", file=out)
     return 0
+
+
+def _forget_stop(args: argparse.Namespace, out: TextIO) -> int:
+    async def go(client: Client) -> bool:
+        return await client.forget_stop(args.run)
+
+    had = with_client(args, go)
+    if args.json:
+        print(json.dumps({"run": args.run, "stop_forgotten": had}), file=out)
+    elif had:
+        print(
+            f"forgot the recorded stop of run {args.run!r}: a program started again in it "
+            "runs (ranks still running were asked to stop already)",
+            file=out,
+        )
+    else:
+        print(f"run {args.run!r} has no recorded stop: nothing to forget", file=out)
+    return EXIT_OK
 
 
 # --- rendering -----------------------------------------------------------------------

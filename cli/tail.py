@@ -1,7 +1,10 @@
 """``runctl tail [RUN]``: what happens on a run, live, one readable line per message.
 
-It subscribes to the run's state changes (heartbeats only with ``--heartbeats``), events
-and step records; with ``--commands`` also to the commands anyone sends. ``--json`` prints
+By default it prints what someone did and what happened: states changed by a command
+(set, patch, reset ...), events, step records. ``--heartbeats`` adds the state republished
+on every heartbeat and the program's own updates of its fields (a training loop writing its
+step and loss), which arrive at that same pace, with the ``changed`` event that goes with
+them. ``--commands`` adds the commands anyone sends. ``--json`` prints
 each message as ``{"subject": ..., "data": ...}`` instead.
 
 Commands are opt-in because a subscriber to a command subject is, for NATS, someone who
@@ -36,17 +39,21 @@ from runctl.cli.common import AddParser, with_client
 __all__ = ["format_message", "register", "tail_command", "tail_subjects"]
 
 MAX_VALUE_CHARS: Final = 160
+#: state causes and event kinds that come at heartbeat pace: shown with --heartbeats only
+HEARTBEAT_CAUSES: Final = frozenset({"heartbeat", "changed"})
+HEARTBEAT_EVENTS: Final = frozenset({"changed"})
 
 
 def register(add: AddParser) -> None:
     """Add ``tail``."""
-    p = add("tail", "print a run's state changes, events and commands as they happen")
+    p = add("tail", "print a run's changes and events as they happen")
     p.add_argument("run", nargs="?", help="the run (default: every run)")
     p.add_argument("--json", action="store_true", help="one raw JSON message per line")
     p.add_argument(
         "--heartbeats",
         action="store_true",
-        help="also print the state republished on every heartbeat",
+        help="also print the state republished on every heartbeat, and the program's own "
+        "updates of its fields (published at the same pace)",
     )
     p.add_argument(
         "--commands",
@@ -106,7 +113,7 @@ def tail_subjects(run: str | None, *, commands: bool = False) -> list[str]:
 def format_message(
     subject: str, data: bytes, *, raw: bool = False, heartbeats: bool = False
 ) -> str | None:
-    """One line for one message, or None for a heartbeat nobody asked to see."""
+    """One line for one message, or None for one at heartbeat pace nobody asked to see."""
     parts = subject.split(".")
     if len(parts) < 4 or parts[0] != PREFIX:
         return None
@@ -121,7 +128,7 @@ def format_message(
     try:
         if kind == "state":
             state = m.decode_state(data)
-            if state.cause == "heartbeat" and not heartbeats:
+            if state.cause in HEARTBEAT_CAUSES and not heartbeats:
                 return None
             return (
                 f"{_clock(state.ts)}  {who:<12} state    v{state.version} "
@@ -129,6 +136,8 @@ def format_message(
             )
         if kind == "evt":
             event = m.decode_event(data)
+            if event.kind in HEARTBEAT_EVENTS and not heartbeats:
+                return None
             detail = _compact(event.data) if event.data else ""
             return f"{_clock(event.ts)}  {who:<12} event    {event.kind} v{event.version}  {detail}"
         if kind == "cmd":

@@ -10,6 +10,7 @@ themselves and skips, saying why, only when they are busy.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -343,3 +344,95 @@ def test_torchrun_ranks_share_one_embedded_server_that_outlives_rank_0(
         wait_for(ports.all_gone, timeout=20)
     finally:
         job.kill()
+
+
+# --- Freak's README, verbatim apart from the import ------------------------------------------
+
+FREAK_FIRST = """\
+from runctl import control
+from pydantic import BaseModel
+
+class State(BaseModel):
+    foo: str = "bar"
+
+state = State()
+control(state)
+"""
+FREAK_FIRST_CURL = """curl -X PUT localhost:4444/set/foo?value=baz"""
+
+FREAK_NESTED = """\
+from pydantic import BaseModel
+
+class Bar(BaseModel):
+    foo: str = "bar"
+    baz: int = 0
+
+class State(BaseModel):
+    bar: Bar = Bar()
+"""
+# the README shows the model; the one line is the same as above
+FREAK_NESTED_CONTROL = "from runctl import control\nstate = State()\ncontrol(state)\n"
+FREAK_PATCH = """curl -X 'PATCH' \\
+  'http://localhost:4444/set/bar' \\
+  -H 'accept: application/json' \\
+  -H 'Content-Type: application/json' \\
+  -d '{"foo": "baz"}'"""
+FREAK_BAD_PATCH = FREAK_PATCH.replace('{"foo": "baz"}', '{"baz": "lol"}')
+#: the program goes on after the snippet, as a user's program would (here: until Ctrl-C)
+GOES_ON = "\nimport threading\nprint('RUNNING', flush=True)\nthreading.Event().wait()\n"
+
+
+def curl(line: str, gateway_port: int) -> str:
+    line = line.replace("localhost:4444", f"localhost:{gateway_port}")
+    out = subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert out.returncode == 0, (line, out.stderr)
+    return out.stdout
+
+
+def interrupted(program: Program) -> bool:
+    """Ctrl-C: the program says goodbye on its way out (control()'s exit hook) and ends
+    as Python ends on an uncaught KeyboardInterrupt."""
+    program.proc.send_signal(signal.SIGINT)
+    return program.wait() == -signal.SIGINT
+
+
+@pytest.fixture(params=["default ports", "free ports"])
+def freak_ports(request: pytest.FixtureRequest) -> Ports:
+    if request.param == "free ports":
+        return Ports(free_port(), free_port())
+    busy = [p for p in (4222, 4444) if listening(p)]
+    if busy:
+        pytest.skip(
+            f"this run exercises the default ports 4222/4444 and {busy} is in use on this "
+            "machine (the free-ports run covers the same flow; CI has them free)"
+        )
+    return Ports(4222, 4444)
+
+
+@pytest.mark.timeout(150)
+def test_freaks_readme_flow_verbatim(
+    freak_ports: Ports, programs: list[Program], tmp_path: Path
+) -> None:
+    default = freak_ports.nats == 4222
+    env = {} if default else freak_ports.env  # the defaults: nothing at all configured
+    first = Program(FREAK_FIRST + GOES_ON, env, tmp_path)
+    programs.append(first)
+    first.line("RUNNING")
+    first.line(f"{freak_ports.http}/get")  # the line control() prints says where
+    assert curl(FREAK_FIRST_CURL, freak_ports.gateway) == '"success"'
+    assert curl("curl -s localhost:4444/get", freak_ports.gateway) == '{"foo":"baz"}'
+    assert interrupted(first)
+
+    nested = Program(FREAK_NESTED + FREAK_NESTED_CONTROL + GOES_ON, env, tmp_path)
+    programs.append(nested)
+    nested.line(f"{freak_ports.http}/get")
+    assert curl(FREAK_PATCH, freak_ports.gateway) == '"success"'
+    refused = json.loads(curl(FREAK_BAD_PATCH, freak_ports.gateway))
+    assert [e["loc"] for e in refused["detail"]] == [["body", "baz"]]  # as Freak's README
+    assert json.loads(curl("curl -s localhost:4444/get", freak_ports.gateway)) == {
+        "bar": {"foo": "baz", "baz": 0}
+    }
+    assert interrupted(nested)
+    wait_for(freak_ports.all_gone, timeout=20)
