@@ -55,6 +55,7 @@ from runctl.bus.errors import (
     PayloadTooLarge,
     RunctlError,
     Unavailable,
+    UnreadableRecord,
     from_code,
     map_nats_error,
 )
@@ -223,8 +224,17 @@ class Client:
 
     async def runs(self) -> list[RankInfo]:
         """Every rank of every run the registry holds, with its liveness."""
+        return (await self.scan())[0]
+
+    async def scan(self, run: str | None = None) -> tuple[list[RankInfo], list[UnreadableRecord]]:
+        """The ranks the registry holds (of ``run``, else of every run) with their liveness,
+        and the records it could not decode (skipped, so that one bad record never hides
+        a run: callers report them)."""
+        if run is not None:
+            check_token(run, "run")
+        found = await (await self.registry()).scan(run)
         now = time.time()
-        return [RankInfo.of(r, now) for r in await (await self.registry()).records()]
+        return [RankInfo.of(r, now) for r in found.records], found.unreadable
 
     async def ranks(self, run: str) -> list[RankInfo]:
         """The ranks of ``run`` the registry holds, with their liveness (``NotFound`` if
@@ -233,9 +243,7 @@ class Client:
         >>> [i.record.rank for i in await client.ranks("exp1") if i.liveness == "alive"]
         ['0', '1']
         """
-        check_token(run, "run")
-        now = time.time()
-        infos = [RankInfo.of(r, now) for r in await (await self.registry()).records(run)]
+        infos, _ = await self.scan(run)
         if not infos:
             raise NotFound(run)
         return infos
@@ -444,7 +452,7 @@ class Client:
             stopped = await client.stop("exp1", "all", checkpoint=True)
             stopped.checkpoints["0"]["files"]   # {"model.pt": {"size": ..., "digest": ...}}
         """
-        cmd = m.Stop(reason=reason, mode=mode, grace=grace, checkpoint=checkpoint)
+        cmd = m.Stop(reason=reason, mode=mode, grace=m.check_grace(grace), checkpoint=checkpoint)
         if at_step is not None and not checkpoint:
             return await self._write(run, rank, cmd, sync, margin, at_step)
         if checkpoint:

@@ -25,6 +25,7 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
     │   └── TlsError             tls               503  5  TLS failed, or a plain server refused
     ├── Timeout                  timeout           504  5  a rank did not answer (``missing``)
     ├── RemoteError              internal          502  1  the agent failed handling a command
+    ├── UnreadableRecord         unreadable_rec... 502  1  a registry record that cannot be decoded
     ├── CorruptArtifact          corrupt_artifact  500  1  a stored result fails its digest
     └── SetupError               setup             500  2  runctl's own setup is wrong
         ├── CredentialsError     credentials       500  2  NATS passwords, role files
@@ -80,6 +81,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnknownPath",
+    "UnreadableRecord",
     "ValidationRejected",
     "describe_validation",
     "from_code",
@@ -345,6 +347,20 @@ class RemoteError(RunctlError):
 
     code = "internal"
     http_status = 502
+
+
+class UnreadableRecord(RunctlError):
+    """A registry record that cannot be decoded (written by another version, by hand, or
+    by a bug). Reported where it is read; a listing skips it and names it instead."""
+
+    code = "unreadable_record"
+    http_status = 502
+
+    def __init__(self, key: str, problem: str) -> None:
+        shown = problem if len(problem) <= 200 else problem[:197] + "..."
+        super().__init__(f"the registry's record {key!r} cannot be read: {shown}")
+        self.key = key
+        self.problem = shown
 
 
 class SetupError(RunctlError):

@@ -9,13 +9,17 @@ One union per subject kind, one Decoder for each, built once at import.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+import math
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
+
+from runctl.bus.errors import BadRequest
 
 __all__ = [
     "COMMAND_TYPES",
     "DEFERRABLE",
+    "MAX_GRACE",
     "WRITES",
     "Assign",
     "Author",
@@ -24,6 +28,7 @@ __all__ = [
     "Err",
     "Event",
     "Get",
+    "Grace",
     "Ok",
     "Patch",
     "Ping",
@@ -36,6 +41,7 @@ __all__ = [
     "StateMsg",
     "Stop",
     "StopMode",
+    "check_grace",
     "decode_command",
     "decode_event",
     "decode_record",
@@ -117,12 +123,27 @@ class Reset(msgspec.Struct, tag="reset/1", **_TAG):
 #: graceful, then SIGTERM after ``grace`` seconds and SIGKILL after twice that, if the
 #: rank's process is still running (only when the operator asks for it).
 StopMode = Literal["graceful", "terminate"]
+#: the longest grace a terminate may give, seconds (a week): any finite bound refuses inf
+MAX_GRACE: Final = 7 * 24 * 3600.0
+#: seconds before SIGTERM: positive and finite (NaN fails both bounds), so a decoded
+#: message can never hold one a rank would refuse
+Grace = Annotated[float, msgspec.Meta(gt=0, le=MAX_GRACE)]
+
+
+def check_grace(grace: float) -> float:
+    """``grace`` if a rank takes it, else :class:`BadRequest` naming the rule (before
+    anything is sent or recorded: msgspec would write ``inf`` as ``null``)."""
+    if not (isinstance(grace, int | float) and math.isfinite(grace) and 0 < grace <= MAX_GRACE):
+        raise BadRequest(
+            f"grace must be a number of seconds above 0 and at most {MAX_GRACE:g}, not {grace!r}"
+        )
+    return float(grace)
 
 
 class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     reason: str = ""
     mode: StopMode = "graceful"
-    grace: float = 30.0
+    grace: Grace = 30.0
     at_step: int | None = None
     change_id: str = ""
     by: Author | None = None
@@ -303,7 +324,7 @@ class RunRecord(msgspec.Struct, tag="run/1", **_TAG):
     reason: str = ""
     ts: float = 0.0
     mode: StopMode = "graceful"
-    grace: float = 30.0
+    grace: Grace = 30.0
 
 
 _encoder = msgspec.json.Encoder()

@@ -11,10 +11,10 @@ state stays readable and is reported ``stale`` once its heartbeat is overdue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -24,6 +24,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from runctl.bus.errors import UnreadableRecord
 from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
 from runctl.bus.progress import Spread, is_stalled, step_spread
 from runctl.bus.replicas import replicas_from_env
@@ -35,6 +36,7 @@ __all__ = [
     "Liveness",
     "RankInfo",
     "Registry",
+    "Scan",
     "allows_direct",
     "create_bucket",
     "heartbeat_overdue",
@@ -42,6 +44,7 @@ __all__ = [
     "run_spread",
 ]
 
+_T = TypeVar("_T")
 BUCKET: Final = "RUNCTL_RANKS"
 #: the stream that holds the bucket, and the subject prefix of its keys
 STREAM: Final = f"KV_{BUCKET}"
@@ -197,14 +200,16 @@ class Registry:
         return await self.kv.put(self.key(run, rank) + ".schema", schema)
 
     async def get(self, run: str, rank: str) -> RankRecord | None:
-        """A rank's latest record, or None."""
+        """A rank's latest record, or None; :class:`UnreadableRecord` if it cannot be
+        decoded."""
+        key = self.key(run, rank)
         try:
-            entry = await self.kv.get(self.key(run, rank))
+            entry = await self.kv.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
         if entry.value is None:
             return None
-        return decode_record(entry.value)
+        return _decode(key, entry.value, decode_record)
 
     async def schema(self, run: str, rank: str) -> Any:
         """A rank's model schema (decoded JSON), or None."""
@@ -226,12 +231,14 @@ class Registry:
         return await self.js.publish_async(subject, msgspec.json.encode(record))
 
     async def get_run(self, run: str) -> RunRecord | None:
-        """The run's record, or None."""
+        """The run's record, or None; :class:`UnreadableRecord` if it cannot be decoded
+        (e.g. a stop recorded by a version that wrote ``grace: null``)."""
+        key = f"{check_token(run, 'run')}.{ALL}"
         try:
-            entry = await self.kv.get(f"{check_token(run, 'run')}.{ALL}")
+            entry = await self.kv.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        return decode_run_record(entry.value) if entry.value else None
+        return _decode(key, entry.value, decode_run_record) if entry.value else None
 
     async def clear_run(self, run: str) -> RunRecord | None:
         """Remove the run's record (a recorded run-wide stop): a rank that starts in the
@@ -243,15 +250,26 @@ class Registry:
 
     async def records(self, run: str | None = None) -> list[RankRecord]:
         """Latest record of every rank (of one run), in one pass: a batched direct get
-        where the bucket allows it, else an ordered consumer. Never N gets."""
-        pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
-        records = await self._read_direct(pattern)
-        if records is None:
-            records = await self._read_watching(pattern)
-        records.sort(key=lambda r: (r.run, rank_key(r.rank)))
-        return records
+        where the bucket allows it, else an ordered consumer. Never N gets. Records that
+        cannot be decoded are left out (:meth:`scan` names them)."""
+        return (await self.scan(run)).records
 
-    async def _read_direct(self, pattern: str) -> list[RankRecord] | None:
+    async def scan(self, run: str | None = None) -> Scan:
+        """As :meth:`records`, with the keys whose records could not be decoded: one bad
+        record never hides the others."""
+        pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
+        unreadable: list[UnreadableRecord] = []
+        records = await self._read_direct(pattern, unreadable)
+        if records is None:
+            unreadable.clear()
+            records = await self._read_watching(pattern, unreadable)
+        records.sort(key=lambda r: (r.run, rank_key(r.rank)))
+        unreadable.sort(key=lambda u: u.key)
+        return Scan(records, unreadable)
+
+    async def _read_direct(
+        self, pattern: str, unreadable: list[UnreadableRecord]
+    ) -> list[RankRecord] | None:
         """The last value of every key matching ``pattern`` from one batched direct get
         (``multi_last``, nats-server 2.11+): no consumer to create and delete, and one
         consistent cut of the store. None if the bucket does not allow direct gets or
@@ -272,9 +290,11 @@ class Registry:
                 status.append("truncated" if code == "204" and cut_short else code)
                 ended.set()
             elif msg.data and not headers.get("Nats-Subject", "").endswith(f".{ALL}"):
-                # a foreign value in our bucket is not ours to report
-                with contextlib.suppress(msgspec.DecodeError):
-                    records.append(decode_record(msg.data))
+                key = headers.get("Nats-Subject", "").removeprefix(KEY_PREFIX)
+                try:
+                    records.append(_decode(key, msg.data, decode_record))
+                except UnreadableRecord as exc:
+                    unreadable.append(exc)
 
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_message)
@@ -289,15 +309,19 @@ class Registry:
             return []
         return records if status == ["204"] else None
 
-    async def _read_watching(self, pattern: str) -> list[RankRecord]:
+    async def _read_watching(
+        self, pattern: str, unreadable: list[UnreadableRecord]
+    ) -> list[RankRecord]:
         subjects: list[str] = []
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._list_subjects, pattern, subjects)
-            records = await self._read_watched(pattern)
-        await self._add_skipped(records, subjects)
+            records = await self._read_watched(pattern, unreadable)
+        await self._add_skipped(records, subjects, unreadable)
         return records
 
-    async def _read_watched(self, pattern: str) -> list[RankRecord]:
+    async def _read_watched(
+        self, pattern: str, unreadable: list[UnreadableRecord]
+    ) -> list[RankRecord]:
         # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
         # by default): at a few reads per second that hits the stream's consumer limit.
         watcher = await self.kv.watch(
@@ -311,9 +335,9 @@ class Registry:
                     break
                 if entry.value and not entry.key.endswith(f".{ALL}"):
                     try:
-                        records.append(decode_record(entry.value))
-                    except msgspec.DecodeError:
-                        continue  # a foreign value in our bucket is not ours to report
+                        records.append(_decode(entry.key, entry.value, decode_record))
+                    except UnreadableRecord as exc:
+                        unreadable.append(exc)
                 if entry.delta == 0:
                     break
         finally:
@@ -324,21 +348,26 @@ class Registry:
         info = await self.js.stream_info(STREAM, subjects_filter=KEY_PREFIX + pattern)
         into.extend(info.state.subjects or {})
 
-    async def _add_skipped(self, records: list[RankRecord], subjects: list[str]) -> None:
+    async def _add_skipped(
+        self, records: list[RankRecord], subjects: list[str], unreadable: list[UnreadableRecord]
+    ) -> None:
         """A key rewritten while the watcher's consumer is created can be left out of its
         initial values (nats-server 2.15, last-per-subject: ~5% of reads of a run whose
         ranks are answering a broadcast, i.e. writing their records, missed a rank). The
         stream's subject list (read at the same time) has every key: fetch the ones the
         watcher did not deliver."""
-        seen = {(r.run, r.rank) for r in records}
+        seen = {(r.run, r.rank) for r in records} | {
+            tuple(u.key.split(".")[-2:]) for u in unreadable
+        }
         keys = [tuple(s.split(".")[-2:]) for s in subjects]
         missed = [(run, rank) for run, rank in keys if rank != ALL and (run, rank) not in seen]
 
         async def fetch(run: str, rank: str) -> None:
             try:
                 record = await self.get(run, rank)  # None if deleted (purged keys stay listed)
-            except msgspec.DecodeError:
-                return  # a foreign value, as in _read_watched
+            except UnreadableRecord as exc:
+                unreadable.append(exc)
+                return
             if record is not None:
                 records.append(record)
 
@@ -350,3 +379,18 @@ class Registry:
         """Remove a rank's record and schema."""
         await self.kv.purge(self.key(run, rank))
         await self.kv.purge(self.key(run, rank) + ".schema")
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What a registry read found: the records, and the keys it could not decode."""
+
+    records: list[RankRecord]
+    unreadable: list[UnreadableRecord]
+
+
+def _decode(key: str, value: bytes, decoder: Callable[[bytes], _T]) -> _T:
+    try:
+        return decoder(value)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is one too
+        raise UnreadableRecord(key, str(exc)) from None

@@ -39,7 +39,7 @@ from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.errors import EXIT_USAGE, RunctlError
 from runctl.bus.logs import configure_logging
 from runctl.cli import artifacts, demo, server, state, steps, tail
-from runctl.cli.common import exit_code, fail
+from runctl.cli.common import exit_code, fail, seconds
 
 __all__ = ["build_parser", "main"]
 
@@ -59,7 +59,7 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         default=None if top else argparse.SUPPRESS,
         help="how long to wait for ranks to answer (default: 2)",

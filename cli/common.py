@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -66,6 +67,18 @@ def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) 
 def print_json(value: Any) -> None:
     """``value`` as indented JSON on stdout (what ``--json`` prints)."""
     print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (``inf``, ``nan``, ``0`` and
+    ``-1`` are refused with the usage error, exit code 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive, finite number of seconds")
+    return value
 
 
 def note(message: str) -> None:

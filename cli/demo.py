@@ -29,7 +29,7 @@ from runctl.bus.server import NatsServer, die_with_parent
 from runctl.bus.shell import runctl_command
 from runctl.bus.steps.store import forget
 from runctl.bus.subjects import ALL, check_token
-from runctl.cli.common import AddParser
+from runctl.cli.common import AddParser, seconds
 
 __all__ = ["demo_command", "instructions", "register"]
 
@@ -59,7 +59,7 @@ def register(add: AddParser) -> None:
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=seconds,
         metavar="SECONDS",
         help="stop after this long once the ranks are ready (default: Ctrl-C)",
     )
@@ -72,7 +72,7 @@ def register(add: AddParser) -> None:
     p.add_argument("--run", default="demo", help="run id (default: demo)")
     p.add_argument(
         "--step-time",
-        type=float,
+        type=seconds,
         default=0.2,
         metavar="SECONDS",
         help="seconds per training step (default: 0.2)",

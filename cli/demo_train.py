@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from runctl.agent import control
 from runctl.bus.logs import configure_logging
+from runctl.cli.common import seconds
 
 __all__ = ["EPOCH_STEPS", "Optimizer", "TrainState", "main"]
 
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", default="demo")
     parser.add_argument("--rank", default="0")
     parser.add_argument("--url", default=None, help="NATS URL (default: $RUNCTL_NATS_URL)")
-    parser.add_argument("--step-time", type=float, default=0.2, help="seconds per step")
+    parser.add_argument("--step-time", type=seconds, default=0.2, help="seconds per step")
     args = parser.parse_args(argv)
     configure_logging("warning")
 

@@ -12,9 +12,9 @@ import msgspec
 
 from runctl.bus import assign, jsonform
 from runctl.bus.client import Client, Gathered, Result
-from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest
+from runctl.bus.errors import EXIT_OK, EXIT_UNAVAILABLE, BadRequest, NotFound, UnreadableRecord
 from runctl.bus.formatting import ago, render_table
-from runctl.bus.messages import StopMode
+from runctl.bus.messages import StopMode, check_grace
 from runctl.bus.paths import split_path
 from runctl.bus.registry import ANSWERING, RankInfo, run_spread
 from runctl.bus.subjects import ALL
@@ -25,6 +25,7 @@ from runctl.cli.common import (
     note,
     parse_target,
     print_json,
+    seconds,
     with_client,
 )
 
@@ -87,7 +88,7 @@ def register(add: AddParser) -> None:
     )
     p.add_argument(
         "--checkpoint-timeout",
-        type=float,
+        type=seconds,
         default=300.0,
         metavar="SECONDS",
         help="how long to wait for the checkpoints (default 300)",
@@ -128,10 +129,15 @@ def _sync_options(args: argparse.Namespace, rank: str) -> dict[str, Any]:
 def ls_command(args: argparse.Namespace) -> int:
     """``runctl ls [RUN]``: a table of runs and ranks (``--json``: the shared rank view)."""
 
-    async def go(client: Client) -> list[RankInfo]:
-        return await (client.ranks(args.run) if args.run else client.runs())
+    async def go(client: Client) -> tuple[list[RankInfo], list[UnreadableRecord]]:
+        found = await client.scan(args.run or None)
+        if args.run and not found[0] and not found[1]:
+            raise NotFound(args.run)
+        return found
 
-    infos = with_client(args, go)
+    infos, unreadable = with_client(args, go)
+    for bad in unreadable:  # skipped, never a failure of the whole listing
+        note(f"skipped {bad}")
     if args.json:
         print_json([rank_summary(i) for i in infos])
     elif not infos:
@@ -276,8 +282,10 @@ def stop_command(args: argparse.Namespace) -> int:
         }
     else:
         options = _sync_options(args, rank)
-    if args.grace <= 0:
-        raise BadRequest("--grace must be positive")
+    try:
+        check_grace(args.grace)
+    except BadRequest as exc:  # before connecting; named as the user typed it
+        raise BadRequest(f"--grace: {exc}") from None
     mode: StopMode = "terminate" if args.terminate else "graceful"
 
     async def go(client: Client) -> Result | Gathered:

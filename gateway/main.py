@@ -9,6 +9,7 @@ one line on stderr with the error's own exit code, as for every ``runctl`` comma
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -122,8 +123,10 @@ def gateway_command(args: argparse.Namespace) -> int:
         raise BadRequest(f"--port {args.port} is not a port number")
     if args.max_body < 1:
         raise BadRequest("--max-body must be at least 1 byte")
-    if args.timeout <= 0:
-        raise BadRequest("--timeout must be positive")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise BadRequest(
+            f"--timeout must be a positive, finite number of seconds, not {args.timeout}"
+        )
     settings = Settings(
         nats_url=url,
         host=args.host,

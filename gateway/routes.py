@@ -23,7 +23,8 @@ from starlette.responses import Response
 
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.credentials import redact_url
-from runctl.bus.errors import BadRequest, RunctlError, Unavailable
+from runctl.bus.errors import BadRequest, NotFound, RunctlError, Unavailable, UnreadableRecord
+from runctl.bus.messages import MAX_GRACE
 from runctl.bus.paths import split_path
 from runctl.bus.registry import RankInfo, run_spread
 from runctl.bus.subjects import ALL, check_rank, check_token
@@ -238,40 +239,51 @@ async def list_runs(client: ClientDep) -> Response:
     exited), state version, step, heartbeat age, seconds since its program last advanced,
     host and pid; per run the step spread (which ranks lag behind the leader)."""
     by_run: dict[str, list[RankInfo]] = {}
-    for info in await client.runs():
+    found, unreadable = await client.scan()
+    for info in found:
         by_run.setdefault(info.record.run, []).append(info)
-    return json_response(
-        {
-            "runs": [
-                {
-                    "run": run,
-                    "counts": run_counts(infos),
-                    "spread": run_spread(infos).to_json(),
-                    "ranks": [rank_summary(i) for i in infos],
-                }
-                for run, infos in by_run.items()
-            ]
-        }
-    )
+    body: dict[str, Any] = {
+        "runs": [
+            {
+                "run": run,
+                "counts": run_counts(infos),
+                "spread": run_spread(infos).to_json(),
+                "ranks": [rank_summary(i) for i in infos],
+            }
+            for run, infos in by_run.items()
+        ]
+    }
+    if unreadable:
+        body["unreadable"] = [{"key": u.key, "error": u.problem} for u in unreadable]
+    return json_response(body)
 
 
 @router.get("/runs/{run}", summary="One run and its ranks", tags=["runs"])
 async def get_run(run: RunParam, client: ClientDep) -> Response:
-    """The run's ranks (404 if the registry has none), and a run-wide stop if one was sent."""
+    """The run's ranks (404 if the registry has none), and a run-wide stop if one was sent.
+    Records that cannot be decoded are listed under `unreadable` (key and error), not
+    served as a 500 for the whole run."""
     run = check_token(run, "run")
-    infos = await client.ranks(run)
+    infos, unreadable = await client.scan(run)
+    record = None
+    try:
+        record = await (await client.registry()).get_run(run)
+    except UnreadableRecord as exc:
+        unreadable.append(exc)
+    except (RunctlError, OSError):
+        pass
+    if not infos and not unreadable:
+        raise NotFound(run)
     body: dict[str, Any] = {
         "run": run,
         "counts": run_counts(infos),
         "spread": run_spread(infos).to_json(),
         "ranks": [rank_summary(i) for i in infos],
     }
-    try:
-        record = await (await client.registry()).get_run(run)
-    except (RunctlError, OSError):
-        record = None
     if record is not None:
         body["run_record"] = msgspec.to_builtins(record)
+    if unreadable:
+        body["unreadable"] = [{"key": u.key, "error": u.problem} for u in unreadable]
     return json_response(body)
 
 
@@ -388,7 +400,15 @@ async def stop(
             "after `grace` seconds if it is still running"
         ),
     ] = "graceful",
-    grace: Annotated[float, Query(gt=0, description="seconds, with mode=terminate")] = 30.0,
+    grace: Annotated[
+        float,
+        Query(
+            gt=0,
+            le=MAX_GRACE,
+            allow_inf_nan=False,
+            description="seconds, with mode=terminate (finite, at most a week)",
+        ),
+    ] = 30.0,
     sync: Sync = False,
     margin: Margin = None,
     checkpoint: Annotated[

@@ -6,6 +6,7 @@ or the ranks themselves), so it can be restarted at any time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -54,8 +55,8 @@ class Settings:
             check_token(self.default_run, "run")
         if self.default_rank is not None:
             check_rank(self.default_rank)
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError("timeout must be positive and finite")
         if self.max_body < 1:
             raise ValueError("max_body must be at least 1 byte")
         if (self.tls_cert is None) != (self.tls_key is None):

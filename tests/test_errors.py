@@ -129,6 +129,7 @@ SURFACES: list[tuple[type[e.RunctlError], str, int, int]] = [
     (e.TlsError, "tls", 503, 5),
     (e.Timeout, "timeout", 504, 5),
     (e.RemoteError, "internal", 502, 1),
+    (e.UnreadableRecord, "unreadable_record", 502, 1),
     (e.CorruptArtifact, "corrupt_artifact", 500, 1),
     (e.SetupError, "setup", 500, 2),
     (e.CredentialsError, "credentials", 500, 2),
