@@ -10,12 +10,15 @@ HTTP bodies), ``http_status`` (the gateway's answer) and ``exit_code`` (the CLI'
     │   ├── UnknownPath          unknown_path      404  3  a path that names nothing in the state
     │   └── NotAnObject          not_an_object     405  2  a merge into a value that is no object
     ├── BadRequest               bad_request       400  2  a malformed command or request
-    │   └── InvalidRequest       bad_request       422  2  an HTTP request FastAPI refused
+    │   ├── InvalidRequest       bad_request       422  2  an HTTP request FastAPI refused
+    │   ├── BadHost              bad_host          400  2  a Host name the gateway does not serve
+    │   └── UnsupportedMediaType unsupported_m...  415  2  a state-changing body that is not JSON
     ├── ValidationRejected       validation        422  4  the model refused it; nothing changed
     ├── PayloadTooLarge          too_large         413  2  over the size limit (never echoed)
     ├── NotFound                 not_found         404  3  no such run or rank (no responders)
     ├── Unauthorized             unauthorized      401  2  no bearer token, or an unknown one
     ├── Forbidden                forbidden         403  2  the token's role is too low
+    │   └── CrossSite            cross_site        403  2  a change sent by another site's page
     ├── MethodNotAllowed         method_not_al...  405  2  a route without that method
     ├── TooLate                  too_late          409  1  a deferred change came after its step
     ├── Conflict                 conflict          409  1  an undo of fields changed again since
@@ -57,12 +60,14 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "AmbiguousRun",
+    "BadHost",
     "BadPath",
     "BadRequest",
     "BadToken",
     "Conflict",
     "CorruptArtifact",
     "CredentialsError",
+    "CrossSite",
     "Forbidden",
     "InsecureBind",
     "InvalidRequest",
@@ -82,6 +87,7 @@ __all__ = [
     "Unavailable",
     "UnknownPath",
     "UnreadableRecord",
+    "UnsupportedMediaType",
     "ValidationRejected",
     "describe_validation",
     "from_code",
@@ -252,6 +258,21 @@ class NotFound(RunctlError, LookupError):
         self.rank = rank
 
 
+class BadHost(BadRequest):
+    """The ``Host`` of an HTTP request is not a name the gateway serves: what a DNS
+    rebinding page sends (its own name, now pointing at the gateway's address)."""
+
+    code = "bad_host"
+
+
+class UnsupportedMediaType(BadRequest):
+    """A state-changing request whose body is not JSON (``text/plain`` and forms are what a
+    page on another site can send without asking the browser first)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 class Unauthorized(RunctlError):
     """The gateway needs a bearer token and got none, or one it does not know."""
 
@@ -266,6 +287,13 @@ class Forbidden(RunctlError):
     code = "forbidden"
     http_status = 403
     exit_code = EXIT_USAGE
+
+
+class CrossSite(Forbidden):
+    """A state-changing request from a page of another origin (``Origin``, or the
+    browser's ``Sec-Fetch-Site``): refused whatever token it carries."""
+
+    code = "cross_site"
 
 
 class MethodNotAllowed(RunctlError):

@@ -22,6 +22,7 @@ from runctl.bus.errors import Unavailable
 from runctl.gateway import console, errors, freak, live, routes, run_docs, series, steps_api
 from runctl.gateway.auth import require
 from runctl.gateway.settings import Settings
+from runctl.gateway.site import SiteGuard
 
 __all__ = ["connect_client", "create_app"]
 
@@ -132,4 +133,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Swagger pages (static shells: they fetch their spec with the user's token)
     app.include_router(run_docs.router)
     app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
+    # outermost: a request from a page of another site is refused before anything else
+    app.add_middleware(
+        SiteGuard,
+        hosts=settings.allowed_hosts,
+        origins=settings.allowed_origins,
+        listen=settings.host,
+    )
     return app

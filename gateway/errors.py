@@ -42,7 +42,15 @@ from runctl.bus.errors import (
     map_nats_error,
 )
 
-__all__ = ["BodyLimit", "as_error", "error_body", "install", "json_response", "preview"]
+__all__ = [
+    "BodyLimit",
+    "as_error",
+    "error_body",
+    "install",
+    "json_response",
+    "preview",
+    "send_error",
+]
 
 log = structlog.get_logger()
 
@@ -188,7 +196,7 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
-            await _send_error(send, PayloadTooLarge(declared, self.max_body))
+            await send_error(send, PayloadTooLarge(declared, self.max_body))
             return
         received = 0
         started = False
@@ -212,7 +220,7 @@ class BodyLimit:
         except PayloadTooLarge as exc:  # read outside a route (no handler saw it)
             if started:
                 raise
-            await _send_error(send, exc)
+            await send_error(send, exc)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -225,7 +233,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, exc: RunctlError) -> None:
+async def send_error(send: Send, exc: RunctlError) -> None:
+    """Answer ``exc`` from an ASGI middleware (before any route: the one body shape)."""
     body = _encoder.encode(error_body(exc))
     await send(
         {

@@ -20,7 +20,7 @@ from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import EXIT_OK, BadRequest, RunctlError
 from runctl.bus.logs import configure_logging
-from runctl.gateway.auth import check_bind, generate_tokens_file, load_tokens
+from runctl.gateway.auth import TokenTable, check_bind, generate_tokens_file, load_tokens
 from runctl.gateway.serve import serve
 from runctl.gateway.settings import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, Settings
 
@@ -91,6 +91,22 @@ def serve_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take tokens over plain HTTP beyond loopback (only behind a proxy that ends TLS)",
     )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=_env_list("RUNCTL_GATEWAY_HOSTS"),
+        metavar="NAME",
+        help="a Host name to serve besides loopback and --host (repeatable, '*': any; "
+        "also $RUNCTL_GATEWAY_HOSTS, comma separated): other names are refused (DNS rebinding)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=_env_list("RUNCTL_GATEWAY_ORIGINS"),
+        metavar="URL",
+        help="scheme://host[:port] of pages that may change state besides the gateway's own "
+        "(repeatable; also $RUNCTL_GATEWAY_ORIGINS)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true")
     return p
@@ -127,18 +143,10 @@ def gateway_command(args: argparse.Namespace) -> int:
         raise BadRequest(
             f"--timeout must be a positive, finite number of seconds, not {args.timeout}"
         )
-    settings = Settings(
-        nats_url=url,
-        host=args.host,
-        port=args.port,
-        default_run=args.run,
-        default_rank=args.rank,
-        timeout=args.timeout,
-        max_body=args.max_body,
-        tokens=tokens,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
+    try:
+        settings = _settings(args, url, tokens)
+    except ValueError as exc:  # an origin or host name that is not one
+        raise BadRequest(str(exc)) from None
     host = f"[{args.host}]" if ":" in args.host else args.host
     scheme = "https" if args.tls_cert else "http"
     print(
@@ -149,6 +157,27 @@ def gateway_command(args: argparse.Namespace) -> int:
     )
     serve(settings, log_level=args.log_level, access_log=not args.no_access_log)
     return EXIT_OK
+
+
+def _settings(args: argparse.Namespace, url: str | None, tokens: TokenTable) -> Settings:
+    return Settings(
+        nats_url=url,
+        host=args.host,
+        port=args.port,
+        default_run=args.run,
+        default_rank=args.rank,
+        timeout=args.timeout,
+        max_body=args.max_body,
+        tokens=tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        allowed_hosts=tuple(args.allow_host),
+        allowed_origins=tuple(args.allow_origin),
+    )
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 def tokens_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Final
 from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, MAX_PAYLOAD
 from runctl.bus.subjects import check_rank, check_token
 from runctl.gateway.auth import TokenTable
+from runctl.gateway.site import normalize_origin, split_host
 
 __all__ = [
     "DEFAULT_HOST",
@@ -48,6 +49,11 @@ class Settings:
     #: serve HTTPS with this certificate and key (PEM files); None: plain HTTP
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Host names served besides loopback and the listen address ("*": any); see
+    #: gateway.site (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
+    #: origins (scheme://host[:port]) whose pages may change state besides the gateway's own
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked at start, so a bad --run fails the gateway instead of every request.
@@ -59,5 +65,11 @@ class Settings:
             raise ValueError("timeout must be positive and finite")
         if self.max_body < 1:
             raise ValueError("max_body must be at least 1 byte")
+        for origin in self.allowed_origins:
+            if normalize_origin(origin) is None:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        for host in self.allowed_hosts:
+            if host != "*" and split_host(host) is None:
+                raise ValueError(f"{host!r} is not a host name")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
