@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 from nats.js import JetStreamContext, api
@@ -36,9 +36,11 @@ from runctl.bus.errors import CorruptArtifact, NotFound
 __all__ = [
     "BUCKET",
     "DEFAULT_TTL",
+    "STREAM",
     "ArtifactInfo",
     "ArtifactStore",
     "Progress",
+    "stream_config",
 ]
 
 BUCKET: Final = "RUNCTL_ARTIFACTS"
@@ -116,6 +118,50 @@ def _ttl_from_env() -> float:
     return ttl
 
 
+STREAM: Final = f"OBJ_{BUCKET}"
+
+
+def stream_config(*, replicas: int = 1, ttl: float = DEFAULT_TTL) -> api.StreamConfig:
+    """The store's stream: what nats-py's ``create_object_store`` makes, except that it
+    refuses rollups and message deletes. An object store allows rollups (its metadata
+    records carry ``Nats-Rollup: sub``), and then any login that may store an object (every
+    agent) could wipe every stored object with one ``Nats-Rollup: all`` header. Objects
+    are removed with the purge API (the operator's, when steps are forgotten)."""
+    return api.StreamConfig(
+        name=STREAM,
+        description="runctl step results, attached files and checkpoints",
+        subjects=[f"$O.{BUCKET}.C.>", f"$O.{BUCKET}.M.>"],
+        max_age=ttl,
+        max_bytes=-1,
+        max_consumers=0,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=False,
+        deny_delete=True,
+        allow_direct=True,
+    )
+
+
+class _WithoutRollups:
+    """The JetStream context nats-py's object store publishes through, minus the
+    ``Nats-Rollup`` header of its metadata records (the stream refuses it). Names are
+    never reused (every attempt stores under names of its own), so there is no older
+    record to roll up; were one rewritten, readers take its last record anyway."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def publish(self, subject: str, payload: bytes = b"", **kwargs: Any) -> api.PubAck:
+        headers = kwargs.pop("headers", None)
+        if headers:
+            headers = {k: v for k, v in headers.items() if k != api.Header.ROLLUP} or None
+        return await self._js.publish(subject, payload, headers=headers, **kwargs)
+
+
 class ArtifactStore:
     """The ``RUNCTL_ARTIFACTS`` object store. Open with :meth:`open`."""
 
@@ -131,17 +177,14 @@ class ArtifactStore:
         Raises :class:`NotFound` when it does not exist and ``create`` is false.
         """
         try:
-            return cls(await js.object_store(BUCKET))
+            await js.object_store(BUCKET)
         except js_errors.BucketNotFoundError:
             if not create:
                 raise NotFound("", message="no step results or files were stored yet") from None
-        config = api.ObjectStoreConfig(
-            description="runctl step results, attached files and checkpoints",
-            storage=api.StorageType.FILE,
-            replicas=replicas or 1,
-            ttl=_ttl_from_env(),
-        )
-        return cls(await js.create_object_store(BUCKET, config=config))
+            await js.add_stream(stream_config(replicas=replicas or 1, ttl=_ttl_from_env()))
+        # nats-py's store, publishing through a context that drops the rollup header
+        without = cast(JetStreamContext, _WithoutRollups(js))
+        return cls(ObjectStore(name=BUCKET, stream=STREAM, js=without))
 
     async def put_bytes(self, name: str, data: bytes, codec: Codec) -> ArtifactRef:
         """Store ``data`` as ``name``; the reference to keep in the step record."""

@@ -342,11 +342,15 @@ async def ensure_replicated(
                         status = await kv.status()
                         config = status.stream_info.config
                         direct = allows_direct(replicas)
-                        if (config.num_replicas or 1) != replicas or bool(
-                            config.allow_direct
-                        ) != direct:
+                        if (
+                            (config.num_replicas or 1) != replicas
+                            or bool(config.allow_direct) != direct
+                            or config.allow_rollup_hdrs  # made by an older version
+                        ):
                             config.num_replicas = replicas
                             config.allow_direct = direct
+                            config.allow_rollup_hdrs = False  # see registry.bucket_config
+                            config.deny_delete = True
                             await js.update_stream(config)
                     except js_errors.BucketNotFoundError:
                         await create_bucket(js, replicas)

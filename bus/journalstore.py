@@ -101,6 +101,8 @@ def stream_config(
         # "not yet" (it never has a record the leader has not committed): it is then asked
         # again.
         allow_direct=True,
+        allow_rollup_hdrs=False,  # one header would wipe every run's history
+        deny_delete=True,
     )
 
 

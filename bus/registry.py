@@ -38,6 +38,7 @@ __all__ = [
     "Registry",
     "Scan",
     "allows_direct",
+    "bucket_config",
     "create_bucket",
     "heartbeat_overdue",
     "liveness",
@@ -76,13 +77,39 @@ def allows_direct(replicas: int) -> bool:
     return replicas == 1
 
 
+def bucket_config(replicas: int, *, ttl: float = DEFAULT_TTL) -> api.StreamConfig:
+    """The registry's stream: what nats-py's ``create_key_value`` makes, except that it
+    refuses rollups. A KV bucket allows them for its purge operation, and then any login
+    that may write one key (every agent) can wipe every key, other runs' run-wide stops
+    included, with one ``Nats-Rollup: all`` header. Single messages are never deleted
+    either; forgetting a key is the purge API's (the operator's, :meth:`Registry.delete`)."""
+    return api.StreamConfig(
+        name=STREAM,
+        description="runctl rank registry",
+        subjects=[KEY_PREFIX + ">"],
+        allow_direct=allows_direct(replicas),
+        allow_rollup_hdrs=False,
+        deny_delete=True,
+        deny_purge=False,
+        discard=api.DiscardPolicy.NEW,
+        duplicate_window=min(120.0, ttl),
+        max_age=ttl,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=1,
+        num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+
+
 async def create_bucket(
     js: JetStreamContext, replicas: int, *, ttl: float = DEFAULT_TTL
 ) -> KeyValue:
-    """Create the registry bucket. Two processes may race to create it: the same config
-    is accepted by the server."""
-    return await js.create_key_value(
-        bucket=BUCKET, history=1, ttl=ttl, replicas=replicas, direct=allows_direct(replicas)
+    """Create the registry bucket (:func:`bucket_config`). Two processes may race to
+    create it: the same config is accepted by the server."""
+    info = await js.add_stream(bucket_config(replicas, ttl=ttl))
+    return KeyValue(
+        name=BUCKET, stream=STREAM, pre=KEY_PREFIX, js=js, direct=bool(info.config.allow_direct)
     )
 
 
@@ -376,9 +403,14 @@ class Registry:
                 tasks.start_soon(fetch, run, rank)
 
     async def delete(self, run: str, rank: str) -> None:
-        """Remove a rank's record and schema."""
-        await self.kv.purge(self.key(run, rank))
-        await self.kv.purge(self.key(run, rank) + ".schema")
+        """Remove a rank's record and schema (the purge API: the bucket refuses rollups)."""
+        key = self.key(run, rank)
+        await self.js.purge_stream(STREAM, subject=KEY_PREFIX + key)
+        await self.js.purge_stream(STREAM, subject=f"{KEY_PREFIX}{key}.schema")
+
+    async def delete_run(self, run: str) -> None:
+        """Remove a run's run-wide record (a recorded stop)."""
+        await self.js.purge_stream(STREAM, subject=f"{KEY_PREFIX}{check_token(run, 'run')}.{ALL}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,9 @@ def stream_config(*, replicas: int = 1) -> api.StreamConfig:
         max_msgs_per_subject=MAX_PER_RANK,
         num_replicas=replicas,
         allow_direct=True,
+        allow_rollup_hdrs=False,  # every agent publishes here: none may wipe it
+        deny_delete=True,
+        deny_purge=True,
     )
 
 

@@ -247,7 +247,7 @@ async def _forget_previous(url: str, run: str) -> None:
     async with await Client.connect(url, name="runctl-demo") as client:
         registry = await client.registry()
         with contextlib.suppress(Exception):
-            await registry.kv.purge(f"{run}.{ALL}")
+            await registry.delete_run(run)
         for record in await registry.records(run):
             await registry.delete(run, record.rank)
         with contextlib.suppress(RunctlError):

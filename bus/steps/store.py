@@ -94,6 +94,10 @@ def stream_config(*, replicas: int = 1, max_age: float = 0.0) -> api.StreamConfi
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW,
         allow_direct=True,
+        # a record is only ever forgotten by the purge API (the operator's): no login
+        # deletes single records or rolls the stream up
+        allow_rollup_hdrs=False,
+        deny_delete=True,
     )
 
 
