@@ -234,8 +234,8 @@ class Agent(Generic[M]):
 
     def tick(self) -> None:
         """Mark progress without a step number: a loop that calls it is reported
-        ``stalled`` when it stops calling it for longer than its threshold. Two attribute
-        writes: no lock, no network, nothing for the agent's thread to do."""
+        ``stalled`` when it stops calling it for longer than its threshold. One integer
+        increment: no lock, no clock, no network, nothing for the agent's thread to do."""
         self.progress.tick()
 
     def _checkpoint(self, step: int, change_id: str) -> None:

@@ -185,8 +185,8 @@ class Control(Generic[M]):
     def tick(self) -> None:
         """Mark progress (a batch, an item, a request served) in a loop that does not call
         :meth:`sync`: the rank is reported ``stalled`` when the program stops advancing
-        for longer than its threshold (docs/distributed.md, "Liveness"). ~100 ns: no lock,
-        no network, no hand-off to the agent's thread."""
+        for longer than its threshold (docs/distributed.md, "Liveness"). One integer
+        increment: no lock, no clock, no network, no hand-off to the agent's thread."""
         self.agent.progress.tick()
 
     def wait_ready(self, timeout: float = 10.0) -> Self:

@@ -3,8 +3,8 @@
 The agent's heartbeat runs on its own thread, so it says nothing about the program: a loop
 frozen in a collective still heartbeats. The program marks progress instead:
 ``ctl.sync(step)`` with a new step, each item of ``ctl.steps(...)``, or ``ctl.tick()``.
-A mark is two attribute writes on the program's thread: no lock, no network, no hand-off
-to another thread. The agent's thread samples the marks on its heartbeat, learns the
+A mark is one integer increment on the program's thread: no lock, no clock, no network,
+no hand-off to another thread. The agent's thread samples the marks on its heartbeat, learns the
 program's recent seconds per step, and decides (bus/progress.py) whether the rank is
 ``stalled``; it publishes a ``stalled`` event when that starts and ``recovered`` when the
 program advances again.
@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal
 
@@ -29,46 +28,41 @@ SMOOTHING: Final = 0.3
 
 
 class Progress:
-    """The program's progress marks: a counter and the monotonic time of the last one.
+    """The program's progress marks: a counter, nothing else.
 
-    Written only by the program's thread(s), read by the agent's. A tick racing a sample
-    may be counted in the next sample instead: harmless for a rate."""
+    Written only by the program's thread(s), read by the agent's, which notes the time at
+    which it saw the counter move (so the program's thread does not even read a clock).
+    A tick racing a sample is counted in the next sample: harmless for a rate."""
 
-    __slots__ = ("count", "last")
+    __slots__ = ("count",)
 
     def __init__(self) -> None:
         self.count = 0
-        self.last = 0.0
 
     def tick(self) -> None:
-        """Mark progress (a step, a batch, an item): ~100 ns, never waits on anything."""
+        """Mark progress (a step, a batch, an item): one integer increment, never waits."""
         self.count += 1
-        self.last = time.monotonic()
 
 
 Transition = Literal["stalled", "recovered"]
 
 
-@dataclass(slots=True)
-class _Sample:
-    count: int
-    last: float
-
-
 class ProgressMonitor:
     """The agent's view of :class:`Progress`: recent interval, threshold, stalled or not.
 
-    Only the agent's thread calls :meth:`sample` (on each heartbeat)."""
+    Only the agent's thread calls :meth:`sample` (on each heartbeat). Progress is timed
+    at the sample that saw the counter move: late by at most one heartbeat, which the
+    threshold (at least its floor) dwarfs."""
 
     def __init__(self, progress: Progress, policy: StallPolicy) -> None:
         self.progress = progress
         self.policy = policy
-        #: smoothed seconds per progress mark (None until two marks were seen)
+        #: smoothed seconds per progress mark (None until known)
         self.interval: float | None = None
         self.stalled = False
-        #: when the current stall started (monotonic), for the recovered event
-        self.stalled_since: float | None = None
-        self._seen: _Sample | None = None
+        #: the count at the last sample, and when (monotonic) a sample last saw it move
+        self._count = 0
+        self._moved: float | None = None
 
     @property
     def stall_after(self) -> float:
@@ -76,43 +70,41 @@ class ProgressMonitor:
         return self.policy.threshold(self.interval)
 
     def idle(self, now: float | None = None) -> float | None:
-        """Seconds since the last mark (None: no mark yet)."""
-        if self.progress.count == 0:
+        """Seconds since the program last advanced (None: it never did)."""
+        if self._moved is None:
             return None
         now = time.monotonic() if now is None else now
-        return max(0.0, now - self.progress.last)
+        return max(0.0, now - self._moved)
 
     def progress_ts(self, now_wall: float | None = None, now: float | None = None) -> float | None:
-        """The last mark as wall-clock time (what records and messages carry)."""
+        """When the program last advanced, as wall-clock time (what records carry)."""
         idle = self.idle(now)
         if idle is None:
             return None
         return (time.time() if now_wall is None else now_wall) - idle
 
     def sample(self, now: float | None = None) -> Transition | None:
-        """Read the marks; return ``"stalled"`` or ``"recovered"`` when that changed."""
+        """Read the counter; return ``"stalled"`` or ``"recovered"`` when that changed."""
         now = time.monotonic() if now is None else now
-        count, last = self.progress.count, self.progress.last
-        seen, self._seen = self._seen, _Sample(count, last)
-        if count == 0:
-            return None
-        advanced = seen is None or count != seen.count
-        if advanced and seen is not None and seen.count > 0 and not self.stalled:
-            # the average interval over the marks since the last sample; a gap that was
-            # itself a stall is not learnt (it would raise the threshold for the next one)
-            marks = count - seen.count
-            if marks > 0 and last > seen.last:
-                sample = (last - seen.last) / marks
+        count = self.progress.count
+        advanced = count != self._count
+        if advanced:
+            marks = count - self._count
+            if self._moved is not None and marks > 0 and not self.stalled:
+                # seconds per mark since the last sample that saw progress; a gap that was
+                # itself a stall is not learnt (it would raise the threshold for the next)
+                sample = (now - self._moved) / marks
                 self.interval = (
                     sample
                     if self.interval is None
                     else (1 - SMOOTHING) * self.interval + SMOOTHING * sample
                 )
+            self._count, self._moved = count, now
+        if self._moved is None:
+            return None
         threshold = self.stall_after
-        idle = now - last
-        if not self.stalled and threshold > 0 and idle > threshold:
+        if not self.stalled and threshold > 0 and now - self._moved > threshold:
             self.stalled = True
-            self.stalled_since = last
             return "stalled"
         if self.stalled and advanced:
             self.stalled = False

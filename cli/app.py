@@ -12,6 +12,7 @@ through :class:`runctl.bus.client.Client`.
     runctl stop RUN[/RANK]         ask the program to stop
     runctl schema RUN[/RANK]       the model's JSON schema
     runctl tail [RUN]              live state changes and events (--commands: commands too)
+    runctl watch [RUN]             notify (webhook, Slack, a command) when a run is in trouble
     runctl steps RUN / forget RUN STEP    the completed-step log
     runctl tokens                  a tokens file for the gateway
 
@@ -38,7 +39,7 @@ from typing import Final
 from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.errors import EXIT_USAGE, RunctlError
 from runctl.bus.logs import configure_logging
-from runctl.cli import artifacts, demo, server, state, steps, tail
+from runctl.cli import artifacts, demo, server, state, steps, tail, watch
 from runctl.cli.common import exit_code, fail, seconds
 
 __all__ = ["build_parser", "main"]
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(add)
     state.register(add)
     tail.register(add)
+    watch.register(add)
     steps.register(add)
     artifacts.register(add)
     return parser

@@ -305,6 +305,48 @@ async def test_observer_sees_state_and_events(
     assert not observer.errors and not server_log.violations()
 
 
+class Collect:
+    """A watch destination that keeps what it is given."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.notices: list[Any] = []
+
+    async def send(self, notice: Any, watcher: str) -> None:
+        self.notices.append(notice)
+
+
+@pytest.mark.anyio
+async def test_a_watcher_needs_only_the_observer_login_unless_it_acts(
+    secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]
+) -> None:
+    from runctl.bus.conditions import parse
+    from runctl.cli.watch import Action, Watcher, WatchOptions
+
+    server_log = ServerLog(secured)
+    observer, onc = await login(logins, secured, creds, "observer")
+    operator, opnc = await login(logins, secured, creds, "operator")
+    watched, acted = Collect(), Collect()
+    look = WatchOptions(run=run_id, conditions=[parse("epochs > 5")])
+    act = WatchOptions(run=run_id, conditions=[parse("epochs > 7")], action=Action("stop"))
+    async with (
+        Agent(Cfg(), run=run_id, rank=0, url=url_for(secured, creds, "agent"), heartbeat=0.2),
+        await Client.connect(url_for(secured, creds, "operator")) as client,
+        anyio.create_task_group() as tasks,
+    ):
+        await tasks.start(Watcher(Client(onc), look, [watched]).run)
+        await tasks.start(Watcher(Client(opnc, by="guard"), act, [acted]).run)
+        await client.set(run_id, 0, "epochs", 6)
+        await until(lambda: [n for n in watched.notices if n.kind == "condition"], 10)
+        await client.set(run_id, 0, "epochs", 9)  # the acting watcher stops the run
+        await until(lambda: [n for n in acted.notices if n.kind == "action"], 10)
+        tasks.cancel_scope.cancel()
+    (action,) = [n for n in acted.notices if n.kind == "action"]
+    assert action.data["acknowledged"] == ["0"] and action.data["complete"]
+    assert not observer.errors and not operator.errors and not server_log.violations()
+
+
 @pytest.mark.anyio
 async def test_operator_reads_a_large_registry_and_step_log(
     secured: NatsServer, creds: Credentials, run_id: str, logins: list[Login]

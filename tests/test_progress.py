@@ -40,33 +40,43 @@ def test_policy_from_env_and_bad_values() -> None:
 
 def test_monitor_learns_the_interval_and_reports_stall_and_recovery() -> None:
     progress = Progress()
-    monitor = ProgressMonitor(progress, StallPolicy(factor=10, floor=1.0))
+    monitor = ProgressMonitor(progress, StallPolicy(factor=10, floor=5.0))
     assert monitor.sample(now=0.0) is None  # no mark yet: nothing to judge
-    assert monitor.idle(now=0.0) is None
-    # a mark every 0.5 s for a while: interval 0.5, threshold max(5, 1) = 5
+    assert monitor.idle(now=0.0) is None and monitor.progress_ts() is None
+    # five marks between heartbeats 0.5 s apart: 0.1 s per mark, threshold the floor
     t = 0.0
     for _ in range(20):
         t += 0.5
-        progress.count += 1
-        progress.last = t
+        progress.count += 5
         assert monitor.sample(now=t) is None
-    assert monitor.interval == pytest.approx(0.5)
-    assert monitor.stall_after == pytest.approx(5.0)
-    assert monitor.sample(now=t + 4.9) is None
-    assert monitor.sample(now=t + 5.1) == "stalled"
-    assert monitor.sample(now=t + 9.0) is None  # once
+    assert monitor.interval == pytest.approx(0.1)
+    assert monitor.stall_after == 5.0
+    # then one mark every 2 s (a heartbeat each 0.5 s): the interval follows, the
+    # threshold becomes 10 x 2 s
+    for _ in range(40):
+        for _ in range(4):
+            t += 0.5
+            if t % 2 == 0:
+                progress.count += 1
+            assert monitor.sample(now=t) is None
+    assert monitor.interval == pytest.approx(2.0, rel=0.01)
+    assert monitor.stall_after == pytest.approx(20.0, rel=0.01)
+    assert monitor.idle(now=t) == 0.0
+    assert monitor.sample(now=t + 19.5) is None
+    assert monitor.sample(now=t + 20.5) == "stalled"
+    assert monitor.sample(now=t + 30.0) is None  # once
     # it advances again after 60 s: recovered, and that gap is not learnt
     progress.count += 1
-    progress.last = t + 60
     assert monitor.sample(now=t + 60) == "recovered"
-    assert monitor.interval == pytest.approx(0.5)
+    assert monitor.interval == pytest.approx(2.0, rel=0.01)
+    assert monitor.idle(now=t + 61) == 1.0
 
 
-def test_tick_marks_progress() -> None:
+def test_tick_counts() -> None:
     progress = Progress()
     progress.tick()
     progress.tick()
-    assert progress.count == 2 and progress.last > 0
+    assert progress.count == 2
 
 
 def _record(**fields: object) -> RankRecord:

@@ -22,8 +22,9 @@ from runctl.bus.subjects import events_wildcard
 
 pytestmark = pytest.mark.anyio
 
-#: a loop that reports each step, and freezes (no step, no tick) while ``hang`` is set:
-#: the agent thread keeps running, as when a program is stuck in a collective
+#: a training-like loop (also tests/test_watch.py): freezes while ``hang`` (no step, no
+#: tick: its agent keeps running, as when a program is stuck in a collective), raises
+#: when ``crash``, and lets its loss diverge to NaN when ``diverge``
 LOOP = """
     import os, time
     from pydantic import BaseModel
@@ -31,6 +32,8 @@ LOOP = """
 
     class S(BaseModel):
         hang: bool = False
+        crash: bool = False
+        diverge: bool = False
         loss: float = 1.0
 
     state = S()
@@ -40,13 +43,17 @@ LOOP = """
     step = 0
     while not ctl.stop_requested:
         while state.hang and not ctl.stop_requested:
-            time.sleep(0.005)  # frozen: the program does not advance
+            time.sleep(0.005)
+        if state.crash:
+            raise RuntimeError(f"boom at step {step}")
+        if state.diverge:
+            state.loss = float("nan")
         ctl.sync(step)
         step += 1
         time.sleep(0.01)
+    say("STOPPED", ctl.stop_reason)
     ctl.close()
 """
-
 STALL_ENV = {"RUNCTL_STALL_AFTER": "1.0", "RUNCTL_STALL_FACTOR": "10"}
 
 
