@@ -32,10 +32,10 @@ The answer is ``True``, ``False`` or ``None`` (unknown): a missing field, a comp
 a number with a string, a division by zero make the expression unknown, which never fires
 (``and``/``or`` follow three-valued logic: ``unknown or true`` is true).
 
-Non-finite numbers: JSON has no NaN or infinity. pydantic writes them as ``null`` unless the
-model says otherwise, or as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``; these
-strings count as the numbers they name, and ``isnan(null)`` is true (a NaN written as null:
-test ``x == null`` to tell an empty optional field apart).
+Non-finite numbers: JSON has no NaN or infinity. runctl's messages carry them as the
+strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (docs/protocol.md); these strings count as
+the numbers they name. ``isnan(null)`` is true too, for a state whose own serializer writes
+NaN as ``null`` (test ``x == null`` to tell an empty optional field apart).
 """
 
 from __future__ import annotations

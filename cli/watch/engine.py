@@ -93,13 +93,15 @@ class WatchOptions:
 
 
 def watch_subjects(run: str | None, *, commands: bool) -> list[str]:
-    """What the watcher subscribes to. Commands only on the verbs it checks: a subscriber
-    to a command subject is, to NATS, someone who may answer (a command to a rank that
-    does not exist then fails after the client's registry check, not at once)."""
+    """What the watcher subscribes to. Commands only where it checks them (stops to any
+    target; changes and cancellations sent to ``all``, where synchronised changes go): a
+    subscriber to a command subject is, to NATS, someone who may answer, so a command to a
+    rank that does not exist then fails after the client's registry check, not at once."""
     part = check_token(run, "run") if run is not None else "*"
     subjects = [f"{PREFIX}.{part}.*.state", f"{PREFIX}.{part}.*.evt.*"]
     if commands:
-        subjects += [f"{PREFIX}.{part}.*.cmd.{verb}" for verb in ("stop", "set", "patch", "reset")]
+        subjects.append(f"{PREFIX}.{part}.*.cmd.stop")
+        subjects += [f"{PREFIX}.{part}.all.cmd.{verb}" for verb in ("set", "patch", "reset")]
         subjects.append(f"{PREFIX}.{part}.all.cmd.cancel")
     return subjects
 
