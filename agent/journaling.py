@@ -26,6 +26,7 @@ from collections import deque
 from typing import Any, Final
 
 import anyio
+import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -219,13 +220,7 @@ class Journaler:
         if self.js is None:
             return []
         subject = journal_subject(self.run, self.rank, record.id)
-        payload = encode_record(record)
-        if len(payload) > MAX_RECORD:  # a huge request or diff: keep the paths only
-            record.diff = [
-                type(c)(path=c.path, before="<elided>", after="<elided>", elided=True)
-                for c in record.diff
-            ]
-            payload = encode_record(record)
+        payload = _fitted(record)
         headers = {"Nats-Msg-Id": f"{self.rank}-{record.id}"}
         try:
             ack = await self.js.publish_async(subject, payload, headers=headers)
@@ -279,6 +274,25 @@ class Journaler:
             self._resender.cancel()
             with contextlib.suppress(BaseException):
                 await self._resender
+
+
+def _fitted(record: Record) -> bytes:
+    """The record's bytes, under :data:`MAX_RECORD` (the server refuses a message over its
+    1 MiB limit, which would leave the record unsent for good): a diff too large keeps its
+    paths only (no undo), and a request too large is kept as its size, which a replay
+    reports as skipped ("too large to keep") instead of applying something else."""
+    payload = encode_record(record)
+    if len(payload) > MAX_RECORD:
+        record.diff = [
+            type(c)(path=c.path, before="<elided>", after="<elided>", elided=True)
+            for c in record.diff
+        ]
+        payload = encode_record(record)
+    if len(payload) > MAX_RECORD and isinstance(record.request, dict):
+        size = len(msgspec.json.encode(record.request))
+        record.request = {"t": record.request.get("t"), "elided": size}
+        payload = encode_record(record)
+    return payload
 
 
 def partial_requeue(

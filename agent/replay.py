@@ -2,12 +2,13 @@
 publishes its first state.
 
 The plan (which changes, in which order, which schedules come back) is
-:func:`runctl.bus.journalplan.plan_replay`. Each change is applied like any change: validated
-by the model, all or nothing. One that no longer applies (a renamed field, a value the new
-code's validators refuse) is skipped and reported: a log line naming it, a
-``replay_skipped`` event, and the rank's ``replay`` record in the journal (the history
-marks the change). Nothing here can make the program fail to start: a journal that cannot
-be read is logged and the rank starts from the code's state.
+:func:`runctl.bus.journalplan.plan_replay`. Each change is validated by the model as any
+change is, all or nothing (on the state's JSON document; the live objects change once at the
+end, :mod:`runctl.agent.replaydoc`, so a replay bumps ``ctl.version`` once). One that no
+longer applies (a renamed field, a value the new code's validators refuse) is skipped and
+reported: a log line naming it, a ``replay_skipped`` event, and the rank's ``replay`` record
+in the journal (the history marks the change). Nothing here can make the program fail to
+start: a journal that cannot be read is logged and the rank starts from the code's state.
 
 Opt out with ``control(state, replay=False)`` or ``RUNCTL_REPLAY=0``.
 """
@@ -27,7 +28,10 @@ from nats.aio.client import Client as NATS
 import runctl.agent.commands as commands
 from runctl.agent.journaling import Journaler
 from runctl.agent.publish import Publisher
+from runctl.agent.replaydoc import apply_requests
+from runctl.agent.state import LiveState
 from runctl.bus import messages as m
+from runctl.bus.errors import RunctlError
 from runctl.bus.journal import Record, Skipped
 from runctl.bus.journalplan import plan_replay
 from runctl.bus.journalstore import read_journal
@@ -100,14 +104,13 @@ async def _replay(
     *,
     run: str,
     rank: str,
-    apply: Callable[[m.Command], m.Reply],
+    live: LiveState[Any],
     defer: Callable[[m.Command], m.Reply],
     timeout: float = READ_TIMEOUT,
 ) -> ReplayReport:
-    """Read the run's journal and apply what reaches ``rank`` (see the module docs).
-
-    ``apply(command)`` applies a change now and returns the reply; ``defer(command)``
-    validates one with ``at_step`` and keeps it pending. Neither may raise."""
+    """Read the run's journal and apply what reaches ``rank`` (see the module docs) to
+    ``live``; ``defer(command)`` validates a scheduled change and keeps it pending (it may
+    not raise)."""
     report = ReplayReport()
     try:
         with anyio.fail_after(timeout):
@@ -117,10 +120,10 @@ async def _replay(
         log.warning("change journal not read: starting from the code's state", error=report.error)
         return report
     plan = plan_replay(records, rank)
-    for record in plan.changes:
-        reply = _run(record, apply, None)
-        if isinstance(reply, m.Err):
-            _skip(report, record, reply)
+    outcomes = apply_requests(live, [record.request for record in plan.changes])
+    for record, outcome in zip(plan.changes, outcomes, strict=True):
+        if isinstance(outcome, RunctlError):
+            _skip(report, record, str(outcome), getattr(outcome, "errors", []))
             continue
         report.replayed.append(
             ReplayedChange(
@@ -130,32 +133,28 @@ async def _replay(
                 by=record.by.name or record.by.via,
                 ts=record.ts,
                 target=record.target,
-                changed=reply.changed,
+                changed=outcome,
             )
         )
     for record in plan.schedules:
         at_step = record.at_step
         if at_step is None:
             continue
-        reply = _run(record, defer, at_step)
+        try:
+            reply = defer(command_of(record, at_step=at_step))
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            _skip(report, record, f"not a change this code can schedule: {exc}", [])
+            continue
         if isinstance(reply, m.Err):
-            _skip(report, record, reply)
+            _skip(report, record, reply.message, reply.detail)
         else:
             report.restored.append((record.id, at_step))
     return report
 
 
-def _run(record: Record, fn: Callable[[m.Command], m.Reply], at_step: int | None) -> m.Reply:
-    try:
-        command = command_of(record, at_step=at_step)
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
-        return m.Err(run=record.run, rank=record.rank, code="bad_request", message=str(exc))
-    return fn(command)
-
-
-def _skip(report: ReplayReport, record: Record, reply: m.Err) -> None:
+def _skip(report: ReplayReport, record: Record, reason: str, errors: list[Any]) -> None:
     report.skipped.append(
-        Skipped(id=record.id, verb=record.verb, reason=reply.message, errors=reply.detail)
+        Skipped(id=record.id, verb=record.verb, reason=reason, errors=list(errors)[:50])
     )
     log.warning(
         "journaled change skipped at replay",
@@ -163,7 +162,7 @@ def _skip(report: ReplayReport, record: Record, reply: m.Err) -> None:
         change=record.id,
         verb=record.verb,
         by=record.by.name or record.by.via,
-        reason=reply.message,
+        reason=reason,
     )
 
 
@@ -182,7 +181,7 @@ async def start_journal(
             nc,
             run=core.run,
             rank=core.rank,
-            apply=lambda cmd: commands.apply(core, cmd, defer=False).reply,
+            live=core.live,
             defer=lambda cmd: commands.apply(core, cmd, defer=True).reply,
         )
     finally:

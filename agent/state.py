@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import functools
 import math
 import threading
 import weakref
@@ -176,8 +177,10 @@ class LiveState(Generic[M]):
         each is taken once."""
         return self._diffs.pop(version, [])
 
-    def _apply(self, data: dict[str, Any], change: Any, dry_run: bool = False) -> bool:
-        """Validate the whole document; reject undeclared keys; mirror in place."""
+    def validate(self, data: dict[str, Any], change: Any) -> M:
+        """The model ``data`` (a whole JSON document) validates to, as a change would be:
+        declared constraints and validators, and no key ``change`` names that the model does
+        not declare. Raises :class:`ValidationRejected`; changes nothing."""
         if self.cls.model_config.get("frozen"):
             raise BadRequest(f"{self.cls.__name__} is frozen: it cannot be changed")
         try:
@@ -194,6 +197,31 @@ class LiveState(Generic[M]):
             raise ValidationRejected(f"{self.cls.__name__} refused the change: {exc}") from None
         if change is not None:
             _reject_undeclared(new, change, [])
+        return new
+
+    def adopt(self, new: M) -> bool:
+        """Make the live state equal ``new`` (already validated), in place, as one change
+        (a replay applies the journal this way). True if anything changed."""
+        with self.lock:
+            changed = _mirror_model(self.model, new)
+            if changed:
+                self.version += 1
+                self._last_dump = self.dump_json()
+            return changed
+
+    def document(self) -> dict[str, Any]:
+        """The state as a fresh JSON document (what a change is applied to)."""
+        with self.lock:
+            return self._json()
+
+    @property
+    def initial(self) -> dict[str, Any]:
+        """The state at ``control()`` time as a JSON document (never modify it)."""
+        return self._initial
+
+    def _apply(self, data: dict[str, Any], change: Any, dry_run: bool = False) -> bool:
+        """Validate the whole document; reject undeclared keys; mirror in place."""
+        new = self.validate(data, change)
         if dry_run:
             return False
         if not self.track_diffs:
@@ -225,8 +253,7 @@ class LiveState(Generic[M]):
         """The top-level field names ``change`` names (None: all of them)."""
         if not isinstance(change, dict):
             return None
-        fields = self.cls.model_fields
-        names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
+        names = _field_names(self.cls)
         return {names.get(str(key)) or str(key) for key in change}
 
 
@@ -345,9 +372,7 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         cls = type(model)
         extra = model.model_extra
         errors = []
-        fields = cls.model_fields
-        # names first: a field's own name wins over another field's alias
-        names = {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
+        names = _field_names(cls)
         for key, value in change.items():
             name = names.get(key)
             if name is None and (extra is None or key not in extra):
@@ -379,6 +404,14 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         for key, sub in change.items():
             if key in model:
                 _reject_undeclared(model[key], sub, [*loc, key])
+
+
+@functools.cache
+def _field_names(cls: type[BaseModel]) -> dict[str, str]:
+    """Alias or name -> field name; names first: a field's own name wins over another
+    field's alias. Cached per class (a replay checks thousands of changes)."""
+    fields = cls.model_fields
+    return {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -642,8 +642,12 @@ class Client:
         return cmd
 
     def author(self) -> m.Author:
-        """Who the changes sent now are by: the gateway's caller, else this client's."""
-        return ACTING_AS.get() or self.by
+        """Who the changes sent now are by: the gateway's caller (with this connection's
+        NATS user), else this client's own ``by``."""
+        acting = ACTING_AS.get()
+        if acting is None:
+            return self.by
+        return acting if acting.user else msgspec.structs.replace(acting, user=self.by.user)
 
     async def _settle(self, run: str, results: list[Result]) -> list[Result]:
         """After a write was answered: wait (bounded) until the registry shows each rank's

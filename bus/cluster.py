@@ -35,6 +35,7 @@ from nats.js import errors as js_errors
 from runctl.bus.connection import connect
 from runctl.bus.credentials import role_auth
 from runctl.bus.errors import BadRequest, ServerStartError, Unavailable
+from runctl.bus.journalstore import ensure_journal
 from runctl.bus.registry import BUCKET, allows_direct, create_bucket
 from runctl.bus.replicas import REPLICAS_ENV, replicas_from_env
 from runctl.bus.server import NatsServer
@@ -337,6 +338,7 @@ async def ensure_replicated(
             try:
                 with anyio.fail_after(5):
                     await ensure_stream(js, replicas=replicas)
+                    await ensure_journal(js, replicas=replicas)
                     try:
                         kv = await js.key_value(BUCKET)
                         status = await kv.status()

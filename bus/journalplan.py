@@ -16,8 +16,11 @@ rank rejected is not replayed on that rank.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 import msgspec
@@ -33,6 +36,7 @@ __all__ = [
     "entries",
     "find_change",
     "history",
+    "parse_time",
     "plan_replay",
     "plan_undo",
     "schedules",
@@ -390,3 +394,27 @@ def _overlaps(a: str, b: str) -> bool:
 def ranks_of(records: Iterable[tuple[int, Record]]) -> list[str]:
     """The ranks that wrote records, in rank order."""
     return sorted({rec.rank for _, rec in records if rec.rank != ALL}, key=rank_key)
+
+
+_AGE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str | None, now: float | None = None) -> float | None:
+    """Unix seconds from ``1795...``, ``2026-11-28T10:00:00`` (ISO 8601, local time unless
+    it says otherwise) or an age ``15m`` (that long before ``now``)."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if match := _AGE.fullmatch(text):
+        return (time.time() if now is None else now) - float(match[1]) * _UNITS[match[2]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise BadRequest(
+            f"{text[:40]!r} is not a time: use unix seconds, ISO 8601 or an age like 15m"
+        ) from None

@@ -34,6 +34,8 @@ def rank_summary(info: RankInfo) -> dict[str, Any]:
         "step": r.step,
         "step_rate": r.step_rate,
         "pending": r.pending,
+        "replayed": r.replayed,
+        "replay_skipped": r.replay_skipped,
     }
 
 
@@ -58,6 +60,8 @@ def write_outcome(run: str, result: Result) -> dict[str, Any]:
         "version": result.version,
         "changed": result.changed,
         "value": result.value,
+        **({"change_id": result.change_id} if result.change_id else {}),
+        **({"journaled": result.journaled} if result.journaled is not None else {}),
     }
 
 

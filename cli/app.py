@@ -14,6 +14,8 @@ through :class:`runctl.bus.client.Client`.
     runctl tail [RUN]              live state changes and events (--commands: commands too)
     runctl watch [RUN]             notify (webhook, Slack, a command) when a run is in trouble
     runctl steps RUN / forget RUN STEP    the completed-step log
+    runctl history RUN[/RANK]      the change journal: who changed what, when (undo,
+                                   schedules, cancel, forget-history)
     runctl tokens                  a tokens file for the gateway
 
 ``RUN`` alone means every rank of the run (``all``); ``RUN/0`` means rank 0. ``schema``
@@ -39,7 +41,7 @@ from typing import Final
 from runctl.bus.connection import DEFAULT_URL
 from runctl.bus.errors import EXIT_USAGE, RunctlError
 from runctl.bus.logs import configure_logging
-from runctl.cli import artifacts, demo, server, state, steps, tail, watch
+from runctl.cli import artifacts, demo, journal, server, state, steps, tail, watch
 from runctl.cli.common import exit_code, fail, seconds
 
 __all__ = ["build_parser", "main"]
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.register(add)
     steps.register(add)
     artifacts.register(add)
+    journal.register(add)
     return parser
 
 

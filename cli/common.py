@@ -13,6 +13,8 @@ import anyio
 
 from runctl.bus.client import Client
 from runctl.bus.errors import EXIT_ERROR, BadToken, RunctlError, Unavailable
+from runctl.bus.identity import user_at_host
+from runctl.bus.messages import Author
 from runctl.bus.subjects import ALL, check_rank, check_token
 
 __all__ = [
@@ -50,7 +52,12 @@ def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) 
 
     async def go() -> T:
         try:
-            client = await Client.connect(args.url, name="runctl-cli", timeout=args.timeout)
+            client = await Client.connect(
+                args.url,
+                name="runctl-cli",
+                timeout=args.timeout,
+                by=Author(name=user_at_host(), via="cli"),  # the change journal says who
+            )
         except Unavailable as exc:
             if "Authorization" not in str(exc):
                 raise

@@ -110,10 +110,23 @@ def _write_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--margin", type=int, metavar="STEPS", help="with --sync: how many steps ahead to apply"
     )
+    p.add_argument(
+        "--at-step",
+        type=int,
+        metavar="STEP",
+        help="apply at this step (ctl.sync(step) in the program); journaled: a rank that "
+        "restarts before it still applies it there",
+    )
     p.add_argument("--json", action="store_true", help="print each rank's outcome as JSON")
 
 
 def _sync_options(args: argparse.Namespace, rank: str) -> dict[str, Any]:
+    if args.at_step is not None:
+        if args.sync or args.margin is not None:
+            raise BadRequest("--at-step is a step of its own: not with --sync or --margin")
+        if args.at_step < 0:
+            raise BadRequest("--at-step must not be negative")
+        return {"at_step": args.at_step}
     if not args.sync:
         if args.margin is not None:
             raise BadRequest("--margin needs --sync")
@@ -149,7 +162,7 @@ def ls_command(args: argparse.Namespace) -> int:
 
 def render_ranks(infos: Sequence[RankInfo]) -> str:
     """The ``runctl ls`` table, then one line per run whose running ranks lag behind."""
-    header = "RUN RANK STATUS VERSION STEP ADVANCED HEARTBEAT HOST PID MODEL"
+    header = "RUN RANK STATUS VERSION REPLAYED STEP ADVANCED HEARTBEAT HOST PID MODEL"
     rows: list[tuple[str, ...]] = [tuple(header.split())]
     by_run: dict[str, list[RankInfo]] = {}
     for info in infos:
@@ -167,6 +180,7 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
                 r.rank,
                 status,
                 str(r.version),
+                _replayed(r.replayed, r.replay_skipped),
                 "-" if r.step is None else str(r.step),
                 "-" if idle is None or info.liveness == "exited" else ago(idle),
                 ago(info.age),
@@ -181,6 +195,13 @@ def render_ranks(infos: Sequence[RankInfo]) -> str:
         if spread.behind:
             lines.append(f"{run}: {spread.describe()}")
     return "\n".join(lines)
+
+
+def _replayed(replayed: int, skipped: int) -> str:
+    """Journaled changes the rank applied when it started (and skipped: no longer valid)."""
+    if not replayed and not skipped:
+        return "-"
+    return f"{replayed} ({skipped} skipped)" if skipped else str(replayed)
 
 
 # --- get / schema --------------------------------------------------------------------------
@@ -330,9 +351,11 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
     else:
         if result.at_step is not None:
             taken = not (result.errors or result.missing)
+            how = "scheduled" if getattr(args, "at_step", None) is not None else "synchronised"
             print(
-                f"synchronised at step {result.at_step} (change {result.change_id[:12]})"
+                f"{how} at step {result.at_step} (change {result.change_id[:12]})"
                 + ("" if taken else ": not every rank took it, cancelled everywhere")
+                + (": not in the journal" if result.journaled is False else "")
             )
         for r, res in by_rank(result.results):
             print(f"rank {r}: {_applied(verb, res)}")
@@ -346,6 +369,10 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
 
 
 def _applied(verb: str, res: Result) -> str:
+    if isinstance(res.value, dict) and res.value.get("pending"):
+        return f"pending (at step {res.value.get('at_step')})"
+    # answered as applied but not stored in the journal: a restart would lose it
+    lost = " (not in the journal: it will not survive a restart)" if res.journaled is False else ""
     if verb == "stop":
-        return "stop requested"
-    return f"{'applied' if res.changed else 'unchanged'} (version {res.version})"
+        return "stop requested" + lost
+    return f"{'applied' if res.changed else 'unchanged'} (version {res.version})" + lost

@@ -19,7 +19,17 @@ from fastapi import Depends, FastAPI
 from runctl.bus.client import Client
 from runctl.bus.credentials import CredentialsError, redact_url
 from runctl.bus.errors import Unavailable
-from runctl.gateway import console, errors, freak, live, routes, run_docs, series, steps_api
+from runctl.gateway import (
+    console,
+    errors,
+    freak,
+    journal_api,
+    live,
+    routes,
+    run_docs,
+    series,
+    steps_api,
+)
 from runctl.gateway.auth import require
 from runctl.gateway.settings import Settings
 from runctl.gateway.site import SiteGuard
@@ -112,6 +122,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "state", "description": "One rank's (or every rank's) live state."},
             {"name": "steps", "description": "The completed-step log (JetStream)."},
             {
+                "name": "journal",
+                "description": "The change journal: history, undo, scheduled changes.",
+            },
+            {
                 "name": "freak-compatible",
                 "description": "Freak's routes, on the gateway's --run, else the only live run.",
             },
@@ -125,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router, dependencies=guarded)
     app.include_router(steps_api.router, dependencies=guarded)
     app.include_router(freak.router, dependencies=guarded)
+    app.include_router(journal_api.router, dependencies=guarded)
     app.include_router(live.router, dependencies=guarded)
     app.include_router(series.router, dependencies=guarded)
     # the console: static pages (they call the API with the user's token) and /whoami

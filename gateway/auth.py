@@ -34,7 +34,9 @@ import structlog
 from starlette.requests import HTTPConnection
 
 # the classes live in the one error tree; importable from here too, where they are raised
+from runctl.bus.client import ACTING_AS
 from runctl.bus.errors import Forbidden, InsecureBind, TokenError, Unauthorized
+from runctl.bus.messages import Author
 from runctl.bus.tls import is_loopback
 
 __all__ = [
@@ -63,8 +65,10 @@ _RANK: Final[Mapping[str, int]] = {role: i for i, role in enumerate(ROLES)}
 MIN_TOKEN_LENGTH: Final = 16
 #: the tokens the gateway accepts
 TOKENS_ENV: Final = "RUNCTL_GATEWAY_TOKENS"
-#: ``role token`` or ``role:token``: the role ends at the first blank or colon
-_FILE_LINE: Final = re.compile(r"([A-Za-z]+)(?:\s*:\s*|\s+)(.+)")
+#: ``role token [name]`` or ``role:token [name]``: the role ends at the first blank or colon
+_FILE_LINE: Final = re.compile(r"([A-Za-z]+)(?:\s*:\s*|\s+)(\S+)(?:\s+(.+))?")
+#: a token's name: who holds it, shown in the change journal (never the token itself)
+_NAME: Final = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 
 log = structlog.get_logger()
 
@@ -75,9 +79,11 @@ def _digest(token: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class TokenTable:
-    """The configured tokens as (digest, role) pairs. Empty means authentication is off."""
+    """The configured tokens as (digest, role) pairs. Empty means authentication is off.
+    ``names``: each digest's name (who holds the token: the change journal records it)."""
 
     entries: tuple[tuple[bytes, Role], ...] = ()
+    names: tuple[tuple[bytes, str], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -87,10 +93,17 @@ class TokenTable:
         return f"TokenTable({', '.join(f'{r}={n}' for r, n in counts.items() if n)})"
 
     @classmethod
-    def of(cls, entries: Iterable[tuple[str, str, str]], *, where: str = "tokens") -> TokenTable:
-        """``entries``: (label, role, token) triples; the label ("line 3") names a bad one."""
+    def of(
+        cls,
+        entries: Iterable[tuple[str, str, str] | tuple[str, str, str, str]],
+        *,
+        where: str = "tokens",
+    ) -> TokenTable:
+        """``entries``: (label, role, token[, name]) tuples; the label ("line 3") names a bad
+        one. A token without a name is called ``<role>-<label>`` (``admin-line-3``)."""
         roles: dict[bytes, Role] = {}
-        for label, role, token in entries:
+        names: dict[bytes, str] = {}
+        for label, role, token, *named in entries:
             if role not in _RANK:
                 raise TokenError(
                     f"{where}: {label}: unknown role {role!r} (roles: {', '.join(ROLES)})"
@@ -101,20 +114,35 @@ class TokenTable:
                     f"{MIN_TOKEN_LENGTH} characters without spaces "
                     "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
                 )
-            if roles.setdefault(_digest(token), cast(Role, role)) != role:
+            name = named[0].strip() if named and named[0] else f"{role}-{label.replace(' ', '-')}"
+            if not _NAME.fullmatch(name):
+                raise TokenError(
+                    f"{where}: {label}: a token's name is up to 64 letters, digits or _.@+-"
+                )
+            digest = _digest(token)
+            if roles.setdefault(digest, cast(Role, role)) != role:
                 raise TokenError(f"{where}: {label}: the same token is given two roles")
-        return cls(tuple(roles.items()))
+            names.setdefault(digest, name)
+        return cls(tuple(roles.items()), tuple(names.items()))
 
     def role_of(self, token: str | None) -> Role | None:
         """The role of ``token``, or None. Compares with every entry (no early exit)."""
+        found = self.identify(token)
+        return found[0] if found is not None else None
+
+    def identify(self, token: str | None) -> tuple[Role, str] | None:
+        """The role and name of ``token``, or None. Compares with every entry (no early
+        exit), so the timing does not say which token matched."""
         if not token:
             return None
         presented = _digest(token)
-        found: Role | None = None
-        for digest, role in self.entries:
+        found: bytes | None = None
+        for digest, _ in self.entries:
             if hmac.compare_digest(presented, digest):
-                found = role
-        return found
+                found = digest
+        if found is None:
+            return None
+        return dict(self.entries)[found], dict(self.names).get(found, "")
 
     def merged(self, other: TokenTable) -> TokenTable:
         """Both tables in one (``TokenError`` if a token has a different role in each)."""
@@ -122,24 +150,28 @@ class TokenTable:
         for digest, role in (*self.entries, *other.entries):
             if roles.setdefault(digest, role) != role:
                 raise TokenError("the same token is given two roles (environment and file)")
-        return TokenTable(tuple(roles.items()))
+        names = dict(other.names) | dict(self.names)
+        return TokenTable(tuple(roles.items()), tuple(names.items()))
 
 
 def parse_env(value: str) -> TokenTable:
-    """``admin:TOKEN1,read:TOKEN2`` (spaces around entries are ignored)."""
-    entries: list[tuple[str, str, str]] = []
+    """``admin:TOKEN1,read:TOKEN2``, each optionally named ``alice=admin:TOKEN1`` (spaces
+    around entries are ignored)."""
+    entries: list[tuple[str, str, str, str]] = []
     for i, item in enumerate((p.strip() for p in value.split(",")), 1):
         if not item:
             continue
         role, sep, token = item.partition(":")
         if not sep:
-            raise TokenError(f"{TOKENS_ENV}: entry {i}: expected role:token")
-        entries.append((f"entry {i}", role.strip(), token.strip()))
+            raise TokenError(f"{TOKENS_ENV}: entry {i}: expected role:token (or name=role:token)")
+        name, eq, role = role.rpartition("=")
+        entries.append((f"entry {i}", role.strip(), token.strip(), name.strip() if eq else ""))
     return TokenTable.of(entries, where=TOKENS_ENV)
 
 
 def parse_file(path: str | os.PathLike[str]) -> TokenTable:
-    """One ``role token`` (or ``role:token``) per line; ``#`` starts a comment."""
+    """One ``role token [name]`` (or ``role:token [name]``) per line; ``#`` starts a
+    comment. The name says who holds the token (the change journal records it)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -152,15 +184,15 @@ def parse_file(path: str | os.PathLike[str]) -> TokenTable:
             path=str(path),
             mode=oct(stat.S_IMODE(mode)),
         )
-    entries: list[tuple[str, str, str]] = []
+    entries: list[tuple[str, str, str, str]] = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         match = _FILE_LINE.fullmatch(line)
         if match is None:
-            raise TokenError(f"tokens file {path}: line {n}: expected 'role token'")
-        entries.append((f"line {n}", match.group(1), match.group(2)))
+            raise TokenError(f"tokens file {path}: line {n}: expected 'role token [name]'")
+        entries.append((f"line {n}", match.group(1), match.group(2), match.group(3) or ""))
     return TokenTable.of(entries, where=f"tokens file {path}")
 
 
@@ -239,18 +271,28 @@ def authorize(tokens: TokenTable, conn: HTTPConnection, needed: Role) -> Role:
     """The caller's role if it may do ``needed``; else 401 (who are you) or 403 (not you).
 
     With no tokens configured (loopback only, see :func:`check_bind`) everyone is admin.
+    The caller's identity (token name and role) is what the changes it sends are by, in
+    the change journal (:data:`runctl.bus.client.ACTING_AS`, for this request only).
     """
     if not tokens:
+        _acting_as(conn, "anonymous", "admin")
         return "admin"
     token = _bearer(conn)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    role = tokens.role_of(token)
-    if role is None:
+    found = tokens.identify(token)
+    if found is None:
         raise Unauthorized("unknown bearer token")
+    role, name = found
     if _RANK[role] < _RANK[needed]:
         raise Forbidden(f"this needs the {needed} role; the token has {role}")
+    _acting_as(conn, name, role)
     return role
+
+
+def _acting_as(conn: HTTPConnection, name: str, role: Role) -> None:
+    client = conn.client
+    ACTING_AS.set(Author(name=name, via="http", role=role, addr=client.host if client else ""))
 
 
 def _tokens_of(conn: HTTPConnection) -> TokenTable:
@@ -286,9 +328,10 @@ def generate_tokens_file(path: str | os.PathLike[str]) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     lines = [
-        "# runctl gateway tokens: `role token` per line (roles: read < write < admin).",
-        "# Keep this file private (mode 0600). Give each person the least role they need.",
-        *(f"{role} {secrets.token_urlsafe(32)}" for role in ROLES),
+        "# runctl gateway tokens: `role token [name]` per line (roles: read < write < admin).",
+        "# Keep this file private (mode 0600). Give each person the least role they need, and",
+        "# a token of their own: its name is who the change journal says a change is by.",
+        *(f"{role} {secrets.token_urlsafe(32)} {role}" for role in ROLES),
     ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

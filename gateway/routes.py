@@ -38,6 +38,7 @@ __all__ = [
     "ClientDep",
     "Fresh",
     "PathParam",
+    "RunParam",
     "Value",
     "get_client",
     "patch_of",
@@ -100,6 +101,14 @@ Value = Annotated[
         "text; a JSON body wins over it"
     ),
 ]
+AtStep = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description="apply at this step (`ctl.sync(step)` in the program), on the rank or "
+        "every rank; journaled, so a rank that restarts before it still applies it there",
+    ),
+]
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -118,7 +127,13 @@ def _dotted(path: str | None) -> str | None:
     return dotted or None
 
 
-def _sync_options(rank: str, sync: bool, margin: int | None) -> dict[str, Any]:
+def _sync_options(
+    rank: str, sync: bool, margin: int | None, at_step: int | None = None
+) -> dict[str, Any]:
+    if at_step is not None:
+        if sync or margin is not None:
+            raise BadRequest("at_step is a step of its own: not with sync or margin")
+        return {"at_step": at_step}
     if not sync:
         if margin is not None:
             raise BadRequest("margin applies only to a synchronised change (sync=true)")
@@ -167,6 +182,8 @@ def write_response(run: str, result: Result | Gathered, *, freak: bool = False) 
         "X-Runctl-Version": str(result.version),
         "X-Runctl-Changed": "true" if result.changed else "false",
     }
+    if result.change_id:
+        headers["X-Runctl-Change"] = result.change_id
     if freak:
         return json_response("success", headers=headers)
     return json_response(write_outcome(run, result), headers=headers)
@@ -334,11 +351,12 @@ async def set_value(
     value: Value = None,
     sync: Sync = False,
     margin: Margin = None,
+    at_step: AtStep = None,
 ) -> Response:
     """Replace the value at `path`, validated by the program's model; 422 with pydantic's
     errors (and nothing changed) if it does not fit. The value is the JSON body, else
     `?value=`."""
-    options = _sync_options(rank, sync, margin)
+    options = _sync_options(rank, sync, margin, at_step)
     result = await set_value_of(client, request, run, rank, path, value, options)
     return write_response(run, result)
 
@@ -351,10 +369,11 @@ async def patch_state(
     client: ClientDep,
     sync: Sync = False,
     margin: Margin = None,
+    at_step: AtStep = None,
 ) -> Response:
     """Merge a JSON object into the state: nested objects merge (siblings are kept),
     everything else replaces. All or nothing."""
-    options = _sync_options(rank, sync, margin)
+    options = _sync_options(rank, sync, margin, at_step)
     return write_response(run, await patch_of(client, request, run, rank, None, options))
 
 
@@ -372,18 +391,24 @@ async def patch_at(
     client: ClientDep,
     sync: Sync = False,
     margin: Margin = None,
+    at_step: AtStep = None,
 ) -> Response:
     """Merge a JSON object into the object at `path` (e.g. `optimizer`)."""
-    options = _sync_options(rank, sync, margin)
+    options = _sync_options(rank, sync, margin, at_step)
     return write_response(run, await patch_of(client, request, run, rank, path, options))
 
 
 @router.delete(R + "/reset", summary="Back to the initial state", tags=["state"])
 async def reset_state(
-    run: RunParam, rank: RankParam, client: ClientDep, sync: Sync = False, margin: Margin = None
+    run: RunParam,
+    rank: RankParam,
+    client: ClientDep,
+    sync: Sync = False,
+    margin: Margin = None,
+    at_step: AtStep = None,
 ) -> Response:
     """The state the program had when it called `control()`."""
-    options = _sync_options(rank, sync, margin)
+    options = _sync_options(rank, sync, margin, at_step)
     return write_response(run, await reset_of(client, run, rank, options))
 
 
@@ -418,6 +443,7 @@ async def stop(
             "then stops; the answer lists each rank's stored checkpoint (run-wide only)"
         ),
     ] = False,
+    at_step: AtStep = None,
 ) -> Response:
     """Sets `ctl.stop_requested` (and runs `on_stop` callbacks). On `all` it is also
     recorded for the run, so a rank that starts later stops too."""
@@ -425,7 +451,7 @@ async def stop(
     if checkpoint:
         options: dict[str, Any] = {"checkpoint": True, "margin": margin}
     else:
-        options = _sync_options(rank, sync, margin)
+        options = _sync_options(rank, sync, margin, at_step)
     result = await client.stop(run, rank, reason, mode=mode, grace=grace, **options)
     return write_response(run, result)
 

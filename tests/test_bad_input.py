@@ -156,6 +156,10 @@ def route_requests(run: str) -> list[tuple[str, str, dict[str, str], set[str]]]:
             carriers = names & {"run", "rank", "path", "step", "name", "value", "config"}
             if path.endswith("/steps") and method == "get":
                 carriers.add("rank")  # the steps log's ?rank= filter
+            if path.endswith("/history") and method == "get":
+                # a filter over stored paths, never a subject nor a field lookup: "a.b" or
+                # "café" simply match nothing (a malformed one is 400: test_journal_surfaces)
+                carriers.discard("path")
             if carriers:
                 out.append((method.upper(), path, query, carriers))
     # the steps routes' token filters, which the generic pass above sends in the query

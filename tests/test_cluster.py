@@ -25,6 +25,7 @@ from nats.js import api
 from runctl.bus.client import Client, Result
 from runctl.bus.cluster import NatsCluster, ensure_replicated, replicas_from_env, run_sync
 from runctl.bus.errors import BadRequest, RunctlError
+from runctl.bus.journalstore import STREAM as JOURNAL
 from runctl.bus.registry import BUCKET, Registry
 from runctl.bus.steps.store import STREAM, ensure_stream
 
@@ -141,7 +142,7 @@ def test_replicas_are_kept_and_scaled_up_never_down(
 
 
 def test_a_node_killed_during_a_run(cluster: NatsCluster, run_id: str) -> None:
-    for stream in (STREAM, f"KV_{BUCKET}"):
+    for stream in (STREAM, f"KV_{BUCKET}", JOURNAL):
         assert stream_info(cluster.url, stream).config.num_replicas == 3
     # a follower must not answer registry reads: it may be behind the leader
     assert not stream_info(cluster.url, f"KV_{BUCKET}").config.allow_direct

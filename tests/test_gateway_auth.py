@@ -151,6 +151,12 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/runs/{run}/live"): "read",
     ("GET", "/live"): "read",
     ("GET", "/whoami"): "read",
+    ("GET", "/runs/{run}/history"): "read",
+    ("DELETE", "/runs/{run}/history"): "admin",
+    ("POST", "/runs/{run}/undo"): "write",
+    ("POST", "/runs/{run}/undo/{change}"): "write",
+    ("GET", "/runs/{run}/schedules"): "read",
+    ("POST", "/runs/{run}/schedules/{change}/cancel"): "write",
     ("GET", "/get"): "read",
     ("GET", "/get/{path}"): "read",
     ("GET", "/get_from_path"): "read",
@@ -176,7 +182,7 @@ def test_every_route_refuses_no_token_and_a_lower_role(http: httpx.Client) -> No
     """At run time, on the real app: the guard covers every route, and with the role the
     table says (a token one role lower is refused before the route runs)."""
     for (method, template), role in EXPECTED.items():
-        url = template.format(run="r", rank="0", path="epochs", step="s")
+        url = template.format(run="r", rank="0", path="epochs", step="s", change="c0ffee")
         params = {"value": "1", "path": "epochs"}
         assert http.request(method, url, params=params).status_code == 401, (method, url)
         if role in _BELOW:

@@ -12,13 +12,15 @@ import anyio
 import msgspec
 import nats
 import pytest
+from nats.js import api
 from pydantic import BaseModel, Field
 
 from runctl.agent import Agent
 from runctl.bus import Client, Gathered
 from runctl.bus import messages as m
 from runctl.bus.errors import BadRequest, Conflict, TooLate
-from runctl.bus.journalstore import read_journal
+from runctl.bus.journalstore import read_journal, stream_config
+from runctl.bus.server import NatsServer
 from runctl.bus.subjects import journal_filter
 
 pytestmark = pytest.mark.anyio
@@ -306,3 +308,66 @@ async def test_forget_history_removes_a_runs_journal(
     assert await client.history(run_id) == []
     async with agent(nats_url, run_id, 0) as again:
         assert again.state.epochs == 3
+
+
+def test_retention_defaults_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUNCTL_JOURNAL_MAX_AGE", raising=False)
+    monkeypatch.delenv("RUNCTL_JOURNAL_MAX_BYTES", raising=False)
+    config = stream_config()
+    assert config.max_age == 90 * 24 * 3600 and config.max_bytes == 1 << 30
+    assert config.storage == api.StorageType.FILE and config.discard == api.DiscardPolicy.OLD
+    monkeypatch.setenv("RUNCTL_JOURNAL_MAX_AGE", "3600")
+    monkeypatch.setenv("RUNCTL_JOURNAL_MAX_BYTES", "0")  # unlimited, as in JetStream
+    config = stream_config(replicas=3)
+    assert config.max_age == 3600 and config.max_bytes == -1 and config.num_replicas == 3
+    monkeypatch.setenv("RUNCTL_JOURNAL_MAX_AGE", "a week")
+    with pytest.raises(BadRequest, match="RUNCTL_JOURNAL_MAX_AGE"):
+        stream_config()
+
+
+async def test_a_full_journal_drops_its_oldest_records(
+    nats_server: NatsServer, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNCTL_JOURNAL_MAX_BYTES", "20000")  # when the stream is created
+    async with (
+        await Client.connect(nats_server.url) as client,
+        agent(nats_server.url, run_id, 0),
+    ):
+        ids = [(await client.set(run_id, 0, "epochs", i)).change_id for i in range(60)]
+        kept = [e.id for e in await client.history(run_id, limit=1000)]
+    assert kept and len(kept) < 60 and kept == list(reversed(ids))[: len(kept)]
+
+
+class Blob(BaseModel):
+    blob: str = ""
+    epochs: int = 3
+
+
+async def test_a_huge_change_is_journaled_without_its_values(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    big = "x" * 400_000  # before and after together are over what one record may hold
+    async with agent(nats_url, run_id, 0, Blob(blob="y" * 400_000)):
+        res = await client.set(run_id, 0, "blob", big)
+        assert res.journaled is True
+        (entry,) = await client.history(run_id)
+        (change,) = entry.to_json()["ranks"]["0"]["diff"]
+        assert change["path"] == "blob" and change["elided"] is True
+        assert len(change["before"]) < 100
+        with pytest.raises(BadRequest, match="too large"):
+            await client.undo(run_id)
+    async with agent(nats_url, run_id, 0, Blob()) as again:
+        assert again.state.blob == big  # the request itself was kept: it replays
+
+
+async def test_a_change_too_large_to_keep_is_reported_at_replay(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    async with agent(nats_url, run_id, 0, Blob()):
+        res = await client.set(run_id, 0, "blob", "z" * 950_000)  # near the 1 MiB limit
+        assert res.journaled is True
+        await client.set(run_id, 0, "epochs", 4)
+    async with agent(nats_url, run_id, 0, Blob()) as again:
+        assert again.state == Blob(epochs=4)
+        (skipped,) = again.replay_report.skipped
+        assert skipped.id == res.change_id and "too large" in skipped.reason

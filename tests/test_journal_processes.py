@@ -34,11 +34,17 @@ RANK = """
         epochs: int = 3
         opt: Opt = Opt()
 
-    state = S()
+    class Renamed(BaseModel):  # the next version of the code: epochs became max_epochs
+        max_epochs: int = 3
+        opt: Opt = Opt()
+
+    state = Renamed() if os.environ.get("RENAMED") else S()
     ctl = control(state, heartbeat=0.2)
     ctl.wait_ready(30)
     say("READY", json.dumps([c.id for c in ctl.replayed], separators=(",", ":")),
         state.model_dump_json())
+    if ctl.replay_skipped:
+        say("SKIPPED", json.dumps([s.id for s in ctl.replay_skipped], separators=(",", ":")))
     goal = Path(os.environ["GOAL"])
     step = int(os.environ.get("START", "0"))
     ctl.sync(step)
@@ -61,14 +67,24 @@ def ranks() -> Iterator[Ranks]:
     handle.cleanup()
 
 
-def start(ranks: Ranks, run: str, rank: int, url: str, goal: Path, start: int = 0) -> None:
+def start(
+    ranks: Ranks,
+    run: str,
+    rank: int,
+    url: str,
+    goal: Path,
+    start: int = 0,
+    env: dict[str, str] | None = None,
+) -> None:
     old = ranks.procs.get(str(rank))
     if old is not None:  # a restart: the killed process's pipes are closed first
         old.wait(10)
         for stream in (old.stdout, old.stderr):
             if stream is not None:
                 stream.close()
-    ranks.start(run, rank, url, code=RANK, env={"GOAL": str(goal), "START": str(start)})
+    ranks.start(
+        run, rank, url, code=RANK, env={"GOAL": str(goal), "START": str(start), **(env or {})}
+    )
 
 
 async def ready(ranks: Ranks, rank: int) -> tuple[list[str], dict[str, object]]:
@@ -158,3 +174,40 @@ async def test_a_scheduled_change_applies_at_its_step_on_every_rank(
             if int(step) == 25:
                 break
         assert seen[19] == 0.1 and seen[20] == 0.001, (rank, seen)
+
+
+async def test_a_run_wide_change_reaches_a_rank_that_joins_later(
+    nats_url: str, run_id: str, ranks: Ranks, tmp_path: Path
+) -> None:
+    goal = tmp_path / "goal"
+    for rank in (0, 1):
+        start(ranks, run_id, rank, nats_url, goal)
+        await ready(ranks, rank)
+    async with await Client.connect(nats_url) as client:
+        every = await client.set(run_id, "all", "opt.lr", 0.03)
+        await client.set(run_id, 1, "epochs", 9)  # rank 1's own: not for the new rank
+    start(ranks, run_id, 2, nats_url, goal)  # an elastic scale-up: rank 2 of a run of 2
+    replayed, state = await ready(ranks, 2)
+    assert replayed == [every.change_id]
+    assert state == {"epochs": 3, "opt": {"lr": 0.03, "momentum": 0.9}}
+
+
+async def test_a_renamed_field_is_skipped_and_reported_and_the_rank_starts(
+    nats_url: str, run_id: str, ranks: Ranks, tmp_path: Path
+) -> None:
+    goal = tmp_path / "goal"
+    start(ranks, run_id, 0, nats_url, goal)
+    await ready(ranks, 0)
+    async with await Client.connect(nats_url) as client:
+        gone = await client.set(run_id, 0, "epochs", 12)
+        kept = await client.set(run_id, 0, "opt.lr", 0.04)
+    ranks.procs["0"].send_signal(signal.SIGKILL)
+    await ranks.exit_code(0)
+    start(ranks, run_id, 0, nats_url, goal, env={"RENAMED": "1"})  # the new code
+    replayed, state = await ready(ranks, 0)
+    assert replayed == [kept.change_id]
+    assert state == {"max_epochs": 3, "opt": {"lr": 0.04, "momentum": 0.9}}
+    assert json.loads((await ranks.line(0, "SKIPPED")).split(" ", 1)[1]) == [gone.change_id]
+    async with await Client.connect(nats_url) as client:
+        (entry,) = [e for e in await client.history(run_id) if e.id == gone.change_id]
+        assert entry.to_json()["replay_skipped"][0]["rank"] == "0"
