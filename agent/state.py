@@ -34,7 +34,13 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 from pydantic_core import SchemaSerializer
 
-from runctl.bus.errors import BadRequest, NotAnObject, UnknownPath, ValidationRejected
+from runctl.bus.errors import (
+    BadPath,
+    BadRequest,
+    NotAnObject,
+    UnknownPath,
+    ValidationRejected,
+)
 from runctl.bus.journal import FieldChange, field_diff
 from runctl.bus.jsonform import dumps, wire_value
 from runctl.bus.paths import parse_index, split_path
@@ -332,7 +338,8 @@ def check_path(model: BaseModel, path: str, *, for_write: bool) -> list[str]:
         elif isinstance(node, list | tuple):
             index = parse_index(part)
             if index is None:
-                raise UnknownPath(path, f"{part!r} is not an index of the list {where}")
+                # not ``-?[0-9]+``: malformed (400), where an index out of range names nothing
+                raise BadPath(path, f"{part!r} is not an index of the list {where}")
             if not -len(node) <= index < len(node):  # negative as in bus.paths.resolve
                 raise UnknownPath(path, f"index {index} out of range for {where} ({len(node)})")
             node = node[index]
@@ -397,8 +404,11 @@ def _reject_undeclared(model: Any, change: Any, loc: list[str | int]) -> None:
         # check_path let only in-range indices through: anything else is refused here too
         for key, sub in change.items():
             index = parse_index(key)
-            if index is None or not -len(model) <= index < len(model):
-                raise UnknownPath(".".join(map(str, [*loc, key])), f"{key!r} is not an index")
+            where = ".".join(map(str, [*loc, key]))
+            if index is None:
+                raise BadPath(where, f"{key!r} is not an index")
+            if not -len(model) <= index < len(model):
+                raise UnknownPath(where, f"no index {key} in a list of {len(model)}")
             _reject_undeclared(model[index], sub, [*loc, index])
     elif isinstance(model, dict) and isinstance(change, dict):
         for key, sub in change.items():

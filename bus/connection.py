@@ -180,9 +180,10 @@ def _describe(exc: BaseException, tls: ClientTls | None) -> str:
         return describe_ssl_error(exc, tls.ca if tls else None)
     if isinstance(exc, TlsError):
         return exc.message
-    if isinstance(exc, ConnectionResetError) and tls is not None and tls.cert is None:
-        # TLS 1.3: a server that verifies clients may hang up before its alert is read
-        return f"{map_nats_error(exc)} ({CLIENT_CERT_HINT})"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError) and tls and tls.cert is None:
+        # TLS 1.3: a server that verifies clients may hang up before its alert is read (a
+        # reset while reading, a broken pipe while writing CONNECT): one message for both
+        return f"{map_nats_error(ConnectionResetError('Connection lost'))} ({CLIENT_CERT_HINT})"
     return str(map_nats_error(exc)) or type(exc).__name__
 
 

@@ -67,8 +67,8 @@ def resolve(data: Any, path: str | None) -> Any:
 
 def _index(path: str, part: str, length: int) -> int:
     index = parse_index(part)
-    if index is None:
-        raise UnknownPath(path, f"{part!r} is not a list index")
+    if index is None:  # not -?[0-9]+: malformed (400); out of range names nothing (404)
+        raise BadPath(path, f"{part!r} is not a list index")
     if not -length <= index < length:
         raise UnknownPath(path, f"index {index} out of range for a list of {length}")
     return index

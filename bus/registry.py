@@ -272,7 +272,7 @@ class Registry:
         run afterwards is not stopped at once. Returns the record that was there."""
         record = await self.get_run(run)
         if record is not None:
-            await self.kv.purge(f"{check_token(run, 'run')}.{ALL}")
+            await self.delete_run(run)
         return record
 
     async def records(self, run: str | None = None) -> list[RankRecord]:

@@ -64,8 +64,13 @@ def test_put_takes_a_json_body_and_the_body_wins(ctl: Control[State], http: Any)
     # both: the body wins, as in Freak
     r = client.put(f"{base}/set/n", params={"value": "1"}, json=2)
     assert r.status_code == 200 and ctl.state.n == 2
-    # a body is JSON, never text
+    # a body is JSON, never text: a body that says it is text is refused (415, as no page of
+    # another site may send one), one that claims JSON and is not is FastAPI's 422
     r = client.put(f"{base}/set/name", content=b"plain", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = client.put(
+        f"{base}/set/name", content=b"plain", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body"
     # neither: FastAPI's "missing" for the query value
     r = client.put(f"{base}/set/n")
@@ -202,8 +207,8 @@ def test_each_run_has_a_swagger_page_typed_from_its_model(
         assert asset in page.text
     assert "swagger-ui-bundle.js" in client.get("/docs").text  # the gateway's own, no CDN
     # linked from the console at /: each run's page links its typed docs
-    assert "/static/console.js" in client.get("/").text
-    assert "href: `${base}/docs`" in client.get("/static/console.js").text
+    assert "/static/js/main.js" in client.get("/").text
+    assert "href: `${base}/docs`" in client.get("/static/js/run.js").text
 
     spec = client.get(f"/runs/{run_id}/openapi.json").json()
     base = f"/runs/{run_id}/ranks/{{rank}}"

@@ -151,6 +151,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/runs/{run}/live"): "read",
     ("GET", "/live"): "read",
     ("GET", "/whoami"): "read",
+    ("GET", "/runs/{run}/openapi.json"): "read",
     ("GET", "/runs/{run}/history"): "read",
     ("DELETE", "/runs/{run}/history"): "admin",
     ("POST", "/runs/{run}/undo"): "write",

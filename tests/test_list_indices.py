@@ -30,7 +30,8 @@ class Cfg(BaseModel):
     layers: list[Layer] = [Layer(), Layer(width=32)]
     sizes: list[int] = [1, 2, 3]
 """
-NOT_INDICES = ["+1", " 1", "1 ", "\uff11", "1_0", "0x1", "\u0661", "1.0", "--1", "+0", "²"]
+# ("1.0" is two tokens of a dotted path: index 1, then a field "0" that does not exist)
+NOT_INDICES = ["+1", " 1", "1 ", "\uff11", "1_0", "0x1", "\u0661", "--1", "+0", "²"]
 
 
 @pytest.fixture

@@ -116,7 +116,8 @@ async def test_frozen_loop_is_stalled_then_alive_again(
         assert await _status(client, run_id, "1") == "alive"
         stalled = await _wait_event(events, "stalled")
         assert stalled.rank == "0"
-        assert stalled.data["idle_s"] > stalled.data["stall_after_s"] == 1.0
+        # the threshold may have grown past the floor if steps slowed down under load
+        assert stalled.data["idle_s"] > stalled.data["stall_after_s"] >= 1.0
 
         # shown everywhere ranks are shown: GET /runs, GET /runs/RUN, runctl ls
         listing = await anyio.to_thread.run_sync(lambda: http.get("/runs").json())
