@@ -21,6 +21,9 @@ Its children get SIGTERM if the host itself dies (``PR_SET_PDEATHSIG``): no orph
 Only the standard library is imported here, and the module runs by its file path, so a
 new program's agent is connected without waiting for a second Python to import runctl's
 dependencies (the gateway child does that, after the bus is up).
+
+Why one module of this size: it runs by its file path with only the standard library (see
+above), so it cannot lean on runctl's other modules for its process handling.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ How a change is applied (set, patch, reset):
 
 All of it runs under ``lock`` (a ``threading.RLock``), which the program may hold to read
 several fields consistently.
+
+Why one module of this size: path checking, the lossless copy, validation, the
+undeclared-key check and mirroring into live objects are the five steps of one operation
+under one lock; split, each would need the others' private invariants (see the steps above).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Replication: the step log (stream ``RUNCTL_STEPS``) and the rank registry (KV
 process connects first. A process that does not set it never scales an existing stream
 down. :func:`ensure_replicated` creates both with R3 up front (``runctl up --cluster``
 does it), so ranks need no setting at all.
+
+Why one module of this size: starting the nodes, waiting for a meta leader and creating the
+replicated streams are one procedure that ``runctl up --cluster`` and the fault tests run;
+the single-server code it reuses is in :mod:`runctl.bus.server`.
 """
 
 from __future__ import annotations

@@ -42,6 +42,10 @@ these errors in one place, :func:`map_nats_error`.
 
 >>> NotFound("exp1", "3").http_status, NotFound("exp1", "3").exit_code
 (404, 3)
+
+Why one module of this size: the tree is one table (the diagram above), read by every
+surface; split over files, a new class could no longer be checked against its siblings'
+codes, statuses and exit codes at a glance.
 """
 
 from __future__ import annotations

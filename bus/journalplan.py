@@ -12,6 +12,9 @@ Replay (a rank starting in a run with journaled changes), :func:`plan_replay`:
 Stops and cancels are history, not replayed: a restarted run is meant to run (a run-wide
 stop still stops ranks that start shortly after it, see docs/distributed.md). A change a
 rank rejected is not replayed on that rank.
+
+Why one module of this size: replay, history, undo and schedules are four readings of the
+same ordered records, and they must agree on what a record means; all pure functions.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ host, pid, status), rewritten by the agent after every change and on every heart
 
 Entries live ``ttl`` seconds after their last write (default 7 days), so a dead rank's last
 state stays readable and is reported ``stale`` once its heartbeat is overdue.
+
+Why one module of this size: the bucket's configuration, the batched read path and the
+writes share one key layout and one decoding rule for unreadable records.
 """
 
 from __future__ import annotations

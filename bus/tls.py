@@ -20,6 +20,12 @@ optionally ``RUNCTL_NATS_CERT`` + ``RUNCTL_NATS_KEY`` (a client certificate). TL
 a connection when any URL is ``tls://`` or ``RUNCTL_NATS_CA`` is set; then the server's
 certificate is verified (CA and host name) and a server that does not switch to TLS is
 refused before a password is sent (:func:`check_encrypted`).
+
+Why one module of this size: the CA, the server's certificate, the server's TLS block and
+the client's SSL context are one contract (the file names in :class:`TlsFiles`, the
+environment names in :mod:`runctl.bus.tlserrors`); each half is short, and reading them side
+by side is how a mismatch between what ``runctl up --tls`` writes and what clients read is
+seen. Error wording lives apart, in :mod:`runctl.bus.tlserrors`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ status (422, 400 ...) when none did.
 
 The Freak-compatible root routes (``/get``, ``/set/...``, ``/reset``, ``/get_from_path``)
 are in :mod:`runctl.gateway.freak`.
+
+Why one module of this size: one route per operation of the HTTP API, each a few lines over
+the shared implementations at the top, so the whole API surface (paths, parameters,
+statuses) is read in one place, as FastAPI documents it.
 """
 
 from __future__ import annotations

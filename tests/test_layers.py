@@ -232,3 +232,21 @@ def test_no_import_cycles() -> None:
     inside a function, which would only hide the cycle)."""
     groups = cycles(import_graph())
     assert not groups, "import cycles:\n  " + "\n  ".join(" <-> ".join(g) for g in groups)
+
+
+#: the size past which a product module says at its top why it is one module
+LONG_MODULE: Final = 420
+
+
+def test_long_modules_say_why_they_are_one() -> None:
+    """A newcomer reads a module in one pass: one past ~400 lines states its reason in its
+    docstring ("Why one module of this size: ...")."""
+    silent = []
+    for folder in PACKAGES.values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            source = path.read_text()
+            lines = source.count("\n")
+            doc = ast.get_docstring(ast.parse(source)) or ""
+            if lines > LONG_MODULE and "Why one module" not in doc:
+                silent.append(f"{path.relative_to(ROOT)}: {lines} lines")
+    assert not silent, "say why at the top, or split:\n  " + "\n  ".join(silent)

@@ -10,6 +10,9 @@ log's PubAck wait.
 
 The API reads the agent through :class:`StepHost` (what an agent is to its steps), so it
 does not import the agent that holds it.
+
+Why one module of this size: every form of the step API shares these few calls, and their
+sync and async halves must stay side by side so that they keep the same order of waits.
 """
 
 from __future__ import annotations

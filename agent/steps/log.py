@@ -14,6 +14,9 @@ reader never sees half of one. The agent's loop is the only writer.
 Live updates: forget markers for this rank and run-wide records arrive on plain
 subscriptions; another rank's run-wide completion is trusted only once read back from the
 stream (so nothing is counted done that the server has not stored).
+
+Why one module of this size: the in-memory done sets, their loading and their live updates
+share one rule (only what the server stored counts as done), kept in one place.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ with a subjects filter would stop at 100,000 subjects).
 
 Every side uses this module: agents (whose writer, :class:`runctl.agent.steps.log.StepLog`,
 appends completions), the gateway and the CLI (which list, explain and forget).
+
+Why one module of this size: the stream's configuration, its fast read path and forgetting
+must agree on one subject layout and one-message-per-subject rule; they are read together.
 """
 
 from __future__ import annotations

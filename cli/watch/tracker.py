@@ -11,6 +11,10 @@ passed its threshold. So clock skew between hosts does not matter.
 
 Pure: :class:`Tracker` takes messages and the time and returns :class:`Notice`\\ s; the
 engine (``engine.py``) does the I/O. Each condition is notified once, until it clears.
+
+Why one module of this size: one pure state machine over every kind of notice (stale,
+stalled, recovered, exited, stops and synchronised changes not taken, failed steps,
+conditions), whose once-until-cleared rule must be the same for all of them.
 """
 
 from __future__ import annotations
