@@ -58,6 +58,7 @@ from runctl.bus.credentials import redact_url
 from runctl.bus.defaults import MAX_PAYLOAD
 from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
+from runctl.bus.sizelimit import SizeLimit
 from runctl.bus.subjects import check_rank, check_token, state_subject
 
 __all__ = ["Agent"]
@@ -282,6 +283,8 @@ class Agent(Generic[M]):
                 self.nc, self.registry = await lifecycle.connect_agent(
                     self.url or DEFAULT_URL, self.run, self.rank, self.log
                 )
+                # the largest state a message carries: changes beyond it are refused
+                self.live.size_limit = SizeLimit(self.nc.max_payload or self.max_payload)
                 self.publisher.attach(self.nc, self.registry)
                 self.replay_report = await start_journal(
                     self.nc, self.journal, self.publisher, replay=self.replay
@@ -347,8 +350,14 @@ class Agent(Generic[M]):
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:
         if not msg.reply:
             return
+        payload = m.encode(outcome.reply)
+        limit = self.live.size_limit
+        if limit is not None and len(payload) > limit.max_payload:  # never a silent 504
+            where = f"rank {self.rank} of run {self.run}"
+            error = limit.unreadable(len(payload), where)
+            payload = m.encode(commands.error_reply(self.core, error))
         try:
-            await msg.respond(m.encode(outcome.reply))
+            await msg.respond(payload)
         except Exception as exc:  # the asker is gone or the bus is down: nothing to do
             self.log.debug("reply failed", error=str(exc))
 

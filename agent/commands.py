@@ -150,7 +150,7 @@ def apply(
             return Outcome(cmd, _defer(rank, cmd, new_id))
         match cmd:
             case m.Get(path=path):
-                value = msgspec.Raw(live.get(path))
+                value = msgspec.Raw(_readable(rank, live.get(path)))
             case m.Set(path=path, value=new, text=True):
                 before = live.version
                 cmd = replace(cmd, value=set_typed(live, path, str(new)), text=False)
@@ -257,6 +257,14 @@ def _defer(
         version=live.version,
         value={"pending": True, "at_step": at_step, "change_id": change_id, "step": current},
     )
+
+
+def _readable(rank: RankState, value: bytes) -> bytes:
+    """``value`` if a reply can carry it, else the error that names the limit."""
+    limit = rank.live.size_limit
+    if limit is not None and not limit.fits(len(value)):
+        raise limit.unreadable(len(value), f"rank {rank.rank} of run {rank.run}")
+    return value
 
 
 def _ping(rank: RankState, now: float) -> dict[str, Any]:

@@ -14,6 +14,7 @@ ack awaited after (see :meth:`Publisher.after`).
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
@@ -70,6 +71,8 @@ class Publisher:
         self._soon = soon
         self._record_lock: anyio.Lock | None = None
         self._stop_recorded = False
+        #: the state is too large for a message (the program was told; bus/sizelimit.py)
+        self._too_large = False
         self.log = structlog.get_logger().bind(run=rank.run, rank=rank.rank)
 
     def attach(self, nc: NATS, registry: Registry | None) -> None:
@@ -167,12 +170,15 @@ class Publisher:
         nc, rank = self.nc, self.rank
         if nc is None or nc.is_closed:
             return []
+        carried, omitted = self._carried(state)
         msg = m.StateMsg(
             run=rank.run,
             rank=rank.rank,
             version=rank.live.version,
             ts=time.time(),
-            state=msgspec.Raw(state),
+            state=carried,
+            state_omitted=omitted,
+            max_payload=self._max_payload(),
             cause=cause,
             heartbeat_interval=self.heartbeat_interval,
             step=rank.clock.step,
@@ -192,6 +198,7 @@ class Publisher:
         if self.registry is None or self._record_lock is None:
             return []
         rank = self.rank
+        carried, omitted = self._carried(state)
         async with self._record_lock:  # records are sent in version order
             record = m.RankRecord(
                 run=rank.run,
@@ -202,7 +209,9 @@ class Publisher:
                 heartbeat=time.time(),
                 heartbeat_interval=self.heartbeat_interval,
                 version=rank.live.version,
-                state=msgspec.Raw(state),
+                state=carried,
+                state_omitted=omitted,
+                max_payload=self._max_payload(),
                 status="exited" if self.exited else "running",
                 stop_requested=rank.stop_requested,
                 world_size=rank.world_size,
@@ -222,6 +231,27 @@ class Publisher:
             except Exception as exc:
                 self.log.debug("registry write failed", error=str(exc) or type(exc).__name__)
                 return []
+
+    def _max_payload(self) -> int:
+        limit = self.rank.live.size_limit
+        return 0 if limit is None else limit.max_payload
+
+    def _carried(self, state: bytes) -> tuple[msgspec.Raw | None, int]:
+        """The state as a message carries it, and its size when it is too large to: then
+        the program is told loudly, once each time it becomes too large."""
+        limit = self.rank.live.size_limit
+        if limit is None or limit.fits(len(state)):
+            if self._too_large:
+                self._too_large = False
+                self.log.warning("state fits in a bus message again", size=len(state))
+            return msgspec.Raw(state), 0
+        if not self._too_large:
+            self._too_large = True
+            where = f"rank {self.rank.rank} of run {self.rank.run}"
+            warning = limit.warning(len(state), where)
+            print(warning, file=sys.stderr, flush=True)  # the program's operator sees it
+            self.log.error("state too large for a bus message", size=len(state))
+        return None, len(state)
 
     async def event(self, kind: str, **data: Any) -> None:
         """Publish an event of ``kind`` with ``data`` (best effort, never waits)."""

@@ -48,6 +48,7 @@ from runctl.bus.errors import (
 from runctl.bus.journal import FieldChange, field_diff
 from runctl.bus.jsonform import dumps, wire_value
 from runctl.bus.paths import parse_index, split_path
+from runctl.bus.sizelimit import SizeLimit
 
 __all__ = ["LiveState", "check_path"]
 
@@ -69,6 +70,9 @@ class LiveState(Generic[M]):
         self.version = 0
         #: record each applied change's field-level diff (the change journal turns it on)
         self.track_diffs = False
+        #: the largest state one bus message carries (set once connected): a change that
+        #: would make the state larger is refused before it applies (bus/sizelimit.py)
+        self.size_limit: SizeLimit | None = None
         self._diffs: dict[int, list[FieldChange]] = {}
         with self.lock:
             self._initial = self._json()
@@ -230,8 +234,13 @@ class LiveState(Generic[M]):
         return self._initial
 
     def _apply(self, data: dict[str, Any], change: Any, dry_run: bool = False) -> bool:
-        """Validate the whole document; reject undeclared keys; mirror in place."""
+        """Validate the whole document; reject undeclared keys; refuse a state too large
+        for a bus message; mirror in place."""
         new = self.validate(data, change)
+        if self.size_limit is not None:
+            size = len(dumps(_lossless_serializer(self.cls).to_python(new, mode="json")))
+            if not self.size_limit.fits(size):
+                raise self.size_limit.refused(size)
         if dry_run:
             return False
         if not self.track_diffs:

@@ -66,6 +66,7 @@ from runctl.bus.jsonform import wire_value
 from runctl.bus.paths import resolve
 from runctl.bus.registry import RankInfo, Registry
 from runctl.bus.results import Gathered, Result
+from runctl.bus.sizelimit import SizeLimit
 from runctl.bus.subjects import (
     ALL,
     check_rank,
@@ -696,6 +697,9 @@ class Client:
 
 def _from_registry(info: RankInfo, path: str | None) -> Result:
     r = info.record
+    if r.state_omitted:  # too large for a message: say so, never an old state
+        where = f"rank {r.rank} of run {r.run}"
+        raise SizeLimit(r.max_payload).unreadable(r.state_omitted, where)
     return Result(
         r.rank,
         r.version,

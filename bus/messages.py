@@ -263,6 +263,10 @@ class StateMsg(msgspec.Struct, tag="state/1", **_TAG):
     stall_after: float = 0.0
     #: steps per second, recent average (as in the registry record): for curves
     step_rate: float = 0.0
+    #: the state's size in bytes when it is too large for a message (``state`` is then
+    #: None), with the server's max_payload it was measured against (bus/sizelimit.py)
+    state_omitted: int = 0
+    max_payload: int = 0
 
 
 class Event(msgspec.Struct, tag="event/1", **_TAG):
@@ -313,6 +317,10 @@ class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     stall_after: float = 0.0
     #: why the program ended, when it ended with an uncaught exception ("" otherwise)
     error: str = ""
+    #: the state's size in bytes when it is too large for a message (``state`` is then
+    #: None), with the server's max_payload it was measured against (bus/sizelimit.py)
+    state_omitted: int = 0
+    max_payload: int = 0
 
 
 class RunRecord(msgspec.Struct, tag="run/1", **_TAG):
