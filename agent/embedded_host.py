@@ -145,6 +145,7 @@ class Host:
     # --- services ------------------------------------------------------------------------
 
     async def start_nats(self) -> None:
+        """Start nats-server on the port, or adopt the one already listening there."""
         url = f"nats://127.0.0.1:{self.nats_port}"
         if _listening(self.nats_port):
             # a server someone else runs (``runctl up``, a test): use it, never stop it
@@ -184,10 +185,12 @@ class Host:
         self.nats_ready.set()
 
     def want_gateway(self) -> None:
+        """Whether a lease asked for the HTTP gateway (the first one that asks starts it)."""
         if self.gateway_task is None:
             self.gateway_task = asyncio.ensure_future(self.start_gateway())
 
     async def start_gateway(self) -> None:
+        """Start the gateway on loopback if its port is free (if not, that is logged)."""
         await self.nats_ready.wait()
         port = self.gateway_port
         url = f"http://127.0.0.1:{port}"
@@ -229,6 +232,7 @@ class Host:
     # --- leases --------------------------------------------------------------------------
 
     async def on_lease(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one lease connection: count it until the program closes it (or dies)."""
         if self.closing:  # too late: the program retries, with the next host
             writer.close()
             return
@@ -279,6 +283,7 @@ class Host:
     # --- life ----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Hold the port's lock, serve leases, and stop everything once the last lease is gone."""
         sock_path = Path(self.args.sock)
         _remove(sock_path)  # a dead host's: we hold the lock, so nobody else's
         server = await asyncio.start_unix_server(self.on_lease, path=str(sock_path))
@@ -358,6 +363,7 @@ def _accepts(sock_path: Path) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the detached host process (run by its file path)."""
     parser = argparse.ArgumentParser(description="runctl's shared embedded nats-server and gateway")
     parser.add_argument("--nats-port", type=int, required=True)
     parser.add_argument("--gateway-port", type=int, required=True)

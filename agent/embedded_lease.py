@@ -129,6 +129,7 @@ class Lease:
         return self._gateway.get("url"), str(self._gateway.get("reason", ""))
 
     def close(self) -> None:
+        """Give the lease back: the host stops once no program holds one."""
         with contextlib.suppress(OSError):
             self.sock.close()
 

@@ -93,6 +93,7 @@ class Journaler:
 
     @property
     def enabled(self) -> bool:
+        """Whether the journal stream is reachable (JetStream on the server)."""
         return self.js is not None
 
     # --- records --------------------------------------------------------------------------
@@ -257,6 +258,7 @@ class Journaler:
 
     @property
     def unsent(self) -> int:
+        """How many journal records wait for the server's acknowledgement."""
         return len(self._unacked)
 
     async def aclose(self, timeout: float = 2.0) -> None:

@@ -75,6 +75,7 @@ class Encoded(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def is_inline(self) -> bool:
+        """Whether the result travels inside the step record (else in the object store)."""
         return self.data is None
 
 

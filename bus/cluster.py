@@ -133,14 +133,17 @@ class NatsCluster:
     # --- addresses ----------------------------------------------------------------------
 
     def server_name(self, i: int) -> str:
+        """Node ``i``'s server name: ``<cluster>-<i+1>``."""
         return f"{self.name}-{i + 1}"
 
     @property
     def scheme(self) -> str:
+        """``tls`` when the cluster was started with TLS, else ``nats``."""
         return "tls" if self.tls else "nats"
 
     @property
     def urls(self) -> list[str]:
+        """Each node's client URL, in node order."""
         return [
             f"{self.scheme}://{_bracket(h)}:{port}"
             for h, port in zip(self.hosts, self.ports, strict=True)
@@ -211,6 +214,7 @@ class NatsCluster:
         return self
 
     def stop(self) -> None:
+        """Stop every node, and remove the store dirs the cluster made itself."""
         for node in self.nodes:
             node.stop()
         if self._tmp is not None:
@@ -223,6 +227,7 @@ class NatsCluster:
         self.nodes[i].kill()
 
     def signal(self, i: int, signum: int) -> None:
+        """Send ``signum`` to node ``i`` (SIGSTOP freezes it, for fault tests)."""
         self.nodes[i].signal(signum)
 
     def restart(self, i: int, timeout: float = 30.0) -> NatsServer:
@@ -239,6 +244,7 @@ class NatsCluster:
 
     @property
     def running(self) -> list[bool]:
+        """Per node, whether its process is alive."""
         return [n.running for n in self.nodes]
 
     def wait_jetstream(self, timeout: float = 30.0, **connect_options: Any) -> None:

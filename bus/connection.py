@@ -52,6 +52,7 @@ logging.getLogger("asyncio").addFilter(_not_eof_noise)
 
 
 def env_url(default: str | None = DEFAULT_URL) -> str | None:
+    """The NATS URL from ``RUNCTL_NATS_URL``, or None when it is not set."""
     return os.environ.get("RUNCTL_NATS_URL") or default
 
 

@@ -99,6 +99,7 @@ class Credentials:
         return {"user": USERS[role], "password": self.passwords[role]}
 
     def role_file(self, role: NatsRole) -> Path | None:
+        """The file holding ``role``'s user name and password."""
         return None if self.dir is None else self.dir / f"{role}.env"
 
 

@@ -117,10 +117,12 @@ _decoder: Final = msgspec.json.Decoder(Record)
 
 
 def encode_record(record: Record) -> bytes:
+    """A journal record as its wire JSON (``change/1``)."""
     return _encoder.encode(record)
 
 
 def decode_record(data: bytes) -> Record:
+    """A journal record from the stream."""
     return _decoder.decode(data)
 
 

@@ -128,6 +128,7 @@ class Entry:
 
     @property
     def status(self) -> str:
+        """The change's outcome in one word: applied, partly applied, rejected, pending ..."""
         if self.verb == "replay":
             return "replayed"
         outcomes = {rec.outcome for rec in self.ranks.values()}
@@ -153,6 +154,7 @@ class Entry:
         return sorted(set(out))
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as ``GET /runs/{run}/history`` and ``runctl history --json`` show it."""
         ranks: dict[str, Any] = {}
         for rank, rec in sorted(self.ranks.items(), key=lambda kv: rank_key(kv[0])):
             item: dict[str, Any] = {"outcome": rec.outcome, "ts": rec.ts, "step": rec.step}

@@ -345,6 +345,7 @@ _run_record_decoder: Final = msgspec.json.Decoder(RunRecord)
 
 
 def encode(msg: msgspec.Struct) -> bytes:
+    """Any message Struct as its wire JSON."""
     return _encoder.encode(msg)
 
 
@@ -365,21 +366,26 @@ def decode_command(verb: str, payload: bytes) -> Command:
 
 
 def decode_reply(payload: bytes) -> Reply:
+    """A command's reply (``reply/1``)."""
     reply: Reply = _reply_decoder.decode(payload)
     return reply
 
 
 def decode_state(payload: bytes) -> StateMsg:
+    """A state message (``state/1``)."""
     return _state_decoder.decode(payload)
 
 
 def decode_event(payload: bytes) -> Event:
+    """An event message (``event/1``)."""
     return _event_decoder.decode(payload)
 
 
 def decode_record(payload: bytes) -> RankRecord:
+    """A rank's registry record (``rank/1``)."""
     return _record_decoder.decode(payload)
 
 
 def decode_run_record(payload: bytes) -> RunRecord:
+    """A run's registry record: its run-wide stop (``run/1``)."""
     return _run_record_decoder.decode(payload)

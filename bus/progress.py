@@ -133,6 +133,7 @@ class Spread:
         return f"{', '.join(parts)}{tail}; leader at step {self.leader}"
 
     def to_json(self) -> dict[str, object]:
+        """The spread as a JSON object (``GET /runs/{run}``, ``runctl ls --json``)."""
         return {
             "leader": self.leader,
             "slowest": self.slowest,

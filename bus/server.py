@@ -103,10 +103,12 @@ class NatsServer:
 
     @property
     def url(self) -> str:
+        """The client URL: ``nats://host:port``, ``tls://`` with TLS."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'tls' if self.tls else 'nats'}://{host}:{self.port}"
 
     def argv(self) -> list[str]:
+        """The nats-server command line this server starts with."""
         argv = [*self.prefix, find_binary()]
         config = self.config_file
         if self.tls is not None:
@@ -183,11 +185,13 @@ class NatsServer:
             self.process.wait()
 
     def signal(self, signum: int) -> None:
+        """Send ``signum`` to the server while it runs (SIGSTOP freezes it, for fault tests)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
 
     @property
     def running(self) -> bool:
+        """Whether the server's process is alive."""
         return self.process is not None and self.process.poll() is None
 
     def __enter__(self) -> Self:

@@ -113,26 +113,32 @@ class TlsFiles:
 
     @property
     def ca(self) -> Path:
+        """The CA certificate: what every client verifies the server with."""
         return self.dir / "ca.pem"
 
     @property
     def ca_key(self) -> Path:
+        """The CA's private key: signs new certificates; never leaves this machine."""
         return self.dir / "ca-key.pem"
 
     @property
     def server_cert(self) -> Path:
+        """The server's certificate (nats-server's, and the gateway's if you like)."""
         return self.dir / "server.pem"
 
     @property
     def server_key(self) -> Path:
+        """The server certificate's private key."""
         return self.dir / "server-key.pem"
 
     @property
     def client_cert(self) -> Path:
+        """A client certificate, for servers that verify clients."""
         return self.dir / "client.pem"
 
     @property
     def client_key(self) -> Path:
+        """The client certificate's private key."""
         return self.dir / "client-key.pem"
 
     def names(self) -> list[str]:

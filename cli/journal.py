@@ -29,6 +29,7 @@ __all__ = ["register", "render_history"]
 
 
 def register(add: AddParser) -> None:
+    """Add ``history``, ``undo``, ``schedules``, ``cancel`` and ``forget-history``."""
     p = add(
         "history",
         "a run's changes: who, when, what, at which step, each rank's outcome",
@@ -75,6 +76,7 @@ def register(add: AddParser) -> None:
 
 
 def history_command(args: argparse.Namespace) -> int:
+    """``runctl history RUN[/RANK]``: the change journal, newest first."""
     run, rank = parse_target(args.target)
     if args.limit < 1:
         raise BadRequest("--limit must be at least 1")
@@ -174,6 +176,7 @@ def _short(value: Any, limit: int = 30) -> str:
 
 
 def undo_command(args: argparse.Namespace) -> int:
+    """``runctl undo RUN [CHANGE]``: apply the inverse of a change (the latest by default)."""
     run = check_token(args.run, "run")
     result = with_client(args, lambda client: client.undo(run, args.change, force=args.force))
     body = result.to_json()
@@ -200,6 +203,7 @@ def _journal_note(outcome: dict[str, Any]) -> str:
 
 
 def schedules_command(args: argparse.Namespace) -> int:
+    """``runctl schedules RUN``: changes scheduled at a step, still to apply."""
     run = check_token(args.run, "run")
     entries = with_client(args, lambda client: client.schedules(run, include_done=args.all))
     if args.json:
@@ -212,6 +216,7 @@ def schedules_command(args: argparse.Namespace) -> int:
 
 
 def cancel_command(args: argparse.Namespace) -> int:
+    """``runctl cancel RUN CHANGE``: cancel a scheduled change."""
     run = check_token(args.run, "run")
     body = with_client(args, lambda client: client.unschedule(run, args.change))
     if args.json:
@@ -222,6 +227,7 @@ def cancel_command(args: argparse.Namespace) -> int:
 
 
 def forget_command(args: argparse.Namespace) -> int:
+    """``runctl forget-history RUN``: remove the run's journal (operator login)."""
     run = check_token(args.run, "run")
     if not args.yes:
         raise BadRequest(f"this removes the whole change journal of run {run!r}: add --yes")

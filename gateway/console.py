@@ -56,22 +56,26 @@ def _page() -> Response:
 
 @router.get("/", include_in_schema=False)
 async def index() -> Response:
+    """The console's page at ``/``."""
     return _page()
 
 
 @router.get("/console", include_in_schema=False)
 async def console_home() -> Response:
+    """The console's page, at its own address."""
     return _page()
 
 
 @router.get("/console/{run}", include_in_schema=False)
 async def console_run(run: str) -> Response:
+    """The console's page for one run (a bad run id is a 400)."""
     check_token(run, "run")  # a bad id is a clear 400, not a page that cannot load
     return _page()
 
 
 @router.get("/console/{run}/{rank}", include_in_schema=False)
 async def console_rank(run: str, rank: str) -> Response:
+    """The console's page for one rank (a bad run id or rank is a 400)."""
     check_token(run, "run")
     check_rank(rank, allow_all=False)
     return _page()

@@ -95,6 +95,7 @@ async def schedules(
     client: ClientDep,
     all: Annotated[bool, Query(description="also those applied or cancelled")] = False,
 ) -> Response:
+    """Changes scheduled at a step that have not applied yet, oldest first."""
     run = check_token(run, "run")
     entries = await client.schedules(run, include_done=all)
     return json_response({"run": run, "schedules": [e.to_json() for e in entries]})

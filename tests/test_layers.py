@@ -250,3 +250,24 @@ def test_long_modules_say_why_they_are_one() -> None:
             if lines > LONG_MODULE and "Why one module" not in doc:
                 silent.append(f"{path.relative_to(ROOT)}: {lines} lines")
     assert not silent, "say why at the top, or split:\n  " + "\n  ".join(silent)
+
+
+def test_every_public_function_has_a_docstring() -> None:
+    """Public functions and methods (and properties) of the product say what they do."""
+    undocumented = []
+    for folder in PACKAGES.values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            pending: list[tuple[ast.AST, str]] = [(ast.parse(path.read_text()), "")]
+            while pending:
+                node, prefix = pending.pop()
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
+                        pending.append((child, f"{prefix}{child.name}."))
+                    elif (
+                        isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+                        and not child.name.startswith("_")
+                        and not ast.get_docstring(child)
+                    ):
+                        where = f"{path.relative_to(ROOT)}:{child.lineno}"
+                        undocumented.append(f"{where} {prefix}{child.name}")
+    assert not undocumented, "document these:\n  " + "\n  ".join(undocumented)

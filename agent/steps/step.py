@@ -31,10 +31,12 @@ class StoredFile:
 
     @property
     def size(self) -> int:
+        """The file's size in bytes."""
         return self.ref.size
 
     @property
     def digest(self) -> str:
+        """The file's SHA-256, as stored (checked when it is read back)."""
         return self.ref.digest
 
     def download(self, path: str | os.PathLike[str], progress: Progress | None = None) -> Path:

@@ -58,6 +58,7 @@ watcher logs in to NATS as the read-only observer role; with --then as the opera
 
 
 def register(add: AddParser) -> None:
+    """Add ``runctl watch``."""
     p = add(
         "watch",
         "notify (webhook, Slack, a command) when ranks stall, go stale or fail, runs stop, "
@@ -203,6 +204,7 @@ def _env(name: str) -> list[str]:
 
 
 def watch_command(args: argparse.Namespace) -> int:
+    """``runctl watch [RUN]``: run the watcher until interrupted."""
     options, destinations = _options(args)
     # read-only unless it acts (docs/security.md): the observer may only subscribe
     role: NatsRole = "operator" if options.action is not None else "observer"

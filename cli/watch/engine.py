@@ -55,6 +55,7 @@ class Action:
     assignments: tuple[assign.Assignment, ...] = ()
 
     def describe(self) -> str:
+        """The action in words, for notices and logs (``stop``, ``set lr=0.001``)."""
         if self.kind == "stop":
             return "stop"
         return "set " + " ".join(f"{a.path}={a.text}" for a in self.assignments)

@@ -60,7 +60,8 @@ class Destination(Protocol):
 
     name: str
 
-    async def send(self, notice: Notice, watcher: str) -> None: ...
+    async def send(self, notice: Notice, watcher: str) -> None:
+        """Deliver one notice; raises on failure (the caller retries with backoff)."""
 
 
 @dataclass(frozen=True, slots=True)

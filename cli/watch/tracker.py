@@ -76,6 +76,7 @@ class RankView:
         return "stalled" if stalled else "alive"
 
     def idle(self, now: float) -> float | None:
+        """Seconds the program has not advanced, as of ``now`` (None before its first step)."""
         if self.idle_at_send is None:
             return None
         return self.idle_at_send + (now - self.received)
