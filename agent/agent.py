@@ -52,6 +52,7 @@ from runctl.agent.publish import Publisher
 from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import StepLog, Steps
+from runctl.agent.switching import switching
 from runctl.bus import messages as m
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
@@ -274,6 +275,8 @@ class Agent(Generic[M]):
         """Connect, serve commands and heartbeat until :meth:`aclose`; then say goodbye."""
         self._closing = anyio.Event()
         self._loop = asyncio.get_running_loop()
+        gil = switching()  # the GIL switch interval while runctl needs the GIL
+        gil.attach()
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
@@ -309,6 +312,7 @@ class Agent(Generic[M]):
                     subject=state_subject(self.run, self.rank),
                 )
                 while not self._closing.is_set():
+                    gil.sample()
                     with anyio.move_on_after(self.heartbeat_interval):
                         await self._closing.wait()
                     if not self._closing.is_set():
@@ -324,11 +328,16 @@ class Agent(Generic[M]):
                     subs=self._subs,
                     lease=self.lease,
                 )
+                gil.detach()
                 self.closed.set()
 
     # --- commands ---------------------------------------------------------------------
 
     async def _on_command(self, msg: Msg) -> None:
+        with switching().command():  # a low switch interval until the reply is out
+            await self._handle(msg)
+
+    async def _handle(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
         outcome = commands.execute(self.core, verb, msg.data)
         self._carry_out(outcome.effects)

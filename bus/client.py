@@ -64,7 +64,7 @@ from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.jsonform import wire_value
 from runctl.bus.paths import resolve
-from runctl.bus.registry import RankInfo, Registry
+from runctl.bus.registry import RankInfo, Registry, caught_up
 from runctl.bus.results import Gathered, Result
 from runctl.bus.sizelimit import SizeLimit
 from runctl.bus.subjects import (
@@ -687,12 +687,7 @@ class Client:
         except Unavailable:
             return
         with anyio.move_on_after(REGISTRY_CATCH_UP):
-            for rank, version in versions.items():
-                while True:
-                    record = await registry.get(run, rank)
-                    if record is None or record.version >= version:
-                        break
-                    await anyio.sleep(0.001)
+            await caught_up(registry, run, versions)
 
 
 def _from_registry(info: RankInfo, path: str | None) -> Result:

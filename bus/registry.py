@@ -42,6 +42,7 @@ __all__ = [
     "Scan",
     "allows_direct",
     "bucket_config",
+    "caught_up",
     "create_bucket",
     "heartbeat_overdue",
     "liveness",
@@ -429,3 +430,31 @@ def _decode(key: str, value: bytes, decoder: Callable[[bytes], _T]) -> _T:
         return decoder(value)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # ValidationError is one too
         raise UnreadableRecord(key, str(exc)) from None
+
+
+async def caught_up(
+    registry: Registry, run: str, versions: dict[str, int], *, every: float = 0.001
+) -> int:
+    """Wait (unbounded: the caller bounds it) until the registry shows at least
+    ``versions[rank]`` for each rank; returns how many reads it took. One rank is read
+    with a get; several with one batched read of the run per attempt (a broadcast to 64
+    ranks waits once for all of them, not rank after rank). A rank whose record is gone
+    is not waited for."""
+    behind = dict(versions)
+    reads = 0
+    while behind:
+        reads += 1
+        if len(behind) == 1:
+            (rank,) = behind
+            record = await registry.get(run, rank)
+            seen = {} if record is None else {rank: record.version}
+        else:
+            seen = {r.rank: r.version for r in await registry.records(run)}
+        behind = {
+            rank: version
+            for rank, version in behind.items()
+            if rank in seen and seen[rank] < version
+        }
+        if behind:
+            await anyio.sleep(every)
+    return reads
