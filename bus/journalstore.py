@@ -206,7 +206,6 @@ async def confirm(
 
 async def _stored_ranks(nc: NATS, pattern: str, wanted: set[str]) -> set[str]:
     """The ranks with a stored record on subjects matching ``pattern`` (batched direct get)."""
-    js = nc.jetstream()
     request = msgspec.json.encode({"multi_last": [pattern], "batch": max(len(wanted), 1) * 2})
     ranks: set[str] = set()
     ended = anyio.Event()
@@ -224,7 +223,7 @@ async def _stored_ranks(nc: NATS, pattern: str, wanted: set[str]) -> set[str]:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=on_message)
     try:
-        await nc.publish(f"{js._prefix}.DIRECT.GET.{STREAM}", request, reply=inbox)
+        await nc.publish(f"{api.DEFAULT_PREFIX}.DIRECT.GET.{STREAM}", request, reply=inbox)
         with anyio.move_on_after(1.0):
             await ended.wait()
     finally:
@@ -236,15 +235,15 @@ async def _stored_ranks(nc: NATS, pattern: str, wanted: set[str]) -> set[str]:
 async def forget_run(nc: NATS, run: str) -> int:
     """Remove every journal record of ``run`` (admin); returns how many were removed."""
     check_token(run, "run")
-    js = nc.jetstream()
+    # the stream purge API itself (nats-py's purge_stream answers only yes or no)
+    subject = f"{api.DEFAULT_PREFIX}.STREAM.PURGE.{STREAM}"
+    body = msgspec.json.encode({"filter": journal_filter(run)})
     try:
-        response = await js._api_request(
-            f"{js._prefix}.STREAM.PURGE.{STREAM}",
-            msgspec.json.encode({"filter": journal_filter(run)}),
-            timeout=5.0,
-        )
+        answer = msgspec.json.decode((await nc.request(subject, body, timeout=5.0)).data)
+        if "error" in answer:
+            js_errors.APIError.from_error(answer["error"])
     except js_errors.NotFoundError:
         return 0
     except Exception as exc:
         raise map_nats_error(exc, run=run) from exc
-    return int(response.get("purged", 0))
+    return int(answer.get("purged", 0))
