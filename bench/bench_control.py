@@ -45,6 +45,11 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--sets", type=int, help="sets per round")
     parser.add_argument("--startup-repeats", type=int)
     parser.add_argument(
+        "--threads-repeats",
+        type=int,
+        help="per round: windows of the two-busy-threads program, runctl vs no tool (0: skip)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -76,7 +81,8 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     if args.quick:
         cfg.rounds, cfg.window, cfg.settle, cfg.n, cfg.sets = 1, 0.25, 0.05, 20, 10
         cfg.startup_repeats, cfg.startup_settle, cfg.throughput_s = 1, 0.1, 0.3
-    for name in ("rounds", "window", "n", "sets", "startup_repeats"):
+        cfg.threads_repeats = 1
+    for name in ("rounds", "window", "n", "sets", "startup_repeats", "threads_repeats"):
         if (value := getattr(args, name)) is not None:
             setattr(cfg, name, value)
     cfg.nice = args.nice

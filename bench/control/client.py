@@ -10,8 +10,8 @@ only, so the same code drives both tools. Operations:
   time from its response until the main loop first saw the value (0 if it saw it before
   the response arrived), and from sending it until the loop saw it
 - ``window``: the loop's iteration rate over ``duration`` seconds, while sending nothing
-  (``rate`` 0), a paced ``rate`` of requests per second, or as many as one connection can
-  (``rate`` -1)
+  (``rate`` 0), a paced ``rate`` of requests per second (GETs, or PUTs of fresh values),
+  or as many GETs as one connection can (``rate`` -1)
 - ``throughput``: requests per second from ``concurrency`` threads, one connection each
 - ``mode``: set the program's work mode; ``fetch``: one request, status and body
 """
@@ -112,7 +112,16 @@ class Client:
                 time.sleep(0.0002)
         return {"times": times, "observe": observe, "land": land, "errors": errors, "lost": lost}
 
-    def window(self, base: str, path: str, rate: float, duration: float) -> dict[str, Any]:
+    def window(
+        self,
+        base: str,
+        path: str,
+        rate: float,
+        duration: float,
+        method: str = "GET",
+        first: int = 0,
+    ) -> dict[str, Any]:
+        """``method`` PUT: ``path`` holds ``{value}``, filled with ``first``, ``first+1``..."""
         conn = self.http(base) if rate else None
         n0, t0 = self.page.loop()
         start = time.monotonic()
@@ -126,7 +135,7 @@ class Client:
                 if now < due:
                     time.sleep(min(due - now, end - now))
                     continue
-                status, _ = conn.request("GET", path)
+                status, _ = conn.request(method, path.format(value=first + sent))
                 sent += 1
                 errors += status != 200
                 due += interval

@@ -11,6 +11,9 @@ every mode and the tools can be measured in alternation.
 - sleep:   ``time.sleep(2 ms)`` (a bot, a poller: mostly waiting)
 - release: sha256 of a 1 MiB buffer, ~0.7 ms with the GIL released (I/O, numpy, torch)
 - hold:    ~0.4 ms of pure-Python arithmetic, holding the GIL (a Python-heavy loop)
+- threads: two threads of the program's own run the ``hold`` work back to back (a program
+  with a second compute thread, or data-loader threads); the main loop sleeps 2 ms and
+  reports their iterations: what a program with several busy threads gets done
 
 After each iteration the loop reads ``state.marker`` (a plain attribute read, as a user's
 program would) and records when it first sees a new value.
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,10 +92,42 @@ def start_runctl(state: State, args: argparse.Namespace) -> Callable[[], None]:
     return ctl.close
 
 
+class Workers:
+    """Two busy threads of the program's own, working only while ``running`` is set
+    (``threads`` mode); started on first use, blocked (no wake-ups) otherwise."""
+
+    def __init__(self, n: int = 2) -> None:
+        self.n = n
+        self.counts = [0] * n
+        self.running = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def run(self, on: bool) -> None:
+        if on and not self.threads:
+            self.threads = [
+                threading.Thread(target=self.work, args=(i,), daemon=True) for i in range(self.n)
+            ]
+            for t in self.threads:
+                t.start()
+        if on != self.running.is_set():
+            (self.running.set if on else self.running.clear)()
+
+    def work(self, i: int) -> None:
+        counts, running = self.counts, self.running
+        while running.wait():
+            hold()
+            counts[i] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
 def loop(state: State, page: Page) -> int:
-    pause, sleep, release, hold_mode = (
-        MODES.index(m) for m in ("pause", "sleep", "release", "hold")
+    pause, sleep, release, hold_mode, threads = (
+        MODES.index(m) for m in ("pause", "sleep", "release", "hold", "threads")
     )
+    workers = Workers()
     buf = bytes(RELEASE_BYTES)
     sha256 = hashlib.sha256
     monotonic = time.monotonic
@@ -99,6 +135,7 @@ def loop(state: State, page: Page) -> int:
     last = state.marker
     while True:
         mode = page.mode()
+        workers.run(mode == threads)
         if mode == sleep:
             time.sleep(SLEEP_S)
         elif mode == release:
@@ -107,7 +144,10 @@ def loop(state: State, page: Page) -> int:
             hold()
         elif mode == pause:
             time.sleep(PAUSE_S)
+        elif mode == threads:
+            time.sleep(SLEEP_S)
         else:
+            workers.run(False)
             return n
         n += 1
         now = monotonic()
@@ -115,7 +155,7 @@ def loop(state: State, page: Page) -> int:
         if marker != last:
             last = marker
             page.saw(marker, now)
-        page.tick(n, now)
+        page.tick(workers.total if mode == threads else n, now)
 
 
 def main(argv: list[str] | None = None) -> int:

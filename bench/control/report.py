@@ -93,6 +93,16 @@ class Target:
         }
 
 
+#: a set's p50 against Freak's, per loop mode (GIL-holding: at most 0.4x)
+SET_VS_FREAK = {"hold": 0.4, "sleep": 2.5, "release": 2.5}
+#: a set's p50 in the sleep and GIL-releasing loops (ms)
+SET_MS = 1.2
+#: GIL-holding loop: from sending a set until the program's loop sees it (ms)
+LAND_MS = 3.0
+#: a program with two busy threads of its own keeps this share of its throughput (%)
+THREADS_PCT = 98.0
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
@@ -126,21 +136,37 @@ def evaluate(figs: dict[str, Figure], modes: list[str], tools: list[str]) -> lis
                     )
             r, fk = fig(f"runctl.{mode}.set"), fig(f"freak.{mode}.set")
             if r and fk:
-                limit = 0.5 if mode == "hold" else 1.2
                 out.append(
                     Target(
                         f"set p50 vs Freak, {mode} loop",
                         ratio(r.p50, fk.p50),
-                        limit,
+                        SET_VS_FREAK[mode],
                         "le",
                         "x Freak",
                     )
                 )
+        if mode != "hold" and (f := fig(f"runctl.{mode}.set")) is not None:
+            out.append(Target(f"set p50, {mode} loop", f.p50 * 1e3, SET_MS, "le", "ms"))
+        if mode == "hold" and (f := fig(f"runctl.{mode}.land")) is not None:
+            out.append(
+                Target("set sent -> loop sees it p50, hold loop", f.p50 * 1e3, LAND_MS, "le", "ms")
+            )
         f = fig(f"runctl.{mode}.rate_100")
         if f is not None:
             out.append(
                 Target(
                     f"loop rate under 100 GET/s, {mode} loop", f.p50 * 100, 98.0, "ge", "% of idle"
+                )
+            )
+    for key, label in (("idle_ratio", "idle"), ("sets_ratio", "under 100 sets/s")):
+        if (f := fig(f"runctl.threads.{key}")) is not None:
+            out.append(
+                Target(
+                    f"two busy threads' throughput {label}, vs without runctl",
+                    f.p50 * 100,
+                    THREADS_PCT,
+                    "ge",
+                    "%",
                 )
             )
     if (f := fig("runctl.rss_overhead")) is not None:
@@ -243,5 +269,9 @@ _RUNCTL_ONLY = [
     ("runctl.control_embedded", "control() returns, embedded server", 1e3, "ms"),
     ("runctl.ready_embedded", "control() -> agent ready, embedded server", 1e3, "ms"),
     ("runctl.gateway_rps4", "gateway GET/s, 4 concurrent clients", 1, "/s"),
+    ("none.threads.rate", "two busy threads, no tool: their iterations", 1, "/s"),
+    ("runctl.threads.idle_ratio", "two busy threads with runctl, idle / no tool", 100, "%"),
+    ("runctl.threads.sets_ratio", "two busy threads, 100 sets/s / no tool", 100, "%"),
+    ("runctl.threads.sets_rate", "(sets/s sent during those windows)", 1, "/s"),
     ("freak.gateway_rps4", "(Freak: GET/s, 4 concurrent clients, loop paused)", 1, "/s"),
 ]

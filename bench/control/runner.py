@@ -47,6 +47,8 @@ class Config:
     startup_repeats: int = 5
     startup_settle: float = 1.2
     throughput_s: float = 3.0
+    #: program with two busy threads of its own: windows of runctl vs no tool per round
+    threads_repeats: int = 2
     #: niceness of every process of the run (children inherit it)
     nice: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -87,6 +89,7 @@ class Run:
         started = time.monotonic()
         server = NatsServer(store_dir=workdir / "nats", die_with_parent=True).start()
         programs: dict[str, Program] = {}
+        bare: Program | None = None  # the same program without any tool
         gateway: Gateway | None = None
         try:
             run_id = f"bench-{os.getpid()}"
@@ -110,6 +113,8 @@ class Run:
                     ["--port", str(port)],
                     base=f"http://127.0.0.1:{port}",
                 ).start()
+            if "runctl" in cfg.tools and cfg.threads_repeats:
+                bare = Program("none", sys.executable, workdir, [], base="").start()
             for program in programs.values():
                 self.sanity(program)
             for rnd in range(cfg.rounds):
@@ -121,6 +126,8 @@ class Run:
                         self.measure(program, mode)
                 for program in order:
                     self.throughput(program)
+                if bare is not None:
+                    self.threads(programs["runctl"], bare)
                 self.meta.setdefault("loadavg_rounds", []).append(os.getloadavg())
                 print(
                     f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s, "
@@ -137,7 +144,7 @@ class Run:
                 print(f"gateway log:\n{tail(gateway.log)}", file=sys.stderr)
             raise
         finally:
-            for program in programs.values():
+            for program in [*programs.values(), *([bare] if bare else [])]:
                 program.stop()
             if gateway is not None:
                 gateway.stop()
@@ -208,6 +215,45 @@ class Run:
         self.fig(f"{t}.{mode}.observe", "s").add_round(s["observe"])
         self.fig(f"{t}.{mode}.land", "s").add_round(s["land"])
         p.call("mode", mode="pause")
+
+    def threads(self, p: Program, bare: Program) -> None:
+        """A program with two busy threads of its own: its throughput with runctl, idle and
+        under a paced 100 sets/s, against the same program without any tool, in windows
+        taken one after another (each runctl window against the mean of the bare windows
+        around it). Only the program measured works; the other is paused."""
+        cfg = self.cfg
+        for _ in range(cfg.threads_repeats):
+            rates: dict[str, float] = {}
+            for key, prog, rate in (
+                ("bare0", bare, 0),
+                ("idle", p, 0),
+                ("sets", p, 100),
+                ("bare1", bare, 0),
+            ):
+                other = p if prog is bare else bare
+                other.call("mode", mode="pause")
+                prog.call("mode", mode="threads")
+                time.sleep(cfg.settle)
+                first = self.next_marker(int(rate * cfg.window) + 10)
+                w = prog.call(
+                    "window",
+                    base=prog.base,
+                    path=SET_PATH,
+                    rate=rate,
+                    duration=cfg.window,
+                    method="PUT",
+                    first=first,
+                )
+                self._errors(prog.tool, "threads", f"window@{rate}", w)
+                rates[key] = w["loop_rate"]
+                if rate:
+                    self.fig("runctl.threads.sets_rate", "/s").add_round([w["request_rate"]])
+            for prog in (p, bare):
+                prog.call("mode", mode="pause")
+            bare_rate = (rates["bare0"] + rates["bare1"]) / 2
+            self.fig("none.threads.rate", "it/s").add_round([bare_rate])
+            self.fig("runctl.threads.idle_ratio", "ratio").add_round([rates["idle"] / bare_rate])
+            self.fig("runctl.threads.sets_ratio", "ratio").add_round([rates["sets"] / bare_rate])
 
     def throughput(self, p: Program) -> None:
         r = p.call(

@@ -17,7 +17,7 @@ from typing import Final
 __all__ = ["MODES", "Page", "create"]
 
 #: main-loop modes; "pause" parks the loop between measurements, "exit" ends the program
-MODES: Final = ("pause", "sleep", "release", "hold", "exit")
+MODES: Final = ("pause", "sleep", "release", "hold", "exit", "threads")
 SIZE: Final = 64
 _MODE = struct.Struct("<q")  # offset 0: the mode the loop should run (index in MODES)
 _LOOP = struct.Struct("<qd")  # offset 8: iterations, monotonic time at the last one
