@@ -236,14 +236,17 @@ class Rank:
             text=True,
         )
 
-    async def line(self, prefix: str) -> str:
+    async def line(self, prefix: str, timeout: float = 60) -> str:
+        """The rank's next line with ``prefix``. runctl's log lines go to the same stdout
+        from the agent's thread, so one may share the line (``... url=...READY``)."""
         assert self.proc.stdout is not None
-        while True:
-            text = await asyncio.to_thread(self.proc.stdout.readline)
-            if not text:
-                raise RuntimeError(f"bench rank exited ({self.proc.poll()})")
-            if text.startswith(prefix):
-                return text.strip()
+        async with asyncio.timeout(timeout):
+            while True:
+                text = await asyncio.to_thread(self.proc.stdout.readline)
+                if not text:
+                    raise RuntimeError(f"bench rank exited ({self.proc.poll()})")
+                if prefix in text:
+                    return text[text.index(prefix) :].strip()
 
     def close(self) -> None:
         self.proc.kill()

@@ -385,3 +385,78 @@ def test_usage_errors_exit_2_before_connecting(args: list[str], message: str) ->
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+EPOCHS = """
+    import os, time
+    from pydantic import BaseModel
+    from runctl import control
+
+    class S(BaseModel):
+        fail: bool = False
+        skip: bool = False
+
+    state = S()
+    ctl = control(state, heartbeat=float(os.environ["HEARTBEAT"]))
+    ctl.wait_ready()
+    say("READY", ctl.run, ctl.rank)
+    step, epoch = 0, 0
+    while not ctl.stop_requested:
+        try:
+            with ctl.once("epoch", key=epoch, wait=False) as done:
+                for _ in range(5):
+                    ctl.sync(step)
+                    if ctl.stop_requested:
+                        break
+                    step += 1
+                    time.sleep(0.01)
+                if state.fail:
+                    state.fail = False
+                    raise ValueError(f"bad epoch {epoch}")
+                if state.skip or ctl.stop_requested:
+                    state.skip = False
+                    say("SKIPPED", epoch)
+                    done.skip()  # as runctl demo does: an epoch cut short is not done
+        except ValueError:
+            pass
+        epoch += 1
+    say("STOPPED", ctl.stop_reason)
+    ctl.close()
+"""
+
+
+async def test_a_step_left_with_skip_is_no_failure(
+    nats_url: str, run_id: str, ranks: Ranks, watches: list[Watch]
+) -> None:
+    """Only a step that failed is a ``step_failed`` notice: one the program left with
+    ``skip()`` (an epoch cut short by a stop, as in ``runctl demo``) is not."""
+    ranks.start(run_id, 0, nats_url, code=EPOCHS, heartbeat=0.2)
+    # a dry run prints each notice as it is decided, in order: the rank's events arrive in
+    # the order it sent them, so its last step event comes before the run's "stopped"
+    watch = Watch(run_id, "--nats", nats_url, "--dry-run", "--on", "step_failed,stopped")
+    watches.append(watch)
+    await ranks.ready(0)
+    await watch.watching()
+
+    def printed(kind: str) -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in list(watch.out) if x.startswith("{")]
+        return [line for line in lines if line["kind"] == kind]
+
+    async def wait(kind: str) -> dict[str, Any]:
+        with anyio.fail_after(30):
+            while True:
+                if found := printed(kind):
+                    return found[0]
+                await anyio.sleep(0.05)
+
+    async with await Client.connect(nats_url) as client:
+        await client.set(run_id, 0, "fail", True)
+        failed = await wait("step_failed")
+        assert failed["data"]["error"].startswith("ValueError: bad epoch"), failed
+        await client.set(run_id, 0, "skip", True)
+        await ranks.line(0, "SKIPPED")
+        await client.stop(run_id, "all", reason="enough")
+        await ranks.line(0, "SKIPPED")
+        assert await ranks.exit_code(0) == 0
+    await wait("stopped")
+    assert [n["summary"] for n in printed("step_failed")] == [failed["summary"]], watch.log()

@@ -7,6 +7,7 @@ from typing import Any
 
 from runctl.bus import messages as m
 from runctl.bus.conditions import parse
+from runctl.bus.steps.records import LEFT_EARLY, LEFT_WITH_SKIP
 from runctl.cli.watch.notices import Notice
 from runctl.cli.watch.tracker import Tracker
 
@@ -171,6 +172,16 @@ def test_a_step_left_early_after_a_stop_is_no_failure() -> None:
     t.on_event(event("0", "stop_requested", reason="done"), now=2.0)
     left = "the loop body did not complete (break or exception)"
     assert t.on_event(event("0", "step_failed", name="epoch", key=4, error=left), now=3.0) == []
+
+
+def test_a_step_left_with_skip_is_the_programs_choice() -> None:
+    t = Tracker()
+    t.on_state(state("0"), now=0.0)
+    skipped = event("0", "step_failed", name="epoch", key=3, error=LEFT_WITH_SKIP)
+    assert t.on_event(skipped, now=1.0) == []
+    # a loop left early without a stop is a failure
+    early = event("0", "step_failed", name="epoch", key=4, error=LEFT_EARLY)
+    assert kinds(t.on_event(early, now=2.0)) == [("step_failed", "0")]
 
 
 def test_gone_ranks_are_forgotten() -> None:

@@ -35,7 +35,7 @@ from runctl.agent.steps.log import StepLog
 from runctl.bus.artifact_codec import INLINE_LIMIT, ArtifactRef, Encoded, decode_value, encode_value
 from runctl.bus.canonical import DEFAULT_IGNORE_PREFIX, Hashed, hashed, key_digest
 from runctl.bus.errors import Unavailable
-from runctl.bus.steps.records import StepRecord, step_id
+from runctl.bus.steps.records import LEFT_EARLY, LEFT_WITH_SKIP, StepRecord, step_id
 from runctl.bus.subjects import RUN_SCOPE
 
 __all__ = [
@@ -269,9 +269,9 @@ class StepCore:
 
     def _fail(self, log: StepLog, rec: StepRecord, exc: BaseException | str) -> None:
         if isinstance(exc, GeneratorExit):
-            error = "the loop body did not complete (break or exception)"
+            error = LEFT_EARLY
         elif isinstance(exc, Leave):
-            error = "left with skip()"
+            error = LEFT_WITH_SKIP
         elif isinstance(exc, BaseException):
             error = f"{type(exc).__name__}: {exc}"[:500]
         else:

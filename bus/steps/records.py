@@ -31,6 +31,8 @@ from runctl.bus.subjects import RUN_SCOPE, check_token
 
 __all__ = [
     "FORGOTTEN_ID",
+    "LEFT_EARLY",
+    "LEFT_WITH_SKIP",
     "Entry",
     "ForgetMarker",
     "ForgottenStep",
@@ -45,6 +47,12 @@ __all__ = [
     "step_id",
     "step_label",
 ]
+
+#: the error of a step whose loop body did not complete: a ``break`` out of ``ctl.steps``
+#: (a stop, max_steps) or an exception that left it
+LEFT_EARLY: Final = "the loop body did not complete (break or exception)"
+#: the error of a step the program left with ``skip()``: its choice, not a failure
+LEFT_WITH_SKIP: Final = "left with skip()"
 
 #: the record-id token of a step name's forget marker (ids are ``<hex>-<hex>``: no clash)
 FORGOTTEN_ID: Final = "_forgotten"

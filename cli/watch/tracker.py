@@ -28,6 +28,7 @@ import structlog
 from runctl.bus import messages as m
 from runctl.bus.conditions import Condition
 from runctl.bus.registry import ANSWERING, Liveness, heartbeat_overdue
+from runctl.bus.steps.records import LEFT_EARLY, LEFT_WITH_SKIP
 from runctl.cli.watch.notices import Notice
 
 __all__ = ["DEFAULT_ACK_TIMEOUT", "FORGET_AFTER", "RankView", "Tracker"]
@@ -38,8 +39,6 @@ log = structlog.get_logger()
 DEFAULT_ACK_TIMEOUT: Final = 5.0
 #: a rank that exited or went stale is forgotten this long after (memory stays bounded)
 FORGET_AFTER: Final = 3600.0
-#: the failure a step records when its loop was left early (a break after a stop)
-_LEFT_EARLY: Final = "the loop body did not complete"
 
 
 @dataclass(slots=True)
@@ -188,7 +187,9 @@ class Tracker:
             notices += self._conditions(view)
         elif kind == "step_failed":
             error = str(data.get("error") or "")
-            if not (view.stopping and error.startswith(_LEFT_EARLY)):
+            # skip() is the program's choice; a loop left early is a failure unless a stop
+            # made the program leave it
+            if error != LEFT_WITH_SKIP and not (view.stopping and error == LEFT_EARLY):
                 name = data.get("name")
                 step_key = data.get("key")
                 label = f"{name}" if step_key is None else f"{name} {_short(str(step_key), 60)}"
