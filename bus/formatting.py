@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["ago", "cut", "format_duration", "render_table"]
+__all__ = ["ago", "cut", "format_bytes", "format_duration", "render_table"]
 
 
 def format_duration(seconds: float) -> str:
@@ -27,6 +27,20 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def format_bytes(size: int) -> str:
+    """A size for people: ``512 B``, ``1.5 KiB``, ``2.0 MiB``, ``3.2 GiB``.
+
+    >>> format_bytes(2 * 1024 * 1024)
+    '2.0 MiB'
+    """
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def ago(seconds: float) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runctl.bus.client import Client
+from runctl.bus.formatting import format_bytes
 from runctl.bus.subjects import check_token
 from runctl.cli.common import with_client
 
@@ -31,20 +32,14 @@ def register(add: AddParser) -> None:
     p.set_defaults(func=artifacts_command)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def artifacts_command(args: argparse.Namespace) -> int:
     """List a run's stored objects, or download one with a progress line on stderr."""
     run = check_token(args.run, "run")
 
     def progress(done: int, total: int) -> None:
-        print(f"\r{_size(done)} / {_size(total)}", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r{format_bytes(done)} / {format_bytes(total)}", end="", file=sys.stderr, flush=True
+        )
 
     async def go(client: Client) -> int:
         if args.get:
@@ -63,8 +58,8 @@ def artifacts_command(args: argparse.Namespace) -> int:
             width = max(len(i.name) for i in infos)
             print(f"{'NAME':<{width}}  {'SIZE':>10}")
             for i in infos:
-                print(f"{i.name:<{width}}  {_size(i.size):>10}")
-            print(f"{len(infos)} objects, {_size(sum(i.size for i in infos))}")
+                print(f"{i.name:<{width}}  {format_bytes(i.size):>10}")
+            print(f"{len(infos)} objects, {format_bytes(sum(i.size for i in infos))}")
         return 0
 
     return with_client(args, go)

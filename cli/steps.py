@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from runctl.bus.client import Client
 from runctl.bus.errors import EXIT_OK, EXIT_USAGE
-from runctl.bus.formatting import ago, cut, format_duration, render_table
+from runctl.bus.formatting import ago, cut, format_bytes, format_duration, render_table
 from runctl.bus.stepviews import STATUSES, forget_steps, steps_view
 from runctl.cli.common import AddParser, with_client
 
@@ -167,7 +167,7 @@ def render_steps(view: dict[str, Any], now: float | None = None) -> str:
     rows = view["steps"]
     if not rows:
         return f"no steps logged for run {view['run']!r}"
-    table = [("STEP", "STATUS", "DURATION", "RANK", "WHEN", "CONFIG")]
+    table = [("STEP", "STATUS", "DURATION", "RANK", "WHEN", "CONFIG", "STORED")]
     for r in rows:
         rank = r["rank"] if r["scope"] != "run" else f"run (by {r['rank']})"
         dur = format_duration(r["duration"]) if r["duration"] is not None else "-"
@@ -179,6 +179,8 @@ def render_steps(view: dict[str, Any], now: float | None = None) -> str:
                 rank,
                 ago(now - (r["ended"] or r["started"])),
                 r["config_hash"][:8],
+                # what the step keeps in the object store: its result and attached files
+                format_bytes(r["stored_bytes"]) if r.get("stored_bytes") else "-",
             )
         )
     counts: dict[str, int] = {}

@@ -204,6 +204,18 @@ ctl.close()
     )
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     assert (tmp_path / "cli" / "model.bin").read_bytes() == restored.read_bytes()
+    # runctl steps shows what each step keeps in the object store
+    steps = subprocess.run(
+        [sys.executable, "-m", "runctl", "--nats", nats_url, "steps", run_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert steps.returncode == 0, steps.stdout + steps.stderr
+    header, row = steps.stdout.splitlines()[:2]
+    assert header.split()[-1] == "STORED" and row.startswith("train")
+    assert row.split()[-2:] == ["3.0", "MiB"], steps.stdout
 
     forget = subprocess.run(
         [sys.executable, "-m", "runctl", "--nats", nats_url, "forget", run_id, "train"],
