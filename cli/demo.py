@@ -242,8 +242,8 @@ def _stop(
 
 
 async def _forget_previous(url: str, run: str) -> None:
-    """A stop recorded for the run by an earlier demo would stop these ranks at once, and
-    its logged epochs would be skipped: each demo starts afresh."""
+    """A stop recorded for the run by an earlier demo would stop these ranks at once, its
+    logged epochs would be skipped and its changes replayed: each demo starts afresh."""
     async with await Client.connect(url, name="runctl-demo") as client:
         registry = await client.registry()
         with contextlib.suppress(Exception):
@@ -252,6 +252,8 @@ async def _forget_previous(url: str, run: str) -> None:
             await registry.delete(run, record.rank)
         with contextlib.suppress(RunctlError):
             await forget(client.nc, run, None, by="runctl demo")
+        with contextlib.suppress(RunctlError):
+            await client.forget_history(run)
 
 
 def _wait_ready(
@@ -318,6 +320,8 @@ or with the CLI:
   {cli} tail {run}                          # changes and events (Ctrl-C ends it)
   {cli} steps {run} --explain               # the epochs logged done, what a restart skips
   {cli} forget {run} 'epoch:3+'             # epoch 3 and after run again next time
+  {cli} history {run}                       # every change: who, when, what, on which rank
+  {cli} undo {run}                          # take back the latest change
   {cli} stop {run} --sync                   # every rank stops before the same step
 
 Ctrl-C stops everything.

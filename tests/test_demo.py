@@ -172,3 +172,28 @@ def test_demo_ctrl_c_stops_everything(demo: list[Demo], tmp_path: Path) -> None:
     assert "[rank 0] stop requested" in d.output  # stopped by the demo, gracefully
     assert all(_gone(pid) for pid in d.rank_pids())
     assert not _listening(d.nats_port())
+
+
+def test_a_second_demo_starts_afresh(demo: list[Demo], tmp_path: Path) -> None:
+    """The first demo's changes are in the change journal of its store; the next demo in the
+    same directory starts from the code's defaults all the same (no replay of them)."""
+    first = Demo(tmp_path, "--ranks", "2", "--duration", "3")
+    demo.append(first)
+    first.wait_ready()
+    r = httpx.patch(
+        f"{first.url}/runs/demo/ranks/0/set",
+        json={"optimizer": {"kind": "adam", "lr": 0.05}},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert first.finish()[0] == 0
+    second = Demo(tmp_path, "--ranks", "2", "--duration", "3")
+    demo.append(second)
+    second.wait_ready()
+    for rank in (0, 1):
+        assert f"[rank {rank}] pid" in second.output
+        (ready,) = re.findall(rf"\[rank {rank}\] pid \d+ ready: (.*)", second.output)
+        assert ready == "sgd lr=0.01 momentum=0.9 batch=32", second.output
+    history = httpx.get(f"{second.url}/runs/demo/history", timeout=10).json()["changes"]
+    assert [c for c in history if c["verb"] != "replay"] == []
+    assert second.finish()[0] == 0

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +23,11 @@ import httpx
 import pytest
 from conftest import ROOT, free_port, wait_for
 
+from runctl.agent.announce import access_line
+from runctl.agent.embedded_lease import Lease
 from runctl.bus import Client
 from runctl.bus.server import NatsServer
+from runctl.bus.shell import runctl_command
 from runctl.cli.tail import format_message
 
 README = ROOT / "README.md"
@@ -45,6 +49,17 @@ def test_every_relative_link_in_the_readme_resolves() -> None:
             if not (doc.parent / target.split("#")[0]).exists():
                 broken.append(f"{doc.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_the_readme_shows_the_line_control_prints() -> None:
+    """ "Zero setup" quotes the line ``control()`` prints: the same words (``runctl`` as the
+    README spells it)."""
+    run = "run-20250101-120000-ab12"
+    with socket.socket() as sock:
+        lease = Lease(sock, "nats://127.0.0.1:4222", True, True, 1, 1, None, 1, True)
+        printed = access_line(run, lease, "http://127.0.0.1:4444", "")
+    (shown,) = [ln for ln in README.read_text().splitlines() if ln.startswith("runctl: run ")]
+    assert shown == printed.replace(runctl_command(), "runctl")
 
 
 def test_the_quickstart_shows_progress_and_ci_runs_its_test_command() -> None:
