@@ -69,6 +69,12 @@ PROGRAM = """
 
     state = S()
     ctl = control(state, heartbeat=0.25).wait_ready()
+
+    @ctl.on_checkpoint
+    def save(step):  # for a stop with a checkpoint first: a value to store
+        print("CHECKPOINT", step, flush=True)
+        return {"step": step, "loss": state.loss}
+
     print("READY", flush=True)
     step, seen = 0, state.opt.kind
     while not ctl.stop_requested:
@@ -397,6 +403,31 @@ def test_stop_all_shows_every_acknowledgement_and_the_programs_exit(
     for rank in ("0", "1"):
         page.wait_for_selector(f'#stop-acks li[data-rank="{rank}"][data-state="exited"]')
         page.wait_for_selector(f'#ranks tr[data-rank="{rank}"][data-status="exited"]')
+
+
+def test_a_stop_with_a_checkpoint_first_lists_what_each_rank_stored(
+    page: Page, console: Any, ranks: list[Rank], run_id: str
+) -> None:
+    url, _ = console()
+    open_run(page, url, run_id)
+    page.check("#stop-checkpoint")
+    page.click("#stop-button")
+    page.wait_for_selector("#stop-button.armed")
+    page.click("#stop-button")
+    for program in ranks:
+        program.wait_said("STOPPED")
+    steps = set()
+    for program in ranks:
+        (line,) = [x for x in program.output().splitlines() if x.startswith("CHECKPOINT")]
+        steps.add(int(line.split()[1]))
+    (step,) = steps  # every rank at the same step
+    for rank in ("0", "1"):
+        item = page.wait_for_selector(f'#stop-checkpoints li[data-checkpoint-rank="{rank}"]')
+        assert item is not None
+        assert f"checkpoint at step {step} stored" in item.inner_text(), item.inner_text()
+    # one rank chosen: a checkpoint stop is run-wide only, so the box is not offered
+    page.select_option("#stop-target", "0")
+    assert not page.is_visible("#stop-checkpoint")
 
 
 def test_forgetting_a_step_from_the_timeline(

@@ -9,6 +9,10 @@ export function stopForm(run, onlyRank, rankList) {
   const mode = h('select', { id: 'stop-mode' }, h('option', { value: 'graceful', text: 'graceful' }), h('option', { value: 'terminate', text: 'terminate (SIGTERM after grace)' }));
   const grace = h('input', { type: 'text', id: 'stop-grace', value: '30', size: 4, inputmode: 'decimal' });
   const graceLabel = h('label', {}, 'grace ', grace, ' s');
+  // every rank saves a checkpoint (ctl.on_checkpoint) at the same step, then stops
+  const checkpoint = h('input', { type: 'checkbox', id: 'stop-checkpoint' });
+  const checkpointLabel = h('label', { title: 'every rank runs its ctl.on_checkpoint callback at the same step; the answer lists what each stored' }, checkpoint, ' checkpoint first');
+  const saved = h('ul', { class: 'acks', id: 'stop-checkpoints' });
   const button = h('button', { type: 'button', class: 'danger', id: 'stop-button', text: 'Stop…' });
   const acks = h('ul', { class: 'acks', id: 'stop-acks' });
   const result = h('div', { class: 'result', id: 'stop-result', 'aria-live': 'polite' });
@@ -18,6 +22,21 @@ export function stopForm(run, onlyRank, rankList) {
   mode.addEventListener('change', () => {
     graceLabel.hidden = mode.value !== 'terminate';
   });
+  function checkpointVisible() {
+    checkpointLabel.hidden = target.value !== 'all'; // run-wide only: every rank, one step
+    if (checkpointLabel.hidden) checkpoint.checked = false;
+  }
+  checkpointVisible();
+  target.addEventListener('change', checkpointVisible);
+
+  function showCheckpoint(rank, report) {
+    const files = Object.values(report.files || {});
+    const size = files.reduce((n, f) => n + (f.size || 0), 0);
+    const text = report.ok
+      ? `rank ${rank}: checkpoint at step ${report.step} stored (${files.length} file(s), ${size} bytes${report.result ? ', a result' : ''})`
+      : `rank ${rank}: no checkpoint: ${report.error}`;
+    saved.append(h('li', { class: report.ok ? 'ack-ok' : 'ack-none', 'data-checkpoint-rank': rank, text }));
+  }
 
   function mark(rank, cls, text) {
     let li = marks.get(rank);
@@ -53,9 +72,11 @@ export function stopForm(run, onlyRank, rankList) {
     acks.replaceChildren();
     marks.clear();
     result.replaceChildren();
+    saved.replaceChildren();
     for (const rank of ranks) mark(rank, 'sent', 'sent');
     const params = new URLSearchParams({ reason: reason.value, mode: mode.value });
     if (mode.value === 'terminate') params.set('grace', grace.value.trim());
+    if (checkpoint.checked && to === 'all') params.set('checkpoint', 'true');
     button.disabled = true;
     const r = await api('POST', `/runs/${enc(run)}/ranks/${enc(to)}/stop?${params}`);
     button.disabled = false;
@@ -65,6 +86,7 @@ export function stopForm(run, onlyRank, rankList) {
         if (entry.outcome === 'no_answer') mark(rank, 'none', 'no answer');
         else if (entry.outcome === 'rejected') mark(rank, 'none', `refused: ${entry.message}`);
         else mark(rank, 'ok', 'acknowledged');
+        if (entry.checkpoint) showCheckpoint(rank, entry.checkpoint);
       }
       const missing = body.missing || [];
       result.append(h('span', { class: missing.length ? 'warn' : 'ok', text: missing.length ? `${body.acknowledged.length} acknowledged; no answer from rank(s) ${missing.join(', ')}` : `every rank acknowledged (${body.acknowledged.length})` }));
@@ -90,8 +112,9 @@ export function stopForm(run, onlyRank, rankList) {
     'section',
     { class: 'card', id: 'stop-card' },
     h('h2', {}, 'Stop', h('small', { text: 'the program sees stop_requested' })),
-    h('div', { class: 'actions' }, target, reason, mode, graceLabel, button),
+    h('div', { class: 'actions' }, target, reason, mode, graceLabel, checkpointLabel, button),
     acks,
+    saved,
     result
   );
   return { el, event };
