@@ -48,12 +48,13 @@ from runctl.agent.escalation import escalate, recorded_stop
 from runctl.agent.journaling import Journaler, target_of
 from runctl.agent.pending import PendingChanges, StepClock
 from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
-from runctl.agent.publish import Publisher
+from runctl.agent.publish import AckTo, Publisher
 from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import StepLog, Steps
 from runctl.agent.switching import switching
 from runctl.bus import messages as m
+from runctl.bus.acks import ack_to_of
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.defaults import MAX_PAYLOAD
@@ -350,10 +351,17 @@ class Agent(Generic[M]):
         # a command on the rank subject and one on the ``all`` subject run concurrently.
         # The journal record goes out with them (a stop's just after the reply); the writer
         # waits until it is stored before telling its caller (agent/journaling.py).
-        acks = await self.publisher.after(verb, outcome)
-        acks += await self.journal.send(record, replied=False)
+        # The writer may ask for the stores' acknowledgements on its own inbox (bus/acks.py):
+        # then it waits for them instead of reading the registry and the journal.
+        reply = outcome.reply
+        subject = ack_to_of(msg) if isinstance(reply, m.Ok) and msg.reply else ""
+        ack_to = AckTo(subject) if subject else None
+        acks = await self.publisher.after(verb, outcome, ack_to)
+        acks += await self.journal.send(record, replied=False, ack_to=ack_to)
+        if ack_to is not None and isinstance(reply, m.Ok):
+            reply.acks = ack_to.sent + self.journal.after_reply(record)
         await self._reply(msg, outcome)
-        acks += await self.journal.send(record, replied=True)
+        acks += await self.journal.send(record, replied=True, ack_to=ack_to)
         await self.publisher.wait(acks)
 
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:

@@ -32,6 +32,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from runctl.agent.commands import Outcome, RankState, verb_of
+from runctl.agent.publish import AckTo
 from runctl.bus import messages as m
 from runctl.bus.journal import Record, Skipped, elide, encode_record, request_json
 from runctl.bus.journalstore import ensure_journal
@@ -69,6 +70,7 @@ class Journaler:
         self.host = core.host
         self.pid = core.pid
         self.js: JetStreamContext | None = None
+        self.nc: NATS | None = None
         self.error = ""
         #: change id -> where it was sent, for deferred changes applied later
         self._targets: dict[str, str] = {}
@@ -87,7 +89,7 @@ class Journaler:
             self.error = str(exc) or type(exc).__name__
             self.log.warning("change journal unavailable", error=self.error)
             return False
-        self.js = js
+        self.js, self.nc = js, nc
         self.live.track_diffs = True
         return True
 
@@ -191,13 +193,40 @@ class Journaler:
 
     # --- sending ----------------------------------------------------------------------------
 
-    async def send(self, record: Record | None, *, replied: bool) -> list[Ack]:
+    async def send(
+        self, record: Record | None, *, replied: bool, ack_to: AckTo | None = None
+    ) -> list[Ack]:
         """Send a command's record without waiting, at its turn: before the reply, or just
         after it for a stop (a broadcast stop's replies do not queue behind 64 journal
-        writes). Returns the acknowledgement to await after replying."""
+        writes). Returns the acknowledgement to await after replying; none when it goes
+        to the writer's ``ack_to`` (only for an applied write, the one the writer waits
+        for)."""
         if record is None or (record.verb == "stop") != replied:
             return []
+        if ack_to is not None and record.outcome != "rejected":
+            await self.write_acked_to(record, ack_to)
+            return []
         return await self.write(record)
+
+    def after_reply(self, record: Record | None) -> int:
+        """How many records :meth:`send` will send after the reply (a stop's)."""
+        return int(record is not None and record.verb == "stop" and self.js is not None)
+
+    async def write_acked_to(self, record: Record, ack_to: AckTo) -> None:
+        """Send ``record`` with the writer's inbox as its reply subject (the server tells
+        the writer once it is stored), and once more a second later with our own ack (same
+        message id: a duplicate the server drops), so a lost first copy is still stored."""
+        if self.js is None or self.nc is None:
+            return
+        subject = journal_subject(self.run, self.rank, record.id)
+        payload = _fitted(record)
+        headers = {"Nats-Msg-Id": f"{self.rank}-{record.id}"}
+        try:
+            await self.nc.publish(subject, payload, reply=ack_to.subject, headers=headers)
+            ack_to.sent += 1
+        except Exception as exc:
+            self.log.debug("journal write failed", error=str(exc) or type(exc).__name__)
+        self._queue(subject, payload, headers)
 
     async def deferred(self, outcome: Outcome, step: int) -> None:
         """Record a deferred change that ``ctl.sync(step)`` applied (on the agent's loop)."""

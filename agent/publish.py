@@ -17,6 +17,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
@@ -31,7 +32,7 @@ from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.subjects import event_subject, state_subject
 
-__all__ = ["PUBLISH_TIMEOUT", "STOP_RECORD_DELAY", "Ack", "Publisher"]
+__all__ = ["PUBLISH_TIMEOUT", "STOP_RECORD_DELAY", "Ack", "AckTo", "Publisher"]
 
 #: bound on every wait for the server while serving: the program never waits on a dead bus
 PUBLISH_TIMEOUT: Final = 1.0
@@ -40,6 +41,15 @@ STOP_RECORD_DELAY: Final = 0.1
 
 #: the server's acknowledgement of a registry write, still to be awaited
 Ack = asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class AckTo:
+    """The writer's inbox for this command's store acknowledgements (bus/acks.py), and how
+    many writes were sent with it as their reply subject."""
+
+    subject: str
+    sent: int = 0
 
 
 class Publisher:
@@ -83,13 +93,16 @@ class Publisher:
 
     # --- after a command ----------------------------------------------------------------
 
-    async def after(self, verb: str, outcome: Outcome, **data: Any) -> list[Ack]:
+    async def after(
+        self, verb: str, outcome: Outcome, ack_to: AckTo | None = None, **data: Any
+    ) -> list[Ack]:
         """Tell the world what a command did: state, record, event. Returns the acks of
-        the registry writes it sent, for the caller to await once it has replied."""
+        the registry writes it sent, for the caller to await once it has replied (none
+        when they go to the writer's ``ack_to``)."""
         command, reply = outcome.command, outcome.reply
         acks: list[Ack] = []
         if outcome.new_state is not None:
-            acks += await self.state(outcome.new_state, cause=verb)
+            acks += await self.state(outcome.new_state, cause=verb, ack_to=ack_to)
             await self.event(verb, **data)
         elif isinstance(command, m.Stop) and isinstance(reply, m.Ok) and command.at_step is None:
             # No registry write on the reply path: a broadcast stop to 64 ranks would be 64
@@ -165,7 +178,7 @@ class Publisher:
 
     # --- the three things published -----------------------------------------------------
 
-    async def state(self, state: bytes, *, cause: str) -> list[Ack]:
+    async def state(self, state: bytes, *, cause: str, ack_to: AckTo | None = None) -> list[Ack]:
         """Publish ``state`` on the state subject and write the record; returns its ack."""
         nc, rank = self.nc, self.rank
         if nc is None or nc.is_closed:
@@ -190,11 +203,12 @@ class Publisher:
             await nc.publish(state_subject(rank.run, rank.rank), m.encode(msg))
         except Exception as exc:
             self.log.debug("state publish failed", error=str(exc))
-        return await self.record(state)
+        return await self.record(state, ack_to)
 
-    async def record(self, state: bytes) -> list[Ack]:
+    async def record(self, state: bytes, ack_to: AckTo | None = None) -> list[Ack]:
         """Send this rank's registry record with ``state``; returns the ack to await (none
-        without a registry or when the write could not be sent)."""
+        without a registry, when the write could not be sent, or when its ack goes to the
+        writer's ``ack_to``)."""
         if self.registry is None or self._record_lock is None:
             return []
         rank = self.rank
@@ -227,6 +241,10 @@ class Publisher:
                 error=self.exit.error,
             )
             try:
+                if ack_to is not None:
+                    await self.registry.put_acked_to(record, ack_to.subject)
+                    ack_to.sent += 1
+                    return []
                 return [await self.registry.put_nowait(record)]
             except Exception as exc:
                 self.log.debug("registry write failed", error=str(exc) or type(exc).__name__)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -44,6 +45,7 @@ from nats.aio.msg import Msg
 
 from runctl.bus import changes
 from runctl.bus import messages as m
+from runctl.bus.acks import AckInbox, Acks
 from runctl.bus.artifact_codec import run_prefix
 from runctl.bus.artifact_store import ArtifactInfo, ArtifactStore, Progress
 from runctl.bus.connection import close_quietly, connect
@@ -61,9 +63,11 @@ from runctl.bus.errors import (
 )
 from runctl.bus.identity import author_of
 from runctl.bus.journalplan import Entry, history
+from runctl.bus.journalstore import STREAM as JOURNAL_STREAM
 from runctl.bus.journalstore import confirm, read_journal
 from runctl.bus.jsonform import wire_value
 from runctl.bus.paths import resolve
+from runctl.bus.registry import STREAM as REGISTRY_STREAM
 from runctl.bus.registry import RankInfo, Registry, caught_up
 from runctl.bus.results import Gathered, Result
 from runctl.bus.sizelimit import SizeLimit
@@ -85,6 +89,8 @@ SYNC_LATENCY_BUDGET: Final = 1.0
 MIN_SYNC_MARGIN: Final = 2
 #: how long a writer waits for the registry to show its write (normally well under 1 ms)
 REGISTRY_CATCH_UP: Final = 1.0
+#: how long a writer waits for its stores' acknowledgements before it reads them instead
+ACK_WAIT: Final = 0.5
 #: who the changes sent from this context are by, when not the client's own ``by`` (the
 #: gateway sets it per request from the caller's token)
 ACTING_AS: ContextVar[m.Author | None] = ContextVar("runctl_acting_as", default=None)
@@ -118,6 +124,8 @@ class Client:
         self._registry: Registry | None = None
         #: requests and broadcasts (scatter-gather)
         self.transport = Transport(nc, self.registry)
+        #: the inbox the ranks' stores acknowledge this client's writes on
+        self._acks = AckInbox(nc)
 
     @classmethod
     async def connect(
@@ -615,16 +623,29 @@ class Client:
             raise PayloadTooLarge(len(payload), self.nc.max_payload)
         timeout = self.timeout if timeout is None else timeout
         rank = str(rank)
-        if rank == ALL:
-            return await self.transport.gather(
-                run, verb, subject, payload, timeout, settle=self._settle
-            )
-        msg = await self.transport.request(run, rank, subject, payload, timeout)
-        reply = decode_reply(msg)
-        if isinstance(reply, m.Err):
-            raise from_code(reply.code, reply.message, reply.detail)
-        (result,) = await self._settle(run, [result_of(reply)])
-        return result
+        # a write's stores are acknowledged to us directly: one wait, no polling
+        acks = await self._acks.expect() if isinstance(cmd, m.WRITES) else None
+        headers = acks.headers if acks is not None else None
+        try:
+            if rank == ALL:
+                return await self.transport.gather(
+                    run,
+                    verb,
+                    subject,
+                    payload,
+                    timeout,
+                    settle=functools.partial(self._settle, acks=acks),
+                    headers=headers,
+                )
+            msg = await self.transport.request(run, rank, subject, payload, timeout, headers)
+            reply = decode_reply(msg)
+            if isinstance(reply, m.Err):
+                raise from_code(reply.code, reply.message, reply.detail)
+            (result,) = await self._settle(run, [result_of(reply)], acks=acks)
+            return result
+        finally:
+            if acks is not None:
+                self._acks.done(acks)
 
     def _stamped(self, cmd: m.Command) -> m.Command:
         """A write gets its change id and its author (the journal records both)."""
@@ -650,11 +671,16 @@ class Client:
             return self.by
         return acting if acting.user else msgspec.structs.replace(acting, user=self.by.user)
 
-    async def _settle(self, run: str, results: list[Result]) -> list[Result]:
+    async def _settle(
+        self, run: str, results: list[Result], acks: Acks | None = None
+    ) -> list[Result]:
         """After a write was answered: wait (bounded) until the registry shows each rank's
         new version and the journal holds each rank's record, both at once. A rank whose
         record did not show up in time is reported ``journaled=False``: nobody is told a
-        change is in the journal that the server has not stored."""
+        change is in the journal that the server has not stored.
+
+        With ``acks`` (bus/acks.py), the ranks had the server acknowledge those stores to
+        this client: one wait for all of them; reads only for what did not come that way."""
         changed = {r.rank: r.version for r in results if r.changed}
         by_change: dict[str, list[str]] = {}
         for res in results:
@@ -663,6 +689,15 @@ class Client:
         if not changed and not by_change:
             return results
         stored: set[tuple[str, str]] = set()
+        if acks is not None and all(r.acks for r in results if r.changed or r.journaled):
+            wanted = {
+                REGISTRY_STREAM: len(changed),
+                JOURNAL_STREAM: sum(len(ranks) for ranks in by_change.values()),
+            }
+            if sum(wanted.values()) == sum(r.acks for r in results):
+                with anyio.move_on_after(ACK_WAIT):
+                    if await acks.wait({k: n for k, n in wanted.items() if n}):
+                        return results  # every store acknowledged: journaled as replied
 
         async def check(change_id: str, ranks: list[str]) -> None:
             found = await confirm(self.nc, run, change_id, ranks, timeout=self.journal_timeout)

@@ -225,6 +225,8 @@ class Ok(msgspec.Struct, tag="ok/1", **_TAG):
     change_id: str = ""
     #: the rank sent this write's journal record (the writer waits until it is stored)
     journaled: bool = False
+    #: store acknowledgements the rank had sent to the writer's inbox (bus/acks.py)
+    acks: int = 0
 
 
 class Err(msgspec.Struct, tag="err/1", **_TAG):

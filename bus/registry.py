@@ -226,6 +226,12 @@ class Registry:
         subject = KEY_PREFIX + self.key(record.run, record.rank)
         return await self.js.publish_async(subject, msgspec.json.encode(record))
 
+    async def put_acked_to(self, record: RankRecord, reply: str) -> None:
+        """Send the write now; the server acknowledges it to ``reply`` (the writer's inbox,
+        see bus/acks.py), not to this connection."""
+        subject = KEY_PREFIX + self.key(record.run, record.rank)
+        await self.nc.publish(subject, msgspec.json.encode(record), reply=reply)
+
     async def put_schema(self, run: str, rank: str, schema: bytes) -> int:
         """Write the model's JSON schema of a rank (once, at start)."""
         return await self.kv.put(self.key(run, rank) + ".schema", schema)

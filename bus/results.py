@@ -34,6 +34,8 @@ class Result:
     change_id: str = ""
     #: the change journal holds this rank's record of it (None: the rank kept no record)
     journaled: bool | None = None
+    #: store acknowledgements the rank sent to the writer's inbox (bus/acks.py)
+    acks: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass(slots=True)

@@ -61,7 +61,13 @@ class Transport:
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
 
     async def request(
-        self, run: str, rank: str, subject: str, payload: bytes, timeout: float
+        self,
+        run: str,
+        rank: str,
+        subject: str,
+        payload: bytes,
+        timeout: float,
+        headers: dict[str, str] | None = None,
     ) -> Msg:
         """One request. No responders is NotFound at once; but any subscriber to the
         subject (``nats sub 'runctl.>'``, an observer) suppresses that status, so if no
@@ -75,7 +81,9 @@ class Transport:
             async def ask() -> None:
                 nonlocal reply, failure
                 try:
-                    reply = await self.nc.request(subject, payload, timeout=timeout)
+                    reply = await self.nc.request(
+                        subject, payload, timeout=timeout, headers=headers
+                    )
                 except Exception as exc:
                     failure = exc
                 tasks.cancel_scope.cancel()
@@ -109,6 +117,7 @@ class Transport:
         payload: bytes,
         timeout: float,
         settle: Settle | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Gathered:
         """One request on the broadcast subject; replies are collected on a fresh inbox
         until every rank the registry knows alive has answered, or the deadline. The
@@ -145,7 +154,7 @@ class Transport:
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(subject, payload, reply=inbox)
+            await self.nc.publish(subject, payload, reply=inbox, headers=headers)
             deadline = anyio.current_time() + timeout
             #: the registry knows a rank of this run that has not exited (None: no registry)
             known: bool | None = None
@@ -228,6 +237,7 @@ def result_of(reply: m.Ok) -> Result:
         reply.changed,
         change_id=reply.change_id,
         journaled=True if reply.journaled else None,
+        acks=reply.acks,
     )
 
 

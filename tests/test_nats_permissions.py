@@ -240,6 +240,7 @@ async def test_agent_and_operator_run_the_whole_product(
         assert isinstance(read, Result) and read.source == "registry" and read.value == 0.1
         changed = await client.set(run_id, 1, "opt.lr", 0.5)
         assert isinstance(changed, Result) and changed.changed
+        assert changed.acks == 2 and changed.journaled  # stores acknowledged to the writer
         assert a1.state.opt.lr == 0.5 and a0.state.opt.lr == 0.1
         gathered = await client.patch(run_id, "all", {"epochs": 7})
         assert sorted(gathered.results) == ["0", "1"]  # type: ignore[union-attr]
