@@ -20,6 +20,7 @@ from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import EXIT_OK, BadRequest, RunctlError
 from runctl.bus.logs import configure_logging
+from runctl.bus.shell import runctl_command
 from runctl.gateway.auth import TokenTable, check_bind, generate_tokens_file, load_tokens
 from runctl.gateway.serve import serve
 from runctl.gateway.settings import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, Settings
@@ -189,7 +190,7 @@ def tokens_command(args: argparse.Namespace) -> int:
         print(f"runctl: {path} exists: kept as it is")
     else:
         print(f"runctl: wrote {path} (mode 0600): one token per role (read, write, admin)")
-    print(f"  serve with:   runctl gateway --tokens-file {path}")
+    print(f"  serve with:   {runctl_command()} gateway --tokens-file {path}")
     print("  call with:    curl -H 'Authorization: Bearer <token>' ...")
     return EXIT_OK
 

@@ -391,6 +391,17 @@ def test_tokens_writes_a_private_file(tmp_path: Path) -> None:
     before = path.read_text()
     again = runctl("tokens", "--file", "t/tokens", url=None, cwd=tmp_path)
     assert again.returncode == 0 and "kept" in again.stdout and path.read_text() == before
+    # the line it prints runs as printed (.venv/bin/runctl when the venv is not active)
+    (serve,) = [ln.split("serve with:")[1] for ln in out.stdout.splitlines() if "serve with" in ln]
+    runs = subprocess.run(
+        ["bash", "-c", serve.replace("--tokens-file", "--help --tokens-file")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert runs.returncode == 0 and "--tokens-file" in runs.stdout, (serve, runs.stderr)
 
 
 # --- in this process (cli.main): the same code, without a process start per call -----------
