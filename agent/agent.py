@@ -150,6 +150,8 @@ class Agent(Generic[M]):
         self.closed = threading.Event()
         self.nc: NATS | None = None
         self.registry: Registry | None = None
+        #: why the last attempt to reach the bus failed, while it is not reached yet
+        self.connect_error = ""
         self._subs: list[Subscription] = []
         self._closing: anyio.Event | None = None
         self._tg: TaskGroup | None = None
@@ -285,8 +287,9 @@ class Agent(Generic[M]):
                     self.lease = await take_lease(self.embedded_config, self.data_dir, self.log)
                     self.url = self.lease.nats_url
                 self.nc, self.registry = await lifecycle.connect_agent(
-                    self.url or DEFAULT_URL, self.run, self.rank, self.log
+                    self.url or DEFAULT_URL, self.run, self.rank, self.log, self._connect_failed
                 )
+                self.connect_error = ""
                 # the largest state a message carries: changes beyond it are refused
                 self.live.size_limit = SizeLimit(self.nc.max_payload or self.max_payload)
                 self.publisher.attach(self.nc, self.registry)
@@ -331,6 +334,9 @@ class Agent(Generic[M]):
                 )
                 gil.detach()
                 self.closed.set()
+
+    def _connect_failed(self, why: str) -> None:
+        self.connect_error = why
 
     # --- commands ---------------------------------------------------------------------
 

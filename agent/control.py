@@ -200,8 +200,10 @@ class Control(Generic[M]):
             if time.monotonic() >= deadline:
                 break
         if not self.agent.ready.is_set():
+            why = self.agent.connect_error  # e.g. a refused login, and where logins come from
             raise Unavailable(
                 f"runctl agent not connected after {timeout:g}s (url {redact_url(self.url or '')})"
+                + (f": {why}" if why else "")
             )
         return self
 

@@ -73,7 +73,10 @@ def _listening(port: int) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """As runctl.bus.server.port_free (this module imports only the standard library):
+    checked the way the server binds (SO_REUSEADDR), so a port in TIME_WAIT is free."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -29,11 +29,22 @@ __all__ = ["announce", "connect_agent", "open_steplog", "shutdown", "subscribe_c
 
 
 async def connect_agent(
-    url: str, run: str, rank: str, log: FilteringBoundLogger
+    url: str,
+    run: str,
+    rank: str,
+    log: FilteringBoundLogger,
+    on_error: Callable[[str], object] | None = None,
 ) -> tuple[NATS, Registry | None]:
-    """Connect as ``agent`` (retrying until the server answers) and open the registry.
-    Without JetStream the registry is None: control still works, discovery does not."""
-    nc = await connect(url, name=f"runctl-agent:{run}:{rank}", retry_initial=True, role="agent")
+    """Connect as ``agent`` (retrying until the server answers; ``on_error(why)`` hears
+    each refusal) and open the registry. Without JetStream the registry is None: control
+    still works, discovery does not."""
+    nc = await connect(
+        url,
+        name=f"runctl-agent:{run}:{rank}",
+        retry_initial=True,
+        role="agent",
+        on_error=on_error,
+    )
     try:
         with anyio.fail_after(5):
             registry = await Registry.open(nc)

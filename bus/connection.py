@@ -24,7 +24,7 @@ import anyio
 import structlog
 from nats.aio.client import Client as NATS
 
-from runctl.bus.credentials import NatsRole, redact_url, role_auth
+from runctl.bus.credentials import NatsRole, login_hint, redact_url, role_auth
 from runctl.bus.defaults import NATS_URL
 from runctl.bus.errors import TlsError, Unavailable, map_nats_error
 from runctl.bus.tls import (
@@ -86,6 +86,7 @@ async def connect(
     reconnect_wait: float = 0.25,
     on_reconnected: Callable[[], Awaitable[None]] | None = None,
     role: NatsRole | None = None,
+    on_error: Callable[[str], object] | None = None,
     **options: Any,
 ) -> NATS:
     """Connect and keep reconnecting forever (with nats-py's jittered backoff).
@@ -96,6 +97,8 @@ async def connect(
 
     ``role`` (agent, operator): with no credentials in the URL or the environment, log in
     with that role's file from ``runctl up``'s credentials directory, if there is one.
+    ``on_error(why)`` hears each failed attempt, described (a refused login names where
+    logins come from), e.g. for an agent that keeps retrying to say why it is not ready.
     """
     servers = [s.strip() for s in (url or env_url() or DEFAULT_URL).split(",") if s.strip()]
     given = options.get("tls")
@@ -112,9 +115,12 @@ async def connect(
             first_scope[0].cancel()  # every server refused once: fail now, not in seconds
         # One line per distinct error kind, no tracebacks: a restarting server is not news.
         key = type(exc).__name__
+        why = _describe(exc, tls, role)
+        if on_error is not None:
+            on_error(why)
         if key not in seen:
             seen.add(key)
-            log.warning("nats error", error=_describe(exc, tls), kind=key)
+            log.warning("nats error", error=why, kind=key)
 
     async def disconnected_cb() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
@@ -162,7 +168,9 @@ async def connect(
             first_scope.clear()
             if not retry_initial:
                 cause = last_error[-1] if isinstance(exc, TimeoutError) and last_error else exc
-                why = "timed out" if isinstance(cause, TimeoutError) else _describe(cause, tls)
+                why = (
+                    "timed out" if isinstance(cause, TimeoutError) else _describe(cause, tls, role)
+                )
                 where = redact_url(",".join(servers))  # never a password in a message
                 kind = TlsError if _is_tls_failure(cause) else Unavailable
                 raise kind(f"cannot connect to NATS at {where}: {why}") from exc
@@ -175,8 +183,11 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError | TlsError)
 
 
-def _describe(exc: BaseException, tls: ClientTls | None) -> str:
-    """One line for a failed connection; TLS failures say which CA was used."""
+def _describe(exc: BaseException, tls: ClientTls | None, role: NatsRole | None = None) -> str:
+    """One line for a failed connection; TLS failures say which CA was used, a refused
+    login where logins come from."""
+    if "authorization violation" in str(exc).lower():
+        return f"{str(exc).strip() or 'Authorization Violation'}: {login_hint(role)}"
     if isinstance(exc, ssl.SSLError):
         return describe_ssl_error(exc, tls.ca if tls else None)
     if isinstance(exc, TlsError):

@@ -47,6 +47,7 @@ __all__ = [
     "NatsRole",
     "ensure_credentials",
     "load_credentials",
+    "login_hint",
     "new_password",
     "read_env_file",
     "redact_url",
@@ -251,6 +252,19 @@ def role_auth(role: NatsRole, env: Mapping[str, str] | None = None) -> dict[str,
     if not user or password is None:
         raise CredentialsError(f"{path}: RUNCTL_NATS_USER or RUNCTL_NATS_PASSWORD missing")
     return {"user": user, "password": password}
+
+
+def login_hint(role: NatsRole | None) -> str:
+    """Where a process's NATS login comes from: for a server that refused it."""
+    where = CREDENTIALS_DIR_ENV
+    file = f"{DEFAULT_DIR / role}.env" if role else f"{DEFAULT_DIR}/<role>.env"
+    return (
+        "the server requires a login and refused this one (or none was given). A runctl "
+        "process logs in with RUNCTL_NATS_USER and RUNCTL_NATS_PASSWORD (or "
+        "RUNCTL_NATS_CREDS, RUNCTL_NATS_NKEY, RUNCTL_NATS_TOKEN, or user:password@ in the "
+        f"URL), else with {file}, which `runctl up` writes: run it in the directory where "
+        f"`runctl up` ran, set {where} to that credentials folder, or `set -a; . {file}`"
+    )
 
 
 def redact_url(url: str) -> str:

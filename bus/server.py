@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,11 +27,24 @@ from runctl.bus.errors import ServerStartError
 if TYPE_CHECKING:
     from runctl.bus.tls import TlsFiles
 
-__all__ = ["NatsServer", "die_with_parent", "find_binary", "packaged_config"]
+__all__ = ["NatsServer", "die_with_parent", "find_binary", "packaged_config", "port_free"]
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
 _FATAL = re.compile(r"\[(FTL|ERR)\]\s*(.*)")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now, checked the way servers bind
+    (nats-server, uvicorn: ``SO_REUSEADDR``). A port whose last server just exited is in
+    TIME_WAIT: a plain bind calls it busy, yet the next server binds it at once."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def find_binary() -> str:

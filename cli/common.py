@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 
 from runctl.bus.client import Client
-from runctl.bus.errors import EXIT_ERROR, BadToken, RunctlError, Unavailable
+from runctl.bus.errors import EXIT_ERROR, BadToken, RunctlError
 from runctl.bus.identity import user_at_host
 from runctl.bus.messages import Author
 from runctl.bus.subjects import ALL, check_rank, check_token
@@ -51,20 +51,13 @@ def with_client(args: argparse.Namespace, fn: Callable[[Client], Awaitable[T]]) 
     in reach), run ``fn(client)``, close."""
 
     async def go() -> T:
-        try:
-            client = await Client.connect(
-                args.url,
-                name="runctl-cli",
-                timeout=args.timeout,
-                by=Author(name=user_at_host(), via="cli"),  # the change journal says who
-            )
-        except Unavailable as exc:
-            if "Authorization" not in str(exc):
-                raise
-            raise Unavailable(
-                f"{exc} (credentials: run runctl where `runctl up` wrote .runctl/credentials, "
-                "or export RUNCTL_NATS_USER and RUNCTL_NATS_PASSWORD)"
-            ) from exc
+        # a refused login names where logins come from (bus.connection)
+        client = await Client.connect(
+            args.url,
+            name="runctl-cli",
+            timeout=args.timeout,
+            by=Author(name=user_at_host(), via="cli"),  # the change journal says who
+        )
         async with client:
             return await fn(client)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import anyio
 
@@ -25,7 +26,7 @@ from runctl.bus.client import Client
 from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, NATS_PORT, NATS_URL
 from runctl.bus.errors import BadRequest, RunctlError, Unavailable
 from runctl.bus.registry import ANSWERING
-from runctl.bus.server import NatsServer, die_with_parent
+from runctl.bus.server import NatsServer, die_with_parent, port_free
 from runctl.bus.shell import runctl_command
 from runctl.bus.steps.store import forget
 from runctl.bus.subjects import ALL, check_token
@@ -65,9 +66,10 @@ def register(add: AddParser) -> None:
     )
     p.add_argument(
         "--store-dir",
-        default=str(DEFAULT_STORE),
+        default=None,
         metavar="DIR",
-        help=f"nats-server data (default: {DEFAULT_STORE})",
+        help=f"nats-server data (default: {DEFAULT_STORE}, or {DEFAULT_STORE}-PORT with "
+        "another --port: each demo its own; one in use by a running demo is refused)",
     )
     p.add_argument("--run", default="demo", help="run id (default: demo)")
     p.add_argument(
@@ -79,15 +81,6 @@ def register(add: AddParser) -> None:
     )
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=demo_command)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _say(line: str = "") -> None:
@@ -103,15 +96,17 @@ def demo_command(args: argparse.Namespace) -> int:
         raise BadRequest("--duration must not be negative")
     nats_port = args.nats_port
     if nats_port is None:
-        nats_port = NATS_PORT if _port_free(NATS_PORT) else -1
+        nats_port = NATS_PORT if port_free(NATS_PORT) else -1
     elif nats_port == 0:
         nats_port = -1
     if args.port == 0:
         args.port = _free_port()
-    elif not _port_free(args.port):
+    elif not port_free(args.port):
         raise Unavailable(f"port {args.port} is in use: pick another with --port")
 
-    server = NatsServer(port=nats_port, store_dir=args.store_dir, die_with_parent=True)
+    store = _store_dir(args.store_dir, args.port)
+    lock = _lock_store(store)  # held until the demo ends
+    server = NatsServer(port=nats_port, store_dir=store, die_with_parent=True)
     ranks: list[subprocess.Popen[bytes]] = []
     gateway: subprocess.Popen[bytes] | None = None
     try:
@@ -164,7 +159,32 @@ def demo_command(args: argparse.Namespace) -> int:
         if gateway is not None:
             _stop([gateway])
         server.stop()
+        lock.close()
     return 0
+
+
+def _store_dir(given: str | None, port: int) -> Path:
+    """The demo's store: ``--store-dir``, else one per gateway port (two demos side by
+    side never share a JetStream store)."""
+    if given is not None:
+        return Path(given)
+    return DEFAULT_STORE if port == GATEWAY_PORT else DEFAULT_STORE.with_name(f"demo-{port}")
+
+
+def _lock_store(store: Path) -> IO[bytes]:
+    """Hold ``store`` for this demo (a lock the system drops when the demo dies); refuse a
+    store another running demo holds: two servers on one store corrupt it."""
+    store.mkdir(parents=True, exist_ok=True)
+    handle = (store / "demo.lock").open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise Unavailable(
+            f"{store} is the store of another runctl demo that is still running: stop it, "
+            "or give this one its own --store-dir"
+        ) from None
+    return handle
 
 
 def _start_gateway(

@@ -153,7 +153,7 @@ def test_demo_changes_a_rank_mid_run_and_stops_after_duration(
     pids = d.rank_pids()
     assert len(pids) == 2 and all(_gone(pid) for pid in pids)
     assert not _listening(d.nats_port()) and not _listening(d.port)
-    assert (tmp_path / ".runctl" / "demo" / "jetstream").is_dir()
+    assert (tmp_path / ".runctl" / f"demo-{d.port}" / "jetstream").is_dir()  # its own store
 
 
 def test_demo_ctrl_c_stops_everything(demo: list[Demo], tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from runctl.bus import messages as m
 from runctl.bus.client import Client
 from runctl.bus.conditions import parse
 from runctl.bus.credentials import NatsRole
-from runctl.bus.errors import BadRequest, Unavailable
+from runctl.bus.errors import BadRequest
 from runctl.bus.subjects import check_token
 from runctl.cli.common import note
 from runctl.cli.watch.engine import Action, Watcher, WatchOptions, parse_action
@@ -210,21 +210,13 @@ def watch_command(args: argparse.Namespace) -> int:
     role: NatsRole = "operator" if options.action is not None else "observer"
 
     async def go() -> int:
-        try:
-            client = await Client.connect(
-                args.url,
-                name=f"runctl-watch:{options.name}",
-                timeout=args.timeout,
-                role=role,
-                by=m.Author(name=options.name, via="watch"),
-            )
-        except Unavailable as exc:
-            if "Authorization" not in str(exc):
-                raise
-            raise Unavailable(
-                f"{exc} (credentials: run where `runctl up` wrote .runctl/credentials "
-                f"({role}.env), or export RUNCTL_NATS_USER and RUNCTL_NATS_PASSWORD)"
-            ) from exc
+        client = await Client.connect(  # a refused login names where logins come from
+            args.url,
+            name=f"runctl-watch:{options.name}",
+            timeout=args.timeout,
+            role=role,
+            by=m.Author(name=options.name, via="watch"),
+        )
         async with client, anyio.create_task_group() as tasks:
             watcher = Watcher(client, options, destinations, stop_after=args.count)
             await tasks.start(watcher.run)
