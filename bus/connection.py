@@ -116,6 +116,8 @@ async def connect(
         # One line per distinct error kind, no tracebacks: a restarting server is not news.
         key = type(exc).__name__
         why = _describe(exc, tls, role)
+        if isinstance(exc, OSError) and len(last_error) > 1 and _refused(last_error[-2]):
+            why = _describe(last_error[-2], tls, role)  # it hung up on a refused login
         if on_error is not None:
             on_error(why)
         if key not in seen:
@@ -179,6 +181,11 @@ async def connect(
             delay = min(delay * 2, 5.0)
 
 
+def _refused(exc: BaseException) -> bool:
+    """The server refused the login."""
+    return "authorization violation" in str(exc).lower()
+
+
 def _is_tls_failure(exc: BaseException) -> bool:
     return isinstance(exc, ssl.SSLError | TlsError)
 
@@ -186,7 +193,7 @@ def _is_tls_failure(exc: BaseException) -> bool:
 def _describe(exc: BaseException, tls: ClientTls | None, role: NatsRole | None = None) -> str:
     """One line for a failed connection; TLS failures say which CA was used, a refused
     login where logins come from."""
-    if "authorization violation" in str(exc).lower():
+    if _refused(exc):
         return f"{str(exc).strip() or 'Authorization Violation'}: {login_hint(role)}"
     if isinstance(exc, ssl.SSLError):
         return describe_ssl_error(exc, tls.ca if tls else None)
