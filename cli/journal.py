@@ -22,7 +22,7 @@ from runctl.bus.client import Client
 from runctl.bus.errors import EXIT_OK, BadRequest
 from runctl.bus.formatting import ago, cut, render_table
 from runctl.bus.journalplan import Entry, parse_time
-from runctl.bus.subjects import ALL, check_token
+from runctl.bus.subjects import ALL, check_token, rank_key
 from runctl.cli.common import AddParser, note, parse_target, print_json, with_client
 
 __all__ = ["register", "render_history"]
@@ -183,17 +183,25 @@ def undo_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(body)
         return EXIT_OK
-    values = ", ".join(
-        f"{path}={_short(v)}"
-        for per_rank in body["values"].values()
-        for path, v in per_rank.items()
-    )
-    print(f"undid {body['undone'][:12]} (change {body['change_id'][:12]}): {values}")
+    print(f"undid {body['undone'][:12]} (change {body['change_id'][:12]}): {_undone(body)}")
     for rank, outcome in sorted(body["ranks"].items()):
         print(f"rank {rank}: {outcome.get('outcome')}" + _journal_note(outcome))
     for forced in body["forced_past"]:
         note(f"forced past later change {forced[:12]}")
     return EXIT_OK
+
+
+def _undone(body: dict[str, Any]) -> str:
+    """The values an undo set back: once when every rank got the same, else per rank."""
+    per_target: dict[str, dict[str, Any]] = body["values"]
+
+    def listed(values: dict[str, Any]) -> str:
+        return ", ".join(f"{path}={_short(v)}" for path, v in values.items())
+
+    if len({json.dumps(v, sort_keys=True) for v in per_target.values()}) <= 1:
+        return next((listed(v) for v in per_target.values()), "")
+    ordered = sorted(per_target.items(), key=lambda item: rank_key(item[0]))
+    return "; ".join(f"rank {target}: {listed(v)}" for target, v in ordered)
 
 
 def _journal_note(outcome: dict[str, Any]) -> str:

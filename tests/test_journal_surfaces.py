@@ -163,3 +163,27 @@ def test_ls_shows_what_a_rank_replayed(nats_url: str, run_id: str, tmp_path: Pat
         assert header.split()[4] == "REPLAYED" and row.split()[4] == "2"
         data = json.loads(runctl("ls", run_id, "--json", url=nats_url, cwd=tmp_path).stdout)
         assert data[0]["replayed"] == 2 and data[0]["replay_skipped"] == 0
+
+
+def test_the_cli_says_per_rank_what_an_undo_set_back(
+    nats_url: str, run_id: str, tmp_path: Path
+) -> None:
+    """An undo whose before-values differ per rank names each rank's values once."""
+    with (
+        control(Cfg(), run=run_id, rank=0, url=nats_url) as r0,
+        control(Cfg(), run=run_id, rank=1, url=nats_url) as r1,
+    ):
+        r0.wait_ready()
+        r1.wait_ready()
+        for where, value in ((f"{run_id}/0", "0.5"), (f"{run_id}/1", "0.3"), (run_id, "0.2")):
+            out = runctl("set", where, f"opt.lr={value}", url=nats_url, cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+        out = runctl("undo", run_id, url=nats_url, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert (r0.state.opt.lr, r1.state.opt.lr) == (0.5, 0.3)
+        first = out.stdout.splitlines()[0]
+        assert first.endswith(": rank 0: opt.lr=0.5; rank 1: opt.lr=0.3"), out.stdout
+        # the same values on every rank: said once
+        assert runctl("set", run_id, "epochs=5", url=nats_url, cwd=tmp_path).returncode == 0
+        out = runctl("undo", run_id, url=nats_url, cwd=tmp_path)
+        assert out.stdout.splitlines()[0].endswith(": epochs=3"), out.stdout
