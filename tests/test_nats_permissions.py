@@ -242,6 +242,10 @@ async def test_agent_and_operator_run_the_whole_product(
         assert isinstance(changed, Result) and changed.changed
         assert changed.acks == 2 and changed.journaled  # stores acknowledged to the writer
         assert a1.state.opt.lr == 0.5 and a0.state.opt.lr == 0.1
+        # the change journal names the NATS user the change came in as, beside its author
+        (entry,) = [e for e in await client.history(run_id) if e.id == changed.change_id]
+        by = entry.by if isinstance(entry.by, dict) else msgspec.to_builtins(entry.by)
+        assert by["user"] == "runctl-operator" and by["via"] == "python", by
         gathered = await client.patch(run_id, "all", {"epochs": 7})
         assert sorted(gathered.results) == ["0", "1"]  # type: ignore[union-attr]
         assert a0.state.epochs == a1.state.epochs == 7
