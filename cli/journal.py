@@ -160,12 +160,28 @@ def _what(data: dict[str, Any]) -> str:
     if rejected:
         parts.append(f"rejected: {rejected[0].get('message', '')}")
     if not diffs and not rejected and not parts:
-        parts.append(_short(data.get("request"), 60))
+        parts.append(_asked(data.get("request")))
     if data.get("replay_skipped"):
         parts.append(f"(skipped at replay on rank {data['replay_skipped'][0]['rank']})")
     if data.get("undone_by"):
         parts.append(f"(undone by {data['undone_by'][-1][:12]})")
     return " ".join(parts)
+
+
+def _asked(request: Any) -> str:
+    """What a change asked for, where no rank's diff says it (scheduled, pending, a stop)."""
+    if not isinstance(request, dict):
+        return _short(request, 60)
+    kind = str(request.get("t", "")).split("/")[0]
+    value = request.get("value")
+    shown = str(value) if request.get("text") else _short(value)  # typed text: as typed
+    if kind == "set":
+        return f"{request.get('path')} = {shown}"
+    if kind == "patch":
+        return f"{request.get('path') or ''} <- {_short(value, 50)}".lstrip()
+    if kind == "stop":
+        return f"stop ({request.get('reason') or 'no reason'})"
+    return _short(request, 60)
 
 
 def _short(value: Any, limit: int = 30) -> str:

@@ -132,6 +132,8 @@ def test_the_cli_schedules_and_cancels(
     out = runctl("set", run_id, "epochs=9", "--at-step", "50", url=nats_url, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "scheduled at step 50" in out.stdout and "rank 0: pending (at step 50)" in out.stdout
+    table = runctl("history", run_id, url=nats_url, cwd=tmp_path).stdout
+    assert "@50" in table and "epochs = 9" in table, table  # what it asks, as typed
     listed = runctl("schedules", run_id, "--json", url=nats_url, cwd=tmp_path)
     (sched,) = json.loads(listed.stdout)
     out = runctl("cancel", run_id, sched["id"][:10], url=nats_url, cwd=tmp_path)
