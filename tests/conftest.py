@@ -107,6 +107,21 @@ def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -
     raise AssertionError(f"condition not met within {timeout}s: {predicate}")
 
 
+async def wait_exit(proc: subprocess.Popen[Any], timeout: float, what: str = "process") -> int:
+    """The exit code of ``proc``, polled on the event loop: a deadline that cancels (a
+    thread blocked in ``proc.wait()`` cannot be cancelled, so a process that never exits
+    would hold the test until it does). Raises ``TimeoutError`` naming ``what``."""
+    import anyio
+
+    with anyio.move_on_after(timeout):
+        while True:
+            code = proc.poll()
+            if code is not None:
+                return code
+            await anyio.sleep(0.02)
+    raise TimeoutError(f"{what} (pid {proc.pid}) did not exit within {timeout:g}s")
+
+
 async def register_silent_rank(url: str, run: str, rank: str) -> None:
     """Put a live-looking record in the registry for a rank that will never answer
     (tests of Timeout/504: the client only waits for ranks the registry knows)."""

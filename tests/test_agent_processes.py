@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import free_port, listening, spawn_python, wait_for
+from conftest import free_port, listening, spawn_python, wait_exit, wait_for
 
 from runctl.bus import Client, Gathered, NotFound, RankInfo, Result, ValidationRejected
 
@@ -98,9 +98,7 @@ class Ranks:
             await self.line(rank, "READY")
 
     async def exit_code(self, rank: int | str, timeout: float = 20) -> int:
-        proc = self.procs[str(rank)]
-        with anyio.fail_after(timeout):
-            return await anyio.to_thread.run_sync(proc.wait)
+        return await wait_exit(self.procs[str(rank)], timeout, f"rank {rank}")
 
     def cleanup(self) -> None:
         for proc in self.procs.values():

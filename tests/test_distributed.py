@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import ROOT, spawn_python
+from conftest import ROOT, spawn_python, wait_exit
 
 from runctl.bus import Client, Gathered, RankInfo, Result
 from runctl.bus import messages as m
@@ -98,9 +98,7 @@ class Ranks:
             await self.line(rank, "READY")
 
     async def exit_code(self, rank: int | str, timeout: float = 20) -> int:
-        proc = self.procs[str(rank)]
-        with anyio.fail_after(timeout):
-            return await anyio.to_thread.run_sync(proc.wait)
+        return await wait_exit(self.procs[str(rank)], timeout, f"rank {rank}")
 
     def steps(self, rank: int | str) -> list[tuple[int, float, bool]]:
         lines = (self.logs / f"rank{rank}.jsonl").read_text().splitlines()

@@ -242,10 +242,13 @@ def test_patch_merges_nested_and_keeps_siblings(
     agents(state, run_id)
     http = gateway()
     base = f"/runs/{run_id}/ranks/0/set"
+    # the siblings away from their defaults first: a shallow merge would bring them back
+    r = http.patch(base, json={"opt": {"kind": "adam", "momentum": 0.5}})
+    assert r.status_code == 200, r.text
     r = http.patch(base, json={"opt": {"lr": 0.5}, "epochs": 9})
     assert r.status_code == 200, r.text
-    assert r.json()["value"]["opt"] == {"lr": 0.5, "kind": "sgd", "momentum": 0.9}
-    assert (held.lr, held.kind, held.momentum, state.epochs) == (0.5, "sgd", 0.9, 9)
+    assert r.json()["value"]["opt"] == {"lr": 0.5, "kind": "adam", "momentum": 0.5}
+    assert (held.lr, held.kind, held.momentum, state.epochs) == (0.5, "adam", 0.5, 9)
     # into a sub-tree; no content-type header needed (curl -d sends a form type)
     r = http.patch(
         f"{base}/opt",
@@ -261,7 +264,7 @@ def test_patch_merges_nested_and_keeps_siblings(
     assert [e["field"] for e in bad.json()["detail"]] == [["opt", "lr"]]
     unknown = http.patch(base, json={"opt": {"lrr": 1}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["type"] == "extra_forbidden"
-    assert (held.lr, held.momentum) == (0.5, 0.9)  # nothing of either change was applied
+    assert (held.lr, held.momentum) == (0.5, 0.5)  # nothing of either change was applied
 
 
 def test_reset_returns_to_the_initial_state(

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_exit
 
 from runctl.bus import Client, Gathered
 from runctl.gateway.serve import GatewayThread
@@ -70,8 +70,7 @@ class Fit:
                 await anyio.sleep(0.1)
 
     async def exit_code(self, timeout: float = FIT_TIMEOUT) -> int:
-        with anyio.fail_after(timeout):
-            code = await anyio.to_thread.run_sync(self.proc.wait)
+        code = await wait_exit(self.proc, timeout, "the fit")
         self.reader.join(5)
         return code
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import test_demo
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_exit
 from rankkit import ProgramRank, runctl_cli
 from test_demo import Demo
 
@@ -140,3 +140,17 @@ def test_an_agent_without_the_login_its_server_requires_names_the_cause(
     assert "Authorization Violation" in said, said
     assert "RUNCTL_NATS_USER" in said and "runctl up" in said, said
     assert ".runctl/credentials/agent.env" in said, said
+
+
+@pytest.mark.anyio
+async def test_waiting_for_a_process_that_never_exits_fails_at_its_deadline() -> None:
+    """The tests' exit-code helper: a rank that never exits fails the test at the deadline
+    instead of holding it (a thread blocked in proc.wait() cannot be cancelled)."""
+    proc = subprocess.Popen(["sleep", "600"])  # noqa: ASYNC220 - the helper takes a Popen
+    try:
+        with pytest.raises(TimeoutError, match="did not exit within"):
+            await wait_exit(proc, 0.3, "sleep")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert await wait_exit(proc, 5) == -9

@@ -180,12 +180,14 @@ def test_set_a_list_item_with_an_unknown_key_is_rejected() -> None:
 
 def test_patch_partial_nested_keeps_siblings() -> None:
     s = live()
-    s.set("opt.lr", 0.7)
+    # every sibling away from its default first: a shallow merge (or a rebuild from the
+    # defaults) would bring a default back
+    s.patch({"opt": {"lr": 0.7, "momentum": 0.5, "sched": {"kind": "step"}}})
     assert s.patch({"opt": {"sched": {"warmup": 5}}}) is True
     assert s.model.opt.model_dump() == {
         "lr": 0.7,
-        "momentum": 0.9,
-        "sched": {"kind": "cos", "warmup": 5},
+        "momentum": 0.5,
+        "sched": {"kind": "step", "warmup": 5},
     }
     assert s.patch({"warmup": 6, "kind": "step"}, path="opt.sched") is True
     assert s.model.opt.sched.model_dump() == {"kind": "step", "warmup": 6}

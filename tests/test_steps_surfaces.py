@@ -10,14 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from pydantic import BaseModel
 
 from runctl.agent import control
-from runctl.bus import Client
 from runctl.cli.app import main as cli
-from runctl.gateway.errors import install
-from runctl.gateway.steps_api import router
+from runctl.gateway.serve import GatewayThread
+from runctl.gateway.settings import Settings
 
 
 class S(BaseModel):
@@ -115,17 +113,14 @@ def test_cli_errors_name_the_problem(nats_url: str, capsys: pytest.CaptureFixtur
 
 @pytest.fixture
 async def http(nats_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = FastAPI()
-    app.include_router(router)
-    install(app)  # the router's errors are answered by the gateway's one handler
-    app.state.client = await Client.connect(nats_url)
+    """The real gateway (uvicorn on a socket, with its auth, limits and error handlers),
+    not the router on a bare app."""
+    thread = GatewayThread(Settings(nats_url=nats_url, port=0)).start()
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw"
-        ) as client:
+        async with httpx.AsyncClient(base_url=thread.url, timeout=20) as client:
             yield client
     finally:
-        await app.state.client.close()
+        thread.stop()
 
 
 @pytest.mark.anyio

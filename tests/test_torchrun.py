@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_exit
 
 from runctl.bus import Client
 
@@ -80,8 +80,7 @@ class Job:
                 await anyio.sleep(0.1)
 
     async def exit_code(self) -> int:
-        with anyio.fail_after(TIMEOUT):
-            code = await anyio.to_thread.run_sync(self.proc.wait)
+        code = await wait_exit(self.proc, TIMEOUT, "torchrun")
         self.reader.join(5)
         return code
 
