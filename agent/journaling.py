@@ -76,6 +76,9 @@ class Journaler:
         self._targets: dict[str, str] = {}
         self._unacked: deque[tuple[str, bytes, dict[str, str]]] = deque()
         self._resender: asyncio.Task[None] | None = None
+        #: records whose acknowledgement went to the writer, to be confirmed (see above)
+        self._confirm: list[tuple[str, bytes, dict[str, str]]] = []
+        self._confirmer: asyncio.Task[None] | None = None
         self.log = log.bind(run=self.run, rank=self.rank)
 
     async def open(self, nc: NATS, *, timeout: float = 5.0) -> bool:
@@ -226,7 +229,34 @@ class Journaler:
             ack_to.sent += 1
         except Exception as exc:
             self.log.debug("journal write failed", error=str(exc) or type(exc).__name__)
-        self._queue(subject, payload, headers)
+            self._queue(subject, payload, headers)
+            return
+        self._confirm.append((subject, payload, headers))
+        if self._confirmer is None or self._confirmer.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to confirm on
+                self._confirmer = asyncio.get_running_loop().create_task(self._confirm_sent())
+
+    async def _confirm_sent(self) -> None:
+        """Once a second, send the records whose acknowledgement went to their writers
+        again, all in one write, and await the server's acks together (duplicates: nothing
+        is stored twice). One that is still not acknowledged joins the re-send queue."""
+        while self._confirm and self.js is not None:
+            await anyio.sleep(RESEND_EVERY)
+            batch, self._confirm = self._confirm, []
+            sent: list[tuple[tuple[str, bytes, dict[str, str]], Ack]] = []
+            for item in batch:
+                try:
+                    sent.append(
+                        (item, await self.js.publish_async(item[0], item[1], headers=item[2]))
+                    )
+                except Exception:
+                    self._queue(*item)
+            for item, ack in sent:
+                try:
+                    with anyio.fail_after(ACK_TIMEOUT):
+                        await ack
+                except Exception:
+                    self._queue(*item)
 
     async def deferred(self, outcome: Outcome, step: int) -> None:
         """Record a deferred change that ``ctl.sync(step)`` applied (on the agent's loop)."""
@@ -292,6 +322,12 @@ class Journaler:
 
     async def aclose(self, timeout: float = 2.0) -> None:
         """Try (bounded) to store what is still unacknowledged, then stop re-sending."""
+        if self._confirmer is not None:
+            self._confirmer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._confirmer
+        self._unacked.extend(self._confirm)  # not confirmed yet: sent again below (no copies)
+        self._confirm.clear()
         if self._unacked and self.js is not None:
             with anyio.move_on_after(timeout):
                 while self._unacked:

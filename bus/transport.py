@@ -126,6 +126,8 @@ class Transport:
         gathered = Gathered(run=run, verb=verb)
         answered: set[str] = set()
         expected: frozenset[str] = frozenset()
+        #: expected ranks that have not answered yet: each reply costs O(1), not O(ranks)
+        waiting: set[str] = set()
         registry_read = False
         complete = anyio.Event()
         arrived = anyio.Event()
@@ -143,12 +145,13 @@ class Transport:
             except RunctlError:
                 return
             answered.add(reply.rank)
+            waiting.discard(reply.rank)
             if isinstance(reply, m.Err):
                 gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
             else:
                 gathered.results[reply.rank] = result_of(reply)
             arrived.set()
-            if registry_read and expected and expected <= answered:
+            if registry_read and expected and not waiting:
                 complete.set()
 
         inbox = self.nc.new_inbox()
@@ -160,8 +163,9 @@ class Transport:
             known: bool | None = None
             with anyio.move_on_after(timeout):
                 expected, known = await self.expected(run)
+            waiting = set(expected - answered)
             registry_read = True
-            if expected and expected <= answered:
+            if expected and not waiting:
                 complete.set()
             remaining = deadline - anyio.current_time()
             if known is False and not answered:

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import nats
 import pytest
+from conftest import wait_for
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
@@ -157,3 +158,24 @@ async def test_a_header_naming_another_subject_is_ignored(
         assert not ctl.stop_requested
     finally:
         await nc.close()
+
+
+@pytest.mark.anyio
+async def test_records_acknowledged_to_the_writer_are_confirmed_by_the_rank_too(
+    ctl: Control[Cfg], nats_url: str, run_id: str
+) -> None:
+    """The rank sends such a record once more (a duplicate the server drops) and awaits
+    that ack itself: nothing is left to confirm or re-send afterwards, nothing stored twice."""
+    async with await Client.connect(nats_url) as client:
+        for value in (1, 2, 3):
+            await client.set(run_id, 0, "x", value)
+        journal = ctl.agent.journal
+
+        def confirmed() -> bool:
+            running = journal._confirmer is not None and not journal._confirmer.done()
+            return not journal._confirm and not running
+
+        await anyio.to_thread.run_sync(wait_for, confirmed)
+        assert journal.unsent == 0
+        sets = [e for e in await client.history(run_id) if e.verb == "set"]
+        assert len(sets) == 3
