@@ -154,3 +154,34 @@ async def test_waiting_for_a_process_that_never_exits_fails_at_its_deadline() ->
         proc.kill()
         proc.wait(10)
     assert await wait_exit(proc, 5) == -9
+
+
+@pytest.mark.parametrize(
+    ("test", "required", "verdict"),
+    [
+        ("pytest.importorskip('no_such_extra_module')\ndef test_x():\n    pass\n", "1", "failed"),
+        ("def test_x():\n    pytest.skip('4222 is busy')\n", "1", "failed"),
+        ("def test_x():\n    pytest.skip('4222 is busy')\n", "", "skipped"),
+        ("pytest.importorskip('no_such_extra_module')\ndef test_x():\n    pass\n", "", "skipped"),
+    ],
+    ids=["module-in-ci", "test-in-ci", "test-locally", "module-locally"],
+)
+def test_in_ci_a_skip_fails(tmp_path: Path, test: str, required: str, verdict: str) -> None:
+    """.ci/run sets RUNCTL_REQUIRE_ALL=1: a test that would skip (a missing extra, a busy
+    default port) fails there, saying why; elsewhere it still skips."""
+    (tmp_path / "test_one.py").write_text("import pytest\n" + test)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}", "RUNCTL_REQUIRE_ALL": required}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "noskip", "-q", "-rA", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = done.stdout + done.stderr
+    if verdict == "failed":
+        assert done.returncode != 0 and "RUNCTL_REQUIRE_ALL=1 (CI) requires it" in out, out
+    else:
+        assert done.returncode in (0, 5) and "skipped" in out, out  # 5: nothing collected
