@@ -337,7 +337,8 @@ def run_sync(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 async def ensure_replicated(
     url: str, replicas: int, *, timeout: float = 30.0, **connect_options: Any
 ) -> None:
-    """Create (or scale) the step stream and the registry bucket to ``replicas`` replicas.
+    """Create (or scale) the step stream, the change journal and the registry bucket to
+    ``replicas`` replicas.
     Retried until ``timeout``: right after a cluster starts, its peers may not all be
     known to the meta leader yet."""
     nc = await connect(url, name="runctl-cluster", **connect_options)
@@ -370,7 +371,7 @@ async def ensure_replicated(
             except Exception as exc:  # e.g. "insufficient resources" until peers are known
                 if time.monotonic() > deadline:
                     raise Unavailable(
-                        f"could not create the {replicas}-replica step log and registry: "
+                        f"could not create the {replicas}-replica step log, journal and registry: "
                         f"{exc or type(exc).__name__}"
                     ) from exc
                 await anyio.sleep(0.25)
@@ -434,7 +435,7 @@ def serve_cluster(
                     cluster.url, replicas, **role_auth("agent"), **connect_tls
                 )
             )
-            how = f"step log and registry R{replicas}"
+            how = f"step log, change journal and registry R{replicas}"
         except Unavailable as exc:
             say(f"runctl: {exc}")
             how = f"set {REPLICAS_ENV}={replicas} for the ranks to replicate the step log"

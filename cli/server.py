@@ -64,7 +64,8 @@ def register(add: AddParser) -> None:
         type=int,
         metavar="N",
         help="a local N-node cluster instead (ports PORT..PORT+N-1, stores in "
-        "STORE_DIR/node-*; step log and registry replicated R3): see docs/reliability.md",
+        "STORE_DIR/node-*; step log, change journal and registry replicated R3): see "
+        "docs/reliability.md",
     )
     p.add_argument(
         "--host",
