@@ -371,3 +371,22 @@ async def test_a_change_too_large_to_keep_is_reported_at_replay(
         assert again.state == Blob(epochs=4)
         (skipped,) = again.replay_report.skipped
         assert skipped.id == res.change_id and "too large" in skipped.reason
+
+
+async def test_a_synchronised_change_cancelled_everywhere_is_not_replayed(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    """Rank 0 took a synchronised change (pending), rank 1 was past its step, so the client
+    cancelled it on every rank: rank 0 restarted before that step must not apply it."""
+    async with agent(nats_url, run_id, 0) as a, agent(nats_url, run_id, 1) as b:
+        a.sync(5)
+        b.sync(20)
+        sync = await client.set(run_id, "all", "epochs", 6, sync=True, margin=0)
+        assert isinstance(sync, Gathered) and sync.cancelled, sync.to_json()
+        assert sync.at_step is not None and sync.at_step >= 20
+    async with agent(nats_url, run_id, 0) as again:
+        for step in range(6, sync.at_step + 5):
+            again.sync(step)
+        assert again.state.epochs == 3
+    (entry,) = [e for e in await client.history(run_id) if e.id == sync.change_id]
+    assert entry.to_json()["status"] != "applied", entry.to_json()
