@@ -382,7 +382,8 @@ async def test_a_synchronised_change_cancelled_everywhere_is_not_replayed(
         a.sync(5)
         b.sync(20)
         sync = await client.set(run_id, "all", "epochs", 6, sync=True, margin=0)
-        assert isinstance(sync, Gathered) and sync.cancelled, sync.to_json()
+        assert isinstance(sync, Gathered)
+        assert sync.cancelled, sync.to_json()
         assert sync.at_step is not None and sync.at_step >= 20
     async with agent(nats_url, run_id, 0) as again:
         for step in range(6, sync.at_step + 5):
