@@ -7,6 +7,7 @@ Every wait has a deadline; a failure shows the child's output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -142,8 +143,10 @@ class ProgramRank:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stdin is not None
         self.proc.stdout.close()
+        with contextlib.suppress(OSError):  # a killed program never read its stdin to the end
+            self.proc.stdin.close()
         return self.output
 
     def __enter__(self) -> Self:

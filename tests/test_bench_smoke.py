@@ -111,3 +111,21 @@ def test_freak_venv_holds_freaks_own_lock() -> None:
     for pin in freakenv.FREAK_LOCK:
         name, version = pin.split("==")
         assert installed.get(name) == version, (pin, installed.get(name))
+
+
+def test_the_404_bench_runs_and_a_missed_bound_fails_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No timing asserted here: the bound lives in the bench (a 404 slowed by 500 ms
+    misses it); here, that the bench measures and that a missed bound exits 1."""
+    from bench import bench_notfound
+
+    assert bench_notfound.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| set, unknown run |" in out and "target: p50 <=" in out
+    (written,) = tmp_path.glob("notfound-quick-*.json")
+    doc = json.loads(written.read_text())
+    assert all(f["n"] == 10 and f["p50_ms"] > 0 for f in doc["figures"].values())
+    monkeypatch.setattr(bench_notfound, "TARGET_P50_MS", 0.0)  # as if every 404 were slow
+    assert bench_notfound.main(["--samples", "3", "--out", str(tmp_path)]) == 1
+    assert "MISSED" in capsys.readouterr().out

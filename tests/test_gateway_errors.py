@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import textwrap
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -307,24 +306,6 @@ def test_bearer_tokens_guard_the_api_but_not_the_page(
     )
     assert ok.status_code == 200 and agent.state.epochs == 4
     assert http.get("/").status_code == 200
-
-
-def test_not_found_latency_is_reported(
-    gateway: GatewayFactory, run_id: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Not a timing assertion: prints what a 404 costs, for the record (see bench/)."""
-    http = gateway(timeout=20.0)
-    samples = []
-    for _ in range(20):
-        t = time.perf_counter()
-        assert http.put(f"/runs/{run_id}/ranks/0/set/x", params={"value": "1"}).status_code == 404
-        samples.append(time.perf_counter() - t)
-    samples.sort()
-    with capsys.disabled():
-        print(
-            f"\n404 via no-responders: median {samples[10] * 1000:.1f} ms, "
-            f"max {samples[-1] * 1000:.1f} ms"
-        )
 
 
 def test_every_error_body_has_one_shape(gateway: GatewayFactory, run_id: str) -> None:
