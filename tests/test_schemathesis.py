@@ -9,6 +9,7 @@ examples per operation, derandomised, so it runs the same every time in well und
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -59,23 +60,47 @@ while True:
 
 
 class Rank:
+    """The rank behind the gateway. It ends only when a stop with ``mode=terminate`` was
+    answered (SIGTERM, then SIGKILL, after its grace): then it is started again before the
+    next case. Dead for any other reason, it fails the run with its output: a crash that
+    gateway input caused is never hidden by a restart."""
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
+        #: a terminating stop was answered since the last start: its end is expected
+        self.terminate_asked = False
 
-    def ensure(self) -> None:
+    def ensure(self, after: object = None) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
         if self.proc is not None:
-            self.proc.communicate()
+            _, err = self.proc.communicate()
+            code = self.proc.returncode
+            if not (self.terminate_asked and code in (-signal.SIGTERM, -signal.SIGKILL)):
+                raise AssertionError(
+                    f"the rank died (exit {code}) with no terminating stop asked; "
+                    f"last request: {after!r}\n{err[-3000:]}"
+                )
         self.proc = spawn_python(RANK, env={"RUNCTL_NATS_URL": self.url})
         self.starts += 1
+        self.terminate_asked = False
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if "READY" in line:  # the agent thread's log line may share the line
                 return
         raise AssertionError(f"rank did not start: {self.proc.communicate()[1][-2000:]}")
+
+    def saw(self, method: str, path: str, query: Any, status: int) -> None:
+        """Note a request the gateway answered: a terminating stop may end the rank."""
+        if (
+            method.upper() == "POST"
+            and path.endswith("/stop")
+            and status < 300
+            and "terminate" in str(query or "")
+        ):
+            self.terminate_asked = True
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -105,6 +130,8 @@ schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi()).exclud
     path_regex=r"/live$"
 )
 STATUSES: Counter[int] = Counter()
+#: the last request sent (named when the rank died after it)
+LAST: list[object] = []
 
 
 @schema.parametrize()
@@ -119,15 +146,98 @@ def test_the_gateway_never_fails_on_its_own_input(
     case: schemathesis.Case[Any], stack: tuple[str, Rank]
 ) -> None:
     url, rank = stack
-    rank.ensure()
+    rank.ensure(after=LAST[0] if LAST else None)
     response = case.call(base_url=url, timeout=30)
     STATUSES[response.status_code] += 1
     what = (case.method, case.formatted_path, response.status_code, response.text[:300])
+    LAST[:] = [(case.method, case.formatted_path, case.query)]
+    rank.saw(case.method, case.formatted_path, case.query, response.status_code)
     assert response.status_code < 500 or response.status_code in DOCUMENTED_5XX, what
     assert len(response.content) < 1_000_000, what  # never an input echoed at size
     if response.status_code >= 500:
         body = response.json()
         assert body["error"] in ("internal", "unavailable", "timeout"), what
+
+
+#: every spelling of a non-finite number a client may send
+NON_FINITE_TEXT = ("NaN", "nan", "Infinity", "-Infinity", "inf", "-inf", "1e999", "-1e999")
+#: JSON bodies with non-finite numbers (bare tokens, as json.dumps writes them, the
+#: strings runctl writes, and numbers beyond a float) in every kind of place
+NON_FINITE_BODIES = (
+    b"NaN",
+    b"Infinity",
+    b"-1e999",
+    b'"NaN"',
+    b'{"epochs": NaN}',
+    b'{"epochs": 1e999}',
+    b'{"epochs": "Infinity"}',
+    b'{"opt": {"lr": Infinity}}',
+    b'{"opt": {"lr": -Infinity}}',
+    b'{"opt": {"lr": "NaN"}}',
+    b'{"tags": {"a": NaN}}',
+    b'{"layers": [NaN, Infinity, -1e999]}',
+    b'{"name": NaN}',
+)
+#: a value for each path parameter (the rank's run and fields)
+PATH_VALUES = {
+    "run": RUN,
+    "rank": "0",
+    "path": "opt.lr",
+    "step": "item",
+    "change": "nothing",
+}
+
+
+def _numeric(param: dict[str, Any]) -> bool:
+    text = str(param.get("schema"))
+    return "'number'" in text or "'integer'" in text or param["name"] == "value"
+
+
+def _non_finite_requests() -> Iterator[tuple[str, str, dict[str, str], bytes | None]]:
+    """Every numeric parameter of every operation with each non-finite spelling, and each
+    non-finite body on every operation that takes a body."""
+    document = create_app(Settings()).openapi()
+    for template, operations in document["paths"].items():
+        if template.endswith("/live"):
+            continue
+        path = template.format(**PATH_VALUES)
+        for method, op in operations.items():
+            extra = {"mode": "terminate"} if path.endswith("/stop") else {}
+            for param in op.get("parameters", []):
+                if param["in"] == "query" and _numeric(param):
+                    for text in NON_FINITE_TEXT:
+                        yield method, path, {**extra, param["name"]: text}, None
+            if "requestBody" in op:
+                for body in NON_FINITE_BODIES:
+                    yield method, path, {}, body
+
+
+def test_non_finite_numbers_in_every_numeric_parameter_and_body_are_never_a_5xx(
+    stack: tuple[str, Rank],
+) -> None:
+    import httpx
+
+    url, rank = stack
+    seen: Counter[int] = Counter()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for method, path, query, body in _non_finite_requests():
+            rank.ensure(after=LAST[0] if LAST else None)
+            headers = {"content-type": "application/json"} if body is not None else {}
+            r = http.request(method.upper(), path, params=query, content=body, headers=headers)
+            seen[r.status_code] += 1
+            LAST[:] = [(method, path, query, body)]
+            rank.saw(method, path, query, r.status_code)
+            what = (method, path, query, body, r.status_code, r.text[:300])
+            assert r.status_code < 500 or r.status_code in DOCUMENTED_5XX, what
+            if r.status_code in DOCUMENTED_5XX:
+                assert r.json()["error"] in ("unavailable", "timeout"), what
+        rank.ensure(after=LAST[0] if LAST else None)
+        state = http.get(f"/runs/{RUN}/ranks/0/get", params={"fresh": "true"})
+        assert state.status_code == 200, state.text
+    assert sum(seen.values()) > 150, seen
+    figures(
+        "schemathesis-non-finite", requests=sum(seen.values()), statuses=dict(sorted(seen.items()))
+    )
 
 
 def test_afterwards_the_gateway_and_the_rank_still_serve(stack: tuple[str, Rank]) -> None:
@@ -150,3 +260,20 @@ def test_afterwards_the_gateway_and_the_rank_still_serve(stack: tuple[str, Rank]
             rank_restarts=rank.starts - 1,
             examples_per_operation=EXAMPLES,
         )
+
+
+def test_a_rank_that_died_without_a_terminating_stop_fails_the_run(nats_url: str) -> None:
+    """The harness restarts the rank only after a terminating stop it saw answered."""
+    rank = Rank(nats_url)
+    rank.proc = spawn_python("import sys; sys.exit(3)")
+    rank.proc.wait(20)
+    with pytest.raises(AssertionError, match=r"died \(exit 3\) with no terminating stop"):
+        rank.ensure(after=("PATCH", "/runs/demo/ranks/0/set", None))
+    rank.proc = spawn_python("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    rank.proc.wait(20)
+    rank.saw("POST", "/runs/demo/ranks/all/stop", {"mode": "terminate"}, 200)
+    try:
+        rank.ensure()  # expected: started again
+        assert rank.starts == 1 and rank.proc.poll() is None
+    finally:
+        rank.stop()
