@@ -309,7 +309,9 @@ class Agent(Generic[M]):
                 self.ready.set()
                 task_status.started(self)
                 if self.lease is not None:
-                    self._soon(partial(announce_access, self.lease, self.run, self.rank))
+                    self._soon(
+                        partial(announce_access, self.lease, self.run, self.rank, self.registry)
+                    )
                 self.log.info(
                     "agent ready",
                     url=redact_url(self.url or ""),

@@ -5,6 +5,7 @@ changed (one printed line), and which bus it uses (one log line that says who st
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from runctl.agent.embedded_lease import Lease
@@ -14,14 +15,27 @@ from runctl.bus.shell import runctl_command
 __all__ = ["access_line", "recorded_stop_line", "server_log_fields"]
 
 
-def access_line(run: str, lease: Lease, gateway_url: str | None, why_not: str) -> str:
-    """The one line ``control()`` prints with the embedded bus."""
+def access_line(
+    run: str,
+    lease: Lease,
+    gateway_url: str | None,
+    why_not: str,
+    others: Sequence[str] = (),
+) -> str:
+    """The one line ``control()`` prints with the embedded bus. ``others``: the other runs
+    live on this bus, where the root routes (``/get``, ``/set``) answer 409 with their list:
+    the line then gives the run's own routes."""
     cli = f"{runctl_command()} get {run}"
     if gateway_url is not None:
+        if others:
+            read = f"{gateway_url}/runs/{run}/ranks/0/get"
+            write = f"{gateway_url}/runs/{run}/ranks/all/set/FIELD?value=V"
+            shared = f" ({len(others)} other run(s) live here, so /get needs the run)"
+        else:
+            read, write, shared = f"{gateway_url}/get", f"{gateway_url}/set/FIELD?value=V", ""
         return (
             f"runctl: run {run!r}: console at {gateway_url}/console/{run}, "
-            f"state at {gateway_url}/get, set with "
-            f"curl -X PUT '{gateway_url}/set/FIELD?value=V', typed forms at "
+            f"state at {read}{shared}, set with curl -X PUT '{write}', typed forms at "
             f"{gateway_url}/runs/{run}/docs; or {cli}"
         )
     hint = "" if why_not == "turned off" else " (runctl gateway --port N serves it)"

@@ -9,6 +9,7 @@ where the state can be read and changed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -17,6 +18,8 @@ from structlog.typing import FilteringBoundLogger
 
 from runctl.agent.announce import access_line, server_log_fields
 from runctl.agent.embedded_lease import EmbeddedConfig, Lease, acquire
+from runctl.bus.errors import RunctlError
+from runctl.bus.registry import ANSWERING, Registry, liveness
 
 __all__ = ["announce_access", "take_lease"]
 
@@ -31,10 +34,25 @@ async def take_lease(
     return lease
 
 
-async def announce_access(lease: Lease, run: str, rank: str) -> None:
+async def announce_access(
+    lease: Lease, run: str, rank: str, registry: Registry | None = None
+) -> None:
     """Print where the state can be read and changed, once the gateway is up (or is
     known not to be). Rank 0 speaks for the run; the other ranks stay quiet."""
     if rank != "0":
         return
     url, why_not = await anyio.to_thread.run_sync(lease.gateway, abandon_on_cancel=True)
-    print(access_line(run, lease, url, why_not), file=sys.stderr, flush=True)
+    others = await _other_live_runs(registry, run) if url is not None else []
+    print(access_line(run, lease, url, why_not, others), file=sys.stderr, flush=True)
+
+
+async def _other_live_runs(registry: Registry | None, run: str) -> list[str]:
+    """The other runs with a rank that answers: where they are, the root routes cannot
+    choose. Unknown (the registry is slow or unreadable) counts as none."""
+    if registry is None:
+        return []
+    records = []
+    with anyio.move_on_after(2.0):
+        with contextlib.suppress(RunctlError, OSError):
+            records = await registry.records()
+    return sorted({r.run for r in records if r.run != run and liveness(r) in ANSWERING})

@@ -193,6 +193,9 @@ def test_programs_share_one_server_and_gateway_that_outlive_the_first(
 ) -> None:
     a = start(programs, tmp_path, {**ports.env, "RUNCTL_RUN": "first"})
     a.line("READY")
+    # alone on the bus: Freak's routes at the root are where its state is
+    alone = a.line("runctl: run 'first'")
+    assert f"{ports.http}/get," in alone and f"'{ports.http}/set/FIELD?value=V'" in alone
     b = start(programs, tmp_path, {**ports.env, "RUNCTL_RUN": "second"})
     b.line("READY")
     # one server, one host; each program says honestly who started it
@@ -201,10 +204,17 @@ def test_programs_share_one_server_and_gateway_that_outlive_the_first(
     assert "using the embedded nats-server another program started" in b.output
     assert f"started_by_pid={a.proc.pid}" in b.output
     # each prints one line saying where its state is
+    # ... the second shares the bus with a live run: the root routes need the run, so the
+    # line names the run's own routes, each answering as printed
     access = b.line("runctl: run 'second'")
-    assert f"{ports.http}/get" in access and f"{ports.http}/runs/second/docs" in access
+    read = f"{ports.http}/runs/second/ranks/0/get"
+    write = f"{ports.http}/runs/second/ranks/all/set/FIELD?value=V"
+    assert f"state at {read} (1 other run(s) live here" in access, access
+    assert f"curl -X PUT '{write}'" in access and f"{ports.http}/runs/second/docs" in access
     assert f"{ports.http}/console/second" in access
     with httpx.Client(base_url=ports.http, timeout=20) as http:
+        assert http.get(read).json() == {"foo": "bar", "n": 0}
+        assert http.put(write.replace("FIELD?value=V", "n?value=1")).status_code == 200
         # two live runs: the root routes cannot pick one and say which there are
         r = http.get("/get")
         assert r.status_code == 409 and set(r.json()["runs"]) == {"first", "second"}
