@@ -114,13 +114,21 @@ def render_history(entries: Iterable[Entry], now: float | None = None) -> str:
                 ago(now - e.ts),
                 _who(data["by"]),
                 e.verb,
-                e.target,
+                _target(e.target, data["ranks"]),
                 _steps(data),
                 e.status,
                 _what(data),
             )
         )
     return render_table(rows)
+
+
+def _target(target: str, ranks: dict[str, Any]) -> str:
+    """Where a change went: ``all``, or the ranks it reached (an undo of per-rank values
+    goes to each rank under one change id)."""
+    if target == ALL or len(ranks) <= 1:
+        return target
+    return ",".join(sorted(ranks, key=rank_key))
 
 
 def _who(by: dict[str, Any]) -> str:

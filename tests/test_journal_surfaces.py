@@ -185,6 +185,8 @@ def test_the_cli_says_per_rank_what_an_undo_set_back(
         assert (r0.state.opt.lr, r1.state.opt.lr) == (0.5, 0.3)
         first = out.stdout.splitlines()[0]
         assert first.endswith(": rank 0: opt.lr=0.5; rank 1: opt.lr=0.3"), out.stdout
+        table = runctl("history", run_id, "--limit", "1", url=nats_url, cwd=tmp_path).stdout
+        assert " assign  0,1 " in table.splitlines()[1], table
         # the same values on every rank: said once
         assert runctl("set", run_id, "epochs=5", url=nats_url, cwd=tmp_path).returncode == 0
         out = runctl("undo", run_id, url=nats_url, cwd=tmp_path)
