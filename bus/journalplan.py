@@ -144,6 +144,14 @@ class Entry:
             return "rejected"
         return "partly applied"
 
+    @property
+    def changes_state(self) -> bool:
+        """A set, patch, reset or assign: sent as such, or scheduled at a step (synchronised
+        or ``at_step``), whose ranks' records say what it was once it applied."""
+        if self.verb in CHANGE_VERBS:
+            return True
+        return self.verb == "schedule" and any(r.verb in CHANGE_VERBS for r in self.ranks.values())
+
     def paths(self) -> list[str]:
         """The fields this change named or changed on any rank."""
         out: list[str] = []
@@ -312,7 +320,7 @@ def plan_undo(records: Records, change: str | None = None, *, force: bool = Fals
         candidates = [
             e
             for e in all_entries
-            if e.verb in CHANGE_VERBS
+            if e.changes_state
             and not e.undo_of
             and not e.undone_by
             and any(r.outcome == "applied" for r in e.ranks.values())
@@ -322,7 +330,12 @@ def plan_undo(records: Records, change: str | None = None, *, force: bool = Fals
         target = candidates[-1]
     else:
         target = find_change(records, change)
-    if target.verb not in CHANGE_VERBS:
+    if target.status == "scheduled":
+        raise BadRequest(
+            f"change {target.id[:12]} is scheduled at step {target.at_step} and not applied "
+            "yet: cancel it instead (runctl cancel RUN CHANGE)"
+        )
+    if not target.changes_state:
         raise BadRequest(f"a {target.verb} cannot be undone (only set, patch, reset, assign)")
     if target.undone_by and not force:
         raise Conflict(
@@ -357,7 +370,7 @@ def plan_undo(records: Records, change: str | None = None, *, force: bool = Fals
 def _later_overlapping(
     all_entries: list[Entry], target: Entry, values: dict[str, dict[str, Any]]
 ) -> list[Entry]:
-    later = [e for e in all_entries if e.seq > target.seq and e.verb in CHANGE_VERBS]
+    later = [e for e in all_entries if e.seq > target.seq and e.changes_state]
     # a later change taken back by a later undo cancels out: both are left out
     undone = {e.undo_of for e in later if e.undo_of}
     later = [e for e in later if e.id not in undone and e.undo_of not in {x.id for x in later}]

@@ -391,3 +391,32 @@ async def test_a_synchronised_change_cancelled_everywhere_is_not_replayed(
         assert again.state.epochs == 3
     (entry,) = [e for e in await client.history(run_id) if e.id == sync.change_id]
     assert entry.to_json()["status"] != "applied", entry.to_json()
+
+
+async def test_a_change_applied_at_a_step_is_undone_like_any_change(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    """A synchronised (or scheduled) change, once applied, is the latest change for undo and
+    a later change for another undo's conflict check; one not applied yet is cancelled."""
+    async with agent(nats_url, run_id, 0) as a, agent(nats_url, run_id, 1) as b:
+        a.sync(1)
+        b.sync(1)
+        first = await client.set(run_id, "all", "opt.lr", 0.3)
+        sync = await client.set(run_id, "all", "opt.lr", 0.5, sync=True, margin=5)
+        assert isinstance(sync, Gathered) and sync.at_step is not None
+        for step in range(2, sync.at_step + 1):
+            a.sync(step)
+            b.sync(step)
+        assert a.state.opt.lr == b.state.opt.lr == 0.5
+        await anyio.sleep(0.2)  # the ranks' records of the applied change reach the journal
+        # the synchronised change is later and touched the same field: the first waits
+        assert isinstance(first, Gathered)
+        with pytest.raises(Conflict, match="followed by 1 change"):
+            await client.undo(run_id, first.change_id)
+        # "undo the latest" takes back the synchronised change, not the one before it
+        undone = await client.undo(run_id)
+        assert undone.plan.change.id == sync.change_id
+        assert a.state.opt.lr == b.state.opt.lr == 0.3
+        later = await client.set(run_id, "all", "epochs", 9, at_step=sync.at_step + 100)
+        with pytest.raises(BadRequest, match="cancel"):
+            await client.undo(run_id, later.change_id)
