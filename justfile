@@ -43,10 +43,9 @@ soak *args:
 screenshots *args:
     {{py}} docs/screenshots.py {{args}}
 
-# mutation testing (mutmut) of the state, client and step-log modules: survivors are listed
-# in docs/reliability.md. `just mutate "runctl.agent.state*"` runs a subset; results stay in
-# mutants/ (resumable; `.venv/bin/mutmut results` lists the survivors). PYTHONPATH is
-# dropped so the tests import the mutated copy, not the checkout.
+# PYTHONPATH is dropped so the tests import the mutated copy, not the checkout; results
+# stay in mutants/ (resumable); `just mutate "runctl.agent.state*"` runs a subset.
+# mutation testing (mutmut) of the state, client and step log: survivors in docs/reliability.md
 mutate *names:
     env -u PYTHONPATH {{py}} -m mutmut run --max-children 2 {{names}}
     env -u PYTHONPATH {{py}} -m mutmut results

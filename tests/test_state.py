@@ -343,6 +343,9 @@ def test_program_changes_are_noticed_by_poll_changed() -> None:
     assert noticed is not None and b'"epochs":8' in noticed
     assert s.version == 1
     assert s.poll_changed() is None
+    s.set("epochs", 9)  # a change through runctl, then the program's own again: each counts
+    s.model.epochs = 10
+    assert s.poll_changed() is not None and s.version == 3
 
 
 # --- references held by the program ---------------------------------------------------------

@@ -157,7 +157,12 @@ export async function runPage(run, onlyRank) {
         touch(info, msg);
       }
       charts.point(msg.rank, msg.ts, msg.step_rate, msg.numbers);
-      if (msg.state !== undefined) {
+      if (msg.state === null) {
+        // too large for a bus message: the rank carries its size instead (docs/reliability.md)
+        if (stateView && msg.rank === onlyRank) {
+          stateView.textContent = 'the state is too large for a bus message (max_payload): read one field';
+        }
+      } else if (msg.state !== undefined) {
         gotState(msg.rank, msg.state);
       } else if (msg.state_omitted && (editor || stateView) && !fetching.has(msg.rank)) {
         // too large to follow live: read it when it changed (one read at a time per rank)
