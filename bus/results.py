@@ -122,4 +122,4 @@ class Gathered:
         return "applied"
 
 
-_WRITES = frozenset({"set", "patch", "reset", "stop"})
+_WRITES = frozenset({"set", "patch", "reset", "assign", "stop"})

@@ -191,3 +191,4 @@ def test_the_cli_says_per_rank_what_an_undo_set_back(
         assert runctl("set", run_id, "epochs=5", url=nats_url, cwd=tmp_path).returncode == 0
         out = runctl("undo", run_id, url=nats_url, cwd=tmp_path)
         assert out.stdout.splitlines()[0].endswith(": epochs=3"), out.stdout
+        assert "rank 0: applied" in out.stdout and "rank 1: applied" in out.stdout, out.stdout
