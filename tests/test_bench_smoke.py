@@ -129,3 +129,21 @@ def test_the_404_bench_runs_and_a_missed_bound_fails_it(
     monkeypatch.setattr(bench_notfound, "TARGET_P50_MS", 0.0)  # as if every 404 were slow
     assert bench_notfound.main(["--samples", "3", "--out", str(tmp_path)]) == 1
     assert "MISSED" in capsys.readouterr().out
+
+
+def test_fanout_targets_judge_64_processes_1000_packed_ranks_and_a_flat_cost_per_rank() -> None:
+    from bench.bench_fanout import targets
+
+    def row(ranks: int, stop_ms: float) -> dict[str, object]:
+        return {"ranks": ranks, "loop": "asyncio", "stop": {"p50_ms": stop_ms}}
+
+    process = {"parameters": {"layout": "process"}, "results": [row(32, 9.0), row(64, 19.0)]}
+    assert [(t["name"].split(",")[0], t["met"]) for t in targets(process)] == [
+        ("64 rank processes", True)
+    ]
+    packed = {"parameters": {"layout": "packed"}, "results": [row(256, 20.0), row(1000, 110.0)]}
+    judged = {t["name"].split(",")[0]: t["met"] for t in targets(packed)}
+    # 1,000 ranks in 110 ms: missed; per rank 78 -> 110 us, 1.41x: not flat
+    assert judged == {"1000 packed ranks": False, "flat cost per rank": False}
+    packed["results"] = [row(256, 30.0), row(1000, 95.0)]
+    assert all(t["met"] for t in targets(packed))
