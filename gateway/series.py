@@ -63,6 +63,8 @@ class StateView(msgspec.Struct, tag="state/1", tag_field="t", kw_only=True):
     progress_ts: float | None = None
     stall_after: float = 0.0
     step_rate: float = 0.0
+    state_omitted: int = 0
+    max_payload: int = 0
 
 
 _view_decoder: Final = msgspec.json.Decoder(StateView)
