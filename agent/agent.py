@@ -164,6 +164,8 @@ class Agent(Generic[M]):
         self.journal = Journaler(self.core)
         self.replay = replay_enabled(replay)
         self.replay_report = ReplayReport()
+        #: the GIL switch interval while runctl needs the GIL (RUNCTL_SWITCH_INTERVAL read now)
+        self.gil = switching()
 
     # --- public -----------------------------------------------------------------------
 
@@ -278,7 +280,7 @@ class Agent(Generic[M]):
         """Connect, serve commands and heartbeat until :meth:`aclose`; then say goodbye."""
         self._closing = anyio.Event()
         self._loop = asyncio.get_running_loop()
-        gil = switching()  # the GIL switch interval while runctl needs the GIL
+        gil = self.gil
         gil.attach()
         try:
             async with anyio.create_task_group() as tasks:
@@ -343,7 +345,7 @@ class Agent(Generic[M]):
     # --- commands ---------------------------------------------------------------------
 
     async def _on_command(self, msg: Msg) -> None:
-        with switching().command():  # a low switch interval until the reply is out
+        with self.gil.command():  # a low switch interval until the reply is out
             await self._handle(msg)
 
     async def _handle(self, msg: Msg) -> None:

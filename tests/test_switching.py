@@ -182,3 +182,19 @@ def test_a_set_through_a_real_agent_restores_the_programs_interval(
         assert seen == [LOW]
         assert sys.getswitchinterval() == PROGRAM
     assert sys.getswitchinterval() == PROGRAM
+
+
+class Plain(BaseModel):
+    x: int = 0
+
+
+def test_a_bad_setting_is_refused_when_the_agent_is_made(
+    monkeypatch: pytest.MonkeyPatch, nats_url: str
+) -> None:
+    import runctl.agent.switching as module
+
+    monkeypatch.setattr(module, "_switching", None)  # read the environment again
+    monkeypatch.setenv("RUNCTL_SWITCH_INTERVAL", "fast")
+    with pytest.raises(BadRequest, match="RUNCTL_SWITCH_INTERVAL"):
+        control(Plain(), run="bad-interval", rank=0, url=nats_url)
+    monkeypatch.setattr(module, "_switching", None)  # the next agent reads it again
