@@ -83,6 +83,7 @@ class PendingChanges:
                     "at_step": p.at_step,
                     "change_id": p.change_id,
                     "kind": type(p.command).__name__.lower(),
+                    "synced": bool(getattr(p.command, "synced", False)),
                 }
                 for p in self._items
             ]

@@ -566,14 +566,17 @@ class Client:
                 )
             steps[rank] = int(step)
             rate = max(rate, float(res.value.get("step_rate") or 0.0))
-            queued = [p["at_step"] for p in res.value.get("pending") or []]
+            # only synchronised ones: a change at a step the user chose may be far ahead
+            queued = [p["at_step"] for p in res.value.get("pending") or [] if p.get("synced")]
             latest_pending = max([latest_pending, *queued])
         if margin is None:
             margin = max(MIN_SYNC_MARGIN, math.ceil(rate * SYNC_LATENCY_BUDGET) + 1)
         # Never before a change already waiting: synchronised changes keep their order.
         at_step = max(max(steps.values()) + margin, latest_pending)
         change_id = cmd.change_id or uuid.uuid4().hex
-        deferred = msgspec.structs.replace(self._stamped(cmd), at_step=at_step, change_id=change_id)
+        deferred = msgspec.structs.replace(
+            self._stamped(cmd), at_step=at_step, change_id=change_id, synced=True
+        )
         gathered = await self.send(run, ALL, deferred)
         assert isinstance(gathered, Gathered)
         gathered.at_step = at_step

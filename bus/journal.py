@@ -226,7 +226,7 @@ def request_json(command: m.Command) -> dict[str, Any]:
     data = msgspec.to_builtins(command)
     for key in ("by", "change_id", "id", "undo_of"):
         data.pop(key, None)
-    for key in ("text", "texts"):  # typed text is journaled as the rank read it
+    for key in ("text", "texts", "synced"):  # typed text is journaled as the rank read it
         if not data.get(key):
             data.pop(key, None)
     if isinstance(command, m.Cancel):

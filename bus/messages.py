@@ -96,6 +96,9 @@ class Set(msgspec.Struct, tag="set/1", **_TAG):
     by: Author | None = None
     #: ``value`` is text as typed: JSON if the field takes it so, else the text itself
     text: bool = False
+    #: sent by a synchronised write (``sync=True``): a later synchronised change is never
+    #: placed before it; a change scheduled at a step of the user's choosing has no such rule
+    synced: bool = False
 
 
 class Patch(msgspec.Struct, tag="patch/1", **_TAG):
@@ -109,6 +112,8 @@ class Patch(msgspec.Struct, tag="patch/1", **_TAG):
     by: Author | None = None
     #: dotted paths (inside ``value``) of leaves that are text as typed (see Set.text)
     texts: list[str] = msgspec.field(default_factory=list)
+    #: see Set.synced
+    synced: bool = False
 
 
 class Reset(msgspec.Struct, tag="reset/1", **_TAG):
@@ -117,6 +122,8 @@ class Reset(msgspec.Struct, tag="reset/1", **_TAG):
     at_step: int | None = None
     change_id: str = ""
     by: Author | None = None
+    #: see Set.synced
+    synced: bool = False
 
 
 #: graceful: the program sees ``stop_requested`` and finishes its step. terminate: as
@@ -149,6 +156,8 @@ class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     by: Author | None = None
     #: save a checkpoint at ``at_step`` before stopping (``ctl.on_checkpoint``)
     checkpoint: bool = False
+    #: see Set.synced
+    synced: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel/1", **_TAG):

@@ -420,3 +420,23 @@ async def test_a_change_applied_at_a_step_is_undone_like_any_change(
         later = await client.set(run_id, "all", "epochs", 9, at_step=sync.at_step + 100)
         with pytest.raises(BadRequest, match="cancel"):
             await client.undo(run_id, later.change_id)
+
+
+async def test_a_synchronised_change_does_not_wait_for_a_far_scheduled_one(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    """A change scheduled at step 100,000 is the user's own step: a synchronised change sent
+    after it still applies a few steps ahead (synchronised changes keep their order among
+    themselves only)."""
+    async with agent(nats_url, run_id, 0) as a:
+        a.sync(1)
+        far = await client.set(run_id, "all", "epochs", 9, at_step=100_000)
+        first = await client.set(run_id, "all", "opt.lr", 0.2, sync=True, margin=3)
+        assert isinstance(far, Gathered) and isinstance(first, Gathered)
+        assert first.at_step == 4, first.at_step
+        # ... and a second synchronised change never applies before the first one
+        second = await client.set(run_id, "all", "opt.lr", 0.3, sync=True, margin=1)
+        assert isinstance(second, Gathered) and second.at_step == 4
+        for step in range(2, 5):
+            a.sync(step)
+        assert a.state.opt.lr == 0.3 and a.state.epochs == 3

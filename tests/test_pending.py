@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from runctl.agent.pending import PendingChanges, StepClock
+from runctl.bus import messages as m
 
 
 def test_due_changes_come_out_in_step_then_arrival_order() -> None:
@@ -30,7 +31,11 @@ def test_cancel_removes_only_that_change() -> None:
 def test_snapshot_describes_pending_changes() -> None:
     pending = PendingChanges()
     pending.add(7, "x", 1.5)
-    assert pending.snapshot() == [{"at_step": 7, "change_id": "x", "kind": "float"}]
+    pending.add(9, "y", m.Set(path="a", value=1, at_step=9, synced=True))
+    assert pending.snapshot() == [
+        {"at_step": 7, "change_id": "x", "kind": "float", "synced": False},
+        {"at_step": 9, "change_id": "y", "kind": "set", "synced": True},
+    ]
 
 
 def test_step_clock_tracks_step_and_rate() -> None:
