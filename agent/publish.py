@@ -79,7 +79,7 @@ class Publisher:
         #: the record says "exited" from now on (set at shutdown)
         self.exited = False
         self._soon = soon
-        self._record_lock: anyio.Lock | None = None
+        self._record_lock: asyncio.Lock | None = None
         self._stop_recorded = False
         #: the state is too large for a message (the program was told; bus/sizelimit.py)
         self._too_large = False
@@ -89,7 +89,10 @@ class Publisher:
         """Start publishing on ``nc`` (and writing records to ``registry``, if there is
         one). Called on the agent's loop, once connected."""
         self.nc, self.registry = nc, registry
-        self._record_lock = anyio.Lock()
+        # asyncio's lock: taken without yielding to the loop when free (anyio's always
+        # yields once, which cost a command an extra loop iteration: a GIL hand-off, and
+        # the state sent in a write of its own before the reply)
+        self._record_lock = asyncio.Lock()
 
     # --- after a command ----------------------------------------------------------------
 
