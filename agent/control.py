@@ -41,6 +41,7 @@ from runctl.agent.steps.cached import Cached
 from runctl.bus.credentials import redact_url
 from runctl.bus.errors import BadRequest, Unavailable
 from runctl.bus.journal import Skipped
+from runctl.bus.logs import keep_lines_whole
 
 __all__ = ["Control", "control"]
 
@@ -261,6 +262,7 @@ def control(
     ``rank`` to ``RUNCTL_RANK``, ``RANK``, ``SLURM_PROCID``, else 0. ``url`` defaults to
     ``RUNCTL_NATS_URL``; with neither, a nats-server is started if none listens on 4222.
     """
+    keep_lines_whole()  # the agent's thread logs while the program prints
     agent = Agent(
         state, run=run, rank=rank, url=url, heartbeat=heartbeat, on_stop=on_stop, **options
     )

@@ -9,7 +9,7 @@ import sys
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "keep_lines_whole"]
 
 
 def configure_logging(level: str = "info") -> None:
@@ -30,3 +30,12 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def keep_lines_whole() -> None:
+    """In a program that has not configured structlog: keep structlog's defaults (its
+    console format, on stdout) but write each line in one call, so a line the agent's thread
+    logs is never cut by the program's own ``print()`` (``... url=nats://...[]`` and
+    ``[]`` on no line of its own). A program's own ``structlog.configure()`` replaces it."""
+    if not structlog.is_configured():
+        structlog.configure(logger_factory=structlog.WriteLoggerFactory())
