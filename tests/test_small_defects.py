@@ -95,13 +95,21 @@ def test_two_demos_with_different_ports_never_share_a_store(
     assert "Traceback" not in err
 
 
-def test_a_synchronised_set_says_pending_and_at_which_step(nats_url: str, run_id: str) -> None:
+@pytest.mark.parametrize("step", [7, None], ids=["at-step-7", "before-its-first-step"])
+def test_a_synchronised_set_says_pending_and_at_which_step(
+    nats_url: str, run_id: str, step: int | None
+) -> None:
     models = "from pydantic import BaseModel\nclass Cfg(BaseModel):\n    lr: float = 0.1\n"
     with ProgramRank(models, "Cfg()", run=run_id, url=nats_url) as rank:
-        rank.do("ctl.sync(7)")
+        if step is not None:
+            rank.do(f"ctl.sync({step})")
         out = runctl_cli("set", run_id, "lr=0.01", "--sync", url=nats_url)
-        assert out.returncode == 0, out.stderr
         assert "unchanged (version 0)" not in out.stdout, out.stdout
+        if step is None:  # no step to synchronise on: refused, saying why
+            assert out.returncode == 2 and "has not reported a step" in out.stderr, out
+            assert "ctl.sync(step)" in out.stderr
+            return
+        assert out.returncode == 0, out.stderr
         assert "synchronised at step" in out.stdout, out.stdout
         assert "rank 0: pending (at step" in out.stdout, out.stdout
 
