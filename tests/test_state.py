@@ -5,6 +5,7 @@ Pure (no bus): every test here inspects the live pydantic objects directly.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, ClassVar, Literal
 
@@ -20,7 +21,7 @@ from pydantic import (
 )
 
 from runctl.agent.state import LiveState
-from runctl.bus.errors import BadPath, BadRequest, RunctlError, ValidationRejected
+from runctl.bus.errors import BadPath, BadRequest, RunctlError, UnknownPath, ValidationRejected
 
 
 class Sched(BaseModel):
@@ -588,3 +589,38 @@ def test_changes_wait_for_the_lock() -> None:
     for t in threads:
         t.join(5)
     assert done.is_set() and s.model.epochs == 9
+
+
+# --- what mutation testing found unguarded (docs/reliability.md) ----------------------------
+
+
+def test_a_dry_run_changes_nothing_on_every_kind_of_change() -> None:
+    s = live()
+    s.set("epochs", 7)
+    before = s.dump_json()
+    assert s.set("", {"epochs": 9}, dry_run=True) is False  # the whole state
+    assert s.patch({"epochs": 9, "opt": {"lr": 0.5}}, dry_run=True) is False
+    assert s.reset(dry_run=True) is False
+    assert s.assign({"epochs": 9}, dry_run=True) is False
+    assert s.dump_json() == before and s.version == 1
+
+
+def test_the_most_negative_index_names_the_first_item() -> None:
+    s = live()
+    assert s.set("layers.-2.width", 8) is True  # two layers: -2 is the first
+    assert s.model.layers[0].width == 8
+    with pytest.raises(UnknownPath):
+        s.set("layers.-3.width", 8)
+
+
+class Loss(BaseModel):
+    loss: float = 0.0
+
+
+def test_a_change_from_nan_to_a_number_and_back_is_a_change() -> None:
+    s = LiveState(Loss(loss=float("nan")))
+    assert s.set("loss", 1.0) is True and s.model.loss == 1.0
+    assert s.set("loss", "NaN") is True and math.isnan(s.model.loss)
+    assert s.set("loss", "NaN") is False  # NaN to NaN: nothing changed
+    assert s.set("loss", -0.0) is True and math.copysign(1.0, s.model.loss) == -1.0
+    assert s.set("loss", 0.0) is True  # -0.0 and 0.0 read differently in JSON
