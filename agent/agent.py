@@ -12,6 +12,10 @@ This module wires the parts together: the command core (:mod:`runctl.agent.comma
 pure), publishing (:mod:`~runctl.agent.publish`), the lifecycle steps
 (:mod:`~runctl.agent.lifecycle`), stop escalation (:mod:`~runctl.agent.escalation`), the
 change journal (:mod:`~runctl.agent.journaling`) and the step log (:mod:`runctl.agent.steps`).
+
+Why one module of this size: the agent's lifetime (connect, serve, close) and its command
+entry points share one task group and one set of subscriptions; each part it wires is in
+the modules above, and what stays here is the order in which they start and stop.
 """
 
 from __future__ import annotations

@@ -307,13 +307,19 @@ class Journaler:
         while self._unacked and self.js is not None:
             await anyio.sleep(RESEND_EVERY)
             while self._unacked:
-                subject, payload, headers = self._unacked[0]
+                head = self._unacked[0]
+                subject, payload, headers = head
                 try:
                     with anyio.fail_after(ACK_TIMEOUT):
                         await self.js.publish(subject, payload, headers=headers)
                 except Exception:
                     break  # still away: try again later
-                self._unacked.popleft()
+                self._stored(head)
+
+    def _stored(self, item: tuple[str, bytes, dict[str, str]]) -> None:
+        """``item`` was stored: off the queue, unless a full queue dropped it meanwhile."""
+        if self._unacked and self._unacked[0] is item:
+            self._unacked.popleft()
 
     @property
     def unsent(self) -> int:
@@ -326,21 +332,23 @@ class Journaler:
             self._confirmer.cancel()
             with contextlib.suppress(BaseException):
                 await self._confirmer
+        # the re-sender stops first: two loops popping the same queue would race
+        if self._resender is not None:
+            self._resender.cancel()
+            with contextlib.suppress(BaseException):
+                await self._resender
         self._unacked.extend(self._confirm)  # not confirmed yet: sent again below (no copies)
         self._confirm.clear()
         if self._unacked and self.js is not None:
             with anyio.move_on_after(timeout):
                 while self._unacked:
-                    subject, payload, headers = self._unacked[0]
+                    head = self._unacked[0]
+                    subject, payload, headers = head
                     try:
                         await self.js.publish(subject, payload, headers=headers, timeout=1.0)
                     except Exception:
                         break
-                    self._unacked.popleft()
-        if self._resender is not None:
-            self._resender.cancel()
-            with contextlib.suppress(BaseException):
-                await self._resender
+                    self._stored(head)
 
 
 def _fitted(record: Record) -> bytes:

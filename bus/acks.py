@@ -70,6 +70,7 @@ class Acks:
         return {ACK_TO: self.subject}
 
     def add(self, data: bytes) -> None:
+        """Count one store's acknowledgement (or its refusal) as it arrives."""
         try:
             ack = _decode(data)
         except msgspec.DecodeError:
@@ -114,6 +115,7 @@ class AckInbox:
         return acks
 
     def done(self, acks: Acks) -> None:
+        """Stop collecting for ``acks`` (its write was answered, or gave up)."""
         self._open.pop(acks.subject, None)
 
     async def _on_ack(self, msg: Msg) -> None:

@@ -243,8 +243,15 @@ class ArtifactStore:
         partial = target.with_name(target.name + ".partial")
         try:
             with partial.open("wb") as file:
-                writer = _CountingWriter(file, ref.size, progress)
-                await self._store.get(ref.name, writeinto=io.BufferedWriter(writer))
+                # the object store writes into a buffered writer: flushed here, before the
+                # file closes, or the object's last bytes could stay in its buffer
+                buffered = io.BufferedWriter(_CountingWriter(file, ref.size, progress))
+                await self._store.get(ref.name, writeinto=buffered)
+                buffered.flush()
+            written = partial.stat().st_size
+            if written != ref.size:
+                partial.unlink(missing_ok=True)
+                raise CorruptArtifact(ref.name, f"{written} bytes came, {ref.size} were stored")
         except js_errors.DigestMismatchError:
             partial.unlink(missing_ok=True)
             raise CorruptArtifact(ref.name, "does not match its digest") from None

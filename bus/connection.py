@@ -13,6 +13,7 @@ is verified and a connection that is not encrypted is refused before the login i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -235,6 +236,10 @@ async def _connect_or_close(params: dict[str, Any], tls: ClientTls | None = None
             transport = getattr(nc, "_transport", None)
             if transport:
                 transport.close()
+                # the socket closes on the loop's next turns: wait for it, or a loop that
+                # ends right after (an agent closed while connecting) leaves it open
+                with anyio.move_on_after(1, shield=True), contextlib.suppress(Exception):
+                    await transport.wait_closed()
         raise
     return nc
 

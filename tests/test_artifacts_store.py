@@ -184,3 +184,24 @@ async def test_listing_and_deleting_by_prefix(nats_url: str, run_id: str) -> Non
             await store.get_bytes(missing)
     finally:
         await nc.close()
+
+
+async def test_a_download_ends_with_the_objects_last_bytes(
+    nats_url: str, run_id: str, tmp_path: Path
+) -> None:
+    # A size that is no multiple of any chunk or buffer: the last 5 bytes are the ones a
+    # buffered writer keeps until it is flushed. The store writes chunks from a worker
+    # thread, which may drop the writer's last reference only after the download returned
+    # (seen under load: the file ended 5 bytes short), so the download flushes it itself.
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    nc, store = await _store(nats_url)
+    try:
+        for attempt in range(5):
+            name = object_name(run_id, "0", "train", "k-c", attempt, "files/model.bin")
+            ref = await store.put_file(name, source)
+            target = await store.download(ref, tmp_path / f"host{attempt}" / "model.bin")
+            assert target.stat().st_size == ref.size == source.stat().st_size
+            assert target.read_bytes() == source.read_bytes()
+    finally:
+        await nc.close()

@@ -106,7 +106,8 @@ async def test_frozen_loop_is_stalled_then_alive_again(
                 if all(i.liveness == "alive" and (i.record.step or 0) > 5 for i in infos):
                     break
                 await anyio.sleep(0.05)
-        assert all(i.record.stall_after == 1.0 for i in infos)  # the floor: steps are fast
+        # the floor when steps are fast (more if a loaded machine slowed them down)
+        assert all(i.record.stall_after >= 1.0 for i in infos)
 
         await client.set(run_id, 0, "hang", True)
         await _wait_status(client, run_id, "0", "stalled", timeout=15)
@@ -156,7 +157,7 @@ async def test_frozen_loop_is_stalled_then_alive_again(
         assert {r["rank"]: r["status"] for r in json.loads(as_json.stdout)}["0"] == "stalled"
         # the registry record itself carries what every reader decides from
         record = msgspec.to_builtins((await client.rank(run_id, "0")).record)
-        assert record["progress_ts"] is not None and record["stall_after"] == 1.0
+        assert record["progress_ts"] is not None and record["stall_after"] >= 1.0
 
         # it resumes: alive again, and an event says so
         await client.set(run_id, 0, "hang", False)
