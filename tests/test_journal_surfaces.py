@@ -8,15 +8,17 @@ import getpass
 import json
 import secrets
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GatewayFactory
+from conftest import GatewayFactory, free_port, listening, wait_for
 from pydantic import BaseModel, Field
 from test_cli import runctl
 
 from runctl.agent import Control, control
+from runctl.bus.server import find_binary
 from runctl.gateway.auth import parse_env
 
 ALICE, ROOT, VIEWER = (secrets.token_urlsafe(24) for _ in range(3))
@@ -192,3 +194,24 @@ def test_the_cli_says_per_rank_what_an_undo_set_back(
         out = runctl("undo", run_id, url=nats_url, cwd=tmp_path)
         assert out.stdout.splitlines()[0].endswith(": epochs=3"), out.stdout
         assert "rank 0: applied" in out.stdout and "rank 1: applied" in out.stdout, out.stdout
+
+
+def test_a_server_without_jetstream_is_named(tmp_path: Path) -> None:
+    """A user's own nats-server without ``-js``: the journal's commands say so (exit 5)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [find_binary(), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: listening(port), timeout=20)
+        url = f"nats://127.0.0.1:{port}"
+        for args in (("history", "exp1"), ("schedules", "exp1"), ("undo", "exp1")):
+            out = runctl(*args, url=url, cwd=tmp_path)
+            assert out.returncode == 5, (args, out.stderr)
+            assert "JetStream is not available on the NATS server" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
