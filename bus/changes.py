@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from runctl.bus import messages as m
-from runctl.bus.errors import BadRequest, NotFound, TooLate, Unavailable
+from runctl.bus.errors import BadRequest, Conflict, NotFound, TooLate, Unavailable
 from runctl.bus.journal import Record, request_json
 from runctl.bus.journalplan import Entry, UndoPlan, find_change, plan_undo, schedules
 from runctl.bus.journalstore import append, forget_run, read_journal
 from runctl.bus.results import Gathered, Result
-from runctl.bus.subjects import ALL, check_rank, check_token
+from runctl.bus.subjects import ALL, check_rank, check_token, rank_key
 
 if TYPE_CHECKING:  # the client calls these with itself; no import at run time
     from runctl.bus.client import Client
@@ -86,6 +86,8 @@ async def undo(
     check_token(run, "run")
     records = await read_journal(client.nc, run)
     plan = plan_undo(records, change, force=force)
+    if plan.change.verb == "schedule":
+        await _applied_everywhere(client, run, plan.change.id)
     change_id = uuid.uuid4().hex
     result = UndoResult(plan, change_id)
     undo_of = plan.change.id
@@ -101,6 +103,26 @@ async def undo(
         except Exception as exc:  # one rank gone must not hide what the others did
             result.errors[rank] = exc
     return result
+
+
+async def _applied_everywhere(client: Client, run: str, change_id: str) -> None:
+    """Refuse (Conflict) to undo a change that a live rank still holds pending: that rank
+    would apply it after the undo. Ranks that do not answer are not waited for."""
+    pings = await client.send(run, ALL, m.Ping())
+    holding = sorted(
+        (
+            rank
+            for rank, res in getattr(pings, "results", {}).items()
+            if isinstance(res.value, dict)
+            and any(p.get("change_id") == change_id for p in res.value.get("pending") or [])
+        ),
+        key=rank_key,
+    )
+    if holding:
+        raise Conflict(
+            f"change {change_id[:12]} is still pending on rank {', '.join(holding)} (not at "
+            "its step yet): undo it once every rank applied it, or cancel it"
+        )
 
 
 # --- schedules -------------------------------------------------------------------------------

@@ -440,3 +440,24 @@ async def test_a_synchronised_change_does_not_wait_for_a_far_scheduled_one(
         for step in range(2, 5):
             a.sync(step)
         assert a.state.opt.lr == 0.3 and a.state.epochs == 3
+
+
+async def test_a_change_some_ranks_still_hold_pending_is_not_undone_yet(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    """Rank 0 applied a synchronised change at its step, rank 1 has not reached it: an undo
+    now would leave rank 1 applying it afterwards. Refused until every rank applied it."""
+    async with agent(nats_url, run_id, 0) as a, agent(nats_url, run_id, 1) as b:
+        a.sync(1)
+        b.sync(1)
+        sync = await client.set(run_id, "all", "epochs", 6, sync=True, margin=5)
+        assert isinstance(sync, Gathered) and sync.at_step is not None
+        a.sync(sync.at_step)
+        assert (a.state.epochs, b.state.epochs) == (6, 3)
+        await anyio.sleep(0.2)  # rank 0's record of the applied change reaches the journal
+        with pytest.raises(Conflict, match="pending on rank 1"):
+            await client.undo(run_id, sync.change_id)
+        b.sync(sync.at_step)
+        await anyio.sleep(0.2)
+        await client.undo(run_id, sync.change_id)
+        assert (a.state.epochs, b.state.epochs) == (3, 3)
