@@ -476,15 +476,9 @@ def map_nats_error(exc: BaseException, *, run: str = "", rank: str | None = None
     """The one place nats-py exceptions become runctl errors (a runctl error is returned
     as it is)."""
     from nats import errors as nats_errors
-    from nats.js import errors as js_errors
 
     if isinstance(exc, RunctlError):
         return exc
-    if isinstance(exc, js_errors.ServiceUnavailableError):  # the JetStream API: no responders
-        return Unavailable(
-            "JetStream is not available on the NATS server (not enabled: nats-server -js; "
-            "or a cluster still electing its leaders)"
-        )
     if isinstance(exc, ssl.SSLError):  # before OSError: it is one
         return TlsError(describe_ssl_error(exc))
     if isinstance(exc, nats_errors.NoRespondersError):

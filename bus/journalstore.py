@@ -150,6 +150,11 @@ async def read_journal(
         await fast_read(nc, filters, on_entry, stream=STREAM)
     except RunctlError:
         raise
+    except js_errors.ServiceUnavailableError as exc:  # the JetStream API has no responder
+        raise Unavailable(
+            "JetStream is not available on the NATS server (not enabled: nats-server -js; "
+            "or a cluster still electing its leaders)"
+        ) from exc
     except Exception as exc:
         raise map_nats_error(exc, run=run) from exc
     return out
