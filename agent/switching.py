@@ -18,8 +18,9 @@ The interval only matters while some thread *waits* for the GIL. So:
   own interval at rest, since there a low one would make its threads switch ten times more
   often; it pays the low interval only for the ~1 ms a command is handled.
 - The program's own value wins: if it calls ``sys.setswitchinterval`` itself, runctl
-  leaves the interval alone from then on. Everything is restored when the last agent of
-  the process ends.
+  leaves the interval alone from then on, until every agent of the process has ended (a
+  later ``control()`` starts afresh from the program's value). Everything is restored when
+  the last agent of the process ends.
 
 ``RUNCTL_SWITCH_INTERVAL``: ``auto`` (default), ``off`` (never touch the interval), or a
 number of seconds to use as the low value.
@@ -107,6 +108,11 @@ class Switching:
         return self.low is not None and bool(self._agents) and not self._disowned
 
     @property
+    def attached(self) -> int:
+        """How many agents of this process are serving now."""
+        return sum(self._agents.values())
+
+    @property
     def quiet(self) -> bool:
         """At most one of the program's threads ran at the last sample."""
         return self._quiet
@@ -132,6 +138,7 @@ class Switching:
                 self._agents.pop(ident, None)
             if not self._agents:
                 self._restore()
+                self._disowned = False  # a later agent starts afresh from the program's value
 
     # --- commands ----------------------------------------------------------------------
 

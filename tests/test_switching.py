@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -150,12 +151,24 @@ def test_turned_off_it_never_touches_the_interval() -> None:
         gil.detach()
 
 
+def wait_until_detached(timeout: float = 30.0) -> None:
+    """Until no agent of this process serves (bounded: fails naming how many are left)."""
+    deadline = time.monotonic() + timeout
+    while switching().attached:
+        assert time.monotonic() < deadline, f"{switching().attached} agent(s) never ended"
+        time.sleep(0.05)
+
+
 def test_a_set_through_a_real_agent_restores_the_programs_interval(
     nats_url: str, run_id: str
 ) -> None:
     """A program with two busy threads of its own: during the set the agent lowers the
     interval; once answered, the program's is back; after close() nothing is left."""
     seen: list[float] = []
+    # agents of earlier tests in this process may still be closing: the policy is
+    # process-wide, so start once they are gone, from the program's interval
+    wait_until_detached()
+    sys.setswitchinterval(PROGRAM)
 
     class Watch(BaseModel):
         x: int = 0
@@ -198,3 +211,21 @@ def test_a_bad_setting_is_refused_when_the_agent_is_made(
     with pytest.raises(BadRequest, match="RUNCTL_SWITCH_INTERVAL"):
         control(Plain(), run="bad-interval", rank=0, url=nats_url)
     monkeypatch.setattr(module, "_switching", None)  # the next agent reads it again
+
+
+def test_a_later_agent_starts_afresh_after_the_program_took_over() -> None:
+    gil = Switching()
+    gil.attach()
+    with gil.command():
+        sys.setswitchinterval(0.002)  # the program decides: runctl leaves it from now on
+    assert not gil.active
+    gil.detach()
+    # every agent ended; a new one (a new control() in the same process) manages it again
+    gil.attach()
+    try:
+        assert gil.active
+        with gil.command():
+            assert sys.getswitchinterval() == LOW
+        assert sys.getswitchinterval() == 0.002
+    finally:
+        gil.detach()
