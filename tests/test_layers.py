@@ -271,3 +271,16 @@ def test_every_public_function_has_a_docstring() -> None:
                         where = f"{path.relative_to(ROOT)}:{child.lineno}"
                         undocumented.append(f"{where} {prefix}{child.name}")
     assert not undocumented, "document these:\n  " + "\n  ".join(undocumented)
+
+
+def test_the_architecture_page_lists_every_module() -> None:
+    """docs/architecture.md's module index names every product module (one hop from it)."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    index = page.split("## Every module", 1)[-1]
+    missing = [
+        path.relative_to(ROOT).as_posix()
+        for folder in PACKAGES.values()
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name != "__main__.py" and f"[{path.relative_to(ROOT).as_posix()}]" not in index
+    ]
+    assert not missing, "add to the index in docs/architecture.md:\n  " + "\n  ".join(missing)
