@@ -19,9 +19,10 @@ same ordered records, and they must agree on what a record means; all pure funct
 
 from __future__ import annotations
 
+import functools
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -77,6 +78,7 @@ def plan_replay(records: Records, rank: str) -> ReplayPlan:
                 scheduled.setdefault(rec.id, (seq, rec))
             elif rec.verb == "unschedule" and rec.of:
                 cancelled.add(rec.of)
+    in_effect = _in_effect(records)
     ordered: dict[str, tuple[int, Record]] = {}
     for seq, rec in records:
         if rec.verb not in CHANGE_VERBS or rec.outcome not in _APPLIED:
@@ -89,6 +91,11 @@ def plan_replay(records: Records, rank: str) -> ReplayPlan:
             and rec.id not in seen_here
             and rec.id not in scheduled
             and rec.id not in ordered
+            # a run-wide change that was taken back is not for a rank that never had it,
+            # even when the undo went to each rank on its own; nor is an undo of a change
+            # such a rank never had (whether the change applies says it all)
+            and in_effect(rec.id)
+            and not (rec.undo_of and rec.undo_of not in seen_here)
         ):
             ordered[rec.id] = (seq, rec)
     plan = ReplayPlan(changes=[rec for _, rec in sorted(ordered.values(), key=lambda x: x[0])])
@@ -98,6 +105,21 @@ def plan_replay(records: Records, rank: str) -> ReplayPlan:
         if rec.id not in cancelled and rec.id not in ordered
     ]
     return plan
+
+
+def _in_effect(records: Records) -> Callable[[str], bool]:
+    """Whether a change still holds: not taken back by an undo that itself still holds (an
+    undo of an undo is a redo)."""
+    undoers: dict[str, set[str]] = {}
+    for _, rec in records:
+        if rec.undo_of and rec.verb in CHANGE_VERBS and rec.outcome in _APPLIED:
+            undoers.setdefault(rec.undo_of, set()).add(rec.id)
+
+    @functools.cache
+    def holds(change: str) -> bool:
+        return not any(holds(undo) for undo in undoers.get(change, ()))
+
+    return holds
 
 
 # --- history -----------------------------------------------------------------------------

@@ -461,3 +461,18 @@ async def test_a_change_some_ranks_still_hold_pending_is_not_undone_yet(
         await anyio.sleep(0.2)
         await client.undo(run_id, sync.change_id)
         assert (a.state.epochs, b.state.epochs) == (3, 3)
+
+
+async def test_a_rank_that_joins_later_keeps_what_was_undone_undone(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    async with agent(nats_url, run_id, 0), agent(nats_url, run_id, 1):
+        await client.set(run_id, 1, "opt.lr", 0.2)  # the ranks' before-values differ, so
+        await client.set(run_id, "all", "opt.lr", 0.3)  # the undo goes to each rank alone
+        undo = await client.undo(run_id)
+        assert sorted(undo.results) == ["0", "1"]
+        async with agent(nats_url, run_id, 5) as late:  # never had the change: not now
+            assert late.state.opt.lr == Cfg().opt.lr
+        await client.undo(run_id, undo.change_id)  # undo the undo: a redo
+        async with agent(nats_url, run_id, 6) as later:
+            assert later.state.opt.lr == 0.3
