@@ -129,7 +129,9 @@ async def client(nats_url: str) -> AsyncIterator[Client]:
 
 async def cli(nats_url: str, *args: str) -> Any:
     result = await anyio.run_process(
-        [sys.executable, "-m", "runctl", *args, "--json"],
+        # torch ranks on a loaded machine may take longer than the default 2 s to answer:
+        # what is checked is that every rank answers, not how fast
+        [sys.executable, "-m", "runctl", *args, "--json", "--timeout", "30"],
         cwd=ROOT,
         check=False,
         env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
