@@ -12,6 +12,7 @@ responders is ``NotFound`` at once; a rank the registry knows that stays silent 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,10 @@ from typing import Final
 
 import anyio
 import msgspec
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from runctl.bus import messages as m
 from runctl.bus.errors import NotFound, RunctlError, Timeout, from_code, map_nats_error
@@ -32,6 +35,7 @@ __all__ = [
     "EXPECTED_TTL",
     "QUIET_AFTER_LAST_REPLY",
     "REGISTRY_CHECK_AFTER",
+    "ReplyInbox",
     "Settle",
     "Transport",
     "decode_reply",
@@ -59,6 +63,8 @@ class Transport:
         self._registry = registry
         #: per run: when the registry was read, and the ranks it knew alive
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
+        #: where single requests' replies arrive
+        self._replies = ReplyInbox(nc)
 
     async def request(
         self,
@@ -72,42 +78,41 @@ class Transport:
         """One request. No responders is NotFound at once; but any subscriber to the
         subject (``nats sub 'runctl.>'``, an observer) suppresses that status, so if no
         reply came after a moment the registry decides: a rank it never saw, or one that
-        exited, is NotFound too; a registered rank that stays silent is a Timeout."""
-        reply: Msg | None = None
-        failure: BaseException | None = None
-        gone = False
-        async with anyio.create_task_group() as tasks:
+        exited, is NotFound too; a registered rank that stays silent is a Timeout.
 
-            async def ask() -> None:
-                nonlocal reply, failure
-                try:
-                    reply = await self.nc.request(
-                        subject, payload, timeout=timeout, headers=headers
-                    )
-                except Exception as exc:
-                    failure = exc
-                tasks.cancel_scope.cancel()
+        The reply is awaited in the caller's own task on this connection's reply inbox
+        (:class:`ReplyInbox`): no task is started for the registry check, which would cost
+        the common case (a reply within a millisecond) a few event-loop iterations."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            inbox, reply = await self._replies.open()
+            try:
+                await self.nc.publish(subject, payload, reply=inbox, headers=headers)
+                if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
+                    if await self._gone(run, rank):
+                        raise NotFound(run, rank)
+                    if not await _within(reply, deadline - loop.time()):
+                        raise nats_errors.TimeoutError
+                msg = reply.result()
+            finally:
+                self._replies.close(inbox)
+            if is_no_responders(msg):
+                raise nats_errors.NoRespondersError
+            return msg
+        except RunctlError:
+            raise
+        except Exception as exc:
+            raise map_nats_error(exc, run=run, rank=rank) from exc
 
-            async def check_registered() -> None:
-                nonlocal gone
-                await anyio.sleep(REGISTRY_CHECK_AFTER)
-                try:
-                    registry = await self._registry()
-                    record = await registry.get(run, rank)
-                except Exception:  # no registry: wait for the reply or the deadline
-                    return
-                if record is None or record.status == "exited":
-                    gone = True
-                    tasks.cancel_scope.cancel()
-
-            tasks.start_soon(ask)
-            tasks.start_soon(check_registered)
-        if reply is not None:
-            return reply
-        if gone:
-            raise NotFound(run, rank)
-        assert failure is not None
-        raise map_nats_error(failure, run=run, rank=rank) from failure
+    async def _gone(self, run: str, rank: str) -> bool:
+        """The registry never saw the rank, or saw it exit (False: no registry to ask)."""
+        try:
+            registry = await self._registry()
+            record = await registry.get(run, rank)
+        except Exception:  # no registry: wait for the reply or the deadline
+            return False
+        return record is None or record.status == "exited"
 
     async def gather(
         self,
@@ -230,6 +235,46 @@ class Transport:
                 self._expected_ranks.clear()
             self._expected_ranks[run] = (time.monotonic(), expected)
         return expected, any(info.liveness != "exited" for info in infos)
+
+
+class ReplyInbox:
+    """One wildcard subscription per connection (``<inbox>.*``) for single requests'
+    replies, one token and one future per request (nats-py's own request works the same
+    way, but would need a task of its own to be watched while the registry is asked)."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._open: dict[str, asyncio.Future[Msg]] = {}
+        self._next = 0
+
+    async def open(self) -> tuple[str, asyncio.Future[Msg]]:
+        """A fresh reply subject and the future its reply will complete."""
+        if self._sub is None:
+            self._prefix = self.nc.new_inbox()
+            self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+        self._next += 1
+        subject = f"{self._prefix}.{self._next}"
+        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._open[subject] = reply
+        return subject, reply
+
+    def close(self, subject: str) -> None:
+        """The request is over (answered, or given up): a late reply is dropped."""
+        self._open.pop(subject, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        reply = self._open.pop(msg.subject, None)
+        if reply is not None and not reply.done():
+            reply.set_result(msg)
+
+
+async def _within(reply: asyncio.Future[Msg], seconds: float) -> bool:
+    """Whether ``reply`` completes within ``seconds`` (it is not cancelled either way)."""
+    if not reply.done() and seconds > 0:
+        await asyncio.wait((reply,), timeout=seconds)
+    return reply.done()
 
 
 def result_of(reply: m.Ok) -> Result:
