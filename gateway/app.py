@@ -31,6 +31,7 @@ from runctl.gateway import (
     steps_api,
 )
 from runctl.gateway.auth import require
+from runctl.gateway.hot import HotRoutes
 from runctl.gateway.settings import Settings
 from runctl.gateway.site import SiteGuard
 
@@ -147,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     console.install(app)
     # Swagger pages (static shells: they fetch their spec with the user's token)
     app.include_router(run_docs.router)
+    if settings.fast_path:  # plain reads and sets without FastAPI's router (gateway/hot.py)
+        app.add_middleware(HotRoutes)
     app.add_middleware(errors.BodyLimit, max_body=settings.max_body)
     # outermost: a request from a page of another site is refused before anything else
     app.add_middleware(

@@ -56,6 +56,7 @@ __all__ = [
     "parse_file",
     "require",
     "required_role",
+    "tokens_of",
 ]
 
 Role = Literal["read", "write", "admin"]
@@ -295,7 +296,8 @@ def _acting_as(conn: HTTPConnection, name: str, role: Role) -> None:
     ACTING_AS.set(Author(name=name, via="http", role=role, addr=client.host if client else ""))
 
 
-def _tokens_of(conn: HTTPConnection) -> TokenTable:
+def tokens_of(conn: HTTPConnection) -> TokenTable:
+    """The app's bearer tokens (``app.state.tokens``; none configured: an empty table)."""
     tokens = getattr(conn.app.state, "tokens", None)
     return tokens if isinstance(tokens, TokenTable) else TokenTable()
 
@@ -313,7 +315,7 @@ def require(
             route = conn.scope.get("route")
             path = getattr(route, "path_format", None) or conn.url.path
             needed = required_role(conn.scope.get("method", "GET"), path)
-        return authorize(_tokens_of(conn), conn, needed)
+        return authorize(tokens_of(conn), conn, needed)
 
     return dependency
 

@@ -46,6 +46,7 @@ __all__ = [
     "BodyLimit",
     "as_error",
     "error_body",
+    "handle_error",
     "install",
     "json_response",
     "preview",
@@ -118,8 +119,8 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(_encoder.encode(data), status, headers, media_type="application/json")
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
-    """The gateway's one exception handler."""
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """The gateway's one exception handler (also the fast path's: gateway/hot.py)."""
     error = as_error(exc)
     status = error.http_status
     if status >= 500:
@@ -174,9 +175,9 @@ def install(app: FastAPI) -> None:
     """Register the one handler on ``app`` for every kind of error a request can raise
     (the body limit is a middleware: see BodyLimit)."""
     for kind in (RunctlError, RequestValidationError, HTTPException, NatsError, TimeoutError):
-        app.add_exception_handler(kind, _handle)
+        app.add_exception_handler(kind, handle_error)
     # Starlette answers with this one and still re-raises, so the traceback is logged
-    app.add_exception_handler(Exception, _handle)
+    app.add_exception_handler(Exception, handle_error)
 
 
 class BodyLimit:

@@ -29,7 +29,7 @@ from runctl.gateway.routes import ClientDep, Fresh, PathParam, Value
 from runctl.gateway.settings import Settings
 from runctl.gateway.writes import SET_BODY
 
-__all__ = ["RootTarget", "root_target", "router"]
+__all__ = ["RootTarget", "root_target", "router", "success_response"]
 
 router = APIRouter()
 _FREAK: Final[list[str | Enum]] = ["freak-compatible"]
@@ -69,7 +69,7 @@ async def root_target(request: Request, client: Client) -> RootTarget:
     )
 
 
-def _success(run: str, result: Result | Gathered) -> Response:
+def success_response(run: str, result: Result | Gathered) -> Response:
     """``"success"`` as Freak; a change every rank refused is that error (422 with
     pydantic's list, 404 for an unknown path ...), as for one rank."""
     if isinstance(result, Gathered) and result.errors and not (result.results or result.missing):
@@ -112,7 +112,7 @@ async def freak_set(
     """The JSON body, else `?value=`; answers `"success"` as Freak did."""
     t = await root_target(request, client)
     result = await routes.set_value_of(client, request, t.run, t.write_rank, path, value, {})
-    return _success(t.run, result)
+    return success_response(t.run, result)
 
 
 @router.patch(
@@ -124,7 +124,9 @@ async def freak_set(
 async def freak_patch(request: Request, client: ClientDep) -> Response:
     """Merge a JSON object into the state; answers `"success"` as Freak did."""
     t = await root_target(request, client)
-    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {}))
+    return success_response(
+        t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {})
+    )
 
 
 @router.patch(
@@ -136,11 +138,13 @@ async def freak_patch(request: Request, client: ClientDep) -> Response:
 async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
     """Merge a JSON object into the object at `path`; answers `"success"`."""
     t = await root_target(request, client)
-    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {}))
+    return success_response(
+        t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {})
+    )
 
 
 @router.delete("/reset", summary="Back to the initial state", tags=_FREAK)
 async def freak_reset(request: Request, client: ClientDep) -> Response:
     """Back to the state at `control()` time; answers `"success"`."""
     t = await root_target(request, client)
-    return _success(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))
+    return success_response(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))

@@ -7,6 +7,8 @@ or the ranks themselves), so it can be restarted at any time.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -19,12 +21,24 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_MAX_BODY",
     "DEFAULT_PORT",
+    "FAST_PATH_ENV",
     "Settings",
+    "fast_path_enabled",
 ]
 
 DEFAULT_HOST: Final = GATEWAY_HOST
 DEFAULT_PORT: Final = GATEWAY_PORT
 DEFAULT_MAX_BODY: Final = MAX_PAYLOAD
+
+
+#: ``off`` (or ``0``/``no``/``false``) sends every request through FastAPI's router
+FAST_PATH_ENV: Final = "RUNCTL_GATEWAY_FAST_PATH"
+
+
+def fast_path_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether :data:`FAST_PATH_ENV` leaves the gateway's fast path on (the default)."""
+    value = (os.environ if env is None else env).get(FAST_PATH_ENV, "").strip().lower()
+    return value not in ("off", "0", "no", "false")
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     #: origins (scheme://host[:port]) whose pages may change state besides the gateway's own
     allowed_origins: tuple[str, ...] = ()
+    #: answer plain reads and ``?value=`` sets before FastAPI's router (gateway/hot.py);
+    #: default: on, unless ``RUNCTL_GATEWAY_FAST_PATH=off``
+    fast_path: bool = field(default_factory=lambda: fast_path_enabled())
 
     def __post_init__(self) -> None:
         # Checked at start, so a bad --run fails the gateway instead of every request.

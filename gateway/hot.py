@@ -1,0 +1,171 @@
+"""The requests a control loop sends all the time, answered before FastAPI's router.
+
+A plain read or a ``?value=`` set spends about a third of its time in the gateway in
+FastAPI's routing and parameter machinery (docs/performance.md). These few shapes are
+recognised here and handed to the very functions the routes call (:mod:`runctl.gateway.routes`,
+:mod:`runctl.gateway.freak`), with the same login check and the same error handler:
+
+- ``GET /get``, ``GET /get/{path}`` (Freak's reads), ``PUT /set/{path}?value=...``
+- ``GET /runs/{run}/ranks/{rank}/get[/{path}]``,
+  ``PUT /runs/{run}/ranks/{rank}/set/{path}?value=...``
+
+Only the plainest form is taken: no query string on a read, exactly one ``value`` on a set,
+no request body, names made of letters, digits and ``_ . -`` (``/`` too in a path). Any
+other request -- a body, ``?fresh=``, ``?sync=``, an odd character, a prefix
+(``root_path``) -- goes to FastAPI as before, which answers it the one way it always did.
+
+``Settings.fast_path=False`` (or ``RUNCTL_GATEWAY_FAST_PATH=off``) sends everything to FastAPI, to
+compare the two.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runctl.bus.client import Client
+from runctl.bus.errors import RunctlError
+from runctl.gateway import freak, routes
+from runctl.gateway.auth import authorize, required_role, tokens_of
+from runctl.gateway.errors import handle_error
+
+__all__ = ["ROUTES", "HotRoutes"]
+
+_NAME = r"[A-Za-z0-9_.\-]{1,128}"
+_PATH = r"[A-Za-z0-9_.\-][A-Za-z0-9_.\-/]{0,1023}"
+
+Handler = Callable[[Request, Client, Mapping[str, str], str | None], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    #: the FastAPI route's template: what the login check reads the needed role from
+    template: str
+    handler: Handler
+    takes_value: bool
+
+
+async def _freak_get(
+    request: Request, client: Client, params: Mapping[str, str], value: str | None
+) -> Response:
+    target = await freak.root_target(request, client)
+    return await routes.read(client, target.run, target.read_rank, params.get("path"), False)
+
+
+async def _freak_set(
+    request: Request, client: Client, params: Mapping[str, str], value: str | None
+) -> Response:
+    target = await freak.root_target(request, client)
+    result = await routes.set_value_of(
+        client, request, target.run, target.write_rank, params["path"], value, {}
+    )
+    return freak.success_response(target.run, result)
+
+
+async def _get(
+    request: Request, client: Client, params: Mapping[str, str], value: str | None
+) -> Response:
+    return await routes.read(client, params["run"], params["rank"], params.get("path"), False)
+
+
+async def _set(
+    request: Request, client: Client, params: Mapping[str, str], value: str | None
+) -> Response:
+    run = params["run"]
+    result = await routes.set_value_of(
+        client, request, run, params["rank"], params["path"], value, {}
+    )
+    return routes.write_response(run, result)
+
+
+_R = f"/runs/(?P<run>{_NAME})/ranks/(?P<rank>{_NAME})"
+ROUTES: Final = (
+    _Route("GET", re.compile("/get"), "/get", _freak_get, False),
+    _Route("GET", re.compile(f"/get/(?P<path>{_PATH})"), "/get/{path:path}", _freak_get, False),
+    _Route("PUT", re.compile(f"/set/(?P<path>{_PATH})"), "/set/{path:path}", _freak_set, True),
+    _Route("GET", re.compile(f"{_R}/get"), routes.R + "/get", _get, False),
+    _Route(
+        "GET", re.compile(f"{_R}/get/(?P<path>{_PATH})"), routes.R + "/get/{path:path}", _get, False
+    ),
+    _Route(
+        "PUT", re.compile(f"{_R}/set/(?P<path>{_PATH})"), routes.R + "/set/{path:path}", _set, True
+    ),
+)
+
+
+class HotRoutes:
+    """ASGI middleware: the plain reads and sets above, straight to their implementation;
+    everything else to ``app``. Sits inside the site guard and the body limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = _match(scope) if scope["type"] == "http" else None
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        route, params, value = found
+        request = Request(scope, receive)
+        try:
+            authorize(tokens_of(request), request, required_role(route.method, route.template))
+            client = await routes.get_client(request)
+            response = await route.handler(request, client, params, value)
+        except RunctlError as exc:
+            response = await handle_error(request, exc)
+        await response(scope, receive, send)
+
+
+def _match(scope: Scope) -> tuple[_Route, dict[str, str], str | None] | None:
+    """The route ``scope`` is a plain request of, its path parameters and ``?value=``."""
+    method = scope["method"]
+    if method not in ("GET", "PUT") or scope.get("root_path"):
+        return None
+    path: str = scope["path"]
+    for route in ROUTES:
+        if route.method != method:
+            continue
+        matched = route.pattern.fullmatch(path)
+        if matched is None:
+            continue
+        value = _plain_value(scope) if route.takes_value else _no_query(scope)
+        if value is False:
+            return None
+        params = {k: v for k, v in matched.groupdict().items() if v is not None}
+        return route, params, value if isinstance(value, str) else None
+    return None
+
+
+def _no_query(scope: Scope) -> bool | None:
+    """None for a read without a query string and without a body; else False."""
+    if scope.get("query_string") or _has_body(scope):
+        return False
+    return None
+
+
+def _plain_value(scope: Scope) -> str | bool:
+    """The one ``value`` of a bodiless set's query string; else False."""
+    if _has_body(scope):
+        return False
+    query: bytes = scope.get("query_string", b"")
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)  # as Starlette reads it
+    if len(pairs) != 1 or pairs[0][0] != "value":
+        return False
+    value: str = pairs[0][1]
+    return value
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, header in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and header.strip() != b"0"):
+            return True
+    return False
