@@ -84,7 +84,11 @@ class Agent(Generic[M]):
     ``lock`` is held while a change is applied; ``on_stop(reason)`` runs
     when a stop arrives; ``heartbeat`` is the seconds between state publishes; ``stall``
     when the program counts as stalled (default: ``RUNCTL_STALL_*``, else 10 x its recent
-    step interval, at least 60 s; see :mod:`runctl.bus.progress`).
+    step interval, at least 60 s; see :mod:`runctl.bus.progress`). ``connection``: an open
+    NATS connection (nats-py, logged in with the agent role) to use instead of connecting;
+    the agent leaves it open when it ends. Agents of one process on one event loop may
+    share one: the server then hands a broadcast to all of them in one socket write, and
+    their replies leave in one (bench_fanout's packed layout).
     """
 
     def __init__(
@@ -103,12 +107,17 @@ class Agent(Generic[M]):
         max_payload: int = MAX_PAYLOAD,
         replay: bool | None = None,
         stall: StallPolicy | None = None,
+        connection: NATS | None = None,
     ) -> None:
         self.live = LiveState(state, lock)
+        #: the caller's open connection, used instead of connecting and left open at the end
+        self.connection = connection
         self.run = check_token(run if run is not None else detect_run(), "run")
         self.rank = check_rank(rank if rank is not None else detect_rank(), allow_all=False)
         self.world_size = detect_world_size()
         self.url = url or env_url(default=None)
+        if connection is not None and connection.connected_url is not None:
+            self.url = connection.connected_url.geturl()
         # Zero-setup: with no URL configured, share (or start) the machine's local server.
         self.embedded = self.url is None if embedded is None else embedded
         #: the embedded bus: ports, and whether to bring up the gateway (checked now)
@@ -293,7 +302,12 @@ class Agent(Generic[M]):
                     self.lease = await take_lease(self.embedded_config, self.data_dir, self.log)
                     self.url = self.lease.nats_url
                 self.nc, self.registry = await lifecycle.connect_agent(
-                    self.url or DEFAULT_URL, self.run, self.rank, self.log, self._connect_failed
+                    self.url or DEFAULT_URL,
+                    self.run,
+                    self.rank,
+                    self.log,
+                    self._connect_failed,
+                    connection=self.connection,
                 )
                 self.connect_error = ""
                 # the largest state a message carries: changes beyond it are refused
@@ -339,6 +353,7 @@ class Agent(Generic[M]):
                     steplog=self.steplog,
                     subs=self._subs,
                     lease=self.lease,
+                    owned=self.connection is None,
                 )
                 gil.detach()
                 self.closed.set()

@@ -7,6 +7,7 @@ as soon as it exists (a lease taken before a failed connect is still given back)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -34,11 +35,13 @@ async def connect_agent(
     rank: str,
     log: FilteringBoundLogger,
     on_error: Callable[[str], object] | None = None,
+    *,
+    connection: NATS | None = None,
 ) -> tuple[NATS, Registry | None]:
     """Connect as ``agent`` (retrying until the server answers; ``on_error(why)`` hears
-    each refusal) and open the registry. Without JetStream the registry is None: control
-    still works, discovery does not."""
-    nc = await connect(
+    each refusal), or use the caller's ``connection``, and open the registry. Without
+    JetStream the registry is None: control still works, discovery does not."""
+    nc = connection or await connect(
         url,
         name=f"runctl-agent:{run}:{rank}",
         retry_initial=True,
@@ -106,9 +109,12 @@ async def shutdown(
     steplog: StepLog | None,
     subs: list[Subscription],
     lease: Lease | None,
+    owned: bool = True,
 ) -> None:
     """Flush queued step completions, publish the final record and ``exited``, unsubscribe
-    and drain (each bounded), close; then give the embedded server's lease back."""
+    and drain (each bounded), close (a connection not ``owned`` -- the caller's, shared with
+    other agents -- is flushed instead: it stays open); then give the embedded server's
+    lease back."""
     if nc is not None and not nc.is_closed:
         if steplog is not None:  # flush queued step completions (bounded)
             await steplog.aclose()
@@ -121,8 +127,12 @@ async def shutdown(
         for sub in subs:
             with anyio.move_on_after(PUBLISH_TIMEOUT):
                 await sub.unsubscribe()
-        with anyio.move_on_after(2):
-            await nc.drain()
-        await close_quietly(nc)
+        if owned:
+            with anyio.move_on_after(2):
+                await nc.drain()
+            await close_quietly(nc)
+        else:
+            with anyio.move_on_after(2), contextlib.suppress(Exception):
+                await nc.flush()
     if lease is not None:  # after the goodbye: the host may stop the bus now
         lease.close()

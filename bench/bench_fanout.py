@@ -5,10 +5,11 @@
     python -m bench.bench_fanout --layout packed    # ranks share 4 processes
     python -m bench fanout                          # via the bench runner
 
-Each rank is a real agent with its own NATS connection. ``--layout process`` (default) runs
-every rank in its own Python process, a sync program whose main thread steps (``ctl.sync``)
-and sleeps, as a training waiting on its accelerator would; ``--layout packed`` hosts the
-ranks as async agents on a few processes (less memory and scheduling noise; same protocol).
+Each rank is a real agent. ``--layout process`` (default) runs every rank in its own Python
+process, a sync program whose main thread steps (``ctl.sync``) and sleeps, as a training
+waiting on its accelerator would; ``--layout packed`` hosts the ranks as async agents on a
+few processes (less memory and scheduling noise; same protocol), the agents of a process
+sharing one NATS connection (``--connections own``: one each).
 Every size runs once per agent event loop in ``--loops`` (default: the standard asyncio
 loop, then uvloop via ``RUNCTL_LOOP=uvloop``), back to back, so the two compare under the
 same machine load.
@@ -86,15 +87,20 @@ PACKED_PROGRAM: Final = textwrap.dedent("""
     from contextlib import AsyncExitStack
     from pydantic import BaseModel
     from runctl.agent import Agent
+    from runctl.bus.connection import close_quietly, connect, env_url
 
     class State(BaseModel):
         lr: float = 0.001
         quit: bool = False
 
     async def main():
-        first, count = int(sys.argv[1]), int(sys.argv[2])
+        first, count, shared = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "shared"
+        nc = await connect(env_url(), name="bench-packed", role="agent") if shared else None
         async with AsyncExitStack() as stack:
-            agents = [await stack.enter_async_context(Agent(State(), rank=first + i))
+            if nc is not None:
+                stack.push_async_callback(close_quietly, nc)
+            agents = [await stack.enter_async_context(Agent(State(), rank=first + i,
+                                                             connection=nc))
                       for i in range(count)]
             step = 0
             while not any(a.state.quit for a in agents):
@@ -116,6 +122,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--layout", choices=("process", "packed"), default="process")
     p.add_argument("--procs", type=int, default=4, help="processes for --layout packed")
+    p.add_argument(
+        "--connections",
+        choices=("shared", "own"),
+        default="shared",
+        help="--layout packed: the agents of a process share one NATS connection (Agent's "
+        "connection=), or each opens its own",
+    )
     p.add_argument(
         "--step-interval",
         type=float,
@@ -283,7 +296,14 @@ def start_ranks(
             count = per + (1 if w < extra else 0)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", interval + PACKED_PROGRAM, str(first), str(count)],
+                    [
+                        sys.executable,
+                        "-c",
+                        interval + PACKED_PROGRAM,
+                        str(first),
+                        str(count),
+                        args.connections,
+                    ],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

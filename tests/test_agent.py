@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, field_validator
 
 from runctl.agent import Agent, Control, control
-from runctl.bus import Client, NotFound, Result, ValidationRejected
+from runctl.bus import Client, Gathered, NotFound, Result, ValidationRejected
 from runctl.bus import messages as m
 from runctl.bus.subjects import command_subject, event_subject, events_wildcard, state_subject
 
@@ -314,3 +314,32 @@ async def test_close_marks_the_rank_exited(nats_url: str, run_id: str) -> None:
         assert (await client.rank(run_id, 0)).liveness == "exited"
         with pytest.raises(NotFound):
             await client.ping(run_id, 0)
+
+
+@pytest.mark.anyio
+async def test_agents_can_share_the_callers_connection(nats_url: str, run_id: str) -> None:
+    from runctl.bus.connection import connect
+
+    nc = await connect(nats_url, name="shared-agents", role="agent")
+    try:
+        first, second = Cfg(), Cfg()
+        async with await Client.connect(nats_url) as client:
+            async with Agent(first, run=run_id, rank=0, connection=nc, heartbeat=0.2) as zero:
+                async with Agent(second, run=run_id, rank=1, connection=nc, heartbeat=0.2):
+                    assert zero.nc is nc
+                    changed = await client.set(run_id, "all", "x", 5)
+                    assert isinstance(changed, Gathered)
+                    assert sorted(changed.results) == ["0", "1"] and not changed.missing
+                    assert first.x == 5 and second.x == 5
+                    assert one(await client.get(run_id, 1, "x")).value == 5
+                # the second agent ended: its rank exited, the connection stays open for
+                # the first agent (and the caller)
+                assert not nc.is_closed
+                assert (await client.rank(run_id, 1)).liveness == "exited"
+                assert one(await client.set(run_id, 0, "x", 6)).changed and first.x == 6
+                with pytest.raises(NotFound):
+                    await client.ping(run_id, 1)
+            assert not nc.is_closed and nc.is_connected
+            assert (await client.rank(run_id, 0)).liveness == "exited"
+    finally:
+        await nc.close()
