@@ -7,6 +7,9 @@ Used through :class:`runctl.bus.client.Client` (``client.history(...)``, ``clien
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ __all__ = [
     "UndoResult",
     "cancel_schedule",
     "forget_history",
+    "journal_run_stop",
     "schedule",
     "scheduled",
     "undo",
@@ -158,6 +162,37 @@ async def schedule(
         return gathered
     gathered.journaled = await write_schedule(client, run, target, deferred, at_step)
     return gathered
+
+
+async def journal_run_stop(client: Client, run: str, cmd: m.Stop, gathered: Gathered) -> bool:
+    """Journal a run-wide stop in one record naming the ranks that acknowledged it (they
+    write none of their own: ``Stop.journaled_by_writer``); each result then says whether
+    the journal holds it. False if the journal could not store it."""
+    record = Record(
+        id=cmd.change_id,
+        run=run,
+        rank=ALL,
+        target=ALL,
+        verb="stop",
+        ts=time.time(),
+        by=cmd.by or client.author(),
+        request=request_json(cmd),
+        outcome="applied",
+        acknowledged=sorted(gathered.results, key=rank_key),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+    )
+    try:
+        await append(client.nc.jetstream(), record, timeout=client.journal_timeout)
+        stored = True
+    except Unavailable:
+        stored = False
+    gathered.results = {
+        rank: dataclasses.replace(result, journaled=stored)
+        for rank, result in gathered.results.items()
+    }
+    gathered.change_id = gathered.change_id or cmd.change_id
+    return stored
 
 
 async def write_schedule(

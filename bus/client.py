@@ -477,7 +477,15 @@ class Client:
         # after the broadcast: it need not hold up the ranks that are running now.
         ack = await self._record_run_stop(run, cmd)
         try:
-            return await (self.send_synced(run, cmd, margin) if sync else self.send(run, ALL, cmd))
+            if sync:
+                return await self.send_synced(run, cmd, margin)
+            # one journal record for the run, by us, instead of one by each rank
+            stamped = self._stamped(msgspec.structs.replace(cmd, journaled_by_writer=True))
+            assert isinstance(stamped, m.Stop)
+            gathered = await self.send(run, ALL, stamped)
+            assert isinstance(gathered, Gathered)
+            await changes.journal_run_stop(self, run, stamped, gathered)
+            return gathered
         finally:
             if ack is not None:
                 with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):

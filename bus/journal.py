@@ -107,6 +107,8 @@ class Record(msgspec.Struct, tag="change/1", tag_field="t", kw_only=True, omit_d
     #: a replay: the changes it applied, and those it skipped
     replayed: list[str] = msgspec.field(default_factory=list)
     skipped: list[Skipped] = msgspec.field(default_factory=list)
+    #: a run-wide record of a stop its writer journaled: the ranks that acknowledged it
+    acknowledged: list[str] = msgspec.field(default_factory=list)
     #: the process that wrote it
     host: str = ""
     pid: int = 0
@@ -224,7 +226,7 @@ def request_json(command: m.Command) -> dict[str, Any]:
     """The command as sent (with its tag ``t``: what a replay decodes), for the journal:
     without its id and author, which the record keeps apart."""
     data = msgspec.to_builtins(command)
-    for key in ("by", "change_id", "id", "undo_of"):
+    for key in ("by", "change_id", "id", "undo_of", "journaled_by_writer"):
         data.pop(key, None)
     for key in ("text", "texts", "synced"):  # typed text is journaled as the rank read it
         if not data.get(key):

@@ -9,6 +9,10 @@ Replay (a rank starting in a run with journaled changes), :func:`plan_replay`:
 - changes scheduled at a step (``schedule`` records) that were not cancelled and that this
   rank has not applied yet: restored as pending, to apply at their step.
 
+A run-wide stop is one record, written by whoever sent it, naming the ranks that
+acknowledged it (the ranks write none: 64 or 1,000 journal writes would hold up the
+replies); the history shows it as each of those ranks' outcome.
+
 Stops and cancels are history, not replayed: a restarted run is meant to run (a run-wide
 stop still stops ranks that start shortly after it, see docs/distributed.md). A change a
 rank rejected is not replayed on that rank.
@@ -247,6 +251,8 @@ def entries(records: Records) -> list[Entry]:
             )
         if rec.rank == ALL:
             entry.run_record = rec
+            for rank in rec.acknowledged:  # a stop its writer journaled for every rank
+                entry.ranks.setdefault(rank, msgspec.structs.replace(rec, rank=rank))
         else:
             entry.ranks[rec.rank] = rec
     for entry in by_id.values():

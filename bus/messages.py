@@ -158,6 +158,9 @@ class Stop(msgspec.Struct, tag="stop/1", **_TAG):
     checkpoint: bool = False
     #: see Set.synced
     synced: bool = False
+    #: a run-wide stop that its writer journals in one record (naming the ranks that
+    #: acknowledged it): the ranks write none of their own
+    journaled_by_writer: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel/1", **_TAG):

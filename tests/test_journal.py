@@ -106,6 +106,30 @@ async def test_a_bare_nats_request_is_journaled_as_such(nats_url: str, run_id: s
     ]
 
 
+async def test_a_run_wide_stop_is_one_record_naming_the_ranks_that_acknowledged(
+    nats_url: str, run_id: str, client: Client
+) -> None:
+    async with agent(nats_url, run_id, 0), agent(nats_url, run_id, 1):
+        stopped = await client.stop(run_id, "all", "enough", mode="graceful")
+        assert isinstance(stopped, Gathered) and sorted(stopped.results) == ["0", "1"]
+        assert all(r.journaled is True for r in stopped.results.values())
+        one_rank = await client.stop(run_id, 1, "again")  # one rank: its own record
+        await anyio.sleep(0.3)  # a rank's record of its own would be on its way by now
+    written = [rec for rec in await records(nats_url, run_id) if rec.verb == "stop"]
+    run_wide = [rec for rec in written if rec.id == stopped.change_id]
+    assert len(run_wide) == 1, "the ranks wrote no record of the run-wide stop"
+    (record,) = run_wide
+    assert (record.rank, record.target, record.acknowledged) == ("all", "all", ["0", "1"])
+    assert record.by.name == "alice@test" and record.outcome == "applied"
+    assert record.request["t"] == "stop/1" and record.request["reason"] == "enough"
+    assert "journaled_by_writer" not in record.request  # how it travelled, not what it asked
+    assert [rec.rank for rec in written if rec.id == one_rank.change_id] == ["1"]
+    # the history shows it as each rank's outcome, and under each rank's filter
+    (entry,) = [e for e in await client.history(run_id) if e.id == stopped.change_id]
+    assert sorted(entry.ranks) == ["0", "1"] and entry.status == "applied"
+    assert [e.id for e in await client.history(run_id, rank="0")] == [stopped.change_id]
+
+
 async def test_history_newest_first_with_filters(
     nats_url: str, run_id: str, client: Client
 ) -> None:
