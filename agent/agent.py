@@ -88,7 +88,12 @@ class Agent(Generic[M]):
     NATS connection (nats-py, logged in with the agent role) to use instead of connecting;
     the agent leaves it open when it ends. Agents of one process on one event loop may
     share one: the server then hands a broadcast to all of them in one socket write, and
-    their replies leave in one (bench_fanout's packed layout).
+    their replies leave in one (bench_fanout's packed layout). Only where the login may
+    publish to reply inboxes freely (a server without logins, or your own accounts):
+    runctl's own ``runctl-agent`` user answers only through ``allow_responses``, and the
+    server refuses the replies to a broadcast of agents that share its connection; there
+    each agent needs its own connection. A shared connection also keeps the JetStream
+    reply inboxes of agents that ended.
     """
 
     def __init__(
@@ -119,7 +124,9 @@ class Agent(Generic[M]):
         if connection is not None and connection.connected_url is not None:
             self.url = connection.connected_url.geturl()
         # Zero-setup: with no URL configured, share (or start) the machine's local server.
-        self.embedded = self.url is None if embedded is None else embedded
+        if embedded is None:
+            embedded = self.url is None and connection is None
+        self.embedded = embedded
         #: the embedded bus: ports, and whether to bring up the gateway (checked now)
         self.embedded_config = embedded_config(gateway)
         self.lease: Lease | None = None

@@ -119,7 +119,7 @@ class Journaler:
                     self._targets.pop(next(iter(self._targets)))
                 return None
             reply.change_id = change_id
-            if isinstance(command, m.Stop) and command.journaled_by_writer:
+            if isinstance(command, m.Stop) and command.journaled_by_writer and target == ALL:
                 return None  # one run-wide record, by the writer (bus/changes.py)
             reply.journaled = True
         return self.build(

@@ -127,7 +127,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=("shared", "own"),
         default="shared",
         help="--layout packed: the agents of a process share one NATS connection (Agent's "
-        "connection=), or each opens its own",
+        "connection=; needs a login that may publish to reply inboxes, as on this "
+        "benchmark's server without logins), or each opens its own",
     )
     p.add_argument(
         "--step-interval",

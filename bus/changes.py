@@ -164,10 +164,15 @@ async def schedule(
     return gathered
 
 
-async def journal_run_stop(client: Client, run: str, cmd: m.Stop, gathered: Gathered) -> bool:
+async def journal_run_stop(
+    client: Client, run: str, cmd: m.Stop, gathered: Gathered | None
+) -> bool:
     """Journal a run-wide stop in one record naming the ranks that acknowledged it (they
     write none of their own: ``Stop.journaled_by_writer``); each result then says whether
-    the journal holds it. False if the journal could not store it."""
+    the journal holds it. ``gathered`` None: nobody answered in time (the ranks may have
+    stopped all the same), recorded as ``unanswered``. False if the journal could not
+    store it."""
+    acknowledged = sorted(gathered.results, key=rank_key) if gathered is not None else []
     record = Record(
         id=cmd.change_id,
         run=run,
@@ -177,8 +182,8 @@ async def journal_run_stop(client: Client, run: str, cmd: m.Stop, gathered: Gath
         ts=time.time(),
         by=cmd.by or client.author(),
         request=request_json(cmd),
-        outcome="applied",
-        acknowledged=sorted(gathered.results, key=rank_key),
+        outcome="applied" if acknowledged else "unanswered",
+        acknowledged=acknowledged,
         host=socket.gethostname(),
         pid=os.getpid(),
     )
@@ -187,11 +192,12 @@ async def journal_run_stop(client: Client, run: str, cmd: m.Stop, gathered: Gath
         stored = True
     except Unavailable:
         stored = False
-    gathered.results = {
-        rank: dataclasses.replace(result, journaled=stored)
-        for rank, result in gathered.results.items()
-    }
-    gathered.change_id = gathered.change_id or cmd.change_id
+    if gathered is not None:
+        gathered.results = {
+            rank: dataclasses.replace(result, journaled=stored)
+            for rank, result in gathered.results.items()
+        }
+        gathered.change_id = gathered.change_id or cmd.change_id
     return stored
 
 

@@ -482,10 +482,20 @@ class Client:
             # one journal record for the run, by us, instead of one by each rank
             stamped = self._stamped(msgspec.structs.replace(cmd, journaled_by_writer=True))
             assert isinstance(stamped, m.Stop)
-            gathered = await self.send(run, ALL, stamped)
-            assert isinstance(gathered, Gathered)
-            await changes.journal_run_stop(self, run, stamped, gathered)
-            return gathered
+            gathered: Result | Gathered | None = None
+            nobody = False
+            try:
+                gathered = await self.send(run, ALL, stamped)
+                return gathered
+            except NotFound:
+                nobody = True  # nobody serves the run: nothing was stopped
+                raise
+            finally:  # journaled whatever came back (a Timeout: ranks may have stopped)
+                if not nobody:
+                    done = gathered if isinstance(gathered, Gathered) else None
+                    with anyio.CancelScope(shield=True):
+                        with anyio.move_on_after(self.journal_timeout):
+                            await changes.journal_run_stop(self, run, stamped, done)
         finally:
             if ack is not None:
                 with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -81,8 +82,10 @@ class Transport:
         exited, is NotFound too; a registered rank that stays silent is a Timeout.
 
         The reply is awaited in the caller's own task on this connection's reply inbox
-        (:class:`ReplyInbox`): no task is started for the registry check, which would cost
-        the common case (a reply within a millisecond) a few event-loop iterations."""
+        (:class:`ReplyInbox`): the registry check is a task of its own only when no reply
+        came within :data:`REGISTRY_CHECK_AFTER` (a task group for every request cost the
+        common case, a reply within a millisecond, a few event-loop iterations). A reply
+        that comes while the registry is asked wins; the deadline bounds both."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -90,10 +93,7 @@ class Transport:
             try:
                 await self.nc.publish(subject, payload, reply=inbox, headers=headers)
                 if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
-                    if await self._gone(run, rank):
-                        raise NotFound(run, rank)
-                    if not await _within(reply, deadline - loop.time()):
-                        raise nats_errors.TimeoutError
+                    await self._wait_or_check(reply, run, rank, deadline - loop.time())
                 msg = reply.result()
             finally:
                 self._replies.close(inbox)
@@ -104,6 +104,28 @@ class Transport:
             raise
         except Exception as exc:
             raise map_nats_error(exc, run=run, rank=rank) from exc
+
+    async def _wait_or_check(
+        self, reply: asyncio.Future[Msg], run: str, rank: str, remaining: float
+    ) -> None:
+        """Wait for ``reply`` while the registry is asked whether the rank exists: returns
+        once the reply is in; NotFound if the registry answers first that nobody serves the
+        rank; nats' TimeoutError at the deadline."""
+        if remaining <= 0:
+            raise nats_errors.TimeoutError
+        loop = asyncio.get_running_loop()
+        end = loop.time() + remaining
+        gone = asyncio.ensure_future(self._gone(run, rank))
+        try:
+            await asyncio.wait((reply, gone), timeout=remaining, return_when=FIRST_COMPLETED)
+            if reply.done():
+                return
+            if gone.done() and gone.result():
+                raise NotFound(run, rank)
+            if not await _within(reply, end - loop.time()):
+                raise nats_errors.TimeoutError
+        finally:
+            gone.cancel()
 
     async def _gone(self, run: str, rank: str) -> bool:
         """The registry never saw the rank, or saw it exit (False: no registry to ask)."""
@@ -252,8 +274,12 @@ class ReplyInbox:
     async def open(self) -> tuple[str, asyncio.Future[Msg]]:
         """A fresh reply subject and the future its reply will complete."""
         if self._sub is None:
-            self._prefix = self.nc.new_inbox()
-            self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+            prefix = self.nc.new_inbox()
+            sub = await self.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+            if self._sub is None:
+                self._prefix, self._sub = prefix, sub
+            else:  # another first request subscribed while this one did
+                await sub.unsubscribe()
         self._next += 1
         subject = f"{self._prefix}.{self._next}"
         reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()

@@ -43,6 +43,7 @@ from runctl.bus.errors import (
 )
 
 __all__ = [
+    "HANDLED",
     "BodyLimit",
     "as_error",
     "error_body",
@@ -171,10 +172,15 @@ def summarise_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
+#: what a route may raise that :func:`handle_error` answers as a client or bus error (anything
+#: else is a bug: answered too, and logged with its traceback)
+HANDLED: Final = (RunctlError, RequestValidationError, HTTPException, NatsError, TimeoutError)
+
+
 def install(app: FastAPI) -> None:
     """Register the one handler on ``app`` for every kind of error a request can raise
     (the body limit is a middleware: see BodyLimit)."""
-    for kind in (RunctlError, RequestValidationError, HTTPException, NatsError, TimeoutError):
+    for kind in HANDLED:
         app.add_exception_handler(kind, handle_error)
     # Starlette answers with this one and still re-raises, so the traceback is logged
     app.add_exception_handler(Exception, handle_error)

@@ -31,10 +31,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runctl.bus.client import Client
-from runctl.bus.errors import RunctlError
 from runctl.gateway import freak, routes
 from runctl.gateway.auth import authorize, required_role, tokens_of
-from runctl.gateway.errors import handle_error
+from runctl.gateway.errors import HANDLED, handle_error
 
 __all__ = ["ROUTES", "HotRoutes"]
 
@@ -120,7 +119,7 @@ class HotRoutes:
             authorize(tokens_of(request), request, required_role(route.method, route.template))
             client = await routes.get_client(request)
             response = await route.handler(request, client, params, value)
-        except RunctlError as exc:
+        except HANDLED as exc:  # as the routes' handlers answer them (gateway/errors.py)
             response = await handle_error(request, exc)
         await response(scope, receive, send)
 

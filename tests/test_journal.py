@@ -12,13 +12,14 @@ import anyio
 import msgspec
 import nats
 import pytest
+from conftest import register_silent_rank
 from nats.js import api
 from pydantic import BaseModel, Field
 
 from runctl.agent import Agent
 from runctl.bus import Client, Gathered
 from runctl.bus import messages as m
-from runctl.bus.errors import BadRequest, Conflict, TooLate
+from runctl.bus.errors import BadRequest, Conflict, Timeout, TooLate
 from runctl.bus.journalstore import read_journal, stream_config
 from runctl.bus.server import NatsServer
 from runctl.bus.subjects import journal_filter
@@ -128,6 +129,38 @@ async def test_a_run_wide_stop_is_one_record_naming_the_ranks_that_acknowledged(
     (entry,) = [e for e in await client.history(run_id) if e.id == stopped.change_id]
     assert sorted(entry.ranks) == ["0", "1"] and entry.status == "applied"
     assert [e.id for e in await client.history(run_id, rank="0")] == [stopped.change_id]
+
+
+async def test_a_run_wide_stop_nobody_answered_in_time_is_journaled_as_such(
+    nats_url: str, run_id: str
+) -> None:
+    await register_silent_rank(nats_url, run_id, "0")  # registered, never answers
+    silent = await nats.connect(nats_url)  # receives the broadcast (a frozen agent's part)
+    try:
+        await silent.subscribe(f"runctl.{run_id}.all.cmd.>")
+        await silent.flush()
+        async with await Client.connect(nats_url, by="bob@test", timeout=0.3) as client:
+            with pytest.raises(Timeout):
+                await client.stop(run_id, "all", "stuck")
+    finally:
+        await silent.close()
+    (record,) = [rec for rec in await records(nats_url, run_id) if rec.verb == "stop"]
+    assert (record.rank, record.outcome, record.acknowledged) == ("all", "unanswered", [])
+    assert record.by.name == "bob@test"
+
+
+async def test_a_stop_to_one_rank_is_journaled_by_the_rank_whatever_it_says(
+    nats_url: str, run_id: str
+) -> None:
+    async with agent(nats_url, run_id, 0):
+        nc = await nats.connect(nats_url)
+        try:
+            stop = m.Stop(reason="x", change_id="c" * 32, journaled_by_writer=True)
+            await nc.request(f"runctl.{run_id}.0.cmd.stop", m.encode(stop), timeout=5)
+        finally:
+            await nc.close()
+        await anyio.sleep(0.3)
+    assert [(rec.rank, rec.id) for rec in await records(nats_url, run_id)] == [("0", "c" * 32)]
 
 
 async def test_history_newest_first_with_filters(

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
 from runctl.agent import Agent
-from runctl.bus import Client, Result, statestore
+from runctl.bus import Client, Gathered, Result, statestore
 from runctl.bus import messages as m
 from runctl.bus.artifact_store import ArtifactStore
 from runctl.bus.credentials import Credentials, NatsRole, ensure_credentials
@@ -632,3 +632,34 @@ async def test_agents_store_and_read_results_operators_delete_them(
         report = await forget(client.nc, run_id, "blob")
         assert report.objects == 1
         assert await store.list(f"{run_id}/") == []
+
+
+@pytest.mark.anyio
+async def test_agents_sharing_a_connection_cannot_answer_broadcasts_under_these_accounts(
+    secured: NatsServer, creds: Credentials, run_id: str
+) -> None:
+    """What the docs say of ``Agent(connection=...)``: runctl's agent user may answer a
+    request only as ``allow_responses`` allows, and the server refuses the replies of agents
+    that share one connection to a broadcast they both received; a request to one of them
+    is answered. With a connection each, both answer the broadcast."""
+    login = Login()
+    shared = await login.connect(secured, creds, "agent")
+    url = url_for(secured, creds, "agent")
+    try:
+        async with await Client.connect(url_for(secured, creds, "operator"), timeout=1) as client:
+            async with (
+                Agent(Cfg(), run=run_id, rank=0, connection=shared, replay=False),
+                Agent(Cfg(), run=run_id, rank=1, connection=shared, replay=False),
+            ):
+                assert isinstance(await client.get(run_id, 1, fresh=True), Result)
+                with pytest.raises(RunctlError):  # Timeout: no rank's reply got through
+                    await client.get(run_id, "all", fresh=True)
+                await until(lambda: login.violations("publish", "_INBOX"))
+            async with (
+                Agent(Cfg(), run=f"{run_id}-own", rank=0, url=url, replay=False),
+                Agent(Cfg(), run=f"{run_id}-own", rank=1, url=url, replay=False),
+            ):
+                got = await client.get(f"{run_id}-own", "all", fresh=True)
+                assert isinstance(got, Gathered) and sorted(got.results) == ["0", "1"]
+    finally:
+        await shared.close()
