@@ -113,7 +113,10 @@ async def test_a_set_to_every_rank_is_one_wait_for_all_their_acks(
             assert all(versions[k] >= r.version for k, r in gathered.results.items())
             stopped = await client.stop(run_id, "all", reason="done")
             assert isinstance(stopped, Gathered)
-            assert all(r.acks == 1 and r.journaled for r in stopped.results.values())
+            # a stop to every rank is one record, the writer's: no rank's ack to wait for
+            assert all(r.acks == 0 and r.journaled for r in stopped.results.values())
+            one_rank = await client.stop(run_id, 2, reason="again")
+            assert isinstance(one_rank, Result) and one_rank.acks == 1 and one_rank.journaled
         assert reads.calls == []
     finally:
         for handle in handles:
