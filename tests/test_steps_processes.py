@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -105,13 +106,17 @@ ctl.close()
 
 
 def test_no_acknowledged_completion_is_lost_when_the_server_is_killed(
-    nats_server: NatsServer, run_id: str
+    nats_server: NatsServer, run_id: str, tmp_path: Path
 ) -> None:
     n = 60
     code = (
         PROGRAM
         + f"""
 for i in ctl.steps("item", range({n})):
+    if i == 16:  # the rest runs once the test has killed the server (bounded wait)
+        until = time.monotonic() + 30
+        while not os.path.exists(os.environ["GATE"]) and time.monotonic() < until:
+            time.sleep(0.01)
     time.sleep(0.02)
     print(json.dumps({{"ran": i, "pending": ctl.agent.steps.pending}}), flush=True)
 flushed = ctl.agent.steps.flush(20)
@@ -122,13 +127,15 @@ ctl.close()
 """
     )
     url = nats_server.url
-    proc = spawn_python(code, env={"RUN": run_id, "URL": url})
+    gate = tmp_path / "server-killed"
+    proc = spawn_python(code, env={"RUN": run_id, "URL": url, "GATE": str(gate)})
     assert proc.stdout is not None
     for line in proc.stdout:
         if any(o.get("ran") == 15 for o in objects(line)):
             break
     acked_before = {r.key for _, r in log_of(url, run_id).records.values() if r.status == "done"}
     nats_server.kill()  # SIGKILL, store kept
+    gate.touch()  # the program goes on while the server is down
     time.sleep(0.5)
     restarted = NatsServer(port=nats_server.port, store_dir=nats_server.store_dir).start()
     try:
