@@ -29,7 +29,8 @@ import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+
+from runctl.bus.inboxes import Inbox
 
 __all__ = ["ACK_TO", "AckInbox", "Acks", "ack_to_of"]
 
@@ -95,30 +96,22 @@ class Acks:
 
 
 class AckInbox:
-    """One wildcard subscription per connection (``<inbox>.*``), one token per write."""
+    """The writes' acknowledgements: one wildcard subscription per connection (``<inbox>.*``,
+    :class:`runctl.bus.inboxes.Inbox`), one token per write."""
 
     def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.prefix = ""
-        self._sub: Subscription | None = None
-        self._open: dict[str, Acks] = {}
-        self._next = 0
+        self._inbox: Inbox[Acks] = Inbox(nc, _count)
 
     async def expect(self) -> Acks:
         """A fresh :class:`Acks` whose subject routes here; :meth:`done` it after use."""
-        if self._sub is None:
-            self.prefix = self.nc.new_inbox()
-            self._sub = await self.nc.subscribe(f"{self.prefix}.*", cb=self._on_ack)
-        self._next += 1
-        acks = Acks(f"{self.prefix}.{self._next}")
-        self._open[acks.subject] = acks
+        _, acks = await self._inbox.open(Acks)
         return acks
 
     def done(self, acks: Acks) -> None:
         """Stop collecting for ``acks`` (its write was answered, or gave up)."""
-        self._open.pop(acks.subject, None)
+        self._inbox.close(acks.subject)
 
-    async def _on_ack(self, msg: Msg) -> None:
-        acks = self._open.get(msg.subject)
-        if acks is not None:
-            acks.add(msg.data)
+
+def _count(acks: Acks, msg: Msg) -> bool:
+    acks.add(msg.data)
+    return False  # a write has several stores: it is done when its writer says so

@@ -24,10 +24,10 @@ import msgspec
 from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from runctl.bus import messages as m
 from runctl.bus.errors import NotFound, RunctlError, Timeout, from_code, map_nats_error
+from runctl.bus.inboxes import Inbox
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
 from runctl.bus.results import Gathered, Result
 from runctl.bus.subjects import rank_key
@@ -36,7 +36,6 @@ __all__ = [
     "EXPECTED_TTL",
     "QUIET_AFTER_LAST_REPLY",
     "REGISTRY_CHECK_AFTER",
-    "ReplyInbox",
     "Settle",
     "Transport",
     "decode_reply",
@@ -64,8 +63,8 @@ class Transport:
         self._registry = registry
         #: per run: when the registry was read, and the ranks it knew alive
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
-        #: where single requests' replies arrive
-        self._replies = ReplyInbox(nc)
+        #: where single requests' replies arrive: one future per request
+        self._replies: Inbox[asyncio.Future[Msg]] = Inbox(nc, _complete)
 
     async def request(
         self,
@@ -82,14 +81,16 @@ class Transport:
         exited, is NotFound too; a registered rank that stays silent is a Timeout.
 
         The reply is awaited in the caller's own task on this connection's reply inbox
-        (:class:`ReplyInbox`): the registry check is a task of its own only when no reply
-        came within :data:`REGISTRY_CHECK_AFTER` (a task group for every request cost the
-        common case, a reply within a millisecond, a few event-loop iterations). A reply
-        that comes while the registry is asked wins; the deadline bounds both."""
+        (:class:`runctl.bus.inboxes.Inbox`; nats-py's own request works the same way, but
+        would need a task of its own to be watched while the registry is asked): the
+        registry check is a task of its own only when no reply came within
+        :data:`REGISTRY_CHECK_AFTER` (a task group for every request cost the common case,
+        a reply within a millisecond, a few event-loop iterations). A reply that comes
+        while the registry is asked wins; the deadline bounds both."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            inbox, reply = await self._replies.open()
+            inbox, reply = await self._replies.open(lambda _: loop.create_future())
             try:
                 await self.nc.publish(subject, payload, reply=inbox, headers=headers)
                 if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
@@ -259,41 +260,10 @@ class Transport:
         return expected, any(info.liveness != "exited" for info in infos)
 
 
-class ReplyInbox:
-    """One wildcard subscription per connection (``<inbox>.*``) for single requests'
-    replies, one token and one future per request (nats-py's own request works the same
-    way, but would need a task of its own to be watched while the registry is asked)."""
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._open: dict[str, asyncio.Future[Msg]] = {}
-        self._next = 0
-
-    async def open(self) -> tuple[str, asyncio.Future[Msg]]:
-        """A fresh reply subject and the future its reply will complete."""
-        if self._sub is None:
-            prefix = self.nc.new_inbox()
-            sub = await self.nc.subscribe(f"{prefix}.*", cb=self._on_reply)
-            if self._sub is None:
-                self._prefix, self._sub = prefix, sub
-            else:  # another first request subscribed while this one did
-                await sub.unsubscribe()
-        self._next += 1
-        subject = f"{self._prefix}.{self._next}"
-        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._open[subject] = reply
-        return subject, reply
-
-    def close(self, subject: str) -> None:
-        """The request is over (answered, or given up): a late reply is dropped."""
-        self._open.pop(subject, None)
-
-    async def _on_reply(self, msg: Msg) -> None:
-        reply = self._open.pop(msg.subject, None)
-        if reply is not None and not reply.done():
-            reply.set_result(msg)
+def _complete(reply: asyncio.Future[Msg], msg: Msg) -> bool:
+    if not reply.done():
+        reply.set_result(msg)
+    return True  # one reply per request
 
 
 async def _within(reply: asyncio.Future[Msg], seconds: float) -> bool:
