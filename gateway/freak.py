@@ -29,7 +29,7 @@ from runctl.gateway.routes import ClientDep, Fresh, PathParam, Value
 from runctl.gateway.settings import Settings
 from runctl.gateway.writes import SET_BODY
 
-__all__ = ["RootTarget", "root_target", "router", "success_response"]
+__all__ = ["RootTarget", "read_at_root", "root_target", "router", "set_at_root"]
 
 router = APIRouter()
 _FREAK: Final[list[str | Enum]] = ["freak-compatible"]
@@ -69,7 +69,7 @@ async def root_target(request: Request, client: Client) -> RootTarget:
     )
 
 
-def success_response(run: str, result: Result | Gathered) -> Response:
+def _success(run: str, result: Result | Gathered) -> Response:
     """``"success"`` as Freak; a change every rank refused is that error (422 with
     pydantic's list, 404 for an unknown path ...), as for one rank."""
     if isinstance(result, Gathered) and result.errors and not (result.results or result.missing):
@@ -77,11 +77,25 @@ def success_response(run: str, result: Result | Gathered) -> Response:
     return routes.write_response(run, result, freak=True)
 
 
+async def read_at_root(request: Request, client: Client, path: str | None, fresh: bool) -> Response:
+    """A read on the root routes (``GET /get[/{path}]``, ``/get_from_path``): the root
+    run's read rank. Also the gateway's fast path (gateway/hot.py)."""
+    t = await root_target(request, client)
+    return await routes.read(client, t.run, t.read_rank, path, fresh)
+
+
+async def set_at_root(request: Request, client: Client, path: str, value: str | None) -> Response:
+    """``PUT /set/{path}`` on the root routes: the root run's write rank(s), answered
+    ``"success"``. Also the gateway's fast path (gateway/hot.py)."""
+    t = await root_target(request, client)
+    result = await routes.set_value_of(client, request, t.run, t.write_rank, path, value, {})
+    return _success(t.run, result)
+
+
 @router.get("/get", summary="Read the state", tags=_FREAK)
 async def freak_get(request: Request, client: ClientDep, fresh: Fresh = False) -> Response:
     """The state's JSON, as Freak's `GET /get`."""
-    t = await root_target(request, client)
-    return await routes.read(client, t.run, t.read_rank, None, fresh)
+    return await read_at_root(request, client, None, fresh)
 
 
 @router.get("/get/{path:path}", summary="Read one value", tags=_FREAK)
@@ -89,8 +103,7 @@ async def freak_get_value(
     request: Request, path: PathParam, client: ClientDep, fresh: Fresh = False
 ) -> Response:
     """The value at a path (`lr`, `model/head`), as Freak's `GET /get/{path}`."""
-    t = await root_target(request, client)
-    return await routes.read(client, t.run, t.read_rank, path, fresh)
+    return await read_at_root(request, client, path, fresh)
 
 
 @router.get("/get_from_path", summary="Read one value (path in the query)", tags=_FREAK)
@@ -101,8 +114,7 @@ async def freak_get_from_path(
     fresh: Fresh = False,
 ) -> Response:
     """The value at `?path=`, as Freak's `GET /get_from_path`."""
-    t = await root_target(request, client)
-    return await routes.read(client, t.run, t.read_rank, path, fresh)
+    return await read_at_root(request, client, path, fresh)
 
 
 @router.put("/set/{path:path}", summary="Set one value", tags=_FREAK, openapi_extra=SET_BODY)
@@ -110,9 +122,7 @@ async def freak_set(
     request: Request, path: PathParam, client: ClientDep, value: Value = None
 ) -> Response:
     """The JSON body, else `?value=`; answers `"success"` as Freak did."""
-    t = await root_target(request, client)
-    result = await routes.set_value_of(client, request, t.run, t.write_rank, path, value, {})
-    return success_response(t.run, result)
+    return await set_at_root(request, client, path, value)
 
 
 @router.patch(
@@ -124,9 +134,7 @@ async def freak_set(
 async def freak_patch(request: Request, client: ClientDep) -> Response:
     """Merge a JSON object into the state; answers `"success"` as Freak did."""
     t = await root_target(request, client)
-    return success_response(
-        t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {})
-    )
+    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, None, {}))
 
 
 @router.patch(
@@ -138,13 +146,11 @@ async def freak_patch(request: Request, client: ClientDep) -> Response:
 async def freak_patch_at(request: Request, path: PathParam, client: ClientDep) -> Response:
     """Merge a JSON object into the object at `path`; answers `"success"`."""
     t = await root_target(request, client)
-    return success_response(
-        t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {})
-    )
+    return _success(t.run, await routes.patch_of(client, request, t.run, t.write_rank, path, {}))
 
 
 @router.delete("/reset", summary="Back to the initial state", tags=_FREAK)
 async def freak_reset(request: Request, client: ClientDep) -> Response:
     """Back to the state at `control()` time; answers `"success"`."""
     t = await root_target(request, client)
-    return success_response(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))
+    return _success(t.run, await routes.reset_of(client, t.run, t.write_rank, {}))

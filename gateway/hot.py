@@ -56,18 +56,13 @@ class _Route:
 async def _freak_get(
     request: Request, client: Client, params: Mapping[str, str], value: str | None
 ) -> Response:
-    target = await freak.root_target(request, client)
-    return await routes.read(client, target.run, target.read_rank, params.get("path"), False)
+    return await freak.read_at_root(request, client, params.get("path"), False)
 
 
 async def _freak_set(
     request: Request, client: Client, params: Mapping[str, str], value: str | None
 ) -> Response:
-    target = await freak.root_target(request, client)
-    result = await routes.set_value_of(
-        client, request, target.run, target.write_rank, params["path"], value, {}
-    )
-    return freak.success_response(target.run, result)
+    return await freak.set_at_root(request, client, params["path"], value)
 
 
 async def _get(
@@ -79,11 +74,8 @@ async def _get(
 async def _set(
     request: Request, client: Client, params: Mapping[str, str], value: str | None
 ) -> Response:
-    run = params["run"]
-    result = await routes.set_value_of(
-        client, request, run, params["rank"], params["path"], value, {}
-    )
-    return routes.write_response(run, result)
+    run, rank, path = params["run"], params["rank"], params["path"]
+    return await routes.set_answer(client, request, run, rank, path, value, {})
 
 
 _R = f"/runs/(?P<run>{_NAME})/ranks/(?P<rank>{_NAME})"

@@ -49,6 +49,7 @@ __all__ = [
     "read",
     "reset_of",
     "router",
+    "set_answer",
     "set_value_of",
     "write_response",
 ]
@@ -227,6 +228,19 @@ async def set_value_of(
     return await writes.set_from_request(client, request, run, rank, dotted, value, options)
 
 
+async def set_answer(
+    client: Client,
+    request: Request,
+    run: str,
+    rank: str,
+    path: str,
+    value: str | None,
+    options: dict[str, Any],
+) -> Response:
+    """A set's answer: each rank's outcome (also the gateway's fast path's, gateway/hot.py)."""
+    return write_response(run, await set_value_of(client, request, run, rank, path, value, options))
+
+
 async def patch_of(
     client: Client,
     request: Request,
@@ -361,8 +375,7 @@ async def set_value(
     errors (and nothing changed) if it does not fit. The value is the JSON body, else
     `?value=`."""
     options = _sync_options(rank, sync, margin, at_step)
-    result = await set_value_of(client, request, run, rank, path, value, options)
-    return write_response(run, result)
+    return await set_answer(client, request, run, rank, path, value, options)
 
 
 @router.patch(R + "/set", summary="Merge a partial state", tags=["state"], openapi_extra=PATCH_BODY)
