@@ -482,20 +482,21 @@ class Client:
             # one journal record for the run, by us, instead of one by each rank
             stamped = self._stamped(msgspec.structs.replace(cmd, journaled_by_writer=True))
             assert isinstance(stamped, m.Stop)
-            gathered: Result | Gathered | None = None
-            nobody = False
+
+            async def journal(gathered: Gathered | None) -> None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.journal_timeout):
+                    await changes.journal_run_stop(self, run, stamped, gathered)
+
             try:
                 gathered = await self.send(run, ALL, stamped)
-                return gathered
             except NotFound:
-                nobody = True  # nobody serves the run: nothing was stopped
+                raise  # nobody serves the run: nothing was stopped
+            except BaseException:
+                await journal(None)  # a Timeout: the ranks may have stopped all the same
                 raise
-            finally:  # journaled whatever came back (a Timeout: ranks may have stopped)
-                if not nobody:
-                    done = gathered if isinstance(gathered, Gathered) else None
-                    with anyio.CancelScope(shield=True):
-                        with anyio.move_on_after(self.journal_timeout):
-                            await changes.journal_run_stop(self, run, stamped, done)
+            assert isinstance(gathered, Gathered)
+            await journal(gathered)
+            return gathered
         finally:
             if ack is not None:
                 with anyio.move_on_after(self.timeout), contextlib.suppress(Exception):
