@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from runctl.bus.defaults import GATEWAY_PORT, NATS_PORT
+from runctl.bus.defaults import GATEWAY_PORT, NATS_PORT, switched_on
 from runctl.bus.errors import BadRequest, Unavailable
 from runctl.bus.server import find_binary
 
@@ -45,7 +45,6 @@ __all__ = [
 
 DEFAULT_NATS_PORT: Final = NATS_PORT
 DEFAULT_GATEWAY_PORT: Final = GATEWAY_PORT
-_OFF: Final = frozenset({"0", "false", "no", "off"})
 _HOST_SCRIPT: Final = Path(__file__).with_name("embedded_host.py")
 
 
@@ -76,7 +75,7 @@ def embedded_config(
     argument) wins over ``RUNCTL_GATEWAY``."""
     env = os.environ if env is None else env
     if gateway is None:
-        gateway = env.get("RUNCTL_GATEWAY", "").strip().lower() not in _OFF
+        gateway = switched_on("RUNCTL_GATEWAY", env)
     return EmbeddedConfig(
         nats_port=_port(env, "RUNCTL_NATS_PORT", DEFAULT_NATS_PORT),
         gateway_port=_port(env, "RUNCTL_GATEWAY_PORT", DEFAULT_GATEWAY_PORT),

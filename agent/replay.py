@@ -15,7 +15,6 @@ Opt out with ``control(state, replay=False)`` or ``RUNCTL_REPLAY=0``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -31,6 +30,7 @@ from runctl.agent.publish import Publisher
 from runctl.agent.replaydoc import apply_requests
 from runctl.agent.state import LiveState
 from runctl.bus import messages as m
+from runctl.bus.defaults import switched_on
 from runctl.bus.errors import RunctlError
 from runctl.bus.journal import Record, Skipped
 from runctl.bus.journalplan import plan_replay
@@ -48,7 +48,6 @@ __all__ = [
 REPLAY_ENV: Final = "RUNCTL_REPLAY"
 #: the journal read at start is bounded: a rank never waits longer than this for it
 READ_TIMEOUT: Final = 30.0
-_OFF: Final = frozenset({"0", "false", "no", "off"})
 
 log = structlog.get_logger()
 
@@ -57,8 +56,7 @@ def replay_enabled(asked: bool | None, env: Mapping[str, str] | None = None) -> 
     """``control(replay=...)`` if given, else ``RUNCTL_REPLAY`` (on unless 0/false/no/off)."""
     if asked is not None:
         return asked
-    value = (os.environ if env is None else env).get(REPLAY_ENV, "").strip().lower()
-    return value not in _OFF
+    return switched_on(REPLAY_ENV, env)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,12 +7,11 @@ or the ranks themselves), so it can be restarted at any time.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, MAX_PAYLOAD
+from runctl.bus.defaults import GATEWAY_HOST, GATEWAY_PORT, MAX_PAYLOAD, switched_on
 from runctl.bus.subjects import check_rank, check_token
 from runctl.gateway.auth import TokenTable
 from runctl.gateway.site import normalize_origin, split_host
@@ -37,8 +36,7 @@ FAST_PATH_ENV: Final = "RUNCTL_GATEWAY_FAST_PATH"
 
 def fast_path_enabled(env: Mapping[str, str] | None = None) -> bool:
     """Whether :data:`FAST_PATH_ENV` leaves the gateway's fast path on (the default)."""
-    value = (os.environ if env is None else env).get(FAST_PATH_ENV, "").strip().lower()
-    return value not in ("off", "0", "no", "false")
+    return switched_on(FAST_PATH_ENV, env)
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     #: answer plain reads and ``?value=`` sets before FastAPI's router (gateway/hot.py);
     #: default: on, unless ``RUNCTL_GATEWAY_FAST_PATH=off``
-    fast_path: bool = field(default_factory=lambda: fast_path_enabled())
+    fast_path: bool = field(default_factory=fast_path_enabled)
 
     def __post_init__(self) -> None:
         # Checked at start, so a bad --run fails the gateway instead of every request.
