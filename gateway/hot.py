@@ -119,38 +119,27 @@ class HotRoutes:
 def _match(scope: Scope) -> tuple[_Route, dict[str, str], str | None] | None:
     """The route ``scope`` is a plain request of, its path parameters and ``?value=``."""
     method = scope["method"]
-    if method not in ("GET", "PUT") or scope.get("root_path"):
+    if method not in ("GET", "PUT") or scope.get("root_path") or _has_body(scope):
         return None
     path: str = scope["path"]
+    query: bytes = scope.get("query_string", b"")
     for route in ROUTES:
-        if route.method != method:
-            continue
-        matched = route.pattern.fullmatch(path)
+        matched = route.pattern.fullmatch(path) if route.method == method else None
         if matched is None:
             continue
-        value = _plain_value(scope) if route.takes_value else _no_query(scope)
-        if value is False:
-            return None
         params = {k: v for k, v in matched.groupdict().items() if v is not None}
-        return route, params, value if isinstance(value, str) else None
+        if not route.takes_value:
+            return None if query else (route, params, None)
+        value = _only_value(query)
+        return None if value is None else (route, params, value)
     return None
 
 
-def _no_query(scope: Scope) -> bool | None:
-    """None for a read without a query string and without a body; else False."""
-    if scope.get("query_string") or _has_body(scope):
-        return False
-    return None
-
-
-def _plain_value(scope: Scope) -> str | bool:
-    """The one ``value`` of a bodiless set's query string; else False."""
-    if _has_body(scope):
-        return False
-    query: bytes = scope.get("query_string", b"")
+def _only_value(query: bytes) -> str | None:
+    """The value of a query string that is exactly one ``value=...``; else None."""
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)  # as Starlette reads it
     if len(pairs) != 1 or pairs[0][0] != "value":
-        return False
+        return None
     value: str = pairs[0][1]
     return value
 
