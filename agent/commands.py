@@ -178,7 +178,7 @@ def apply(
                 changed = live.assign(values)
         new_state: bytes | None = None
         if isinstance(cmd, m.Set | m.Patch | m.Reset | m.Assign):
-            dumped = live.dump_json()
+            dumped = live.dump_json_after_change() if changed else live.dump_json()
             value = msgspec.Raw(dumped)
             new_state = dumped if changed else None
         reply = m.Ok(

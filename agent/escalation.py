@@ -42,7 +42,8 @@ async def recorded_stop(registry: Registry | None, run: str, rank: str) -> m.Run
             if time.time() - record.ts < STOP_RECORD_WINDOW:
                 return record
             others = any(
-                r.rank != rank and liveness(r) in ANSWERING for r in await registry.records(run)
+                r.rank != rank and liveness(r) in ANSWERING
+                for r in await registry.records(run, states=False)
             )
     except Exception as exc:
         structlog.get_logger().debug(

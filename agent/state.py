@@ -74,6 +74,8 @@ class LiveState(Generic[M]):
         #: would make the state larger is refused before it applies (bus/sizelimit.py)
         self.size_limit: SizeLimit | None = None
         self._diffs: dict[int, list[FieldChange]] = {}
+        #: the version the last change made, whose JSON ``_last_dump`` then holds
+        self._changed_to = -1
         with self.lock:
             self._initial = self._json()
             self._last_dump = self.dump_json()
@@ -94,6 +96,15 @@ class LiveState(Generic[M]):
         /``"-Infinity"`` (bus.jsonform), whatever the model's own ``ser_json_inf_nan``."""
         with self.lock:
             return dumps(self._doc(round_trip=False))
+
+    def dump_json_after_change(self) -> bytes:
+        """:meth:`dump_json`, taken once by the change that just applied (a write's reply,
+        the published state and the registry record are the same bytes); dumped afresh
+        if anything moved the version since."""
+        with self.lock:
+            if self._changed_to == self.version:
+                return self._last_dump
+            return self.dump_json()
 
     def get(self, path: str | None = None) -> bytes:
         """JSON of the state, or of the value at ``path`` (checked against the model)."""
@@ -219,8 +230,7 @@ class LiveState(Generic[M]):
         with self.lock:
             changed = _mirror_model(self.model, new)
             if changed:
-                self.version += 1
-                self._last_dump = self.dump_json()
+                self._took_change()
             return changed
 
     def document(self) -> dict[str, Any]:
@@ -246,21 +256,24 @@ class LiveState(Generic[M]):
         if not self.track_diffs:
             changed = _mirror_model(self.model, new)
             if changed:
-                self.version += 1
-                self._last_dump = self.dump_json()
+                self._took_change()
             return changed
         # only the top-level fields the change names are dumped and compared
         touched = self._touched(change)
         before = self._fields(touched)
         changed = _mirror_model(self.model, new)
         if changed:
-            self.version += 1
-            self._last_dump = self.dump_json()
+            self._took_change()
             after = self._fields(touched)
             if len(self._diffs) > 64:  # nobody took them: never grow without bound
                 self._diffs.clear()
             self._diffs[self.version] = field_diff(before, after)
         return changed
+
+    def _took_change(self) -> None:
+        self.version += 1
+        self._last_dump = self.dump_json()
+        self._changed_to = self.version
 
     def _fields(self, names: builtins.set[str] | None) -> Any:
         """The named top-level fields as published (non-finite floats in their JSON form):
@@ -437,6 +450,12 @@ def _field_names(cls: type[BaseModel]) -> dict[str, str]:
     return {f.alias: n for n, f in fields.items() if f.alias} | {n: n for n in fields}
 
 
+@functools.cache
+def _declared(cls: type[BaseModel]) -> tuple[str, ...]:
+    """The model's field names, cached per class (a change mirrors every field)."""
+    return tuple(cls.model_fields)
+
+
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
@@ -453,7 +472,7 @@ def _same(a: Any, b: Any) -> bool:
 def _mirror_model(live: BaseModel, new: BaseModel) -> bool:
     changed = False
     live_dict = live.__dict__
-    for name in type(new).model_fields:
+    for name in _declared(type(new)):
         nv = new.__dict__.get(name, _MISSING)
         if nv is _MISSING:
             continue

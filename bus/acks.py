@@ -63,7 +63,7 @@ class Acks:
         self.subject = subject
         self.counts: Counter[str] = Counter()
         self.failed = 0
-        self._arrived = anyio.Event()
+        self._arrived: anyio.Event | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -81,30 +81,37 @@ class Acks:
                 self.failed += 1
             else:
                 self.counts[ack.stream] += 1
-        self._arrived.set()
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def received(self, wanted: dict[str, int]) -> bool | None:
+        """True once ``wanted[stream]`` acknowledgements of each stream arrived, False if
+        the server refused a write, None while some are still to come."""
+        if self.failed:
+            return False
+        if all(self.counts[s] >= n for s, n in wanted.items()):
+            return True
+        return None
 
     async def wait(self, wanted: dict[str, int]) -> bool:
         """Wait (unbounded: the caller bounds it) until ``wanted[stream]`` acknowledgements
         of each stream arrived; False at once if the server refused a write."""
-        while True:
-            if self.failed:
-                return False
-            if all(self.counts[s] >= n for s, n in wanted.items()):
-                return True
+        while (done := self.received(wanted)) is None:
             self._arrived = anyio.Event()
             await self._arrived.wait()
+        return done
 
 
 class AckInbox:
     """The writes' acknowledgements: one wildcard subscription per connection (``<inbox>.*``,
     :class:`runctl.bus.inboxes.Inbox`), one token per write."""
 
-    def __init__(self, nc: NATS) -> None:
-        self._inbox: Inbox[Acks] = Inbox(nc, _count)
+    def __init__(self, nc: NATS, inbox: Inbox | None = None) -> None:
+        self._inbox = inbox if inbox is not None else Inbox(nc)
 
     async def expect(self) -> Acks:
         """A fresh :class:`Acks` whose subject routes here; :meth:`done` it after use."""
-        _, acks = await self._inbox.open(Acks)
+        _, acks = await self._inbox.open(Acks, _count)
         return acks
 
     def done(self, acks: Acks) -> None:

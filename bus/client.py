@@ -62,6 +62,7 @@ from runctl.bus.errors import (
     map_nats_error,
 )
 from runctl.bus.identity import author_of
+from runctl.bus.inboxes import Inbox
 from runctl.bus.journalplan import Entry, history
 from runctl.bus.journalstore import STREAM as JOURNAL_STREAM
 from runctl.bus.journalstore import confirm, read_journal
@@ -122,10 +123,12 @@ class Client:
         #: how long a write waits for the journal to hold every rank's record
         self.journal_timeout = timeout if journal_timeout is None else journal_timeout
         self._registry: Registry | None = None
+        #: where replies and the stores' acknowledgements arrive (one subscription)
+        inbox = Inbox(nc)
         #: requests and broadcasts (scatter-gather)
-        self.transport = Transport(nc, self.registry)
+        self.transport = Transport(nc, self.registry, inbox)
         #: the inbox the ranks' stores acknowledge this client's writes on
-        self._acks = AckInbox(nc)
+        self._acks = AckInbox(nc, inbox)
 
     @classmethod
     async def connect(
@@ -634,13 +637,14 @@ class Client:
         subject = command_subject(run, rank, verb)
         if isinstance(cmd, m.Set | m.Patch):  # NaN must not travel as null (jsonform)
             cmd = msgspec.structs.replace(cmd, value=wire_value(cmd.value))
-        payload = m.encode(cmd)
         limit = min(self.max_payload, self.nc.max_payload or self.max_payload)
-        if len(payload) > limit:
-            raise PayloadTooLarge(len(payload), limit)
-        # the change id and author are not the caller's bytes: only the server's own
-        # limit applies to them
         payload = m.encode(self._stamped(cmd))
+        if len(payload) > limit:
+            # the change id and author are not the caller's bytes: the client's limit is
+            # on the command as given (stamping only adds bytes, so this is rarely needed)
+            given = len(m.encode(cmd))
+            if given > limit:
+                raise PayloadTooLarge(given, limit)
         if self.nc.max_payload and len(payload) > self.nc.max_payload:
             raise PayloadTooLarge(len(payload), self.nc.max_payload)
         timeout = self.timeout if timeout is None else timeout
@@ -717,8 +721,11 @@ class Client:
                 JOURNAL_STREAM: sum(len(ranks) for ranks in by_change.values()),
             }
             if sum(wanted.values()) == sum(r.acks for r in results):
+                wanted = {k: n for k, n in wanted.items() if n}
+                if acks.received(wanted):  # they often came with the reply: no timer then
+                    return results
                 with anyio.move_on_after(ACK_WAIT):
-                    if await acks.wait({k: n for k, n in wanted.items() if n}):
+                    if await acks.wait(wanted):
                         return results  # every store acknowledged: journaled as replied
 
         async def check(change_id: str, ranks: list[str]) -> None:

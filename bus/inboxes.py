@@ -4,13 +4,15 @@ A client that asks for answers on a subject of its own per request (a request's 
 write's store acknowledgements) would otherwise subscribe and unsubscribe once per request.
 :class:`Inbox` subscribes ``<inbox>.*`` once per connection, on first use, and hands what
 arrives on a subject to the item opened with it (``deliver``), until the item is closed or
-``deliver`` says it is complete.
+``deliver`` says it is complete. A client's requests and its writes' acknowledgements share
+one: a write's reply and its acknowledgements usually arrive in one read from the socket,
+and are then handed over in one turn of the subscription's task instead of two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -21,20 +23,22 @@ __all__ = ["Inbox"]
 T = TypeVar("T")
 
 
-class Inbox(Generic[T]):
+class Inbox:
     """One wildcard subscription per connection, one token per use. ``deliver(item, msg)``
     takes a message for ``item`` and returns True when the item expects no more."""
 
-    def __init__(self, nc: NATS, deliver: Callable[[T, Msg], bool]) -> None:
+    def __init__(self, nc: NATS) -> None:
         self.nc = nc
-        self._deliver = deliver
         self._prefix = ""
         self._sub: Subscription | None = None
-        self._open: dict[str, T] = {}
+        self._open: dict[str, tuple[Any, Callable[[Any, Msg], bool]]] = {}
         self._next = 0
 
-    async def open(self, make: Callable[[str], T]) -> tuple[str, T]:
-        """A fresh subject routed here and ``make(subject)``, the item its messages go to."""
+    async def open(
+        self, make: Callable[[str], T], deliver: Callable[[T, Msg], bool]
+    ) -> tuple[str, T]:
+        """A fresh subject routed here and ``make(subject)``, the item its messages go to
+        (through ``deliver``)."""
         if self._sub is None:
             prefix = self.nc.new_inbox()
             sub = await self.nc.subscribe(f"{prefix}.*", cb=self._on_message)
@@ -45,7 +49,7 @@ class Inbox(Generic[T]):
         self._next += 1
         subject = f"{self._prefix}.{self._next}"
         item = make(subject)
-        self._open[subject] = item
+        self._open[subject] = (item, deliver)
         return subject, item
 
     def close(self, subject: str) -> None:
@@ -53,6 +57,6 @@ class Inbox(Generic[T]):
         self._open.pop(subject, None)
 
     async def _on_message(self, msg: Msg) -> None:
-        item = self._open.get(msg.subject)
-        if item is not None and self._deliver(item, msg):
+        found = self._open.get(msg.subject)
+        if found is not None and found[1](found[0], msg):
             self._open.pop(msg.subject, None)

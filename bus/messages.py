@@ -33,6 +33,7 @@ __all__ = [
     "Patch",
     "Ping",
     "RankRecord",
+    "RankRecordHead",
     "Reply",
     "Reset",
     "RunRecord",
@@ -45,6 +46,7 @@ __all__ = [
     "decode_command",
     "decode_event",
     "decode_record",
+    "decode_record_head",
     "decode_reply",
     "decode_run_record",
     "decode_state",
@@ -337,6 +339,15 @@ class RankRecord(msgspec.Struct, tag="rank/1", **_TAG):
     max_payload: int = 0
 
 
+class RankRecordHead(RankRecord, tag="rank/1", **_TAG):
+    """A :class:`RankRecord` read without decoding its state: ``state`` stays the raw JSON
+    bytes. Who is alive, and at which version, is all a broadcast or a read-your-writes
+    wait needs; decoding a large state into Python objects for each rank costs the
+    client several times more (bench/bench_fanout.py)."""
+
+    state: msgspec.Raw = msgspec.Raw(b"null")
+
+
 class RunRecord(msgspec.Struct, tag="run/1", **_TAG):
     """KV key ``<run>.all``: what applies to the whole run, e.g. a broadcast stop, so a
     rank that starts later in the same run sees it."""
@@ -355,6 +366,7 @@ _reply_decoder: Final = msgspec.json.Decoder(Reply)
 _state_decoder: Final = msgspec.json.Decoder(StateMsg)
 _event_decoder: Final = msgspec.json.Decoder(Event)
 _record_decoder: Final = msgspec.json.Decoder(RankRecord)
+_record_head_decoder: Final = msgspec.json.Decoder(RankRecordHead)
 _run_record_decoder: Final = msgspec.json.Decoder(RunRecord)
 
 
@@ -398,6 +410,11 @@ def decode_event(payload: bytes) -> Event:
 def decode_record(payload: bytes) -> RankRecord:
     """A rank's registry record (``rank/1``)."""
     return _record_decoder.decode(payload)
+
+
+def decode_record_head(payload: bytes) -> RankRecord:
+    """A rank's registry record with its state left undecoded (:class:`RankRecordHead`)."""
+    return _record_head_decoder.decode(payload)
 
 
 def decode_run_record(payload: bytes) -> RunRecord:

@@ -28,7 +28,13 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from runctl.bus.errors import UnreadableRecord
-from runctl.bus.messages import RankRecord, RunRecord, decode_record, decode_run_record
+from runctl.bus.messages import (
+    RankRecord,
+    RunRecord,
+    decode_record,
+    decode_record_head,
+    decode_run_record,
+)
 from runctl.bus.progress import Spread, is_stalled, step_spread
 from runctl.bus.replicas import replicas_from_env
 from runctl.bus.subjects import ALL, check_rank, check_token, rank_key
@@ -285,27 +291,33 @@ class Registry:
             await self.delete_run(run)
         return record
 
-    async def records(self, run: str | None = None) -> list[RankRecord]:
+    async def records(self, run: str | None = None, *, states: bool = True) -> list[RankRecord]:
         """Latest record of every rank (of one run), in one pass: a batched direct get
         where the bucket allows it, else an ordered consumer. Never N gets. Records that
-        cannot be decoded are left out (:meth:`scan` names them)."""
-        return (await self.scan(run)).records
+        cannot be decoded are left out (:meth:`scan` names them). ``states=False``: each
+        record's state is left as raw JSON (:class:`~runctl.bus.messages.RankRecordHead`),
+        for readers that only need who is alive and at which version."""
+        return (await self.scan(run, states=states)).records
 
-    async def scan(self, run: str | None = None) -> Scan:
+    async def scan(self, run: str | None = None, *, states: bool = True) -> Scan:
         """As :meth:`records`, with the keys whose records could not be decoded: one bad
         record never hides the others."""
         pattern = f"{check_token(run, 'run')}.*" if run else "*.*"
         unreadable: list[UnreadableRecord] = []
-        records = await self._read_direct(pattern, unreadable)
+        decoder = decode_record if states else decode_record_head
+        records = await self._read_direct(pattern, unreadable, decoder)
         if records is None:
             unreadable.clear()
-            records = await self._read_watching(pattern, unreadable)
+            records = await self._read_watching(pattern, unreadable, decoder)
         records.sort(key=lambda r: (r.run, rank_key(r.rank)))
         unreadable.sort(key=lambda u: u.key)
         return Scan(records, unreadable)
 
     async def _read_direct(
-        self, pattern: str, unreadable: list[UnreadableRecord]
+        self,
+        pattern: str,
+        unreadable: list[UnreadableRecord],
+        decoder: Callable[[bytes], RankRecord] = decode_record,
     ) -> list[RankRecord] | None:
         """The last value of every key matching ``pattern`` from one batched direct get
         (``multi_last``, nats-server 2.11+): no consumer to create and delete, and one
@@ -329,7 +341,7 @@ class Registry:
             elif msg.data and not headers.get("Nats-Subject", "").endswith(f".{ALL}"):
                 key = headers.get("Nats-Subject", "").removeprefix(KEY_PREFIX)
                 try:
-                    records.append(_decode(key, msg.data, decode_record))
+                    records.append(_decode(key, msg.data, decoder))
                 except UnreadableRecord as exc:
                     unreadable.append(exc)
 
@@ -347,17 +359,23 @@ class Registry:
         return records if status == ["204"] else None
 
     async def _read_watching(
-        self, pattern: str, unreadable: list[UnreadableRecord]
+        self,
+        pattern: str,
+        unreadable: list[UnreadableRecord],
+        decoder: Callable[[bytes], RankRecord] = decode_record,
     ) -> list[RankRecord]:
         subjects: list[str] = []
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._list_subjects, pattern, subjects)
-            records = await self._read_watched(pattern, unreadable)
+            records = await self._read_watched(pattern, unreadable, decoder)
         await self._add_skipped(records, subjects, unreadable)
         return records
 
     async def _read_watched(
-        self, pattern: str, unreadable: list[UnreadableRecord]
+        self,
+        pattern: str,
+        unreadable: list[UnreadableRecord],
+        decoder: Callable[[bytes], RankRecord],
     ) -> list[RankRecord]:
         # The server keeps a stopped watcher's consumer until its inactive threshold (5 min
         # by default): at a few reads per second that hits the stream's consumer limit.
@@ -372,7 +390,7 @@ class Registry:
                     break
                 if entry.value and not entry.key.endswith(f".{ALL}"):
                     try:
-                        records.append(_decode(entry.key, entry.value, decode_record))
+                        records.append(_decode(entry.key, entry.value, decoder))
                     except UnreadableRecord as exc:
                         unreadable.append(exc)
                 if entry.delta == 0:
@@ -455,7 +473,7 @@ async def caught_up(
             record = await registry.get(run, rank)
             seen = {} if record is None else {rank: record.version}
         else:
-            seen = {r.rank: r.version for r in await registry.records(run)}
+            seen = {r.rank: r.version for r in await registry.records(run, states=False)}
         behind = {
             rank: version
             for rank, version in behind.items()

@@ -58,13 +58,18 @@ class Transport:
     """Requests and broadcasts over one NATS connection; ``registry`` opens (or returns)
     the rank registry that decides who is expected to answer."""
 
-    def __init__(self, nc: NATS, registry: Callable[[], Awaitable[Registry]]) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        registry: Callable[[], Awaitable[Registry]],
+        inbox: Inbox | None = None,
+    ) -> None:
         self.nc = nc
         self._registry = registry
         #: per run: when the registry was read, and the ranks it knew alive
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
         #: where single requests' replies arrive: one future per request
-        self._replies: Inbox[asyncio.Future[Msg]] = Inbox(nc, _complete)
+        self._replies = inbox if inbox is not None else Inbox(nc)
 
     async def request(
         self,
@@ -90,7 +95,7 @@ class Transport:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            inbox, reply = await self._replies.open(lambda _: loop.create_future())
+            inbox, reply = await self._replies.open(_reply_future, _complete)
             try:
                 await self.nc.publish(subject, payload, reply=inbox, headers=headers)
                 if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
@@ -248,7 +253,7 @@ class Transport:
             return cached[1], True
         try:
             registry = await self._registry()
-            infos = [RankInfo.of(r) for r in await registry.records(run)]
+            infos = [RankInfo.of(r) for r in await registry.records(run, states=False)]
         except Exception:
             return frozenset(), None
         # a stalled rank's program is stuck, but its agent answers
@@ -258,6 +263,10 @@ class Transport:
                 self._expected_ranks.clear()
             self._expected_ranks[run] = (time.monotonic(), expected)
         return expected, any(info.liveness != "exited" for info in infos)
+
+
+def _reply_future(_subject: str) -> asyncio.Future[Msg]:
+    return asyncio.get_running_loop().create_future()
 
 
 def _complete(reply: asyncio.Future[Msg], msg: Msg) -> bool:

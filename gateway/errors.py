@@ -46,6 +46,7 @@ __all__ = [
     "HANDLED",
     "BodyLimit",
     "as_error",
+    "declares_body",
     "error_body",
     "handle_error",
     "install",
@@ -205,6 +206,9 @@ class BodyLimit:
         if declared is not None and declared > self.max_body:
             await send_error(send, PayloadTooLarge(declared, self.max_body))
             return
+        if not declares_body(scope):  # nothing to count (the common GET, a ?value= set)
+            await self.app(scope, receive, send)
+            return
         received = 0
         started = False
 
@@ -228,6 +232,16 @@ class BodyLimit:
             if started:
                 raise
             await send_error(send, exc)
+
+
+def declares_body(scope: Scope) -> bool:
+    """Whether the request says it has a body: a ``Transfer-Encoding``, or a
+    ``Content-Length`` other than 0. HTTP/1.1 has no other way to send one, so a request
+    without either has an empty body, known without reading it."""
+    for name, header in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and header.strip() != b"0"):
+            return True
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from runctl.bus.client import Client
 from runctl.gateway import freak, routes
 from runctl.gateway.auth import authorize, required_role, tokens_of
-from runctl.gateway.errors import HANDLED, handle_error
+from runctl.gateway.errors import HANDLED, declares_body, handle_error
 
 __all__ = ["ROUTES", "HotRoutes"]
 
@@ -119,7 +119,7 @@ class HotRoutes:
 def _match(scope: Scope) -> tuple[_Route, dict[str, str], str | None] | None:
     """The route ``scope`` is a plain request of, its path parameters and ``?value=``."""
     method = scope["method"]
-    if method not in ("GET", "PUT") or scope.get("root_path") or _has_body(scope):
+    if method not in ("GET", "PUT") or scope.get("root_path") or declares_body(scope):
         return None
     path: str = scope["path"]
     query: bytes = scope.get("query_string", b"")
@@ -142,10 +142,3 @@ def _only_value(query: bytes) -> str | None:
         return None
     value: str = pairs[0][1]
     return value
-
-
-def _has_body(scope: Scope) -> bool:
-    for name, header in scope.get("headers", ()):
-        if name == b"transfer-encoding" or (name == b"content-length" and header.strip() != b"0"):
-            return True
-    return False

@@ -49,6 +49,10 @@ _DEFAULT_PORT: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 #: what a refusal may show of a header (an attacker's 10 KB Host is not echoed)
 _SHOWN: Final = 80
+#: the request headers the rules read
+_READ: Final = frozenset({b"host", b"origin", b"sec-fetch-site", b"content-type"})
+#: how many distinct ``Host`` values are remembered with their verdict
+_HOSTS_REMEMBERED: Final = 64
 
 
 def split_host(value: str) -> tuple[str, int | None] | None:
@@ -118,13 +122,14 @@ class SiteGuard:
         if name and not _is_wildcard(name):
             self.hosts.add(name)  # the address it listens on serves itself
         self.origins = {o for x in origins if (o := normalize_origin(x)) is not None}
+        self._hosts_seen: dict[str, tuple[str, int | None] | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         try:
-            self._check(scope)
+            self.check(scope)
         except RunctlError as exc:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
@@ -133,14 +138,16 @@ class SiteGuard:
             return
         await self.app(scope, receive, send)
 
-    def _check(self, scope: Scope) -> None:
+    def check(self, scope: Scope) -> None:
+        """Raise the error the rules above give ``scope``, if any."""
         headers: dict[str, list[str]] = {}
         for raw_name, raw_value in scope.get("headers", ()):
-            name = raw_name.decode("latin-1").lower()
-            headers.setdefault(name, []).append(raw_value.decode("latin-1"))
+            name = raw_name.lower()
+            if name in _READ:  # only these four are read
+                headers.setdefault(name.decode(), []).append(raw_value.decode("latin-1"))
         hosts = headers.get("host", [])
-        host = split_host(hosts[0]) if len(hosts) == 1 else None
-        if host is None or not self._serves(host[0]):
+        host = self._host(hosts[0]) if len(hosts) == 1 else None
+        if host is None:
             shown = ", ".join(hosts)[:_SHOWN] or "(none)"
             raise BadHost(
                 f"Host {shown!r} is not a name this gateway serves (loopback names and "
@@ -171,6 +178,19 @@ class SiteGuard:
                     f"a body of type {types[0][:_SHOWN]!r} is refused on a request that changes "
                     "state: send JSON with Content-Type: application/json (or no body)"
                 )
+
+    def _host(self, value: str) -> tuple[str, int | None] | None:
+        """``Host`` split, if it names a host this gateway serves; else None. Remembered:
+        a gateway sees the same few values on every request."""
+        if value in self._hosts_seen:
+            return self._hosts_seen[value]
+        host = split_host(value)
+        if host is not None and not self._serves(host[0]):
+            host = None
+        if len(self._hosts_seen) >= _HOSTS_REMEMBERED:  # anyone may send any Host
+            self._hosts_seen.clear()
+        self._hosts_seen[value] = host
+        return host
 
     def _serves(self, name: str) -> bool:
         return self.any_host or is_loopback(name) or name in self.hosts

@@ -21,6 +21,7 @@ from runctl.bus import jsonform
 from runctl.bus.client import Client, Gathered, Result
 from runctl.bus.errors import InvalidRequest, RunctlError, ValidationRejected
 from runctl.bus.paths import split_path
+from runctl.gateway.errors import declares_body
 
 __all__ = ["SET_BODY", "locate", "read_json_body", "set_from_request"]
 
@@ -38,6 +39,8 @@ BODY: Final = ("body",)
 async def read_json_body(request: Request) -> tuple[bool, Any]:
     """``(False, None)`` for an empty body, else ``(True, value)``; a body that is not JSON
     is refused as FastAPI refuses it (422, ``loc`` ``["body", position]``)."""
+    if not declares_body(request.scope):  # no need to wait for an empty body
+        return False, None
     raw = await request.body()  # size-capped by the BodyLimit middleware
     if not raw.strip():
         return False, None

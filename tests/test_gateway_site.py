@@ -17,6 +17,10 @@ import httpx
 import pytest
 from conftest import GatewayFactory
 from rankkit import ProgramRank
+from starlette.types import Receive, Scope, Send
+
+from runctl.bus.errors import BadHost
+from runctl.gateway.site import SiteGuard
 
 MODELS = """
 from pydantic import BaseModel
@@ -216,3 +220,23 @@ def test_tokens_are_bearer_only(gateway: GatewayFactory, rank: ProgramRank, run_
     )
     assert r.status_code == 403, r.text  # a stolen token is not a reason to trust a page
     unchanged(rank)
+
+
+def test_a_host_verdict_is_remembered_and_the_memory_stays_bounded() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("only the checks run here")
+
+    guard = SiteGuard(app, listen="127.0.0.1")
+
+    def scope(host: str) -> Scope:
+        return {"type": "http", "method": "GET", "headers": [(b"host", host.encode())]}
+
+    for _ in range(2):  # the second time from memory: the same verdicts
+        guard.check(scope("127.0.0.1:4444"))
+        with pytest.raises(BadHost):
+            guard.check(scope("evil.example:4444"))
+    for i in range(500):  # anyone may send any Host: never remembered without bound
+        with pytest.raises(BadHost):
+            guard.check(scope(f"h{i}.example"))
+    assert len(guard._hosts_seen) <= 64
+    guard.check(scope("localhost:4444"))

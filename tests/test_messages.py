@@ -189,3 +189,23 @@ def test_reply_decoder_tells_ok_from_err() -> None:
     assert isinstance(m.decode_reply(m.encode(err)), m.Err)
     with pytest.raises(msgspec.ValidationError):
         m.decode_reply(m.encode(m.Get()))
+
+
+def test_a_record_head_is_a_record_whose_state_stays_raw_json() -> None:
+    record = m.RankRecord(
+        run="r",
+        rank="0",
+        host="h",
+        pid=1,
+        started=1.0,
+        heartbeat=2.0,
+        heartbeat_interval=1.0,
+        version=7,
+        state={"lr": 0.1, "nested": {"a": [1, 2]}},
+        status="exited",
+    )
+    head = m.decode_record_head(m.encode(record))
+    assert isinstance(head, m.RankRecord)
+    assert (head.version, head.status, head.heartbeat) == (7, "exited", 2.0)
+    assert isinstance(head.state, msgspec.Raw)
+    assert msgspec.json.decode(head.state) == record.state

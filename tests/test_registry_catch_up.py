@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import msgspec
 import nats
 import pytest
 
@@ -83,5 +84,26 @@ async def test_a_rank_whose_record_is_gone_is_not_waited_for(nats_url: str, run_
         with anyio.fail_after(10):
             assert await caught_up(registry, run_id, {"0": 5, "1": 9}) == 1
             assert await caught_up(registry, run_id, {"7": 9}) == 1
+    finally:
+        await nc.close()
+
+
+@pytest.mark.anyio
+async def test_a_read_without_states_gives_the_same_records_with_the_state_left_raw(
+    nats_url: str, run_id: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        registry = await Registry.open(nc)
+        for rank in range(3):
+            await registry.put(record(run_id, rank, rank + 1))
+        with anyio.fail_after(10):
+            full = await registry.records(run_id)
+            heads = await registry.records(run_id, states=False)
+        assert [(r.rank, r.version, r.status, r.heartbeat) for r in heads] == [
+            (r.rank, r.version, r.status, r.heartbeat) for r in full
+        ]
+        assert [r.state for r in full] == [{"x": 1}, {"x": 2}, {"x": 3}]
+        assert [msgspec.json.decode(r.state) for r in heads] == [r.state for r in full]
     finally:
         await nc.close()

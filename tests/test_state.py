@@ -624,3 +624,16 @@ def test_a_change_from_nan_to_a_number_and_back_is_a_change() -> None:
     assert s.set("loss", "NaN") is False  # NaN to NaN: nothing changed
     assert s.set("loss", -0.0) is True and math.copysign(1.0, s.model.loss) == -1.0
     assert s.set("loss", 0.0) is True  # -0.0 and 0.0 read differently in JSON
+
+
+def test_the_json_a_change_left_is_the_states_json_until_the_version_moves() -> None:
+    live = LiveState(Cfg())
+    assert live.set("opt.lr", 0.5)
+    after = live.dump_json_after_change()
+    assert after == live.dump_json()
+    assert b'"lr":0.5' in after
+    live.model.opt.lr = 0.7  # the program changes its own state; the heartbeat sees it
+    assert live.poll_changed() is not None
+    live.model.opt.lr = 0.9  # and again, not yet seen: no change's JSON to reuse now
+    assert b'"lr":0.9' in live.dump_json_after_change()
+    assert not live.set("opt.lr", 0.9)  # nothing changed: the caller dumps afresh itself
