@@ -5,6 +5,10 @@ Every message is tagged with a versioned tag in the field ``t`` (``"get/1"``, ``
 newer reader accepts older messages. A breaking change gets a new tag (``"get/2"``).
 
 One union per subject kind, one Decoder for each, built once at import.
+
+Why one module of this size: every message of the protocol is here, side by side with its
+tag and its decoder, so that a change to one is seen next to the others it must stay
+compatible with (docs/protocol.md describes the same set).
 """
 
 from __future__ import annotations
