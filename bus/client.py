@@ -650,7 +650,7 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         rank = str(rank)
         # a write's stores are acknowledged to us directly: one wait, no polling
-        acks = await self._acks.expect() if isinstance(cmd, m.WRITES) else None
+        acks = await self._acks.expect() if _ranks_store(cmd, rank) else None
         headers = acks.headers if acks is not None else None
         try:
             if rank == ALL:
@@ -752,6 +752,15 @@ class Client:
             return
         with anyio.move_on_after(REGISTRY_CATCH_UP):
             await caught_up(registry, run, versions)
+
+
+def _ranks_store(cmd: m.Command, rank: str) -> bool:
+    """Whether the ranks store something for ``cmd`` that its writer waits for (and so
+    acknowledge it to the writer's inbox). Not a run-wide stop journaled by its writer: the
+    ranks store nothing on its way back, and every rank would parse the header for nothing."""
+    if isinstance(cmd, m.Stop) and cmd.journaled_by_writer and rank == ALL:
+        return False
+    return isinstance(cmd, m.WRITES)
 
 
 def _from_registry(info: RankInfo, path: str | None) -> Result:

@@ -104,6 +104,17 @@ async def test_a_set_to_every_rank_is_one_wait_for_all_their_acks(
         for handle in handles:
             handle.wait_ready()
         reads = Reads(monkeypatch)
+        seen: dict[str, bool] = {}  # verb -> whether the broadcast asked for acks
+        both = anyio.Event()
+
+        async def observe(msg: Msg) -> None:
+            seen[msg.subject.rsplit(".", 1)[-1]] = ACK_TO in (msg.headers or {})
+            if len(seen) == 2:
+                both.set()
+
+        observer = await nats.connect(nats_url)
+        await observer.subscribe(f"runctl.{run_id}.all.cmd.*", cb=observe)
+        await observer.flush()
         async with await Client.connect(nats_url) as client:
             gathered = await client.set(run_id, "all", "x", 5)
             assert isinstance(gathered, Gathered)
@@ -118,6 +129,11 @@ async def test_a_set_to_every_rank_is_one_wait_for_all_their_acks(
             one_rank = await client.stop(run_id, 2, reason="again")
             assert isinstance(one_rank, Result) and one_rank.acks == 1 and one_rank.journaled
         assert reads.calls == []
+        with anyio.fail_after(5):
+            await both.wait()
+        await observer.close()
+        # the ranks store nothing for a run-wide stop: none of them parses the header
+        assert seen == {"set": True, "stop": False}
     finally:
         for handle in handles:
             handle.close()
