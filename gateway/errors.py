@@ -236,8 +236,11 @@ class BodyLimit:
 
 def declares_body(scope: Scope) -> bool:
     """Whether the request says it has a body: a ``Transfer-Encoding``, or a
-    ``Content-Length`` other than 0. HTTP/1.1 has no other way to send one, so a request
-    without either has an empty body, known without reading it."""
+    ``Content-Length`` other than 0. HTTP/1.x has no other way to send one, so a request
+    without either has an empty body, known without reading it. Under HTTP/2 and later a
+    body needs neither header: such a request always counts as having one."""
+    if scope.get("http_version", "1.1") not in ("1.0", "1.1"):
+        return True
     for name, header in scope.get("headers", ()):
         if name == b"transfer-encoding" or (name == b"content-length" and header.strip() != b"0"):
             return True

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from runctl.agent import Control, control
 from runctl.bus.server import NatsServer
 from runctl.gateway.auth import parse_env
+from runctl.gateway.errors import declares_body
 from runctl.gateway.serve import GatewayThread
 from runctl.gateway.settings import Settings
 
@@ -336,3 +337,24 @@ def test_every_error_body_has_one_shape(gateway: GatewayFactory, run_id: str) ->
     assert answers[-1][0].headers["www-authenticate"].startswith("Bearer")
     # FastAPI's own list stays in detail, each loc saying where the input was
     assert answers[4][0].json()["detail"][0]["loc"] == ["query", "limit"]
+
+
+@pytest.mark.parametrize(
+    ("http_version", "headers", "has_body"),
+    [
+        ("1.1", [], False),
+        ("1.1", [(b"content-length", b"0")], False),
+        ("1.1", [(b"content-length", b" 0 ")], False),
+        ("1.1", [(b"content-length", b"00")], True),  # read, to be safe
+        ("1.1", [(b"content-length", b"12")], True),
+        ("1.1", [(b"transfer-encoding", b"chunked")], True),
+        ("1.0", [], False),
+        ("2", [], True),  # HTTP/2 sends a body without either header
+        ("3", [(b"content-length", b"0")], True),
+    ],
+)
+def test_a_request_declares_its_body_or_has_none(
+    http_version: str, headers: list[tuple[bytes, bytes]], has_body: bool
+) -> None:
+    scope = {"type": "http", "http_version": http_version, "headers": headers}
+    assert declares_body(scope) is has_body
