@@ -27,7 +27,6 @@ from typing import Final
 
 import anyio
 import msgspec
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from runctl.bus.inboxes import Inbox
@@ -106,8 +105,8 @@ class AckInbox:
     """The writes' acknowledgements: one wildcard subscription per connection (``<inbox>.*``,
     :class:`runctl.bus.inboxes.Inbox`), one token per write."""
 
-    def __init__(self, nc: NATS, inbox: Inbox | None = None) -> None:
-        self._inbox = inbox if inbox is not None else Inbox(nc)
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
 
     async def expect(self) -> Acks:
         """A fresh :class:`Acks` whose subject routes here; :meth:`done` it after use."""

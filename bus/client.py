@@ -128,7 +128,7 @@ class Client:
         #: requests and broadcasts (scatter-gather)
         self.transport = Transport(nc, self.registry, inbox)
         #: the inbox the ranks' stores acknowledge this client's writes on
-        self._acks = AckInbox(nc, inbox)
+        self._acks = AckInbox(inbox)
 
     @classmethod
     async def connect(

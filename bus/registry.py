@@ -317,7 +317,7 @@ class Registry:
         self,
         pattern: str,
         unreadable: list[UnreadableRecord],
-        decoder: Callable[[bytes], RankRecord] = decode_record,
+        decoder: Callable[[bytes], RankRecord],
     ) -> list[RankRecord] | None:
         """The last value of every key matching ``pattern`` from one batched direct get
         (``multi_last``, nats-server 2.11+): no consumer to create and delete, and one
@@ -362,7 +362,7 @@ class Registry:
         self,
         pattern: str,
         unreadable: list[UnreadableRecord],
-        decoder: Callable[[bytes], RankRecord] = decode_record,
+        decoder: Callable[[bytes], RankRecord],
     ) -> list[RankRecord]:
         subjects: list[str] = []
         async with anyio.create_task_group() as tasks:

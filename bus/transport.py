@@ -56,20 +56,16 @@ Settle = Callable[[str, list[Result]], Awaitable[list[Result]]]
 
 class Transport:
     """Requests and broadcasts over one NATS connection; ``registry`` opens (or returns)
-    the rank registry that decides who is expected to answer."""
+    the rank registry that decides who is expected to answer; single requests' replies
+    arrive on ``inbox`` (the client's, shared with its writes' acknowledgements)."""
 
-    def __init__(
-        self,
-        nc: NATS,
-        registry: Callable[[], Awaitable[Registry]],
-        inbox: Inbox | None = None,
-    ) -> None:
+    def __init__(self, nc: NATS, registry: Callable[[], Awaitable[Registry]], inbox: Inbox) -> None:
         self.nc = nc
         self._registry = registry
         #: per run: when the registry was read, and the ranks it knew alive
         self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
         #: where single requests' replies arrive: one future per request
-        self._replies = inbox if inbox is not None else Inbox(nc)
+        self._replies = inbox
 
     async def request(
         self,
