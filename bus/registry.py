@@ -51,6 +51,7 @@ __all__ = [
     "caught_up",
     "create_bucket",
     "heartbeat_overdue",
+    "latest_records",
     "liveness",
     "run_spread",
 ]
@@ -382,22 +383,18 @@ class Registry:
         watcher = await self.kv.watch(
             pattern, ignore_deletes=True, inactive_threshold=WATCHER_LINGER
         )
-        records: list[RankRecord] = []
+        entries: list[KeyValue.Entry] = []
         try:
             while True:
                 entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 if entry is None:  # end of the initial values
                     break
-                if entry.value and not entry.key.endswith(f".{ALL}"):
-                    try:
-                        records.append(_decode(entry.key, entry.value, decoder))
-                    except UnreadableRecord as exc:
-                        unreadable.append(exc)
+                entries.append(entry)
                 if entry.delta == 0:
                     break
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
-        return records
+        return latest_records(entries, unreadable, decoder)
 
     async def _list_subjects(self, pattern: str, into: list[str]) -> None:
         info = await self.js.stream_info(STREAM, subjects_filter=KEY_PREFIX + pattern)
@@ -447,6 +444,34 @@ class Scan:
 
     records: list[RankRecord]
     unreadable: list[UnreadableRecord]
+
+
+def latest_records(
+    entries: list[KeyValue.Entry],
+    unreadable: list[UnreadableRecord],
+    decoder: Callable[[bytes], _T],
+) -> list[_T]:
+    """The last record of every key among a watcher's ``entries``, in the order they came.
+
+    A key rewritten while the watcher delivers its initial values comes twice: its
+    rewrite is counted in the pending messages, so it arrives before the end of the
+    initial values. The later entry is the newer one (the consumer delivers in stream
+    order); it alone counts, so a rank is never listed twice. Keys whose last value
+    cannot be decoded go to ``unreadable``; deleted keys and run-wide records are left out.
+    """
+    last: dict[str, KeyValue.Entry] = {}
+    for entry in entries:
+        last.pop(entry.key, None)  # re-insert: a key's place is where its last value came
+        last[entry.key] = entry
+    records: list[_T] = []
+    for key, entry in last.items():
+        if not entry.value or key.endswith(f".{ALL}"):
+            continue
+        try:
+            records.append(_decode(key, entry.value, decoder))
+        except UnreadableRecord as exc:
+            unreadable.append(exc)
+    return records
 
 
 def _decode(key: str, value: bytes, decoder: Callable[[bytes], _T]) -> _T:

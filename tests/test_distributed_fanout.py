@@ -17,14 +17,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from conftest import ROOT, spawn_python
+from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from runctl.agent import Agent
 from runctl.bus import Client, Gathered
-from runctl.bus.messages import RankRecord
-from runctl.bus.registry import BUCKET
+from runctl.bus.errors import UnreadableRecord
+from runctl.bus.messages import RankRecord, decode_record
+from runctl.bus.registry import BUCKET, latest_records
 from runctl.bus.server import NatsServer
 
 
@@ -39,6 +42,21 @@ async def agents(url: str, run: str, n: int) -> AsyncIterator[list[Agent[S]]]:
         yield [
             await stack.enter_async_context(Agent(S(), run=run, rank=i, url=url)) for i in range(n)
         ]
+
+
+def rank_record(run: str, rank: str, version: int = 0, pid: int = 1) -> RankRecord:
+    now = time.time()
+    return RankRecord(
+        run=run,
+        rank=rank,
+        host="h",
+        pid=pid,
+        started=now,
+        heartbeat=now,
+        heartbeat_interval=60.0,
+        version=version,
+        state={},
+    )
 
 
 def gathered(result: object) -> Gathered:
@@ -172,6 +190,38 @@ async def test_the_registry_lists_every_rank_while_they_rewrite_their_records(
         assert listed == [8] * 200
 
 
+def test_a_key_rewritten_during_a_watchers_initial_values_is_listed_once_with_its_last_value(
+    run_id: str,
+) -> None:
+    # What an ordered consumer delivers when rank 0 rewrites its record while the initial
+    # values are on their way: the rewrite is counted as pending, so it comes before the end
+    # (a registry read under a broadcast once listed 10 of 8 ranks this way).
+    def entry(rank: str, version: int, delta: int, value: bytes | None = None) -> KeyValue.Entry:
+        data = (
+            value if value is not None else msgspec.json.encode(rank_record(run_id, rank, version))
+        )
+        key = f"{run_id}.{rank}"
+        return KeyValue.Entry(BUCKET, key, data, version, delta, None, None)
+
+    entries = [
+        entry("0", 1, 3),
+        entry("1", 1, 2),
+        entry("all", 1, 2),  # the run-wide record is not a rank
+        entry("2", 1, 1, value=b"{not json"),
+        entry("0", 2, 1),  # rank 0's rewrite, delivered before the end
+        entry("2", 2, 0),  # rank 2's rewrite makes it readable again
+    ]
+    unreadable: list[UnreadableRecord] = []
+    records = latest_records(entries, unreadable, decode_record)
+    assert [(r.rank, r.version) for r in records] == [("1", 1), ("0", 2), ("2", 2)]
+    assert unreadable == []
+
+    unreadable = []
+    records = latest_records([*entries, entry("1", 3, 0, value=b"[]")], unreadable, decode_record)
+    assert [(r.rank, r.version) for r in records] == [("0", 2), ("2", 2)]
+    assert [u.key for u in unreadable] == [f"{run_id}.1"]
+
+
 @pytest.mark.anyio
 async def test_a_run_with_more_ranks_than_one_direct_batch_is_listed_whole(
     nats_server: NatsServer, run_id: str
@@ -181,23 +231,7 @@ async def test_a_run_with_more_ranks_than_one_direct_batch_is_listed_whole(
     ranks = 1100
     async with await Client.connect(nats_server.url) as client:
         registry = await client.registry()
-        now = time.time()
-        acks = [
-            await registry.put_nowait(
-                RankRecord(
-                    run=run_id,
-                    rank=str(i),
-                    host="h",
-                    pid=i,
-                    started=now,
-                    heartbeat=now,
-                    heartbeat_interval=60.0,
-                    version=0,
-                    state={},
-                )
-            )
-            for i in range(ranks)
-        ]
+        acks = [await registry.put_nowait(rank_record(run_id, str(i), pid=i)) for i in range(ranks)]
         await asyncio.gather(*acks)
         listed = await registry.records(run_id)
         assert [r.rank for r in listed] == [str(i) for i in range(ranks)]
