@@ -339,12 +339,9 @@ class Registry:
                 cut_short = headers.get("Nats-Num-Pending", "0") != "0"
                 status.append("truncated" if code == "204" and cut_short else code)
                 ended.set()
-            elif msg.data and not headers.get("Nats-Subject", "").endswith(f".{ALL}"):
+            else:
                 key = headers.get("Nats-Subject", "").removeprefix(KEY_PREFIX)
-                try:
-                    records.append(_decode(key, msg.data, decoder))
-                except UnreadableRecord as exc:
-                    unreadable.append(exc)
+                _take(key, msg.data, decoder, records, unreadable)
 
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox, cb=on_message)
@@ -465,13 +462,25 @@ def latest_records(
         last[entry.key] = entry
     records: list[_T] = []
     for key, entry in last.items():
-        if not entry.value or key.endswith(f".{ALL}"):
-            continue
-        try:
-            records.append(_decode(key, entry.value, decoder))
-        except UnreadableRecord as exc:
-            unreadable.append(exc)
+        _take(key, entry.value, decoder, records, unreadable)
     return records
+
+
+def _take(
+    key: str,
+    value: bytes | None,
+    decoder: Callable[[bytes], _T],
+    records: list[_T],
+    unreadable: list[UnreadableRecord],
+) -> None:
+    """Add the rank record ``value`` of ``key`` to ``records``, or name it in
+    ``unreadable``. A deleted key (no value) and a run-wide record are not ranks."""
+    if not value or key.endswith(f".{ALL}"):
+        return
+    try:
+        records.append(_decode(key, value, decoder))
+    except UnreadableRecord as exc:
+        unreadable.append(exc)
 
 
 def _decode(key: str, value: bytes, decoder: Callable[[bytes], _T]) -> _T:
