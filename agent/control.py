@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from runctl.agent.agent import Agent
 from runctl.agent.checkpoint import Checkpoint, CheckpointFn
+from runctl.agent.eventloop import agent_loop
 from runctl.agent.replay import ReplayedChange
 from runctl.agent.steps import Steps
 from runctl.agent.steps.cached import Cached
@@ -270,13 +271,14 @@ def control(
 
 
 def _loop_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The agent loop's backend options: the standard asyncio loop unless
-    ``RUNCTL_LOOP=uvloop``. uvloop cuts what a broadcast to many rank processes on one
-    machine costs the ranks (~15 % CPU at 64), but doubles how long a change takes to
-    reach a program that holds the GIL (docs/performance.md): hence opt-in."""
+    """The agent loop's backend options: the standard asyncio loop (polling less often:
+    :mod:`runctl.agent.eventloop`) unless ``RUNCTL_LOOP=uvloop``. uvloop cuts what a
+    broadcast to many rank processes on one machine costs the ranks (~15 % CPU at 64), but
+    doubles how long a change takes to reach a program that holds the GIL
+    (docs/performance.md): hence opt-in."""
     choice = (os.environ if env is None else env).get("RUNCTL_LOOP", "").strip().lower()
     if choice in ("", "asyncio"):
-        return {}
+        return {"loop_factory": agent_loop}
     if choice != "uvloop":
         raise BadRequest(f"RUNCTL_LOOP must be 'uvloop' or 'asyncio', not {choice[:20]!r}")
     if importlib.util.find_spec("uvloop") is None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from runctl.agent.control import _loop_options
+from runctl.agent.eventloop import agent_loop
 from runctl.bus.errors import BadRequest
 
 
 def test_the_standard_loop_by_default() -> None:
-    assert _loop_options({}) == {}
-    assert _loop_options({"RUNCTL_LOOP": "asyncio"}) == {}
+    assert _loop_options({}) == {"loop_factory": agent_loop}
+    assert _loop_options({"RUNCTL_LOOP": "asyncio"}) == {"loop_factory": agent_loop}
 
 
 def test_uvloop_on_request() -> None:
