@@ -41,13 +41,19 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--modes", default="sleep,release,hold")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--window", type=float, help="seconds per loop-rate window")
+    parser.add_argument(
+        "--rate-pairs",
+        type=int,
+        help="per mode, tool and round: windows under 100 GET/s, each between idle ones",
+    )
     parser.add_argument("--n", type=int, help="GETs per latency figure per round")
     parser.add_argument("--sets", type=int, help="sets per round")
     parser.add_argument("--startup-repeats", type=int)
     parser.add_argument(
-        "--threads-repeats",
+        "--threads-pairs",
         type=int,
-        help="per round: windows of the two-busy-threads program, runctl vs no tool (0: skip)",
+        help="per round: pairs of windows (idle, 100 sets/s) of the two-busy-threads "
+        "program with runctl, each between two windows without a tool (0: skip)",
     )
     parser.add_argument(
         "--nice",
@@ -81,8 +87,9 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     if args.quick:
         cfg.rounds, cfg.window, cfg.settle, cfg.n, cfg.sets = 1, 0.25, 0.05, 20, 10
         cfg.startup_repeats, cfg.startup_settle, cfg.throughput_s = 1, 0.1, 0.3
-        cfg.threads_repeats = 1
-    for name in ("rounds", "window", "n", "sets", "startup_repeats", "threads_repeats"):
+        cfg.threads_pairs, cfg.threads_window, cfg.threads_settle = 2, 0.2, 0.05
+        cfg.rate_pairs = 1
+    for name in ("rounds", "window", "rate_pairs", "n", "sets", "startup_repeats", "threads_pairs"):
         if (value := getattr(args, name)) is not None:
             setattr(cfg, name, value)
     cfg.nice = args.nice
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     targets = evaluate(run.figs, cfg.modes, cfg.tools)
-    table = render(run.figs, targets, cfg.modes, cfg.tools)
+    table = render(run.figs, targets, [*cfg.modes, "threads"], cfg.tools)
     m = run.meta["machine"]
     print(
         f"\nControl path: runctl vs Freak 0.0.2 - {cfg.rounds} round(s), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from bench.__main__ import discover
 from bench.control import freakenv
-from bench.control.report import Figure, Target, evaluate, percentile, render
+from bench.control.report import Figure, Target, evaluate, median_interval, percentile, render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,26 @@ def test_targets_compare_runctl_with_freak_in_the_same_run() -> None:
     assert "| set one field (ms) | hold | 11.0 [11.0-11.0] p99 12.0 | 4.00" in table
     assert "**no**" in table
     assert not Target("x", math.nan, 1.0, "le").ok
+
+
+def test_a_noisy_target_is_called_only_when_its_whole_confidence_interval_agrees() -> None:
+    tight = [0.99 + i * 0.001 for i in range(20)]  # 99.0-100.9 %: every resample >= 98 %
+    wide = [0.90, 0.95, 0.97, 0.98, 0.99, 1.00, 1.01, 1.03, 1.06, 1.10]
+    low, high = median_interval(tight)
+    assert 0.99 <= low <= statistics.median(tight) <= high <= 1.009
+    assert all(map(math.isnan, median_interval([1.0])))  # one value has no interval
+    figs = {
+        "runctl.threads.idle_ratio": Figure("ratio", [tight]),
+        "runctl.threads.sets_ratio": Figure("ratio", [wide]),
+    }
+    targets = {t.name: t for t in evaluate(figs, [], ["runctl"])}
+    idle = targets["two busy threads' throughput idle, vs without runctl"]
+    sets = targets["two busy threads' throughput under 100 sets/s, vs without runctl"]
+    assert idle.shown and idle.verdict == "yes"
+    assert sets.ok and not sets.shown and sets.verdict == "not shown"  # median 99.5 %
+    assert Target("x", 95.0, 98.0, "ge", "%", (93.0, 97.0)).verdict == "**no**"
+    table = render(figs, list(targets.values()), [], ["runctl"])
+    assert "| not shown |" in table and "90 % CI" in table
 
 
 def test_bench_runner_discovers_every_bench_module() -> None:

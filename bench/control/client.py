@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import random
 import sys
 import threading
 import time
@@ -82,14 +83,20 @@ class Client:
             errors += status != 200
         return {"times": times, "errors": errors}
 
-    def set(self, base: str, path: str, n: int, first: int) -> dict[str, Any]:
-        """``path`` holds ``{value}``; values ``first``, ``first+1``... are all new."""
+    def set(self, base: str, path: str, n: int, first: int, gap: float = 0.0) -> dict[str, Any]:
+        """``path`` holds ``{value}``; values ``first``, ``first+1``... are all new. ``gap``:
+        wait a random 0-``gap`` seconds before each set, so that sets do not fall in step
+        with the program's own loop (each set is otherwise sent right after the loop saw
+        the previous one)."""
         conn = self.http(base)
+        pause = random.Random(first)  # noqa: S311 - spacing requests, not secrets
         times: list[float] = []
         observe: list[float] = []
         land: list[float] = []
         errors = lost = 0
         for value in range(first, first + n):
+            if gap:
+                time.sleep(pause.uniform(0, gap))
             sent = time.monotonic()
             t0 = time.perf_counter()
             status, _body = conn.request("PUT", path.format(value=value))

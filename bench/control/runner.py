@@ -38,8 +38,10 @@ class Config:
     tools: list[str] = field(default_factory=lambda: ["freak", "runctl"])
     modes: list[str] = field(default_factory=lambda: ["sleep", "release", "hold"])
     rounds: int = 3
-    #: seconds per loop-rate window (five windows per mode and tool per round)
-    window: float = 2.0
+    #: seconds per loop-rate window
+    window: float = 0.5
+    #: loop-rate windows under 100 GET/s per mode and tool per round (each between idle ones)
+    rate_pairs: int = 6
     settle: float = 0.3
     #: sequential requests per latency figure per round
     n: int = 200
@@ -47,8 +49,12 @@ class Config:
     startup_repeats: int = 5
     startup_settle: float = 1.2
     throughput_s: float = 3.0
-    #: program with two busy threads of its own: windows of runctl vs no tool per round
-    threads_repeats: int = 2
+    #: program with two busy threads of its own, per round: pairs of runctl windows (one
+    #: idle, one under 100 sets/s), each between two windows of the program without a tool
+    threads_pairs: int = 12
+    #: seconds per window of the two-busy-threads program, and the pause before each
+    threads_window: float = 0.5
+    threads_settle: float = 0.1
     #: niceness of every process of the run (children inherit it)
     nice: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -113,7 +119,7 @@ class Run:
                     ["--port", str(port)],
                     base=f"http://127.0.0.1:{port}",
                 ).start()
-            if "runctl" in cfg.tools and cfg.threads_repeats:
+            if "runctl" in cfg.tools and cfg.threads_pairs:
                 bare = Program("none", sys.executable, workdir, [], base="").start()
             for program in programs.values():
                 self.sanity(program)
@@ -128,6 +134,8 @@ class Run:
                     self.throughput(program)
                 if bare is not None:
                     self.threads(programs["runctl"], bare)
+                    for program in order:
+                        self.threads_set(program, bare)
                 self.meta.setdefault("loadavg_rounds", []).append(os.getloadavg())
                 print(
                     f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s, "
@@ -190,21 +198,27 @@ class Run:
         p.call("mode", mode=mode)
         time.sleep(cfg.settle)
         p.call("latency", base=p.base, method="GET", path=FULL_PATH, n=5)  # warm the path
+        # idle, then (100 GET/s, idle) pairs, then as many GETs as one connection gets
+        # answered, idle: each loaded window against the mean of the idle ones around it.
+        # Short windows, many of them: this machine's speed drifts over seconds.
+        rates = [0] + [100, 0] * cfg.rate_pairs + [-1, 0]
         windows = []
-        for rate in (0, 100, 0, -1, 0):
+        for rate in rates:
             w = p.call("window", base=p.base, path=FULL_PATH, rate=rate, duration=cfg.window)
             self._errors(t, mode, f"window@{rate}", w)
             windows.append(w)
-        idle = [w["loop_rate"] for w in windows[0::2]]
-        self.fig(f"{t}.{mode}.idle_rate", "it/s").add_round(idle)
+        loop = [w["loop_rate"] for w in windows]
+        self.fig(f"{t}.{mode}.idle_rate", "it/s").add_round(loop[0::2])
         self.fig(f"{t}.{mode}.rate_100", "ratio").add_round(
-            [windows[1]["loop_rate"] / ((idle[0] + idle[1]) / 2)]
+            [loop[i] / ((loop[i - 1] + loop[i + 1]) / 2) for i, r in enumerate(rates) if r > 0]
         )
         self.fig(f"{t}.{mode}.rate_max", "ratio").add_round(
-            [windows[3]["loop_rate"] / ((idle[1] + idle[2]) / 2)]
+            [loop[-2] / ((loop[-3] + loop[-1]) / 2)]
         )
-        self.fig(f"{t}.{mode}.rps_100", "/s").add_round([windows[1]["request_rate"]])
-        self.fig(f"{t}.{mode}.max_rps", "/s").add_round([windows[3]["request_rate"]])
+        self.fig(f"{t}.{mode}.rps_100", "/s").add_round(
+            [w["request_rate"] for w, r in zip(windows, rates, strict=True) if r > 0]
+        )
+        self.fig(f"{t}.{mode}.max_rps", "/s").add_round([windows[-2]["request_rate"]])
         for key, path in (("get_full", FULL_PATH), ("get_field", FIELD_PATH)):
             r = p.call("latency", base=p.base, method="GET", path=path, n=cfg.n)
             self._errors(t, mode, key, r)
@@ -218,42 +232,70 @@ class Run:
 
     def threads(self, p: Program, bare: Program) -> None:
         """A program with two busy threads of its own: its throughput with runctl, idle and
-        under a paced 100 sets/s, against the same program without any tool, in windows
-        taken one after another (each runctl window against the mean of the bare windows
-        around it). Only the program measured works; the other is paused."""
+        under a paced 100 sets/s, against the same program without any tool.
+
+        Short windows alternate between the two programs (bare, idle, bare, sets, bare, ...)
+        and each runctl window is divided by the mean of the bare windows on either side:
+        this machine's speed drifts by 15-20 % over seconds, and only neighbours a fraction
+        of a second apart see the same machine. Only the program measured works; the other
+        is paused. Every ratio is kept, so the target can be judged with its confidence
+        interval rather than by one median."""
         cfg = self.cfg
-        for _ in range(cfg.threads_repeats):
-            rates: dict[str, float] = {}
-            for key, prog, rate in (
-                ("bare0", bare, 0),
-                ("idle", p, 0),
-                ("sets", p, 100),
-                ("bare1", bare, 0),
-            ):
-                other = p if prog is bare else bare
-                other.call("mode", mode="pause")
-                prog.call("mode", mode="threads")
-                time.sleep(cfg.settle)
-                first = self.next_marker(int(rate * cfg.window) + 10)
-                w = prog.call(
-                    "window",
-                    base=prog.base,
-                    path=SET_PATH,
-                    rate=rate,
-                    duration=cfg.window,
-                    method="PUT",
-                    first=first,
-                )
-                self._errors(prog.tool, "threads", f"window@{rate}", w)
-                rates[key] = w["loop_rate"]
-                if rate:
-                    self.fig("runctl.threads.sets_rate", "/s").add_round([w["request_rate"]])
-            for prog in (p, bare):
-                prog.call("mode", mode="pause")
-            bare_rate = (rates["bare0"] + rates["bare1"]) / 2
-            self.fig("none.threads.rate", "it/s").add_round([bare_rate])
-            self.fig("runctl.threads.idle_ratio", "ratio").add_round([rates["idle"] / bare_rate])
-            self.fig("runctl.threads.sets_ratio", "ratio").add_round([rates["sets"] / bare_rate])
+        plan = [("idle", 0), ("sets", 100)] * cfg.threads_pairs
+        bare_rates: list[float] = []
+        runctl_rates: list[tuple[str, float]] = []
+
+        def window(prog: Program, rate: int) -> float:
+            other = p if prog is bare else bare
+            other.call("mode", mode="pause")
+            prog.call("mode", mode="threads")
+            time.sleep(cfg.threads_settle)
+            w = prog.call(
+                "window",
+                base=prog.base,
+                path=SET_PATH,
+                rate=rate,
+                duration=cfg.threads_window,
+                method="PUT",
+                first=self.next_marker(int(rate * cfg.threads_window) + 10),
+            )
+            self._errors(prog.tool, "threads", f"window@{rate}", w)
+            if rate:
+                self.fig("runctl.threads.sets_rate", "/s").add_round([w["request_rate"]])
+            return float(w["loop_rate"])
+
+        bare_rates.append(window(bare, 0))
+        for key, rate in plan:
+            runctl_rates.append((key, window(p, rate)))
+            bare_rates.append(window(bare, 0))
+        for prog in (p, bare):
+            prog.call("mode", mode="pause")
+        ratios: dict[str, list[float]] = {"idle": [], "sets": []}
+        for i, (key, loop_rate) in enumerate(runctl_rates):
+            ratios[key].append(loop_rate / ((bare_rates[i] + bare_rates[i + 1]) / 2))
+        self.fig("none.threads.rate", "it/s").add_round(bare_rates)
+        self.fig("runctl.threads.idle_ratio", "ratio").add_round(ratios["idle"])
+        self.fig("runctl.threads.sets_ratio", "ratio").add_round(ratios["sets"])
+
+    def threads_set(self, p: Program, bare: Program) -> None:
+        """Set latency in the program with two busy threads of its own: the tool's thread
+        competes for the GIL with two threads that never give it up on their own."""
+        cfg = self.cfg
+        bare.call("mode", mode="pause")
+        p.call("mode", mode="threads")
+        time.sleep(cfg.settle + 1.0)  # a heartbeat: runctl sees the busy threads
+        s = p.call(
+            "set",
+            base=p.base,
+            path=SET_PATH,
+            n=cfg.sets,
+            first=self.next_marker(cfg.sets),
+            gap=0.01,
+        )
+        self._errors(p.tool, "threads", "set", s)
+        self.fig(f"{p.tool}.threads.set", "s").add_round(s["times"])
+        self.fig(f"{p.tool}.threads.land", "s").add_round(s["land"])
+        p.call("mode", mode="pause")
 
     def throughput(self, p: Program) -> None:
         r = p.call(
