@@ -279,7 +279,8 @@ class Run:
 
     def threads_set(self, p: Program, bare: Program) -> None:
         """Set latency in the program with two busy threads of its own: the tool's thread
-        competes for the GIL with two threads that never give it up on their own."""
+        competes for the GIL with two threads that hold it (pure Python, checking a
+        ``threading.Event`` between steps)."""
         cfg = self.cfg
         bare.call("mode", mode="pause")
         p.call("mode", mode="threads")
