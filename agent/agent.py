@@ -165,6 +165,8 @@ class Agent(Generic[M]):
         self._stop_callbacks: list[Callable[[str], object]] = [on_stop] if on_stop else []
         self._checkpoint_callbacks: list[checkpoint.CheckpointFn] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the next sample of the program's threads between heartbeats, if one is due
+        self._quick_sample: asyncio.TimerHandle | None = None
         self._tasks: TaskGroup | None = None
         self.ready = threading.Event()
         self.closed = threading.Event()
@@ -346,12 +348,14 @@ class Agent(Generic[M]):
                 )
                 while not self._closing.is_set():
                     gil.sample()
+                    self._sample_soon()
                     with anyio.move_on_after(self.heartbeat_interval):
                         await self._closing.wait()
                     if not self._closing.is_set():
                         await self.publisher.beat()
                 tasks.cancel_scope.cancel()  # pending escalation timers end with the agent
         finally:
+            self._stop_sampling()
             with anyio.CancelScope(shield=True):
                 await self.journal.aclose()
                 await lifecycle.shutdown(
@@ -364,6 +368,30 @@ class Agent(Generic[M]):
                 )
                 gil.detach()
                 self.closed.set()
+
+    # --- the switch interval between heartbeats -------------------------------------------
+
+    def _sample_soon(self) -> None:
+        """Sample the program's threads again before the next heartbeat if the switch
+        interval asks for it (agent/switching.py). A plain timer on the loop, not a task: a
+        wake-up of an idle process costs its cold caches, so it does as little as it can."""
+        if self._quick_sample is not None or self._loop is None:
+            return
+        delay = self.gil.resample_in(self)
+        if delay is not None:
+            self._quick_sample = self._loop.call_later(delay, self._sample_between_beats)
+
+    def _sample_between_beats(self) -> None:
+        self._quick_sample = None
+        if self._closing is not None and not self._closing.is_set():
+            self.gil.sample()
+            self._sample_soon()
+
+    def _stop_sampling(self) -> None:
+        if self._quick_sample is not None:
+            self._quick_sample.cancel()
+            self._quick_sample = None
+        self.gil.release_sampling(self)
 
     def _connect_failed(self, why: str) -> None:
         self.connect_error = why

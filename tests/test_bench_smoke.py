@@ -42,6 +42,7 @@ def test_targets_compare_runctl_with_freak_in_the_same_run() -> None:
         "runctl.hold.land": Figure("s", [[0.0035]]),
         "runctl.threads.idle_ratio": Figure("ratio", [[0.99]]),
         "runctl.threads.sets_ratio": Figure("ratio", [[0.97]]),
+        "runctl.threads.burst_ratio": Figure("ratio", [[0.93]]),
         "runctl.hold.get_full": Figure("s", [[0.002]]),
         "runctl.hold.rate_100": Figure("ratio", [[0.97]]),
     }
@@ -50,6 +51,8 @@ def test_targets_compare_runctl_with_freak_in_the_same_run() -> None:
     assert not targets["set sent -> loop sees it p50, hold loop"].ok  # 3.5 ms > 3 ms
     assert targets["two busy threads' throughput idle, vs without runctl"].ok
     assert not targets["two busy threads' throughput under 100 sets/s, vs without runctl"].ok
+    burst = "two busy threads' throughput idle, starting after a quiet spell, vs without runctl"
+    assert not targets[burst].ok
     assert not targets["GET full state p50, hold loop"].ok  # 2 ms > 1.5 ms
     assert not targets["loop rate under 100 GET/s, hold loop"].ok  # 97% < 98%
     table = render(figs, list(targets.values()), ["hold"], ["freak", "runctl"])

@@ -9,13 +9,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Self
 
 import anyio
 import pytest
 from pydantic import BaseModel
 
 from runctl.agent import control
-from runctl.agent.switching import LOW, Switching, low_interval, switching
+from runctl.agent.switching import LOW, QUICK_SAMPLE, Switching, low_interval, switching
 from runctl.bus import Client, Result
 from runctl.bus.errors import BadRequest
 
@@ -30,20 +31,18 @@ def program_interval() -> Iterator[None]:
     sys.setswitchinterval(before)
 
 
-class Spinner:
-    """``n`` threads of the program that run pure Python until stopped."""
+class Threads:
+    """``n`` threads of the program running :meth:`body` until ``stop`` is set."""
 
     def __init__(self, n: int) -> None:
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.spin, name=f"spin-{i}") for i in range(n)]
+        kind = type(self).__name__.lower()
+        self.threads = [threading.Thread(target=self.body, name=f"{kind}-{i}") for i in range(n)]
 
-    def spin(self) -> None:
-        total = 0
-        while not self.stop.is_set():
-            for i in range(1000):
-                total += i
+    def body(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> Spinner:
+    def __enter__(self) -> Self:
         for t in self.threads:
             t.start()
         return self
@@ -52,6 +51,23 @@ class Spinner:
         self.stop.set()
         for t in self.threads:
             t.join(10)
+
+
+class Spinner(Threads):
+    """Threads that run pure Python until stopped."""
+
+    def body(self) -> None:
+        total = 0
+        while not self.stop.is_set():
+            for i in range(1000):
+                total += i
+
+
+class Idle(Threads):
+    """Threads that wait, doing nothing, until stopped."""
+
+    def body(self) -> None:
+        self.stop.wait()
 
 
 def test_the_environment_chooses_the_low_value_or_turns_it_off() -> None:
@@ -125,6 +141,44 @@ def test_low_at_rest_only_while_at_most_one_program_thread_runs() -> None:
     assert sys.getswitchinterval() == PROGRAM
 
 
+def test_low_at_rest_is_sampled_quickly_only_where_threads_could_start_working() -> None:
+    """Sampling between heartbeats is asked for while the interval is low at rest and the
+    program has two threads or more of its own; by one agent of the process only. (Here the
+    test's thread is the agent's: the program's threads are the ones started below.)"""
+    gil = Switching()
+    gil.attach()
+    first, second = object(), object()
+
+    def settle() -> None:  # two samples, each far enough from the last to be taken
+        for _ in range(2):
+            threading.Event().wait(0.1)
+            gil.sample()
+
+    try:
+        with Idle(1):  # one thread of the program: nobody could compete with it
+            settle()
+            assert gil.quiet and sys.getswitchinterval() == LOW
+            assert gil.resample_in(first) is None
+        with Idle(2):  # two, idle: either could start working any time
+            settle()
+            assert gil.quiet and sys.getswitchinterval() == LOW
+            assert gil.resample_in(first) == QUICK_SAMPLE
+            assert gil.resample_in(second) is None  # one agent samples for the process
+            gil.release_sampling(first)
+            assert gil.resample_in(second) == QUICK_SAMPLE
+            with Spinner(2):  # busy: the program's interval, the heartbeat is enough
+                threading.Event().wait(0.1)
+                gil.sample()
+                assert gil.resample_in(second) == QUICK_SAMPLE  # new threads: measure soon
+                threading.Event().wait(0.3)
+                gil.sample()
+                assert not gil.quiet and sys.getswitchinterval() == PROGRAM
+                assert gil.resample_in(second) is None
+    finally:
+        gil.detach()
+    assert gil.resample_in(second) is None  # no agent: nothing to sample
+
+
 def test_the_programs_own_interval_wins() -> None:
     gil = Switching()
     gil.attach()
@@ -194,6 +248,51 @@ def test_a_set_through_a_real_agent_restores_the_programs_interval(
         assert state.x == 7
         assert seen == [LOW]
         assert sys.getswitchinterval() == PROGRAM
+    assert sys.getswitchinterval() == PROGRAM
+
+
+class Workers(Spinner):
+    """Threads idle until ``go`` is set, then running pure Python until stopped."""
+
+    def __init__(self, n: int) -> None:
+        self.go = threading.Event()
+        super().__init__(n)
+
+    def body(self) -> None:
+        self.go.wait()
+        super().body()
+
+    def __exit__(self, *exc: object) -> None:
+        self.go.set()
+        super().__exit__(*exc)
+
+
+def wait_for_interval(value: float, why: str) -> None:
+    """Until the switch interval is ``value`` (bounded: 10 s, a third of the heartbeat the
+    tests below use, so only sampling between heartbeats gets there in time)."""
+    deadline = time.monotonic() + 10
+    while sys.getswitchinterval() != value:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.02)
+
+
+def test_threads_that_start_working_after_a_quiet_spell_get_the_programs_interval_back(
+    nats_url: str, run_id: str
+) -> None:
+    """A quiet program with idle threads of its own gets the low interval at rest; when two
+    of them start working, the agent notices long before its next heartbeat (30 s away)
+    and gives the program its own interval back."""
+    wait_until_detached()
+    sys.setswitchinterval(PROGRAM)
+
+    class Quiet(BaseModel):
+        x: int = 0
+
+    with Workers(2) as workers, control(Quiet(), run=run_id, rank=0, url=nats_url, heartbeat=30):
+        wait_for_interval(LOW, "the quiet program never got the low interval at rest")
+        workers.go.set()
+        wait_for_interval(PROGRAM, "two busy threads kept the low interval until the heartbeat")
+        assert not switching().quiet
     assert sys.getswitchinterval() == PROGRAM
 
 

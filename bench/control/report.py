@@ -201,7 +201,11 @@ def evaluate(figs: dict[str, Figure], modes: list[str], tools: list[str]) -> lis
                     (lo * 100, hi * 100),
                 )
             )
-    for key, label in (("idle_ratio", "idle"), ("sets_ratio", "under 100 sets/s")):
+    for key, label in (
+        ("idle_ratio", "idle"),
+        ("burst_ratio", "idle, starting after a quiet spell"),
+        ("sets_ratio", "under 100 sets/s"),
+    ):
         if (f := fig(f"runctl.threads.{key}")) is not None:
             lo, hi = median_interval(f.pooled)
             out.append(
@@ -316,6 +320,7 @@ _RUNCTL_ONLY = [
     ("runctl.gateway_rps4", "gateway GET/s, 4 concurrent clients", 1, "/s"),
     ("none.threads.rate", "two busy threads, no tool: their iterations", 1, "/s"),
     ("runctl.threads.idle_ratio", "two busy threads with runctl, idle / no tool", 100, "%"),
+    ("runctl.threads.burst_ratio", "two busy threads after a quiet spell / no tool", 100, "%"),
     ("runctl.threads.sets_ratio", "two busy threads, 100 sets/s / no tool", 100, "%"),
     ("runctl.threads.sets_rate", "(sets/s sent during those windows)", 1, "/s"),
     ("freak.gateway_rps4", "(Freak: GET/s, 4 concurrent clients, loop paused)", 1, "/s"),

@@ -49,12 +49,16 @@ class Config:
     startup_repeats: int = 5
     startup_settle: float = 1.2
     throughput_s: float = 3.0
-    #: program with two busy threads of its own, per round: pairs of runctl windows (one
-    #: idle, one under 100 sets/s), each between two windows of the program without a tool
+    #: program with two busy threads of its own, per round: runs of three runctl windows
+    #: (idle, under 100 sets/s, idle after a quiet spell), each between two windows of the
+    #: program without a tool
     threads_pairs: int = 12
     #: seconds per window of the two-busy-threads program, and the pause before each
     threads_window: float = 0.5
     threads_settle: float = 0.1
+    #: seconds both programs rest before a "burst" window: longer than the agent's heartbeat
+    #: and window together, so the agent has seen the program quiet when its threads start
+    threads_quiet: float = 1.5
     #: niceness of every process of the run (children inherit it)
     nice: int = 0
     gateway_env: dict[str, str] = field(default_factory=dict)
@@ -133,6 +137,12 @@ class Run:
                 for program in order:
                     self.throughput(program)
                 if bare is not None:
+                    if rnd:
+                        # a fresh process each round: two processes of one program run a
+                        # few percent apart (memory layout); one per round spreads that
+                        # over the rounds instead of tilting all of them the same way
+                        bare.stop()
+                        bare.start()
                     self.threads(programs["runctl"], bare)
                     for program in order:
                         self.threads_set(program, bare)
@@ -232,7 +242,9 @@ class Run:
 
     def threads(self, p: Program, bare: Program) -> None:
         """A program with two busy threads of its own: its throughput with runctl, idle and
-        under a paced 100 sets/s, against the same program without any tool.
+        under a paced 100 sets/s, against the same program without any tool. "Burst"
+        windows are idle ones that start after a quiet spell longer than the agent's
+        heartbeat: the threads start working while runctl's interval at rest is low.
 
         Short windows alternate between the two programs (bare, idle, bare, sets, bare, ...)
         and each runctl window is divided by the mean of the bare windows on either side:
@@ -241,13 +253,16 @@ class Run:
         is paused. Every ratio is kept, so the target can be judged with its confidence
         interval rather than by one median."""
         cfg = self.cfg
-        plan = [("idle", 0), ("sets", 100)] * cfg.threads_pairs
+        plan = [("idle", 0), ("sets", 100), ("burst", 0)] * cfg.threads_pairs
         bare_rates: list[float] = []
         runctl_rates: list[tuple[str, float]] = []
 
-        def window(prog: Program, rate: int) -> float:
+        def window(prog: Program, rate: int, quiet: float = 0.0) -> float:
             other = p if prog is bare else bare
             other.call("mode", mode="pause")
+            if quiet:
+                prog.call("mode", mode="pause")
+                time.sleep(quiet)
             prog.call("mode", mode="threads")
             time.sleep(cfg.threads_settle)
             w = prog.call(
@@ -266,16 +281,18 @@ class Run:
 
         bare_rates.append(window(bare, 0))
         for key, rate in plan:
-            runctl_rates.append((key, window(p, rate)))
+            quiet = cfg.threads_quiet if key == "burst" else 0.0
+            runctl_rates.append((key, window(p, rate, quiet)))
             bare_rates.append(window(bare, 0))
         for prog in (p, bare):
             prog.call("mode", mode="pause")
-        ratios: dict[str, list[float]] = {"idle": [], "sets": []}
+        ratios: dict[str, list[float]] = {"idle": [], "sets": [], "burst": []}
         for i, (key, loop_rate) in enumerate(runctl_rates):
             ratios[key].append(loop_rate / ((bare_rates[i] + bare_rates[i + 1]) / 2))
         self.fig("none.threads.rate", "it/s").add_round(bare_rates)
         self.fig("runctl.threads.idle_ratio", "ratio").add_round(ratios["idle"])
         self.fig("runctl.threads.sets_ratio", "ratio").add_round(ratios["sets"])
+        self.fig("runctl.threads.burst_ratio", "ratio").add_round(ratios["burst"])
 
     def threads_set(self, p: Program, bare: Program) -> None:
         """Set latency in the program with two busy threads of its own: the tool's thread
