@@ -322,6 +322,8 @@ _RUNCTL_ONLY = [
     ("runctl.threads.idle_ratio", "two busy threads with runctl, idle / no tool", 100, "%"),
     ("runctl.threads.burst_ratio", "two busy threads after a quiet spell / no tool", 100, "%"),
     ("runctl.threads.sets_ratio", "two busy threads, 100 sets/s / no tool", 100, "%"),
+    ("runctl.threads.sets_vs_idle", "two busy threads, 100 sets/s / runctl idle", 100, "%"),
+    ("runctl.threads.burst_vs_idle", "two busy threads, after a quiet spell / idle", 100, "%"),
     ("runctl.threads.sets_rate", "(sets/s sent during those windows)", 1, "/s"),
     ("freak.gateway_rps4", "(Freak: GET/s, 4 concurrent clients, loop paused)", 1, "/s"),
 ]

@@ -293,6 +293,12 @@ class Run:
         self.fig("runctl.threads.idle_ratio", "ratio").add_round(ratios["idle"])
         self.fig("runctl.threads.sets_ratio", "ratio").add_round(ratios["sets"])
         self.fig("runctl.threads.burst_ratio", "ratio").add_round(ratios["burst"])
+        # the same process idle and loaded: free of the few percent by which two processes
+        # of one program differ (the ratios above carry that, in either direction)
+        idle = ratios["idle"]
+        for key in ("sets", "burst"):
+            paired = [w / i for i, w in zip(idle, ratios[key], strict=False) if i]
+            self.fig(f"runctl.threads.{key}_vs_idle", "ratio").add_round(paired)
 
     def threads_set(self, p: Program, bare: Program) -> None:
         """Set latency in the program with two busy threads of its own: the tool's thread
