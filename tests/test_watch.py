@@ -400,8 +400,10 @@ EPOCHS = """
     ctl = control(state, heartbeat=float(os.environ["HEARTBEAT"]))
     ctl.wait_ready()
     say("READY", ctl.run, ctl.rank)
-    step, epoch = 0, 0
-    while not ctl.stop_requested:
+    step, epoch, stopping = 0, 0, False
+    # ends after an epoch cut short by the stop: a stop that arrives between two epochs
+    # cuts the next one short at its first step, so every stop ends with SKIPPED
+    while not stopping:
         try:
             with ctl.once("epoch", key=epoch, wait=False) as done:
                 for _ in range(5):
@@ -413,7 +415,8 @@ EPOCHS = """
                 if state.fail:
                     state.fail = False
                     raise ValueError(f"bad epoch {epoch}")
-                if state.skip or ctl.stop_requested:
+                stopping = ctl.stop_requested
+                if state.skip or stopping:
                     state.skip = False
                     say("SKIPPED", epoch)
                     done.skip()  # as runctl demo does: an epoch cut short is not done
