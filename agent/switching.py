@@ -114,8 +114,8 @@ class Switching:
         self._disowned = False
         self._cpu: dict[int, int] = {}
         self._sampled = 0.0
-        self._threads = 0  # the program's own threads at the last sample
-        self._unmeasured = 0  # of which first seen then (counted as busy)
+        #: the last sample asks for the next one before the heartbeat (see resample_in)
+        self._watch = False
         self._sampler: object | None = None  # the agent that samples quickly, if one does
 
     @property
@@ -182,8 +182,7 @@ class Switching:
         process samples quickly (the first to ask), so many agents in one process do not
         each wake five times a second."""
         with self._lock:
-            watch = (self._quiet and self._threads >= 2) or self._unmeasured
-            if not (self.active and watch):
+            if not (self.active and self._watch):
                 return None
             if self._sampler is None:
                 self._sampler = agent
@@ -224,8 +223,9 @@ class Switching:
                 busy += 1
         self._cpu, self._sampled = seen, now
         with self._lock:
-            self._threads, self._unmeasured = program, unmeasured
             self._quiet = busy <= 1
+            # low at rest with threads that could start working, or threads not yet judged
+            self._watch = (self._quiet and program >= 2) or unmeasured > 0
             self._apply()
         return self._quiet
 
@@ -254,7 +254,7 @@ class Switching:
         self._quiet = False
         self._cpu.clear()
         self._sampled = 0.0
-        self._threads = self._unmeasured = 0
+        self._watch = False
         self._sampler = None
 
 

@@ -188,41 +188,29 @@ def evaluate(figs: dict[str, Figure], modes: list[str], tools: list[str]) -> lis
             out.append(
                 Target("set sent -> loop sees it p50, hold loop", f.p50 * 1e3, LAND_MS, "le", "ms")
             )
-        f = fig(f"runctl.{mode}.rate_100")
-        if f is not None:
-            lo, hi = median_interval(f.pooled)
-            out.append(
-                Target(
-                    f"loop rate under 100 GET/s, {mode} loop",
-                    f.p50 * 100,
-                    98.0,
-                    "ge",
-                    "% of idle",
-                    (lo * 100, hi * 100),
-                )
-            )
+        if (f := fig(f"runctl.{mode}.rate_100")) is not None:
+            name = f"loop rate under 100 GET/s, {mode} loop"
+            out.append(_percent_target(name, f, 98.0, "% of idle"))
     for key, label in (
         ("idle_ratio", "idle"),
         ("burst_ratio", "idle, starting after a quiet spell"),
         ("sets_ratio", "under 100 sets/s"),
     ):
         if (f := fig(f"runctl.threads.{key}")) is not None:
-            lo, hi = median_interval(f.pooled)
-            out.append(
-                Target(
-                    f"two busy threads' throughput {label}, vs without runctl",
-                    f.p50 * 100,
-                    THREADS_PCT,
-                    "ge",
-                    "%",
-                    (lo * 100, hi * 100),
-                )
-            )
+            name = f"two busy threads' throughput {label}, vs without runctl"
+            out.append(_percent_target(name, f, THREADS_PCT, "%"))
     if (f := fig("runctl.rss_overhead")) is not None:
         out.append(Target("agent RSS overhead", f.p50, 30.0, "le", "MB"))
     if (f := fig("runctl.control_existing")) is not None:
         out.append(Target("control() return, existing server", f.p50 * 1e3, 200.0, "le", "ms"))
     return out
+
+
+def _percent_target(name: str, f: Figure, limit: float, detail: str) -> Target:
+    """A ratio that must stay at or above ``limit`` percent, judged over the confidence
+    interval of its median (the noisy window figures)."""
+    lo, hi = median_interval(f.pooled)
+    return Target(name, f.p50 * 100, limit, "ge", detail, (lo * 100, hi * 100))
 
 
 _WHAT = {"get_full": "full state", "get_field": "one field", "set": "set one field"}

@@ -290,14 +290,13 @@ class Run:
         for i, (key, loop_rate) in enumerate(runctl_rates):
             ratios[key].append(loop_rate / ((bare_rates[i] + bare_rates[i + 1]) / 2))
         self.fig("none.threads.rate", "it/s").add_round(bare_rates)
-        self.fig("runctl.threads.idle_ratio", "ratio").add_round(ratios["idle"])
-        self.fig("runctl.threads.sets_ratio", "ratio").add_round(ratios["sets"])
-        self.fig("runctl.threads.burst_ratio", "ratio").add_round(ratios["burst"])
+        for key, values in ratios.items():
+            self.fig(f"runctl.threads.{key}_ratio", "ratio").add_round(values)
         # the same process idle and loaded: free of the few percent by which two processes
         # of one program differ (the ratios above carry that, in either direction)
         idle = ratios["idle"]
         for key in ("sets", "burst"):
-            paired = [w / i for i, w in zip(idle, ratios[key], strict=False) if i]
+            paired = [w / i for i, w in zip(idle, ratios[key], strict=True) if i]
             self.fig(f"runctl.threads.{key}_vs_idle", "ratio").add_round(paired)
 
     def threads_set(self, p: Program, bare: Program) -> None:
