@@ -202,8 +202,9 @@ def apply(
 def request_stop(rank: RankState, reason: str) -> bool:
     """Mark the rank as asked to stop (the latest reason wins); True the first time."""
     first = not rank.stop_requested
-    rank.stop_requested = True
+    # the reason first: the program's thread may read the flag, then the reason, in between
     rank.stop_reason = reason
+    rank.stop_requested = True
     return first
 
 

@@ -226,6 +226,22 @@ def test_request_stop_is_true_only_the_first_time() -> None:
     assert rank.stop_reason == "b"
 
 
+def test_a_stops_reason_is_in_place_before_the_flag_the_program_reads() -> None:
+    """The program's thread reads ``stop_requested`` and then ``stop_reason`` while the
+    agent's thread sets them: once the flag is visible, the reason must be there too."""
+    reasons_when_flagged: list[str] = []
+
+    class Watched(RankState):
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "stop_requested" and value:
+                reasons_when_flagged.append(self.stop_reason)
+            super().__setattr__(name, value)
+
+    rank = Watched(run="r1", rank="3", live=LiveState(Cfg()))
+    request_stop(rank, "cli")
+    assert reasons_when_flagged == ["cli"]
+
+
 @pytest.mark.parametrize("verb", list(m.COMMAND_TYPES))
 def test_verb_of_every_command(verb: str) -> None:
     cls = m.COMMAND_TYPES[verb]
