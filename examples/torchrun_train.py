@@ -95,11 +95,14 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.module.state_dict(), partial)
             os.replace(partial, args.checkpoint)
 
+    # one rank's stop stops them all, sometimes before the stop reached this rank's agent:
+    # every rank reports the reason whichever rank was given
+    reasons: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(reasons, ctl.stop_reason)
+    reason = next((r for r in reasons if r), "")
     if log:
-        log.write(
-            json.dumps({"done": True, "step": step, "epoch": epoch, "stop_reason": ctl.stop_reason})
-            + "\n"
-        )
+        log.write(json.dumps({"done": True, "step": step, "epoch": epoch, "stop_reason": reason}))
+        log.write("\n")
         log.close()
     ctl.close()
     dist.destroy_process_group()

@@ -205,6 +205,29 @@ async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
 
 
 @pytest.mark.anyio
+@pytest.mark.timeout(240)  # two torch processes per launch: slow to start on a loaded machine
+async def test_a_stop_sent_to_one_rank_stops_every_rank_with_its_reason(
+    jobs: list[Job],
+    client: Client,
+    nats_url: str,
+    tmp_path: Path,
+) -> None:
+    """One rank's stop stops them all (a collective in the loop), before the other rank's
+    agent heard of any stop: each still reports the reason the run was stopped with."""
+    job = Job(["--log-dir", str(tmp_path)], {"RUNCTL_NATS_URL": nats_url, "RUNCTL_RUN": ""})
+    jobs.append(job)
+    run = (await job.runs())["0"]
+    await stepping(job, client, run)
+
+    stop = await cli(nats_url, "stop", f"{run}/1", "--reason", "cli")
+    assert stop["rank"] == "1" and stop["outcome"] == "applied", stop
+    assert await job.exit_code() == 0, job.output
+
+    (_, done0), (_, done1) = (read_log(tmp_path / f"rank{r}.jsonl") for r in (0, 1))
+    assert done0 is not None and done0 == done1 and done0["stop_reason"] == "cli"
+
+
+@pytest.mark.anyio
 @pytest.mark.timeout(240)  # two launches of two torch processes each
 async def test_torchrun_restarted_after_a_crash_skips_the_epochs_done(
     jobs: list[Job],
