@@ -52,7 +52,7 @@ from runctl.agent.escalation import escalate, recorded_stop
 from runctl.agent.journaling import Journaler, target_of
 from runctl.agent.pending import PendingChanges, StepClock
 from runctl.agent.progress import ExitErrors, Progress, ProgressMonitor
-from runctl.agent.publish import AckTo, Publisher
+from runctl.agent.publish import Ack, AckTo, Publisher
 from runctl.agent.replay import ReplayReport, replay_enabled, start_journal
 from runctl.agent.state import LiveState
 from runctl.agent.steps import StepLog, Steps
@@ -62,6 +62,7 @@ from runctl.bus.acks import ack_to_of
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.defaults import MAX_PAYLOAD
+from runctl.bus.direct import run_now, write_now
 from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.sizelimit import SizeLimit
@@ -168,6 +169,8 @@ class Agent(Generic[M]):
         #: the next sample of the program's threads between heartbeats, if one is due
         self._quick_sample: asyncio.TimerHandle | None = None
         self._tasks: TaskGroup | None = None
+        #: tasks started while the agent closes, kept until they end
+        self._stragglers: set[asyncio.Task[Any]] = set()
         self.ready = threading.Event()
         self.closed = threading.Event()
         self.nc: NATS | None = None
@@ -326,7 +329,7 @@ class Agent(Generic[M]):
                     self.nc, self.journal, self.publisher, replay=self.replay
                 )
                 self._subs = await lifecycle.subscribe_commands(
-                    self.nc, self.run, self.rank, self._on_command
+                    self.nc, self.run, self.rank, self._on_command_now
                 )
                 await self._apply_recorded_stop()
                 await lifecycle.announce(self.publisher, self.core)
@@ -398,11 +401,23 @@ class Agent(Generic[M]):
 
     # --- commands ---------------------------------------------------------------------
 
+    def _on_command_now(self, msg: Msg) -> None:
+        """A command, handled as nats-py reads it, up to its reply with no turn of the event
+        loop in between (bus/direct.py): each turn is a GIL hand-off in a program whose
+        threads hold the GIL, and CPU when 64 rank processes wake for one broadcast."""
+        run_now(self._on_command(msg), self._later)
+
     async def _on_command(self, msg: Msg) -> None:
         with self.gil.command():  # a low switch interval until the reply is out
-            await self._handle(msg)
+            acks = await self._handle(msg)
+        if acks:  # the registry's acks, awaited off the command's way: none holds up the next
+            self._later(partial(self.publisher.wait, acks))
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> list[Ack]:
+        """Execute a command and send everything it makes (state, record, event, journal
+        record, reply) without waiting: returns the registry acks still to be awaited. It
+        enters no cancel scope: it may start in nats-py's reader task and, should a write
+        have to wait for the socket, continue in another (bus/direct.py)."""
         verb = msg.subject.rsplit(".", 1)[-1]
         outcome = commands.execute(self.core, verb, msg.data)
         self._carry_out(outcome.effects)
@@ -426,7 +441,11 @@ class Agent(Generic[M]):
             reply.acks = ack_to.sent + self.journal.after_reply(record)
         await self._reply(msg, outcome)
         acks += await self.journal.send(record, replied=True, ack_to=ack_to)
-        await self.publisher.wait(acks)
+        if self.nc is not None and self.connection is None:
+            # written now, not on the flusher's next turn; a connection shared by many agents
+            # is left to the flusher, which sends all their replies to a broadcast in one write
+            write_now(self.nc)
+        return acks
 
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:
         if not msg.reply:
@@ -479,3 +498,16 @@ class Agent(Generic[M]):
             tasks.start_soon(job)
         else:
             loop.call_soon_threadsafe(tasks.start_soon, job)
+
+    def _later(self, job: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``job`` in a task on the agent's loop (called on that loop): in the agent's
+        task group, or on its own while the agent closes (a command's rest is not lost)."""
+        if self._tasks is not None:
+            try:
+                self._tasks.start_soon(job)
+                return
+            except RuntimeError:  # the task group has ended
+                pass
+        task = asyncio.ensure_future(job())
+        self._stragglers.add(task)
+        task.add_done_callback(self._stragglers.discard)

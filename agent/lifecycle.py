@@ -8,7 +8,7 @@ as soon as it exists (a lease taken before a failed connect is still given back)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -23,6 +23,7 @@ from runctl.agent.publish import PUBLISH_TIMEOUT, Publisher
 from runctl.agent.steps.log import StepLog
 from runctl.bus import statestore
 from runctl.bus.connection import close_quietly, connect
+from runctl.bus.direct import subscribe_now
 from runctl.bus.registry import Registry
 from runctl.bus.subjects import command_wildcards
 
@@ -63,12 +64,11 @@ async def connect_agent(
 
 
 async def subscribe_commands(
-    nc: NATS, run: str, rank: str, handler: Callable[[Msg], Awaitable[None]]
+    nc: NATS, run: str, rank: str, handler: Callable[[Msg], None]
 ) -> list[Subscription]:
-    """Subscribe ``handler`` to this rank's command subjects and its run's broadcasts.
-    The two subscriptions deliver concurrently: the handler keeps no per-call state on a
-    shared object."""
-    subs = [await nc.subscribe(subject, cb=handler) for subject in command_wildcards(run, rank)]
+    """Subscribe ``handler`` to this rank's command subjects and its run's broadcasts,
+    called as each command is read (:func:`runctl.bus.direct.subscribe_now`)."""
+    subs = [await subscribe_now(nc, subject, handler) for subject in command_wildcards(run, rank)]
     await nc.flush(timeout=5)
     return subs
 

@@ -5,8 +5,9 @@ write's store acknowledgements) would otherwise subscribe and unsubscribe once p
 :class:`Inbox` subscribes ``<inbox>.*`` once per connection, on first use, and hands what
 arrives on a subject to the item opened with it (``deliver``), until the item is closed or
 ``deliver`` says it is complete. A client's requests and its writes' acknowledgements share
-one: a write's reply and its acknowledgements usually arrive in one read from the socket,
-and are then handed over in one turn of the subscription's task instead of two.
+one: a write's reply and its acknowledgements usually arrive in one read from the socket.
+They are handed over as nats-py reads them (:func:`runctl.bus.direct.subscribe_now`), not
+on a later turn of a task of the subscription's own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from runctl.bus.direct import subscribe_now
 
 __all__ = ["Inbox"]
 
@@ -41,7 +44,7 @@ class Inbox:
         (through ``deliver``)."""
         if self._sub is None:
             prefix = self.nc.new_inbox()
-            sub = await self.nc.subscribe(f"{prefix}.*", cb=self._on_message)
+            sub = await subscribe_now(self.nc, f"{prefix}.*", self._on_message)
             if self._sub is None:
                 self._prefix, self._sub = prefix, sub
             else:  # another first use subscribed while this one did
@@ -56,7 +59,7 @@ class Inbox:
         """Nothing more for ``subject``: what still arrives on it is dropped."""
         self._open.pop(subject, None)
 
-    async def _on_message(self, msg: Msg) -> None:
+    def _on_message(self, msg: Msg) -> None:
         found = self._open.get(msg.subject)
         if found is not None and found[1](found[0], msg):
             self._open.pop(msg.subject, None)

@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from runctl.bus import messages as m
+from runctl.bus.direct import subscribe_now, write_now
 from runctl.bus.errors import NotFound, RunctlError, Timeout, from_code, map_nats_error
 from runctl.bus.inboxes import Inbox
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
@@ -94,6 +95,7 @@ class Transport:
             inbox, reply = await self._replies.open(_reply_future, _complete)
             try:
                 await self.nc.publish(subject, payload, reply=inbox, headers=headers)
+                write_now(self.nc)  # not on the flusher's next turn
                 if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
                     await self._wait_or_check(reply, run, rank, deadline - loop.time())
                 msg = reply.result()
@@ -162,8 +164,9 @@ class Transport:
         arrived = anyio.Event()
         no_responders = False
 
-        async def on_reply(msg: Msg) -> None:
-            # a subscription callback: no per-reply timer task, as next_msg(timeout) has
+        def on_reply(msg: Msg) -> None:
+            # called as each reply is read: no per-reply timer task, as next_msg(timeout)
+            # has, nor a turn of a subscription task
             nonlocal no_responders
             if is_no_responders(msg):
                 no_responders = not answered
@@ -184,9 +187,10 @@ class Transport:
                 complete.set()
 
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        sub = await subscribe_now(self.nc, inbox, on_reply)
         try:
             await self.nc.publish(subject, payload, reply=inbox, headers=headers)
+            write_now(self.nc)
             deadline = anyio.current_time() + timeout
             #: the registry knows a rank of this run that has not exited (None: no registry)
             known: bool | None = None

@@ -1,0 +1,149 @@
+"""Messages handled as they are read and writes sent at once (bus/direct.py), against a
+real nats-server: no turn of a subscription's task or of the flusher in between, the
+order of a subscription's messages kept, a failing handler no harm to the connection, and
+a coroutine that has to wait finished in a task of the caller's choosing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from runctl.bus.direct import run_now, subscribe_now, write_now
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.mark.anyio
+async def test_messages_are_handled_in_the_reader_in_order(nc: NATS) -> None:
+    seen: list[tuple[bytes, asyncio.Task[object] | None]] = []
+    done = anyio.Event()
+
+    def handler(msg: Msg) -> None:
+        seen.append((msg.data, asyncio.current_task()))
+        if len(seen) == 50:
+            done.set()
+
+    await subscribe_now(nc, "direct.order", handler)
+    for i in range(50):
+        await nc.publish("direct.order", str(i).encode())
+    with anyio.fail_after(10):
+        await done.wait()
+    assert [data for data, _ in seen] == [str(i).encode() for i in range(50)]
+    # called by nats-py's reader, not by a task of the subscription's own
+    assert {task for _, task in seen} == {nc._reading_task}
+
+
+@pytest.mark.anyio
+async def test_a_failing_handler_costs_its_message_only(nc: NATS) -> None:
+    handled: list[bytes] = []
+    done = anyio.Event()
+
+    def handler(msg: Msg) -> None:
+        if msg.data == b"bad":
+            raise ValueError("boom")
+        handled.append(msg.data)
+        if msg.data == b"last":
+            done.set()
+
+    await subscribe_now(nc, "direct.fail", handler)
+    for data in (b"first", b"bad", b"last"):
+        await nc.publish("direct.fail", data)
+    with anyio.fail_after(10):
+        await done.wait()
+    assert handled == [b"first", b"last"]
+    assert nc.is_connected
+    # the connection still answers requests
+    await nc.flush(timeout=5)
+
+
+@pytest.mark.anyio
+async def test_a_direct_subscription_unsubscribes_and_drains(nc: NATS) -> None:
+    got: list[bytes] = []
+    sub = await subscribe_now(nc, "direct.unsub", lambda msg: got.append(msg.data))
+    await nc.publish("direct.unsub", b"one")
+    await nc.flush(timeout=5)
+    await sub.unsubscribe()
+    await nc.publish("direct.unsub", b"two")
+    await nc.flush(timeout=5)
+    await subscribe_now(nc, "direct.drain", lambda msg: None)
+    with anyio.fail_after(5):
+        await nc.drain()
+    assert got == [b"one"]
+
+
+@pytest.mark.anyio
+async def test_write_now_sends_without_the_flusher(nc: NATS, nats_url: str) -> None:
+    other = await nats.connect(nats_url)
+    try:
+        sub = await other.subscribe("direct.write")
+        await other.flush(timeout=5)
+        await nc.publish("direct.write", b"x")
+        assert nc._pending  # nats-py leaves it to its flusher's next turn
+        write_now(nc)
+        assert not nc._pending and nc.pending_data_size == 0
+        msg = await sub.next_msg(timeout=5)
+        assert msg.data == b"x"
+    finally:
+        await other.close()
+
+
+@pytest.mark.anyio
+async def test_a_coroutine_runs_now_until_it_waits_then_in_the_given_task() -> None:
+    trace: list[str] = []
+
+    async def quick() -> None:
+        trace.append("quick")
+
+    later: list[object] = []
+    assert run_now(quick(), later.append) is True
+    assert trace == ["quick"] and later == []  # ran in this very call, no task
+
+    gate = asyncio.get_running_loop().create_future()
+
+    async def waits() -> None:
+        trace.append("before")
+        value = await gate
+        trace.append(f"after {value}")
+
+    async with anyio.create_task_group() as tasks:
+        assert run_now(waits(), tasks.start_soon) is False
+        assert trace[-1] == "before"  # ran up to its wait in this call
+        await anyio.sleep(0.01)
+        assert trace[-1] == "before"
+        gate.set_result(7)
+    assert trace == ["quick", "before", "after 7"]
+
+
+@pytest.mark.anyio
+async def test_the_rest_of_a_coroutine_can_be_cancelled_and_fail_without_raising() -> None:
+    cleaned = anyio.Event()
+
+    async def waits_forever() -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            cleaned.set()
+
+    async def fails_later() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("logged, not raised")
+
+    async with anyio.create_task_group() as tasks:
+        assert run_now(waits_forever(), tasks.start_soon) is False
+        assert run_now(fails_later(), tasks.start_soon) is False
+        await anyio.sleep(0.01)
+        tasks.cancel_scope.cancel()
+    assert cleaned.is_set()
