@@ -408,14 +408,21 @@ class Agent(Generic[M]):
         run_now(self._on_command(msg), self._later)
 
     async def _on_command(self, msg: Msg) -> None:
-        with self.gil.command():  # a low switch interval until the reply is out
+        with self.gil.command():  # a low switch interval while the command is handled
             acks = await self._handle(msg)
+        if self.nc is not None and self.connection is None:
+            # Written now, not on the flusher's next turn, and only once the program's
+            # interval is back: whoever reads the answer finds it in place. A connection
+            # shared by many agents is left to the flusher, which sends all their replies
+            # to a broadcast in one write.
+            write_now(self.nc)
         if acks:  # the registry's acks, awaited off the command's way: none holds up the next
             self._later(partial(self.publisher.wait, acks))
 
     async def _handle(self, msg: Msg) -> list[Ack]:
         """Execute a command and send everything it makes (state, record, event, journal
-        record, reply) without waiting: returns the registry acks still to be awaited. It
+        record, reply) to the connection's buffer without waiting: returns the registry
+        acks still to be awaited. It
         enters no cancel scope: it may start in nats-py's reader task and, should a write
         have to wait for the socket, continue in another (bus/direct.py)."""
         verb = msg.subject.rsplit(".", 1)[-1]
@@ -441,10 +448,6 @@ class Agent(Generic[M]):
             reply.acks = ack_to.sent + self.journal.after_reply(record)
         await self._reply(msg, outcome)
         acks += await self.journal.send(record, replied=True, ack_to=ack_to)
-        if self.nc is not None and self.connection is None:
-            # written now, not on the flusher's next turn; a connection shared by many agents
-            # is left to the flusher, which sends all their replies to a broadcast in one write
-            write_now(self.nc)
         return acks
 
     async def _reply(self, msg: Msg, outcome: Outcome) -> None:

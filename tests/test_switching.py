@@ -13,11 +13,14 @@ from typing import Self
 
 import anyio
 import pytest
+from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
+import runctl.agent.agent as agent_module
 from runctl.agent import control
 from runctl.agent.switching import LOW, QUICK_SAMPLE, Switching, low_interval, switching
 from runctl.bus import Client, Result
+from runctl.bus.direct import write_now
 from runctl.bus.errors import BadRequest
 
 PROGRAM = 0.005
@@ -214,11 +217,19 @@ def wait_until_detached(timeout: float = 30.0) -> None:
 
 
 def test_a_set_through_a_real_agent_restores_the_programs_interval(
-    nats_url: str, run_id: str
+    nats_url: str, run_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A program with two busy threads of its own: during the set the agent lowers the
-    interval; once answered, the program's is back; after close() nothing is left."""
+    interval; once answered, the program's is back (the answer leaves after it is
+    restored, not before); after close() nothing is left."""
     seen: list[float] = []
+    written: list[float] = []
+
+    def write_now_watched(nc: NATS) -> None:
+        written.append(sys.getswitchinterval())
+        write_now(nc)
+
+    monkeypatch.setattr(agent_module, "write_now", write_now_watched)
     # agents of earlier tests in this process may still be closing: the policy is
     # process-wide, so start once they are gone, from the program's interval
     wait_until_detached()
@@ -248,6 +259,8 @@ def test_a_set_through_a_real_agent_restores_the_programs_interval(
         assert state.x == 7
         assert seen == [LOW]
         assert sys.getswitchinterval() == PROGRAM
+        # each answer was written with the program's interval back in place
+        assert written and set(written) == {PROGRAM}
     assert sys.getswitchinterval() == PROGRAM
 
 
