@@ -422,9 +422,9 @@ class Agent(Generic[M]):
     async def _handle(self, msg: Msg) -> list[Ack]:
         """Execute a command and send everything it makes (state, record, event, journal
         record, reply) to the connection's buffer without waiting: returns the registry
-        acks still to be awaited. It
-        enters no cancel scope: it may start in nats-py's reader task and, should a write
-        have to wait for the socket, continue in another (bus/direct.py)."""
+        acks still to be awaited. It enters no cancel scope: it may start in nats-py's
+        reader task and, should a write have to wait for the socket, continue in another
+        (bus/direct.py)."""
         verb = msg.subject.rsplit(".", 1)[-1]
         outcome = commands.execute(self.core, verb, msg.data)
         self._carry_out(outcome.effects)

@@ -54,16 +54,14 @@ class _CallNow(asyncio.Queue[Msg]):
             log.exception("message handler failed", subject=item.subject)
 
 
-async def subscribe_now(
-    nc: NATS, subject: str, handler: Callable[[Msg], None], *, queue: str = ""
-) -> Subscription:
+async def subscribe_now(nc: NATS, subject: str, handler: Callable[[Msg], None]) -> Subscription:
     """Subscribe ``handler`` to ``subject``, called as each message is read (no task of the
     subscription's own); with an unexpected nats-py, through that task as usual."""
 
     async def through_task(msg: Msg) -> None:
         handler(msg)
 
-    sub = await nc.subscribe(subject, queue=queue, cb=through_task)
+    sub = await nc.subscribe(subject, cb=through_task)
     if isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue) and isinstance(
         getattr(sub, "_pending_size", None), int
     ):
