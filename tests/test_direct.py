@@ -72,13 +72,25 @@ async def test_a_failing_handler_costs_its_message_only(nc: NATS) -> None:
 @pytest.mark.anyio
 async def test_a_direct_subscription_unsubscribes_and_drains(nc: NATS) -> None:
     got: list[bytes] = []
-    sub = await subscribe_now(nc, "direct.unsub", lambda msg: got.append(msg.data))
+    first, after = anyio.Event(), anyio.Event()
+
+    def on_unsub(msg: Msg) -> None:
+        got.append(msg.data)
+        first.set()
+
+    sub = await subscribe_now(nc, "direct.unsub", on_unsub)
+    await subscribe_now(nc, "direct.after", lambda msg: after.set())
     await nc.publish("direct.unsub", b"one")
-    await nc.flush(timeout=5)
+    # a flush does not order the connection's own messages before its PONG (the server
+    # may deliver them after it): wait for the message itself
+    with anyio.fail_after(10):
+        await first.wait()
     await sub.unsubscribe()
     await nc.publish("direct.unsub", b"two")
-    await nc.flush(timeout=5)
-    await subscribe_now(nc, "direct.drain", lambda msg: None)
+    # published after "two" to this same connection: once it is here, "two" would be too
+    await nc.publish("direct.after", b"")
+    with anyio.fail_after(10):
+        await after.wait()
     with anyio.fail_after(5):
         await nc.drain()
     assert got == [b"one"]
