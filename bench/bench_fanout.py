@@ -25,6 +25,15 @@ What one sample measures, from the client's side (``bus.Client`` in this process
 - ``registry``: the registry read alone (``Registry.records(run)``), to show its share.
 
 A sample counts only if every rank acknowledged; the table shows how many did not.
+
+The floor, in the same run (``--floor N``; by default 64 processes when the run measures
+64 rank processes): N processes that are not runctl at all, each a thread answering a
+broadcast with nats-py's own subscription and ``respond`` while the main thread sleeps
+between steps as the ranks' loop does. A plain nats-py client times one broadcast until
+all N answered. It is what waking N Python processes for one message costs on this
+machine, and the 64-process stop is also shown as a multiple of it: on a machine where
+the floor is near the target, the target says more about the machine than about runctl.
+
 Prints a table and writes ``bench/results/fanout-<time>.json`` with machine facts.
 """
 
@@ -45,6 +54,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import nats
 
 from bench._machine import cpu_model, nats_server_version, package_version
 from runctl.bus import Client, Gathered
@@ -113,6 +123,27 @@ PACKED_PROGRAM: Final = textwrap.dedent("""
 """)
 
 
+FLOOR_PROGRAM: Final = textwrap.dedent("""
+    import asyncio, sys, threading, time
+    import nats
+
+    async def answer(url, subject):
+        nc = await nats.connect(url)
+
+        async def reply(msg):
+            await msg.respond(b'{"ok":true}')
+
+        await nc.subscribe(subject, cb=reply)
+        await nc.flush()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=asyncio.run, args=(answer(sys.argv[1], sys.argv[2]),),
+                     daemon=True).start()
+    while True:
+        time.sleep(STEP_INTERVAL)
+""")
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.bench_fanout", description="broadcast get/stop latency to N ranks"
@@ -142,6 +173,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default="asyncio,uvloop",
         help="the ranks' agent event loops to compare (RUNCTL_LOOP), comma-separated",
     )
+    p.add_argument(
+        "--floor",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also time a broadcast to N bare nats-py responder processes, the floor of this "
+        f"machine (default: {TARGET_RANKS} when the run measures {TARGET_RANKS} rank processes; "
+        "0: none)",
+    )
     p.add_argument("--url", default=None, help="use this nats-server instead of starting one")
     p.add_argument("--quick", action="store_true", help="sizes 1,4 and 20 samples")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -150,6 +190,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.sizes, args.iterations, args.warmup = "1,4", 20, 3
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
     args.loops = [s.strip() for s in str(args.loops).split(",") if s.strip()]
+    if args.floor is None:
+        args.floor = TARGET_RANKS if args.layout == "process" and TARGET_RANKS in args.sizes else 0
     if bad := set(args.loops) - {"asyncio", "uvloop"}:
         p.error(f"--loops: unknown loop(s) {', '.join(sorted(bad))}")
     return args
@@ -168,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             process = server.process if server is not None else None
             server_pid = process.pid if process is not None else None
             results = anyio.run(_run_all, args, url, server_pid)
+            floor = anyio.run(_run_floor, args, url, server_pid) if args.floor > 0 else None
         finally:
             if server is not None:
                 server.stop()
@@ -179,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": facts,
         "target": {"ranks": TARGET_RANKS, "p50_ms": TARGET_MS},
         "results": results,
+        "floor": floor,
     }
     report["targets"] = targets(report)
     print(render(report))
@@ -223,6 +267,63 @@ async def _run_one(
     finally:
         stop_ranks(procs, kill=not done)
     return row
+
+
+async def _run_floor(args: argparse.Namespace, url: str, server_pid: int | None) -> dict[str, Any]:
+    """The floor of this machine: a broadcast to ``args.floor`` bare nats-py responders."""
+    n = args.floor
+    subject = f"bench.floor.{os.getpid()}"
+    procs = start_floor(args, url, subject)
+    nc = await nats.connect(url)
+    try:
+
+        async def broadcast(deadline: float = 5.0) -> int:
+            answered = 0
+            complete = anyio.Event()
+
+            async def on_reply(_msg: Any) -> None:
+                nonlocal answered
+                answered += 1
+                if answered == n:
+                    complete.set()
+
+            sub = await nc.subscribe(nc.new_inbox(), cb=on_reply)
+            try:
+                await nc.publish(subject, b"{}", reply=sub.subject)
+                with anyio.move_on_after(deadline):
+                    await complete.wait()
+            finally:
+                await sub.unsubscribe()
+            return answered
+
+        with anyio.fail_after(30 + n):
+            while True:  # until every responder has subscribed
+                if await broadcast(1.0) == n:
+                    break
+                await anyio.sleep(0.2)
+        await anyio.sleep(min(5.0, 1.0 + n / 16))
+        cpu = CpuMeter([p.pid for p in procs], server_pid)
+        await cpu.measure_idle()
+        row = await sample(broadcast, n, args.iterations, args.warmup, cpu)
+        row["processes"] = n
+        print(f"  floor, {n} bare nats-py processes: p50 {row['p50_ms']:.2f} ms", flush=True)
+        return row
+    finally:
+        await nc.close()
+        stop_ranks(procs, kill=True)
+
+
+def start_floor(args: argparse.Namespace, url: str, subject: str) -> list[subprocess.Popen[bytes]]:
+    """Start ``args.floor`` bare responders to broadcasts on ``subject`` (no runctl)."""
+    program = f"STEP_INTERVAL = {float(args.step_interval)!r}\n" + FLOOR_PROGRAM
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", program, url, subject],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(args.floor)
+    ]
 
 
 class CpuMeter:
@@ -445,6 +546,15 @@ def render(report: dict[str, Any]) -> str:
             f"{r['p50_ms']:.2f} ms | {g['incomplete'] + s['incomplete']} | "
             f"{_cpu(g)} / {_cpu(s)} |"
         )
+    floor = report.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"floor, same run: {floor['processes']} bare nats-py processes (a thread answers "
+            "with nats-py's subscribe and respond, the main thread sleeps as the ranks' loop): "
+            f"broadcast until all answered p50 {floor['p50_ms']:.2f} ms, p99 "
+            f"{floor['p99_ms']:.2f} ms, CPU per broadcast {_cpu(floor)}",
+        ]
     lines.append("")
     lines.extend(
         f"target: {t['name']}: {'met' if t['met'] else 'MISSED'} ({t['measured']})"
@@ -457,6 +567,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets this run can judge: 64 rank processes (stop p50), 1,000 packed ranks
     (stop p50), and a flat cost per rank between the two largest sizes of a loop."""
     layout = report["parameters"]["layout"]
+    floor = report.get("floor") or {}
     out: list[dict[str, Any]] = []
     by_loop: dict[str, list[dict[str, Any]]] = {}
     for row in report["results"]:
@@ -465,7 +576,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         stop = row["stop"]["p50_ms"]
         if layout == "process" and row["ranks"] == TARGET_RANKS:
             name = f"{TARGET_RANKS} rank processes, stop p50 <= {TARGET_MS:g} ms, {loop} loop"
-            out.append({"name": name, "met": stop <= TARGET_MS, "measured": f"{stop:.2f} ms"})
+            measured = f"{stop:.2f} ms"
+            if floor.get("processes") == TARGET_RANKS and floor.get("p50_ms"):
+                measured += (
+                    f"; {stop / floor['p50_ms']:.2f}x the floor of this run, "
+                    f"{floor['p50_ms']:.2f} ms"
+                )
+            out.append({"name": name, "met": stop <= TARGET_MS, "measured": measured})
         if layout == "packed" and row["ranks"] == PACKED_TARGET_RANKS:
             name = (
                 f"{PACKED_TARGET_RANKS} packed ranks, stop p50 <= {PACKED_TARGET_MS:g} ms, "

@@ -165,6 +165,12 @@ def test_fanout_targets_judge_64_processes_1000_packed_ranks_and_a_flat_cost_per
     assert [(t["name"].split(",")[0], t["met"]) for t in targets(process)] == [
         ("64 rank processes", True)
     ]
+    # with the floor of the same run, the stop is also shown as a multiple of it
+    process["floor"] = {"processes": 64, "p50_ms": 12.5}
+    (judged_64,) = targets(process)
+    assert judged_64["measured"] == "19.00 ms; 1.52x the floor of this run, 12.50 ms"
+    process["floor"] = {"processes": 8, "p50_ms": 2.0}  # another size: no ratio
+    assert targets(process)[0]["measured"] == "19.00 ms"
     packed = {"parameters": {"layout": "packed"}, "results": [row(256, 20.0), row(1000, 110.0)]}
     judged = {t["name"].split(",")[0]: t["met"] for t in targets(packed)}
     # 1,000 ranks in 110 ms: missed; per rank 78 -> 110 us, 1.41x: not flat

@@ -251,6 +251,8 @@ def test_the_fanout_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> 
             "5",
             "--warmup",
             "1",
+            "--floor",
+            "2",
             "--out",
             str(tmp_path),
         ],
@@ -272,4 +274,7 @@ def test_the_fanout_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> 
         (2, "uvloop"),
     ]
     assert all(row[verb]["samples"] == 5 for row in report["results"] for verb in ("get", "stop"))
+    # the floor of the same run: two bare nats-py responders, every broadcast answered by both
+    assert report["floor"]["processes"] == 2 and report["floor"]["samples"] == 5
+    assert "floor, same run: 2 bare nats-py processes" in out.stdout
     assert report["machine"]["cpus"] >= 1 and report["machine"]["nats_server"]
