@@ -278,3 +278,16 @@ def test_the_fanout_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> 
     assert report["floor"]["processes"] == 2 and report["floor"]["samples"] == 5
     assert "floor, same run: 2 bare nats-py processes" in out.stdout
     assert report["machine"]["cpus"] >= 1 and report["machine"]["nats_server"]
+
+
+@pytest.mark.anyio
+async def test_the_fanout_floor_says_when_its_processes_exit_instead_of_waiting(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.bench_fanout as bench_fanout
+
+    # a floor process that cannot start (a missing module, say) ends the floor at once
+    monkeypatch.setattr(bench_fanout, "FLOOR_PROGRAM", "raise SystemExit(3)\n")
+    args = bench_fanout.parse(["--sizes", "1", "--floor", "2"])
+    with anyio.fail_after(20), pytest.raises(RuntimeError, match=r"floor processes exited \(3\)"):
+        await bench_fanout._run_floor(args, nats_url, None)
