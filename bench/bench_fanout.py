@@ -321,9 +321,14 @@ async def _run_floor(args: argparse.Namespace, url: str, server_pid: int | None)
         stop_ranks(procs, kill=True)
 
 
+def _stepping(args: argparse.Namespace, program: str) -> str:
+    """``program`` with its loop's ``STEP_INTERVAL`` set from ``--step-interval``."""
+    return f"STEP_INTERVAL = {float(args.step_interval)!r}\n" + program
+
+
 def start_floor(args: argparse.Namespace, url: str, subject: str) -> list[subprocess.Popen[bytes]]:
     """Start ``args.floor`` bare responders to broadcasts on ``subject`` (no runctl)."""
-    program = f"STEP_INTERVAL = {float(args.step_interval)!r}\n" + FLOOR_PROGRAM
+    program = _stepping(args, FLOOR_PROGRAM)
     return [
         subprocess.Popen(
             [sys.executable, "-c", program, url, subject],
@@ -386,12 +391,11 @@ def start_ranks(
         "RUNCTL_LOOP": loop,
     }
     procs = []
-    interval = f"STEP_INTERVAL = {float(args.step_interval)!r}\n"
     if args.layout == "process":
         for rank in range(n):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", interval + RANK_PROGRAM],
+                    [sys.executable, "-c", _stepping(args, RANK_PROGRAM)],
                     env={**env, "RUNCTL_RANK": str(rank)},
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -409,7 +413,7 @@ def start_ranks(
                     [
                         sys.executable,
                         "-c",
-                        interval + PACKED_PROGRAM,
+                        _stepping(args, PACKED_PROGRAM),
                         str(first),
                         str(count),
                         args.connections,
