@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from runctl.bus.defaults import GATEWAY_PORT, NATS_PORT, switched_on
 from runctl.bus.errors import BadRequest, Unavailable
-from runctl.bus.server import find_binary
+from runctl.bus.server import find_binary, server_env
 
 __all__ = [
     "DEFAULT_GATEWAY_PORT",
@@ -266,6 +266,7 @@ def _start_host(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=server_env(),  # the host's nats-server inherits it (GOMAXPROCS)
                 start_new_session=True,  # a Ctrl-C or a launcher's kill of our group spares it
                 timeout=max(1.0, deadline - time.monotonic()),
                 check=False,

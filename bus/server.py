@@ -17,21 +17,51 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Mapping
 from importlib.resources import as_file, files
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from runctl.bus.errors import ServerStartError
 
 if TYPE_CHECKING:
     from runctl.bus.tls import TlsFiles
 
-__all__ = ["NatsServer", "die_with_parent", "find_binary", "packaged_config", "port_free"]
+__all__ = [
+    "SERVER_GOMAXPROCS",
+    "NatsServer",
+    "die_with_parent",
+    "find_binary",
+    "packaged_config",
+    "port_free",
+    "server_env",
+]
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _READY = "Server is ready"
 _FATAL = re.compile(r"\[(FTL|ERR)\]\s*(.*)")
+
+
+#: Go's ``GOMAXPROCS`` for a nats-server runctl starts, unless its environment sets one
+SERVER_GOMAXPROCS: Final = "1"
+
+
+def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a nats-server that runctl starts: ``base`` (this process's
+    environment by default) with ``GOMAXPROCS=1``, unless ``base`` sets ``GOMAXPROCS``.
+
+    Why one: runctl's traffic (commands, states, heartbeats, the journal) is a control
+    plane's, far below what one core of nats-server carries. With more, Go's scheduler
+    wakes and spins idle threads at every burst of messages: CPU taken from the programs
+    it controls on the same machine (docs/performance.md: on two cores, a quarter of the
+    server's CPU per set, and a broadcast to 64 rank processes 13-18 % faster). A server
+    that carries more (a cluster shared by many runs) gets ``GOMAXPROCS`` in its
+    environment: ``GOMAXPROCS=8 runctl up``.
+    """
+    env = dict(os.environ if base is None else base)
+    env.setdefault("GOMAXPROCS", SERVER_GOMAXPROCS)
+    return env
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -151,6 +181,7 @@ class NatsServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=server_env(),
                 # Own session: a Ctrl-C meant for the program does not kill its bus first.
                 start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None,

@@ -14,7 +14,7 @@ from runctl.bus.cluster import serve_cluster
 from runctl.bus.credentials import DEFAULT_DIR, ensure_credentials
 from runctl.bus.defaults import NATS_PORT
 from runctl.bus.errors import BadRequest
-from runctl.bus.server import find_binary, packaged_config
+from runctl.bus.server import find_binary, packaged_config, server_env
 from runctl.bus.tls import DEFAULT_TLS_DIR, TlsFiles, ensure_tls, is_loopback, write_server_config
 from runctl.cli.common import AddParser
 
@@ -31,7 +31,9 @@ def register(add: AddParser) -> None:
         "run nats-server (JetStream on) in the foreground",
         epilog=f"Uses ./{DEFAULT_CONFIG} if present, else the secured nats.conf that ships "
         f"with runctl (three roles, loopback only; their passwords are generated into "
-        f"{DEFAULT_DIR} on first start).",
+        f"{DEFAULT_DIR} on first start). The server runs Go code on one core at a time "
+        f"(GOMAXPROCS=1: a control plane's traffic needs no more, and idle threads would "
+        f"take CPU from the programs on the machine); GOMAXPROCS=N runctl up gives it N.",
         bus=False,
     )
     p.add_argument(
@@ -255,5 +257,5 @@ def up_command(args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     # exec: the server gets Ctrl-C and SIGTERM itself, and no runctl process is left over
-    os.execve(binary, argv, env)  # noqa: S606 - argv list, our own binary
+    os.execve(binary, argv, server_env(env))  # noqa: S606 - argv list, our own binary
     return 0  # pragma: no cover - execve does not return

@@ -208,6 +208,7 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GOMAXPROCS", None)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -236,6 +237,9 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
                 return False
 
         wait_for(lambda: anyio.run(reachable), timeout=20, interval=0.1)
+        # Go on one core, as every server runctl starts (the environment sets none here)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"GOMAXPROCS=1" in environ
         proc.send_signal(signal.SIGTERM)  # the server itself (exec): it stops cleanly
         _, err = proc.communicate(timeout=20)
     finally:

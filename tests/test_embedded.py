@@ -199,7 +199,11 @@ def test_programs_share_one_server_and_gateway_that_outlive_the_first(
     b = start(programs, tmp_path, {**ports.env, "RUNCTL_RUN": "second"})
     b.line("READY")
     # one server, one host; each program says honestly who started it
-    assert len(nats_servers_on(ports.nats)) == 1 and len(hosts_on(ports.nats)) == 1
+    servers = nats_servers_on(ports.nats)
+    assert len(servers) == 1 and len(hosts_on(ports.nats)) == 1
+    # the server runs Go on one core, as every server runctl starts (bus/server.py)
+    environ = Path(f"/proc/{servers[0]}/environ").read_bytes().split(b"\0")
+    assert f"GOMAXPROCS={os.environ.get('GOMAXPROCS', '1')}".encode() in environ
     assert "started the embedded nats-server" in a.output
     assert "using the embedded nats-server another program started" in b.output
     assert f"started_by_pid={a.proc.pid}" in b.output

@@ -3,14 +3,16 @@ reporting its own fatal line when it cannot start."""
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.request
 from pathlib import Path
 
 import nats
 import pytest
 
 from runctl.bus.errors import ServerStartError, Unavailable
-from runctl.bus.server import NatsServer
+from runctl.bus.server import NatsServer, server_env
 
 
 def _listening(port: int) -> bool:
@@ -29,6 +31,32 @@ def test_starts_on_a_free_port_it_picks_itself(tmp_path: Path) -> None:
         assert _listening(server.port)
         assert "Server is ready" in server.log_path.read_text()
         assert "-js" in server.argv()
+    finally:
+        server.stop()
+
+
+def test_a_server_runctl_starts_runs_go_on_one_core_unless_told_otherwise() -> None:
+    assert server_env({"PATH": "/bin"}) == {"PATH": "/bin", "GOMAXPROCS": "1"}
+    assert server_env({"GOMAXPROCS": "8"})["GOMAXPROCS"] == "8"  # the environment's wins
+    assert server_env({"GOMAXPROCS": ""})["GOMAXPROCS"] == ""  # Go reads it as unset
+
+
+@pytest.mark.parametrize("given", [None, "3"])
+def test_the_server_itself_reports_the_cores_go_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    if given is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", given)
+    with socket.socket() as sock:  # the monitoring port: /varz says what Go runs with
+        sock.bind(("127.0.0.1", 0))
+        monitor = sock.getsockname()[1]
+    server = NatsServer(store_dir=tmp_path / "s", extra_args=("-m", str(monitor))).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=10) as answer:
+            varz = json.load(answer)
+        assert varz["gomaxprocs"] == int(given or 1), varz
     finally:
         server.stop()
 
