@@ -355,6 +355,8 @@ class Agent(Generic[M]):
                     with anyio.move_on_after(self.heartbeat_interval):
                         await self._closing.wait()
                     if not self._closing.is_set():
+                        if self.steplog is not None:
+                            self.steplog.check()  # a reconnect: its writer sleeps otherwise
                         await self.publisher.beat()
                 tasks.cancel_scope.cancel()  # pending escalation timers end with the agent
         finally:

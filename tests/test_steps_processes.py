@@ -181,3 +181,29 @@ ctl.close()
     assert again == [{"prepare": {"prepared_by": "0"}, "skipped": True}]
     scopes = sorted((r.scope, r.name) for _, r in log_of(nats_url, run_id).records.values())
     assert scopes == [("0", "shard")] * 3 + [("1", "shard")] * 3 + [("run", "prepare")]
+
+
+def test_an_idle_agent_is_not_woken_for_nothing(nats_url: str, run_id: str) -> None:
+    # On a VM a woken thread runs its code cold (docs/performance.md): an idle agent must
+    # not wake on a timer of its own. With a 30 s heartbeat, nothing is due in 2 s (the
+    # step log's writer used to look every 0.25 s: 8-10 runs; a stray PING may add one).
+    code = (
+        PROGRAM.replace('url=os.environ["URL"])', 'url=os.environ["URL"], heartbeat=30)')
+        + """
+import threading
+time.sleep(3.0)  # start-up settles: the announce, the step log's read, the server's first PING
+agent = next(t for t in threading.enumerate() if t.name.startswith("runctl-agent"))
+
+def runs():  # how many times the thread has run on a CPU (Linux)
+    with open(f"/proc/self/task/{agent.native_id}/schedstat") as stat:
+        return int(stat.read().split()[2])
+
+before = runs()
+time.sleep(2.0)
+print(json.dumps({"runs": runs() - before}), flush=True)
+ctl.close()
+"""
+    )
+    assert "heartbeat=30)" in code
+    (result,) = finish(spawn_python(code, env={"RUN": run_id, "URL": nats_url}))
+    assert result["runs"] <= 3, result

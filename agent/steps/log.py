@@ -233,6 +233,13 @@ class StepLog:
         """Stream a stored file to ``path``, verified before it gets that name."""
         return await (await self.artifacts()).download(ref, path, progress)
 
+    def check(self) -> None:
+        """Look at the connection soon: after a reconnect, completions in flight are sent
+        again and what was missed is read again. Called by the agent's heartbeat, on the
+        loop's thread; the writer sleeps between its rounds otherwise."""
+        if self._outbox is not None:
+            self._outbox.check()
+
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued completion is acknowledged (bounded). True if none is left."""
         return await self._writer().flush(timeout)

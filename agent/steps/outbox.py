@@ -6,6 +6,10 @@
   server acknowledges it and is re-sent with the same id (the server drops a duplicate)
   after :data:`RESEND_AFTER`, after a reconnect, or once the stream is back after a server
   restart from an empty store. Only then does :class:`Outbox` report it acknowledged.
+- With nothing queued or unacknowledged the writer sleeps until something is posted or
+  :meth:`Outbox.check` is called (the agent's heartbeat does, once a second, to notice a
+  reconnect): an idle rank's thread is not woken for nothing, since on a machine where
+  a woken thread runs cold each wake-up costs far more than the check.
 
 Anything may be posted from any thread (the program's); the writer runs on the agent's
 loop as an asyncio task the outbox owns: it must outlive the agent's own tasks, which end
@@ -22,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from math import inf
 from typing import Any, Final
 
 import anyio
@@ -32,12 +37,14 @@ from structlog.typing import FilteringBoundLogger
 from runctl.bus.steps.records import StepRecord
 from runctl.bus.steps.store import ensure_stream
 
-__all__ = ["MAX_IN_FLIGHT", "RESEND_AFTER", "Outbox", "Pending"]
+__all__ = ["BUSY_RECHECK", "MAX_IN_FLIGHT", "RESEND_AFTER", "Outbox", "Pending"]
 
 #: an unacknowledged completion is sent again (same Nats-Msg-Id) after this long
 RESEND_AFTER: Final = 2.0
 #: completions sent and not yet acknowledged, at most
 MAX_IN_FLIGHT: Final = 1024
+#: seconds between the writer's rounds while something waits to be sent or acknowledged
+BUSY_RECHECK: Final = 0.05
 
 
 @dataclass(eq=False, slots=True)
@@ -111,6 +118,10 @@ class Outbox:
             self._submitted += 1
         self._post(pending)
 
+    def check(self) -> None:
+        """Let the writer look at the connection now (a reconnect), on the loop's thread."""
+        self._wake.set()
+
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued completion is acknowledged (bounded). True if none is left."""
         with anyio.move_on_after(timeout):
@@ -141,7 +152,7 @@ class Outbox:
 
     async def _writer(self) -> None:
         while not self._closed:
-            with anyio.move_on_after(0.05 if self._in_flight or self._unsent else 0.25):
+            with anyio.move_on_after(BUSY_RECHECK if self._in_flight or self._unsent else inf):
                 await self._wake.wait()
             self._wake.clear()
             self._wake_pending = False
