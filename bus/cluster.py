@@ -181,6 +181,7 @@ class NatsCluster:
             extra_args=tuple(args),
             tls=self.tls,
             prefix=self.prefixes[i],
+            one_core=False,  # raft's timers: see server_env
         )
 
     # --- lifecycle ----------------------------------------------------------------------

@@ -56,8 +56,10 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     wakes and spins idle threads at every burst of messages: CPU taken from the programs
     it controls on the same machine (docs/performance.md: on two cores, a quarter of the
     server's CPU per set, and a broadcast to 64 rank processes 13-18 % faster). A server
-    that carries more (a cluster shared by many runs) gets ``GOMAXPROCS`` in its
-    environment: ``GOMAXPROCS=8 runctl up``.
+    that carries more (shared by many runs) gets ``GOMAXPROCS`` in its environment:
+    ``GOMAXPROCS=8 runctl up``. Nodes of a cluster keep Go's default
+    (``NatsServer(one_core=False)``): their raft groups elect leaders and catch a node up
+    after a partition against timers, which a node on one busy core could miss.
     """
     env = dict(os.environ if base is None else base)
     env.setdefault("GOMAXPROCS", SERVER_GOMAXPROCS)
@@ -112,6 +114,8 @@ class NatsServer:
     ``tls``: certificates from :func:`runctl.bus.tls.ensure_tls`; the server then requires
     TLS on its client port (and routes), with ``config_file`` included in the config it is
     given. ``prefix``: a command the server runs under (e.g. ``ip netns exec NAME``).
+    ``one_core``: run Go on one core unless the environment says otherwise
+    (:func:`server_env`); cluster nodes pass False.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class NatsServer:
         tls: TlsFiles | None = None,
         tls_verify_clients: bool = False,
         prefix: tuple[str, ...] = (),
+        one_core: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -142,6 +147,8 @@ class NatsServer:
         self.tls = tls
         self.tls_verify_clients = tls_verify_clients
         self.prefix = prefix
+        #: GOMAXPROCS=1 unless the environment sets it (server_env); False: Go's default
+        self.one_core = one_core
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
 
@@ -181,7 +188,7 @@ class NatsServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_env(),
+                env=server_env() if self.one_core else dict(os.environ),
                 # Own session: a Ctrl-C meant for the program does not kill its bus first.
                 start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None,

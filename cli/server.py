@@ -33,7 +33,8 @@ def register(add: AddParser) -> None:
         f"with runctl (three roles, loopback only; their passwords are generated into "
         f"{DEFAULT_DIR} on first start). The server runs Go code on one core at a time "
         f"(GOMAXPROCS=1: a control plane's traffic needs no more, and idle threads would "
-        f"take CPU from the programs on the machine); GOMAXPROCS=N runctl up gives it N.",
+        f"take CPU from the programs on the machine); GOMAXPROCS=N runctl up gives it N. "
+        f"The nodes of --cluster keep Go's default.",
         bus=False,
     )
     p.add_argument(

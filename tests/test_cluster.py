@@ -5,6 +5,7 @@ the other two, no acknowledged completion is lost, and the node rejoins."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -96,6 +97,21 @@ class Control(threading.Thread):
                     self.outcomes[exc.code] += 1
                     await anyio.sleep(0.05)
                 await anyio.sleep(0.01)
+
+
+def test_cluster_nodes_keep_gos_own_cores(
+    cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a single server runs Go on one core (tests/test_server.py); a node does not: its raft
+    # groups elect and catch up against timers
+    assert cluster.nodes and not any(node.one_core for node in cluster.nodes)
+    for node in cluster.nodes:
+        assert node.process is not None
+        environ = Path(f"/proc/{node.process.pid}/environ").read_bytes().split(b"\0")
+        wanted = os.environ.get("GOMAXPROCS")
+        assert [v for v in environ if v.startswith(b"GOMAXPROCS=")] == (
+            [f"GOMAXPROCS={wanted}".encode()] if wanted is not None else []
+        )
 
 
 def test_replicas_come_from_the_environment() -> None:
