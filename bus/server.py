@@ -188,7 +188,7 @@ class NatsServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_env() if self.one_core else dict(os.environ),
+                env=server_env() if self.one_core else None,  # None: this environment
                 # Own session: a Ctrl-C meant for the program does not kill its bus first.
                 start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None,

@@ -69,6 +69,12 @@ def free_port() -> int:
         return port
 
 
+def process_env(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with (Linux: /proc/<pid>/environ)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
 def listening(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

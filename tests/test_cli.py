@@ -18,7 +18,7 @@ from typing import Literal
 import anyio
 import httpx
 import pytest
-from conftest import ROOT, wait_for
+from conftest import ROOT, process_env, wait_for
 from pydantic import BaseModel, Field
 
 from runctl.agent import Control, control
@@ -238,8 +238,7 @@ def test_up_runs_nats_server_in_the_foreground(tmp_path: Path) -> None:
 
         wait_for(lambda: anyio.run(reachable), timeout=20, interval=0.1)
         # Go on one core, as every server runctl starts (the environment sets none here)
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        assert b"GOMAXPROCS=1" in environ
+        assert process_env(proc.pid).get("GOMAXPROCS") == "1"
         proc.send_signal(signal.SIGTERM)  # the server itself (exec): it stops cleanly
         _, err = proc.communicate(timeout=20)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from conftest import wait_for
+from conftest import process_env, wait_for
 from faultkit import Rank, done_records, figures, log_of
 from nats.js import api
 
@@ -99,19 +99,14 @@ class Control(threading.Thread):
                 await anyio.sleep(0.01)
 
 
-def test_cluster_nodes_keep_gos_own_cores(
-    cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cluster_nodes_keep_gos_own_cores(cluster: NatsCluster) -> None:
     # a single server runs Go on one core (tests/test_server.py); a node does not: its raft
     # groups elect and catch up against timers
     assert cluster.nodes and not any(node.one_core for node in cluster.nodes)
     for node in cluster.nodes:
         assert node.process is not None
-        environ = Path(f"/proc/{node.process.pid}/environ").read_bytes().split(b"\0")
-        wanted = os.environ.get("GOMAXPROCS")
-        assert [v for v in environ if v.startswith(b"GOMAXPROCS=")] == (
-            [f"GOMAXPROCS={wanted}".encode()] if wanted is not None else []
-        )
+        # exactly the environment's own, none of runctl's
+        assert process_env(node.process.pid).get("GOMAXPROCS") == os.environ.get("GOMAXPROCS")
 
 
 def test_replicas_come_from_the_environment() -> None:

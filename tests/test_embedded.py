@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from conftest import ROOT, free_port, listening, wait_for
+from conftest import ROOT, free_port, listening, process_env, wait_for
 
 from runctl.bus import Client, Result
 
@@ -202,8 +202,7 @@ def test_programs_share_one_server_and_gateway_that_outlive_the_first(
     servers = nats_servers_on(ports.nats)
     assert len(servers) == 1 and len(hosts_on(ports.nats)) == 1
     # the server runs Go on one core, as every server runctl starts (bus/server.py)
-    environ = Path(f"/proc/{servers[0]}/environ").read_bytes().split(b"\0")
-    assert f"GOMAXPROCS={os.environ.get('GOMAXPROCS', '1')}".encode() in environ
+    assert process_env(servers[0]).get("GOMAXPROCS") == os.environ.get("GOMAXPROCS", "1")
     assert "started the embedded nats-server" in a.output
     assert "using the embedded nats-server another program started" in b.output
     assert f"started_by_pid={a.proc.pid}" in b.output

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from conftest import free_port
 
 from runctl.bus.errors import ServerStartError, Unavailable
 from runctl.bus.server import NatsServer, server_env
@@ -49,9 +50,7 @@ def test_the_server_itself_reports_the_cores_go_was_given(
         monkeypatch.delenv("GOMAXPROCS", raising=False)
     else:
         monkeypatch.setenv("GOMAXPROCS", given)
-    with socket.socket() as sock:  # the monitoring port: /varz says what Go runs with
-        sock.bind(("127.0.0.1", 0))
-        monitor = sock.getsockname()[1]
+    monitor = free_port()  # the monitoring port: /varz says what Go runs with
     server = NatsServer(store_dir=tmp_path / "s", extra_args=("-m", str(monitor))).start()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=10) as answer:
