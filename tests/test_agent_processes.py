@@ -100,6 +100,17 @@ class Ranks:
     async def exit_code(self, rank: int | str, timeout: float = 20) -> int:
         return await wait_exit(self.procs[str(rank)], timeout, f"rank {rank}")
 
+    def output(self, rank: int | str) -> str:
+        """The end of a rank's stderr (it is killed first if still running): for failures."""
+        proc = self.procs[str(rank)]
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            _, err = proc.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, ValueError) as error:  # ValueError: streams closed
+            return repr(error)
+        return (err or "")[-3000:]
+
     def cleanup(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:

@@ -85,6 +85,17 @@ async def _wait_event(events: list[m.Event], kind: str, timeout: float = 10) -> 
             await anyio.sleep(0.02)
 
 
+async def advancing(client: Client, run: str, *ranks: int, timeout: float = 20) -> None:
+    """Wait until each rank's agent has seen its program advance: only from then on can a
+    freeze count as a stall (a program that never advanced is never stalled)."""
+    with anyio.fail_after(timeout):
+        for rank in ranks:
+            while True:
+                if (await client.rank(run, rank)).record.progress_ts is not None:
+                    break
+                await anyio.sleep(0.05)
+
+
 async def test_frozen_loop_is_stalled_then_alive_again(
     nats_url: str, run_id: str, ranks: Ranks, gateway: GatewayFactory
 ) -> None:
