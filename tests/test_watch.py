@@ -172,18 +172,22 @@ async def test_one_webhook_per_condition_with_retries(
     try:
         await _scenario(nats_url, run_id, ranks, watches, receiver)
     except (TimeoutError, AssertionError) as error:
-        story = await _story(error, receiver, watches, nats_url, run_id)
-        story += "".join(f"\nrank {r}: {ranks.output(r)}" for r in sorted(ranks.procs))
+        story = await _story(error, receiver, watches, ranks, nats_url, run_id)
         raise AssertionError(story) from error
     finally:
         receiver.close()
 
 
 async def _story(
-    error: BaseException, receiver: Receiver, watches: list[Watch], nats_url: str, run_id: str
+    error: BaseException,
+    receiver: Receiver,
+    watches: list[Watch],
+    ranks: Ranks,
+    nats_url: str,
+    run_id: str,
 ) -> str:
     """What a failed scenario saw: the POSTs in order, the watcher's log, each rank's
-    record as the registry holds it now."""
+    record as the registry holds it now and the end of its stderr."""
     attempts = [(a["kind"], a["rank"], a["id"][:8]) for a in receiver.attempts]
     records: list[object] = []
     try:
@@ -193,7 +197,8 @@ async def _story(
     except Exception as reading:  # the story is told with what can be read
         records.append(repr(reading))
     logs = "\n".join(watch.log() for watch in watches)
-    return f"{error!r}\nPOSTs: {attempts}\nranks: {records}\nwatch log:\n{logs}"
+    outputs = "".join(f"\nrank {r}: {ranks.output(r)}" for r in sorted(ranks.procs))
+    return f"{error!r}\nPOSTs: {attempts}\nranks: {records}\nwatch log:\n{logs}{outputs}"
 
 
 async def _scenario(
