@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 
 from runctl.bus.credentials import NatsRole, login_hint, redact_url, role_auth
 from runctl.bus.defaults import NATS_URL
+from runctl.bus.direct import read_now
 from runctl.bus.errors import TlsError, Unavailable, map_nats_error
 from runctl.bus.tls import (
     CLIENT_CERT_HINT,
@@ -217,6 +218,12 @@ class _Client(NATS):
         check_encrypted(self, self.runctl_tls)
         command: bytes = super()._connect_command()
         return command
+
+    async def _read_loop(self) -> None:
+        # nats-py starts this task on each (re)connection: from its start, the bytes that
+        # arrive are parsed as they do (bus/direct.py), one turn of the loop sooner
+        await read_now(self)
+        await super()._read_loop()
 
 
 async def _connect_or_close(params: dict[str, Any], tls: ClientTls | None = None) -> NATS:

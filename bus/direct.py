@@ -1,4 +1,5 @@
-"""Fewer turns of the event loop per message: handle it as it is read, write at once.
+"""Fewer turns of the event loop per message: parse bytes as they arrive, handle each
+message as it is read, write at once.
 
 nats-py hands every message of a subscription through a queue to a task of the
 subscription's own, which then calls the callback; and a publish only appends to a buffer
@@ -13,25 +14,31 @@ of the GIL. On a command's way through a rank and a writer there were four such 
   scope or timeout it entered before its first wait: those belong to the task they were
   entered in (anyio's scopes, ``asyncio.timeout``), and the rest runs in another.
 - :func:`write_now` hands what the connection buffered to the socket at once.
+- :func:`read_now` parses what the socket delivers in the connection's protocol callback,
+  as it arrives, instead of waking nats-py's reader task for it one turn later: a message
+  is read, handled and answered in the one turn that found it on the socket.
 
-All three lean on nats-py's internals (a subscription's queue and pending-bytes count,
-the client's write buffer and transport); where those differ, they fall back to nats-py's
-own way: the subscription's task, the flusher.
+All four lean on nats-py's internals (a subscription's queue and pending-bytes count,
+the client's write buffer, transport and parser, asyncio's stream reader); where those
+differ, they fall back to nats-py's own way: the subscription's task, the flusher, the
+reader task.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import structlog
+from nats import errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.aio.transport import TcpTransport
 
-__all__ = ["run_now", "subscribe_now", "write_now"]
+__all__ = ["read_now", "run_now", "subscribe_now", "write_now"]
 
 log = structlog.get_logger()
 
@@ -133,3 +140,122 @@ def write_now(nc: NATS) -> None:
         transport.writelines(pending)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
         nc._pending = []
         nc._pending_data_size = 0
+
+
+async def read_now(nc: NATS) -> bool:
+    """From now on, parse the bytes ``nc`` receives as they arrive, in its protocol's
+    ``data_received``, instead of waking nats-py's reader task for them. Called by that task
+    as it starts (bus/connection.py), once per connection: a reconnect calls it again. What
+    the stream reader already holds is parsed here first, so the order never changes.
+
+    Returns whether it took over; False on a WebSocket or an unexpected nats-py or asyncio,
+    which keep nats-py's way. The reader task then stays in its read until the connection
+    ends (end of file or an error), and handles that end as before."""
+    transport = getattr(nc, "_transport", None)
+    if type(transport) is not TcpTransport:
+        return False
+    reader = getattr(transport, "_io_reader", None)
+    if not isinstance(reader, asyncio.StreamReader) or reader.at_eof():
+        return False
+    socket_transport = getattr(reader, "_transport", None)
+    if not isinstance(socket_transport, asyncio.Transport):
+        return False
+    protocol = socket_transport.get_protocol()
+    buffered = getattr(reader, "_buffer", None)
+    parser = getattr(nc, "_ps", None)
+    if (
+        not isinstance(protocol, asyncio.StreamReaderProtocol)
+        or getattr(protocol, "_stream_reader", None) is not reader
+        or not isinstance(buffered, bytearray)
+        or not callable(getattr(parser, "parse", None))
+    ):
+        return False
+    direct = _ReadNow(nc, parser, socket_transport, getattr(reader, "_limit", 2**16))
+    # from here on nothing reaches the stream reader: what it holds is parsed first, and
+    # what arrives meanwhile waits in the backlog behind it
+    direct.busy = True
+    protocol.data_received = direct.data_received  # type: ignore[method-assign]
+    earlier = bytes(buffered)
+    buffered.clear()
+    resume = getattr(reader, "_maybe_resume_transport", None)
+    if callable(resume):
+        resume()
+    if earlier:
+        direct.backlog.appendleft(earlier)
+    await direct.drain()
+    return True
+
+
+class _ReadNow:
+    """One connection's bytes, parsed as they arrive. Parsing is sequential: should the
+    parser wait (rarely: a JetStream consumer being reset, an error callback), what arrives
+    meanwhile is kept, in order, and the socket paused once that grows past the stream
+    reader's own limit, until a task has parsed it."""
+
+    __slots__ = ("backlog", "busy", "limit", "nc", "parser", "paused", "tasks", "transport")
+
+    def __init__(self, nc: NATS, parser: Any, transport: asyncio.Transport, limit: int) -> None:
+        self.nc, self.parser, self.transport = nc, parser, transport
+        self.limit = 2 * limit
+        self.backlog: deque[bytes] = deque()
+        self.busy = False
+        self.paused = False
+        #: the tasks it started, kept until done (the loop holds only weak references)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def data_received(self, data: bytes) -> None:
+        """The protocol's callback: parse ``data`` now, or queue it behind a parse that waits."""
+        if self.busy:
+            self.backlog.append(data)
+            if not self.paused and sum(map(len, self.backlog)) > self.limit:
+                self.paused = True
+                self.transport.pause_reading()
+            return
+        parsing = self.parser.parse(data)
+        try:
+            waits_for = parsing.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            self.failed(exc)
+            return
+        self.busy = True
+
+        async def rest() -> None:
+            try:
+                await _Resume(parsing, waits_for)
+            except Exception as exc:
+                self.backlog.clear()
+                self.busy = False
+                self.failed(exc)
+                return
+            await self.drain()
+
+        self._start(rest())
+
+    async def drain(self) -> None:
+        """Parse what waits, in order; then parse as bytes arrive again."""
+        try:
+            while self.backlog:
+                await self.parser.parse(self.backlog.popleft())
+        except Exception as exc:
+            self.backlog.clear()
+            self.failed(exc)
+        finally:
+            self.busy = False
+            if self.paused:
+                self.paused = False
+                self.transport.resume_reading()
+
+    def failed(self, exc: Exception) -> None:
+        """What nats-py's reader does with a parse that failed: the connection is treated
+        as broken (and reconnects)."""
+        if not isinstance(exc, errors.ProtocolError | OSError):
+            log.error("nats: encountered error", error=str(exc) or type(exc).__name__)
+        cause = errors.ProtocolError() if isinstance(exc, errors.ProtocolError) else exc
+        self._start(self.nc._process_op_err(cause))
+
+    def _start(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

@@ -1,7 +1,9 @@
 """Messages handled as they are read and writes sent at once (bus/direct.py), against a
 real nats-server: no turn of a subscription's task or of the flusher in between, the
 order of a subscription's messages kept, a failing handler no harm to the connection, and
-a coroutine that has to wait finished in a task of the caller's choosing."""
+a coroutine that has to wait finished in a task of the caller's choosing. A runctl
+connection parses its bytes in the socket's callback, again after each reconnect, and
+keeps their order when a parse has to wait."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from runctl.bus.direct import run_now, subscribe_now, write_now
+from runctl.bus.connection import close_quietly, connect
+from runctl.bus.direct import _ReadNow, run_now, subscribe_now, write_now
 
 
 @pytest.fixture
@@ -159,3 +162,109 @@ async def test_the_rest_of_a_coroutine_can_be_cancelled_and_fail_without_raising
         await anyio.sleep(0.01)
         tasks.cancel_scope.cancel()
     assert cleaned.is_set()
+
+
+async def _handled_in_the_socket_callback(nc: NATS, subject: str, count: int) -> None:
+    """``count`` messages published on ``nc`` come back in order, each handled with no
+    task running: in the protocol's callback, not in nats-py's reader task."""
+    seen: list[tuple[bytes, asyncio.Task[object] | None]] = []
+    done = anyio.Event()
+
+    def handler(msg: Msg) -> None:
+        seen.append((msg.data, asyncio.current_task()))
+        if len(seen) == count:
+            done.set()
+
+    sub = await subscribe_now(nc, subject, handler)
+    for i in range(count):
+        await nc.publish(subject, str(i).encode())
+    with anyio.fail_after(10):
+        await done.wait()
+    await sub.unsubscribe()
+    assert [data for data, _ in seen] == [str(i).encode() for i in range(count)]
+    assert {task for _, task in seen} == {None}
+
+
+@pytest.mark.anyio
+async def test_a_runctl_connection_parses_bytes_in_the_socket_callback(nats_url: str) -> None:
+    nc = await connect(nats_url)
+    try:
+        await _handled_in_the_socket_callback(nc, "direct.read", 500)
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b"pong:" + msg.data)
+
+        await nc.subscribe("direct.ask", cb=answer)  # nats-py's own way beside it
+        with anyio.fail_after(10):
+            reply = await nc.request("direct.ask", b"1", timeout=5)
+        assert reply.data == b"pong:1"
+    finally:
+        await close_quietly(nc)
+
+
+@pytest.mark.anyio
+async def test_after_a_reconnect_the_new_connection_is_read_the_same_way(nats_url: str) -> None:
+    reconnected = anyio.Event()
+
+    async def on_reconnected() -> None:
+        reconnected.set()
+
+    nc = await connect(nats_url, on_reconnected=on_reconnected)
+    try:
+        await _handled_in_the_socket_callback(nc, "direct.before", 20)
+        nc._transport._io_writer.transport.abort()  # type: ignore[union-attr]  # the socket dies
+        with anyio.fail_after(10):
+            await reconnected.wait()
+        await _handled_in_the_socket_callback(nc, "direct.after", 20)
+    finally:
+        await close_quietly(nc)
+
+
+class _Socket(asyncio.Transport):
+    """Counts what a backlog asks of the socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+class _WaitingParser:
+    """Parses by recording; the chunk ``b"wait"`` waits until ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.parsed: list[bytes] = []
+        self.go = asyncio.Event()
+
+    async def parse(self, data: bytes) -> None:
+        if data == b"wait":
+            await self.go.wait()
+        self.parsed.append(data)
+
+
+@pytest.mark.anyio
+async def test_bytes_that_arrive_while_a_parse_waits_are_parsed_after_it_in_order(
+    nc: NATS,
+) -> None:
+    parser, socket = _WaitingParser(), _Socket()
+    reads = _ReadNow(nc, parser, socket, limit=4)
+    reads.data_received(b"a")
+    reads.data_received(b"wait")
+    chunks = [b"b", b"c", b"dddddddd"]  # past twice the limit: the socket pauses
+    for chunk in chunks:
+        reads.data_received(chunk)
+    assert parser.parsed == [b"a"]
+    assert socket.calls == ["pause"]
+    parser.go.set()
+    with anyio.fail_after(5):
+        await asyncio.wait(set(reads.tasks))  # the task that finishes the waiting parse
+    assert not reads.busy
+    assert parser.parsed == [b"a", b"wait", *chunks]
+    assert socket.calls == ["pause", "resume"]
+    reads.data_received(b"e")  # parsed at once again
+    assert parser.parsed[-1] == b"e"
