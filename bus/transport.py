@@ -36,6 +36,7 @@ from runctl.bus.subjects import rank_key
 __all__ = [
     "EXPECTED_TTL",
     "QUIET_AFTER_LAST_REPLY",
+    "RECHECK_CACHED_AFTER",
     "REGISTRY_CHECK_AFTER",
     "Settle",
     "Transport",
@@ -50,6 +51,9 @@ REGISTRY_CHECK_AFTER: Final = 0.05
 QUIET_AFTER_LAST_REPLY: Final = 0.15
 #: back-to-back broadcasts to a run reuse the registry's live ranks this long (seconds)
 EXPECTED_TTL: Final = 0.25
+#: a broadcast that reused them reads the registry afresh once no reply came for this long
+#: while some of them have not answered (they may have left since: after a stop)
+RECHECK_CACHED_AFTER: Final = 0.025
 
 #: what runs on a broadcast's results before it returns: (run, results) -> results
 Settle = Callable[[str, list[Result]], Awaitable[list[Result]]]
@@ -171,6 +175,7 @@ class Transport:
             if is_no_responders(msg):
                 no_responders = not answered
                 complete.set()
+                arrived.set()
                 return
             try:
                 reply = decode_reply(msg)
@@ -186,6 +191,20 @@ class Transport:
             if registry_read and expected and not waiting:
                 complete.set()
 
+        async def replies_pause(quiet: float, before_the_first: float | None = None) -> bool:
+            """Wait until every expected rank has answered (False), or until no reply came
+            for ``quiet`` seconds (True; ``before_the_first``: as long, before any came)."""
+            nonlocal arrived
+            while not complete.is_set():
+                count = len(answered)
+                arrived = anyio.Event()
+                wait = before_the_first if before_the_first is not None and not count else quiet
+                with anyio.move_on_after(wait):
+                    await arrived.wait()
+                if len(answered) == count:
+                    return not complete.is_set()
+            return False
+
         inbox = self.nc.new_inbox()
         sub = await subscribe_now(self.nc, inbox, on_reply)
         try:
@@ -194,8 +213,9 @@ class Transport:
             deadline = anyio.current_time() + timeout
             #: the registry knows a rank of this run that has not exited (None: no registry)
             known: bool | None = None
+            cached = False
             with anyio.move_on_after(timeout):
-                expected, known = await self.expected(run)
+                expected, known, cached = await self.expected(run)
             waiting = set(expected - answered)
             registry_read = True
             if expected and not waiting:
@@ -206,15 +226,22 @@ class Transport:
                 # no-responders status, so don't wait out the deadline for it
                 remaining = min(remaining, REGISTRY_CHECK_AFTER)
             with anyio.move_on_after(max(0.0, remaining)):
-                if expected:
-                    await complete.wait()
-                while not complete.is_set():  # no live rank known: until quiet after a reply
-                    count = len(answered)
-                    arrived = anyio.Event()
-                    with anyio.move_on_after(QUIET_AFTER_LAST_REPLY if count else math.inf):
-                        await arrived.wait()
-                    if len(answered) == count:
-                        break
+                rest = math.inf
+                if expected and cached and await replies_pause(RECHECK_CACHED_AFTER):
+                    # the reused list still waits for ranks and the replies have stopped:
+                    # some may have left since it was read (a stop), so read it afresh
+                    self._expected_ranks.pop(run, None)
+                    expected, known, _ = await self.expected(run)
+                    waiting = set(expected - answered)
+                    if expected and not waiting:
+                        complete.set()
+                    if known is False and not answered:
+                        rest = REGISTRY_CHECK_AFTER  # as above: nobody left to wait for
+                with anyio.move_on_after(rest):
+                    if expected:
+                        await complete.wait()
+                    # no live rank known: until quiet after a reply
+                    await replies_pause(QUIET_AFTER_LAST_REPLY, before_the_first=math.inf)
             if no_responders:
                 raise NotFound(run)
             gathered.missing = sorted(expected - answered, key=rank_key)
@@ -224,8 +251,8 @@ class Transport:
             gathered.change_id = next(
                 (res.change_id for res in gathered.results.values() if res.change_id), ""
             )
-            if verb == "stop" or gathered.missing or not answered <= expected:
-                self._expected_ranks.pop(run, None)  # ranks came or go: read them next time
+            if gathered.missing or not answered <= expected:
+                self._expected_ranks.pop(run, None)  # ranks came or went: read them next time
         except RunctlError:
             raise
         except Exception as exc:
@@ -241,28 +268,31 @@ class Transport:
             raise Timeout(f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing)
         return gathered
 
-    async def expected(self, run: str) -> tuple[frozenset[str], bool | None]:
-        """The ranks of ``run`` the registry knows alive, and whether it knows any rank
-        that has not exited (None: no registry, or it failed: wait until quiet instead).
+    async def expected(self, run: str) -> tuple[frozenset[str], bool | None, bool]:
+        """The ranks of ``run`` the registry knows alive, whether it knows any rank that
+        has not exited (None: no registry, or it failed: wait until quiet instead), and
+        whether the first came from an earlier broadcast instead of the registry.
 
-        Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run: reading 64
-        records costs the client more CPU than handling 64 replies (bench_fanout). The
+        Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run, a stop's
+        included: reading 64 records costs the client more CPU than handling 64 replies,
+        and a stop after a stop waited for it (bench_fanout). A broadcast that reuses them
+        checks them against the registry if some stay silent (:meth:`gather`). The
         registry itself is up to three heartbeats behind a dead rank anyway."""
         cached = self._expected_ranks.get(run)
         if cached is not None and time.monotonic() - cached[0] < EXPECTED_TTL:
-            return cached[1], True
+            return cached[1], True, True
         try:
             registry = await self._registry()
             infos = [RankInfo.of(r) for r in await registry.records(run, states=False)]
         except Exception:
-            return frozenset(), None
+            return frozenset(), None, False
         # a stalled rank's program is stuck, but its agent answers
         expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
         if expected:
             if len(self._expected_ranks) > 1024:
                 self._expected_ranks.clear()
             self._expected_ranks[run] = (time.monotonic(), expected)
-        return expected, any(info.liveness != "exited" for info in infos)
+        return expected, any(info.liveness != "exited" for info in infos), False
 
 
 def _reply_future(_subject: str) -> asyncio.Future[Msg]:

@@ -1,6 +1,7 @@
 """Broadcast fan-out: the client waits for exactly the ranks the registry knows alive, stops
-as soon as they all answered, names the ones that did not instead of hanging, and many
-broadcasts leave no consumers behind on the server."""
+as soon as they all answered, names the ones that did not instead of hanging, reuses the
+list of ranks for back-to-back broadcasts (stops too) without ever waiting for ranks that
+left meanwhile, and many broadcasts leave no consumers behind on the server."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -25,6 +27,7 @@ from pydantic import BaseModel
 
 from runctl.agent import Agent
 from runctl.bus import Client, Gathered
+from runctl.bus import transport as bus_transport
 from runctl.bus.errors import UnreadableRecord
 from runctl.bus.messages import RankRecord, decode_record
 from runctl.bus.registry import BUCKET, latest_records
@@ -79,6 +82,42 @@ async def test_a_broadcast_returns_once_every_live_rank_answered(
                 res = gathered(await client.set(run_id, "all", "x", 3))
                 assert len(res.results) == 16 and not res.missing
         assert all(a.state.x == 3 for a in ranks)
+
+
+@pytest.mark.anyio
+async def test_a_stop_after_a_stop_reuses_the_ranks_yet_ranks_that_left_are_not_waited_for(
+    nats_url: str, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the list of ranks is reused for as long as this test takes; only a fresh read of the
+    # registry can end the last broadcast before the client's 30 s deadline
+    monkeypatch.setattr(bus_transport, "EXPECTED_TTL", 60.0)
+    async with await Client.connect(nats_url, timeout=30) as client:
+        registry = await client.registry()
+        reads = 0
+        read_records = registry.records
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read_records(*args, **kwargs)
+
+        monkeypatch.setattr(registry, "records", counted)
+        async with agents(nats_url, run_id, 2):
+            async with contextlib.AsyncExitStack() as leaving:
+                for rank in (2, 3):
+                    await leaving.enter_async_context(
+                        Agent(S(), run=run_id, rank=rank, url=nats_url)
+                    )
+                with anyio.fail_after(20):
+                    first = gathered(await client.stop(run_id, "all", reason="one"))
+                    second = gathered(await client.stop(run_id, "all", reason="two"))
+                assert first.acknowledged == second.acknowledged == ["0", "1", "2", "3"]
+                assert reads == 1  # the second stop reused what the first read
+            # ranks 2 and 3 have left; the list still names them
+            with anyio.fail_after(10):
+                res = gathered(await client.get(run_id, "all", fresh=True))
+            assert res.acknowledged == ["0", "1"] and not res.missing
+            assert reads == 2  # read afresh once the two stayed silent
 
 
 @pytest.mark.anyio
