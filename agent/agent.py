@@ -62,7 +62,7 @@ from runctl.bus.acks import ack_to_of
 from runctl.bus.connection import DEFAULT_URL, env_url
 from runctl.bus.credentials import redact_url
 from runctl.bus.defaults import MAX_PAYLOAD
-from runctl.bus.direct import run_now, write_now
+from runctl.bus.direct import run_now, written_at_once
 from runctl.bus.progress import StallPolicy
 from runctl.bus.registry import Registry
 from runctl.bus.sizelimit import SizeLimit
@@ -410,14 +410,18 @@ class Agent(Generic[M]):
         run_now(self._on_command(msg), self._later)
 
     async def _on_command(self, msg: Msg) -> None:
-        with self.gil.command():  # a low switch interval while the command is handled
-            acks = await self._handle(msg)
-        if self.nc is not None and self.connection is None:
-            # Written now, not on the flusher's next turn, and only once the program's
-            # interval is back: whoever reads the answer finds it in place. A connection
-            # shared by many agents is left to the flusher, which sends all their replies
-            # to a broadcast in one write.
-            write_now(self.nc)
+        nc = self.nc
+        if nc is not None and self.connection is None:
+            # A low switch interval while the command is handled; everything it sends is
+            # written at once after (not on the flusher's next turn, with no wake-up of the
+            # flusher per publish), once the program's interval is back: whoever reads the
+            # answer finds it in place. A connection shared by many agents is left to the
+            # flusher, which sends all their replies to a broadcast in one write.
+            with written_at_once(nc), self.gil.command():
+                acks = await self._handle(msg)
+        else:
+            with self.gil.command():
+                acks = await self._handle(msg)
         if acks:  # the registry's acks, awaited off the command's way: none holds up the next
             self._later(partial(self.publisher.wait, acks))
 

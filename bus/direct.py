@@ -13,13 +13,15 @@ of the GIL. On a command's way through a rank and a writer there were four such 
   only then does the rest continue in a task. Code run so must not wait inside a cancel
   scope or timeout it entered before its first wait: those belong to the task they were
   entered in (anyio's scopes, ``asyncio.timeout``), and the rest runs in another.
-- :func:`write_now` hands what the connection buffered to the socket at once.
+- :func:`write_now` hands what the connection buffered to the socket at once;
+  :func:`written_at_once` does so for everything published inside it, and keeps nats-py
+  from waking its flusher for each of those publishes.
 - :func:`read_now` parses what the socket delivers in the connection's protocol callback,
   as it arrives, instead of waking nats-py's reader task for it one turn later: a message
   is read, handled and answered in the one turn that found it on the socket.
 
-All four lean on nats-py's internals (a subscription's queue and pending-bytes count,
-the client's write buffer, transport and parser, asyncio's stream reader); where those
+All of them lean on nats-py's internals (a subscription's queue and pending-bytes count,
+the client's write buffer, flush queue, transport and parser, asyncio's stream reader); where those
 differ, they fall back to nats-py's own way: the subscription's task, the flusher, the
 reader task.
 """
@@ -27,8 +29,9 @@ reader task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from typing import Any
 
 import structlog
@@ -38,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.aio.transport import TcpTransport
 
-__all__ = ["read_now", "run_now", "subscribe_now", "write_now"]
+__all__ = ["read_now", "run_now", "subscribe_now", "write_now", "written_at_once"]
 
 log = structlog.get_logger()
 
@@ -140,6 +143,33 @@ def write_now(nc: NATS) -> None:
         transport.writelines(pending)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
         nc._pending = []
         nc._pending_data_size = 0
+
+
+@contextlib.contextmanager
+def written_at_once(nc: NATS) -> Iterator[None]:
+    """Publishes inside only append to ``nc``'s buffer; on leaving, it is written to the
+    socket at once (:func:`write_now`). Each nats-py publish otherwise makes a future and
+    wakes the flusher task for a turn of the loop of its own, which then finds nothing to
+    write. Holds off the flusher by keeping its queue non-empty (nats-py kicks it only when
+    empty): a future the flusher completes, should it run meanwhile (a write that waits)."""
+    queue = getattr(nc, "_flush_queue", None)
+    items = getattr(queue, "_queue", None)
+    if not isinstance(queue, asyncio.Queue) or not isinstance(items, deque) or items:
+        yield
+        write_now(nc)
+        return
+    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    items.append(held)  # not put(): that would wake the flusher
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):  # the flusher took it (and wrote)
+            items.remove(held)
+        write_now(nc)
+        if nc._pending_data_size > 0:  # not written (reconnecting, or a WebSocket)
+            queue.put_nowait(
+                held if not held.done() else asyncio.get_running_loop().create_future()
+            )
 
 
 async def read_now(nc: NATS) -> bool:

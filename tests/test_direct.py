@@ -17,7 +17,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from runctl.bus.connection import close_quietly, connect
-from runctl.bus.direct import _ReadNow, run_now, subscribe_now, write_now
+from runctl.bus.direct import _ReadNow, run_now, subscribe_now, write_now, written_at_once
+from runctl.bus.server import NatsServer
 
 
 @pytest.fixture
@@ -113,6 +114,49 @@ async def test_write_now_sends_without_the_flusher(nc: NATS, nats_url: str) -> N
         assert msg.data == b"x"
     finally:
         await other.close()
+
+
+@pytest.mark.anyio
+async def test_publishes_written_at_once_wake_no_flusher(nc: NATS, nats_url: str) -> None:
+    other = await nats.connect(nats_url)
+    try:
+        sub = await other.subscribe("direct.once")
+        await other.flush(timeout=5)
+        await anyio.sleep(0.05)  # the flusher's turns after the setup are over
+        queue = nc._flush_queue
+        assert queue is not None and queue.empty()
+        with written_at_once(nc):
+            await nc.publish("direct.once", b"1")
+            await nc.publish("direct.once", b"2")
+            assert len(nc._pending) == 2  # buffered, and nothing asked the flusher to run
+        assert queue.empty() and not nc._pending and nc.pending_data_size == 0
+        got = [(await sub.next_msg(timeout=5)).data for _ in range(2)]
+        assert got == [b"1", b"2"]
+    finally:
+        await other.close()
+
+
+@pytest.mark.anyio
+async def test_publishes_written_at_once_while_disconnected_wait_for_the_flusher(
+    nats_server: NatsServer,
+) -> None:
+    lost = anyio.Event()
+
+    async def disconnected() -> None:
+        lost.set()
+
+    nc = await connect(nats_server.url, disconnected_cb=disconnected)
+    try:
+        nats_server.kill()
+        with anyio.fail_after(10):
+            await lost.wait()
+        assert not nc.is_connected
+        with written_at_once(nc):
+            await nc.publish("direct.later", b"x")
+        # not written (no socket): kept for the reconnect, and the flusher asked to run
+        assert nc._pending and nc._flush_queue is not None and not nc._flush_queue.empty()
+    finally:
+        await close_quietly(nc)
 
 
 @pytest.mark.anyio

@@ -16,8 +16,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-import runctl.agent.agent as agent_module
 import runctl.agent.switching as switching_module
+import runctl.bus.direct as direct_module
 from runctl.agent import control
 from runctl.agent.switching import LOW, QUICK_SAMPLE, Switching, low_interval, switching
 from runctl.bus import Client, Result
@@ -230,7 +230,7 @@ def test_a_set_through_a_real_agent_restores_the_programs_interval(
         written.append(sys.getswitchinterval())
         write_now(nc)
 
-    monkeypatch.setattr(agent_module, "write_now", write_now_watched)
+    monkeypatch.setattr(direct_module, "write_now", write_now_watched)  # the command's write
     # the two spinners must count as busy at every sample, or the interval at rest may go
     # low beside the command's: on a starved machine one of them can get under the usual
     # share of a short sample (waiting for the GIL held by the other), yet never stays at
