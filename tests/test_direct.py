@@ -8,6 +8,7 @@ keeps their order when a parse has to wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import anyio
@@ -15,6 +16,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.direct import _ReadNow, run_now, subscribe_now, write_now, written_at_once
@@ -100,28 +102,32 @@ async def test_a_direct_subscription_unsubscribes_and_drains(nc: NATS) -> None:
     assert got == [b"one"]
 
 
-@pytest.mark.anyio
-async def test_write_now_sends_without_the_flusher(nc: NATS, nats_url: str) -> None:
+@contextlib.asynccontextmanager
+async def listening(nats_url: str, subject: str) -> AsyncIterator[Subscription]:
+    """A subscription to ``subject`` on a connection of its own, ready to receive."""
     other = await nats.connect(nats_url)
     try:
-        sub = await other.subscribe("direct.write")
+        sub = await other.subscribe(subject)
         await other.flush(timeout=5)
+        yield sub
+    finally:
+        await other.close()
+
+
+@pytest.mark.anyio
+async def test_write_now_sends_without_the_flusher(nc: NATS, nats_url: str) -> None:
+    async with listening(nats_url, "direct.write") as sub:
         await nc.publish("direct.write", b"x")
         assert nc._pending  # nats-py leaves it to its flusher's next turn
         write_now(nc)
         assert not nc._pending and nc.pending_data_size == 0
         msg = await sub.next_msg(timeout=5)
         assert msg.data == b"x"
-    finally:
-        await other.close()
 
 
 @pytest.mark.anyio
 async def test_publishes_written_at_once_wake_no_flusher(nc: NATS, nats_url: str) -> None:
-    other = await nats.connect(nats_url)
-    try:
-        sub = await other.subscribe("direct.once")
-        await other.flush(timeout=5)
+    async with listening(nats_url, "direct.once") as sub:
         await anyio.sleep(0.05)  # the flusher's turns after the setup are over
         queue = nc._flush_queue
         assert queue is not None and queue.empty()
@@ -132,8 +138,6 @@ async def test_publishes_written_at_once_wake_no_flusher(nc: NATS, nats_url: str
         assert queue.empty() and not nc._pending and nc.pending_data_size == 0
         got = [(await sub.next_msg(timeout=5)).data for _ in range(2)]
         assert got == [b"1", b"2"]
-    finally:
-        await other.close()
 
 
 @pytest.mark.anyio
