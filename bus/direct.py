@@ -155,18 +155,19 @@ def written_at_once(nc: NATS) -> Iterator[None]:
     queue = getattr(nc, "_flush_queue", None)
     items = getattr(queue, "_queue", None)
     if not isinstance(queue, asyncio.Queue) or not isinstance(items, deque) or items:
-        yield
-        write_now(nc)
-        return
+        queue = items = None  # the flusher is due already (or nats-py differs): let it be
     held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    items.append(held)  # not put(): that would wake the flusher
+    if items is not None:
+        items.append(held)  # not put(): that would wake the flusher
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):  # the flusher took it (and wrote)
-            items.remove(held)
+        if items is not None:
+            with contextlib.suppress(ValueError):  # the flusher took it (and wrote)
+                items.remove(held)
         write_now(nc)
-        if nc._pending_data_size > 0:  # not written (reconnecting, or a WebSocket)
+        if queue is not None and nc._pending_data_size > 0:
+            # not written (reconnecting, or a WebSocket): the flusher's turn, as nats-py's
             queue.put_nowait(
                 held if not held.done() else asyncio.get_running_loop().create_future()
             )
@@ -235,33 +236,15 @@ class _ReadNow:
 
     def data_received(self, data: bytes) -> None:
         """The protocol's callback: parse ``data`` now, or queue it behind a parse that waits."""
-        if self.busy:
-            self.backlog.append(data)
-            if not self.paused and sum(map(len, self.backlog)) > self.limit:
-                self.paused = True
-                self.transport.pause_reading()
-            return
-        parsing = self.parser.parse(data)
-        try:
-            waits_for = parsing.send(None)
-        except StopIteration:
-            return
-        except Exception as exc:
-            self.failed(exc)
-            return
-        self.busy = True
-
-        async def rest() -> None:
-            try:
-                await _Resume(parsing, waits_for)
-            except Exception as exc:
-                self.backlog.clear()
-                self.busy = False
-                self.failed(exc)
-                return
-            await self.drain()
-
-        self._start(rest())
+        self.backlog.append(data)
+        if not self.busy:
+            self.busy = True
+            # parsed at once; only a parse that waits goes on in a task (and the bytes
+            # arriving meanwhile with it)
+            run_now(self.drain(), lambda rest: self._start(rest()))
+        elif not self.paused and sum(map(len, self.backlog)) > self.limit:
+            self.paused = True
+            self.transport.pause_reading()
 
     async def drain(self) -> None:
         """Parse what waits, in order; then parse as bytes arrive again."""
