@@ -245,13 +245,23 @@ class Agent(Generic[M]):
         """A step boundary: apply the deferred changes due at ``step``; return how many.
 
         Call it from the program's loop with the same step numbers on every rank (the
-        global step). Costs a few hundred nanoseconds when nothing is due; never waits on
-        the network (publishing the result is handed to the agent's thread). A new step
-        counts as progress (see :meth:`tick`).
+        global step). When nothing is due it stores the step and when it came (no lock,
+        no network): under a microsecond with warm caches, about ten in a program that
+        slept since its last step. Publishing a result is handed to the agent's thread. A
+        new step counts as progress (see :meth:`tick`).
         """
-        if step != self.clock.step:
-            self.progress.tick()
-        self.clock.observe(step)
+        # Inline, not calls: in a program that slept between steps each call and object
+        # touched costs microseconds (see StepClock); a step usually changes three fields.
+        clock = self.clock
+        if step != clock.step:
+            self.progress.count += 1  # what Progress.tick does
+            if clock.first is None:
+                clock.observe(step)
+            else:
+                clock.step = step
+                clock.at = time.monotonic()
+        if step < self.pending.next_due:
+            return 0
         due = self.pending.pop_due(step)
         if not due:
             return 0

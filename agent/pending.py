@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Pending", "PendingChanges", "StepClock"]
+__all__ = ["NEVER", "RATE_WINDOW", "Pending", "PendingChanges", "StepClock"]
+
+#: a step no program reaches: ``PendingChanges.next_due`` when nothing is kept
+NEVER = 1 << 62
 
 
 @dataclass(order=True, slots=True)
@@ -45,6 +48,9 @@ class PendingChanges:
         self._lock = threading.Lock()
         self._items: list[Pending] = []
         self._seq = itertools.count()
+        #: the earliest step a kept change is due at (NEVER: none): what ``sync`` compares
+        #: its step with at every step, without a call or a lock
+        self.next_due = NEVER
 
     def add(self, at_step: int, change_id: str, command: Any) -> Pending:
         """Keep ``command`` until ``at_step``."""
@@ -52,6 +58,7 @@ class PendingChanges:
         with self._lock:
             self._items.append(item)
             self._items.sort()
+            self._set_next_due()
         return item
 
     def cancel(self, change_id: str) -> int:
@@ -59,18 +66,22 @@ class PendingChanges:
         with self._lock:
             before = len(self._items)
             self._items = [p for p in self._items if p.change_id != change_id]
+            self._set_next_due()
             return before - len(self._items)
 
     def pop_due(self, step: int) -> list[Pending]:
         """Take the changes due at ``step``, in the order they apply."""
-        # Lock-free fast path: sync() is called every step and is usually a no-op.
-        items = self._items
-        if not items or items[0].at_step > step:
+        if step < self.next_due:  # lock-free: usually nothing is due
             return []
         with self._lock:
             due = [p for p in self._items if p.at_step <= step]
             self._items = [p for p in self._items if p.at_step > step]
+            self._set_next_due()
         return due
+
+    def _set_next_due(self) -> None:
+        # under the lock; one store, so the program's thread sees the old or the new value
+        self.next_due = self._items[0].at_step if self._items else NEVER
 
     def __len__(self) -> int:
         return len(self._items)
@@ -89,20 +100,54 @@ class PendingChanges:
             ]
 
 
+#: the least time a rate is taken over once there is one: the agent reads it at any
+#: moment (a ping right after a heartbeat), and a rate over a few microseconds says nothing
+RATE_WINDOW = 0.2
+
+
 class StepClock:
-    """The last step the program reported and a smoothed rate (steps per second)."""
+    """The last step the program reported, when, and a smoothed rate (steps per second).
+
+    The program's thread only stores marks: ``sync`` runs at every step, and in a program
+    that slept between steps every object it touches costs a cache miss or a page walk. The
+    agent's thread turns the marks into a rate when it reads :attr:`rate`.
+    """
+
+    __slots__ = ("_base", "_rate", "at", "first", "step")
 
     def __init__(self) -> None:
+        #: the last step reported (None before the first), and when (monotonic seconds)
         self.step: int | None = None
-        self.rate = 0.0
-        self._last: tuple[int, float] | None = None
+        self.at = 0.0
+        #: the first step reported, and when: a rate as soon as a second step came
+        self.first: tuple[int, float] | None = None
+        self._base: tuple[int, float] | None = None
+        self._rate = 0.0
 
     def observe(self, step: int, now: float | None = None) -> None:
-        """The program reached ``step`` (at ``now``, monotonic seconds)."""
+        """The program reached ``step`` (at ``now``, monotonic seconds).
+
+        ``Agent.sync`` stores the same marks inline, in the same order: ``first``, then
+        ``step``, then ``at``."""
         now = time.monotonic() if now is None else now
-        last = self._last
-        if last is not None and step > last[0] and now > last[1]:
-            instant = (step - last[0]) / (now - last[1])
-            self.rate = instant if self.rate == 0.0 else 0.8 * self.rate + 0.2 * instant
-        self._last = (step, now)
+        if self.first is None:
+            self.first = (step, now)
         self.step = step
+        self.at = now
+
+    @property
+    def rate(self) -> float:
+        """Steps per second, smoothed; read by the agent's thread only."""
+        # ``at`` before ``step``: the program's thread writes them the other way round, so
+        # a racing step makes at most one step too many over at least RATE_WINDOW
+        at, step = self.at, self.step
+        base = self._base or self.first
+        if step is None or base is None:
+            return self._rate
+        if step < base[0]:  # the program counts from the start again
+            self._base = (step, at)
+        elif step > base[0] and at > base[1] and (not self._rate or at - base[1] >= RATE_WINDOW):
+            instant = (step - base[0]) / (at - base[1])
+            self._rate = instant if not self._rate else 0.8 * self._rate + 0.2 * instant
+            self._base = (step, at)
+        return self._rate

@@ -154,12 +154,12 @@ class Publisher:
         record, acknowledged within :data:`PUBLISH_TIMEOUT`."""
         await self.check_progress()
         live = self.rank.live
-        changed = live.poll_changed()
-        if changed is not None:
-            await self.wait(await self.state(changed, cause="changed"))
+        dumped, changed = live.poll()
+        if changed:
+            await self.wait(await self.state(dumped, cause="changed"))
             await self.event("changed", version=live.version)
         else:
-            await self.wait(await self.state(live.dump_json(), cause="heartbeat"))
+            await self.wait(await self.state(dumped, cause="heartbeat"))
 
     async def check_progress(self) -> None:
         """Sample the program's progress marks; ``stalled`` / ``recovered`` events when

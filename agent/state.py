@@ -123,14 +123,21 @@ class LiveState(Generic[M]):
         return schema
 
     def poll_changed(self) -> bytes | None:
-        """Heartbeat: the state's JSON if the program changed it since last time."""
+        """The state's JSON if the program changed it since last time."""
+        dumped, changed = self.poll()
+        return dumped if changed else None
+
+    def poll(self) -> tuple[bytes, bool]:
+        """Heartbeat: the state's JSON, and whether the program changed it since last time
+        (the version moves then). One serialisation for both: a large state costs the
+        heartbeat once, not twice."""
         with self.lock:
             dumped = self.dump_json()
             if dumped == self._last_dump:
-                return None
+                return dumped, False
             self._last_dump = dumped
             self.version += 1
-            return dumped
+            return dumped, True
 
     # --- changing -----------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runctl.agent.pending import PendingChanges, StepClock
+from runctl.agent.pending import NEVER, RATE_WINDOW, PendingChanges, StepClock
 from runctl.bus import messages as m
 
 
@@ -49,3 +49,37 @@ def test_step_clock_tracks_step_and_rate() -> None:
     assert 10.0 < clock.rate < 20.0
     clock.observe(30, now=103.0)  # same step again: no rate update
     assert clock.step == 30
+
+
+def test_next_due_follows_the_earliest_kept_change() -> None:
+    pending = PendingChanges()
+    assert pending.next_due == NEVER
+    pending.add(7, "a", 1)
+    pending.add(5, "b", 2)
+    assert pending.next_due == 5
+    assert [p.change_id for p in pending.pop_due(5)] == ["b"]
+    assert pending.next_due == 7
+    assert pending.cancel("a") == 1
+    assert pending.next_due == NEVER
+
+
+def test_the_rate_is_taken_over_a_window_not_between_two_reads() -> None:
+    clock = StepClock()
+    clock.observe(0, now=100.0)
+    clock.observe(10, now=101.0)
+    assert clock.rate == 10.0  # the first rate: from the first two marks
+    clock.observe(11, now=101.0 + RATE_WINDOW / 10)
+    assert clock.rate == 10.0  # one step over a few ms says nothing: kept
+    clock.observe(20, now=101.5)
+    assert clock.rate == 0.8 * 10.0 + 0.2 * 20.0  # (20 - 10) steps over 0.5 s
+
+
+def test_a_step_count_that_starts_again_keeps_a_rate() -> None:
+    clock = StepClock()
+    clock.observe(500, now=10.0)
+    clock.observe(600, now=11.0)
+    assert clock.rate == 100.0
+    clock.observe(0, now=12.0)  # a new epoch counted from 0
+    assert clock.rate == 100.0 and clock.step == 0
+    clock.observe(50, now=13.0)
+    assert clock.rate == 0.8 * 100.0 + 0.2 * 50.0

@@ -349,6 +349,24 @@ def test_program_changes_are_noticed_by_poll_changed() -> None:
     assert s.poll_changed() is not None and s.version == 3
 
 
+def test_a_heartbeat_poll_serialises_the_state_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = live()
+    dumps = 0
+    dump_json = s.dump_json
+
+    def counted() -> bytes:
+        nonlocal dumps
+        dumps += 1
+        return dump_json()
+
+    monkeypatch.setattr(s, "dump_json", counted)
+    assert s.poll() == (dump_json(), False)  # unchanged: the bytes all the same, for the beat
+    s.model.epochs = 8
+    dumped, changed = s.poll()
+    assert changed and b'"epochs":8' in dumped and s.version == 1
+    assert dumps == 2
+
+
 # --- references held by the program ---------------------------------------------------------
 
 
