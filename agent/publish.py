@@ -83,6 +83,8 @@ class Publisher:
         self._stop_recorded = False
         #: the state is too large for a message (the program was told; bus/sizelimit.py)
         self._too_large = False
+        #: each kind's event subject, checked once: an event is on a command's way
+        self._event_subjects: dict[str, str] = {}
         self.log = structlog.get_logger().bind(run=rank.run, rank=rank.rank)
 
     def attach(self, nc: NATS, registry: Registry | None) -> None:
@@ -288,7 +290,10 @@ class Publisher:
             data=data,
         )
         try:
-            await nc.publish(event_subject(rank.run, rank.rank, kind), m.encode(event))
+            subject = self._event_subjects.get(kind)
+            if subject is None:
+                subject = self._event_subjects[kind] = event_subject(rank.run, rank.rank, kind)
+            await nc.publish(subject, m.encode(event))
         except Exception as exc:
             self.log.debug("event publish failed", error=str(exc))
 

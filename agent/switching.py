@@ -37,12 +37,11 @@ thread of the program counts as busy.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 import structlog
@@ -117,6 +116,7 @@ class Switching:
         #: the last sample asks for the next one before the heartbeat (see resample_in)
         self._watch = False
         self._sampler: object | None = None  # the agent that samples quickly, if one does
+        self._command_window = _CommandWindow(self)
 
     @property
     def active(self) -> bool:
@@ -159,18 +159,9 @@ class Switching:
 
     # --- commands ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def command(self) -> Iterator[None]:
+    def command(self) -> _CommandWindow:
         """Low interval while the body runs (a command being handled), then back."""
-        with self._lock:
-            self._in_flight += 1
-            self._apply()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._apply()
+        return self._command_window
 
     # --- at rest -----------------------------------------------------------------------
 
@@ -260,6 +251,28 @@ class Switching:
 
 _switching: Switching | None = None
 _create = threading.Lock()
+
+
+class _CommandWindow:
+    """``with switching().command():``, a class rather than a generator: it runs on every
+    command, in processes that wake cold for it, where each call costs."""
+
+    __slots__ = ("_switching",)
+
+    def __init__(self, switching: Switching) -> None:
+        self._switching = switching
+
+    def __enter__(self) -> None:
+        switching = self._switching
+        with switching._lock:
+            switching._in_flight += 1
+            switching._apply()
+
+    def __exit__(self, *exc: object) -> None:
+        switching = self._switching
+        with switching._lock:
+            switching._in_flight -= 1
+            switching._apply()
 
 
 def switching() -> Switching:

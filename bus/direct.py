@@ -29,9 +29,8 @@ reader task.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Iterator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import structlog
@@ -41,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.aio.transport import TcpTransport
 
-__all__ = ["read_now", "run_now", "subscribe_now", "write_now", "written_at_once"]
+__all__ = ["WrittenAtOnce", "read_now", "run_now", "subscribe_now", "write_now", "written_at_once"]
 
 log = structlog.get_logger()
 
@@ -145,26 +144,41 @@ def write_now(nc: NATS) -> None:
         nc._pending_data_size = 0
 
 
-@contextlib.contextmanager
-def written_at_once(nc: NATS) -> Iterator[None]:
+def written_at_once(nc: NATS) -> WrittenAtOnce:
     """Publishes inside only append to ``nc``'s buffer; on leaving, it is written to the
     socket at once (:func:`write_now`). Each nats-py publish otherwise makes a future and
     wakes the flusher task for a turn of the loop of its own, which then finds nothing to
     write. Holds off the flusher by keeping its queue non-empty (nats-py kicks it only when
     empty): a future the flusher completes, should it run meanwhile (a write that waits)."""
-    queue = getattr(nc, "_flush_queue", None)
-    items = getattr(queue, "_queue", None)
-    if not isinstance(queue, asyncio.Queue) or not isinstance(items, deque) or items:
-        queue = items = None  # the flusher is due already (or nats-py differs): let it be
-    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    if items is not None:
-        items.append(held)  # not put(): that would wake the flusher
-    try:
-        yield
-    finally:
-        if items is not None:
-            with contextlib.suppress(ValueError):  # the flusher took it (and wrote)
-                items.remove(held)
+    return WrittenAtOnce(nc)
+
+
+class WrittenAtOnce:
+    """What :func:`written_at_once` returns: a class rather than a generator, since it runs
+    on every command, in processes that wake cold for it, where each call costs."""
+
+    __slots__ = ("_held", "_items", "_nc", "_queue")
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        queue = getattr(nc, "_flush_queue", None)
+        items = getattr(queue, "_queue", None)
+        if not isinstance(queue, asyncio.Queue) or not isinstance(items, deque) or items:
+            queue = items = None  # the flusher is due already (or nats-py differs): let it be
+        self._queue: asyncio.Queue[asyncio.Future[None]] | None = queue
+        self._items: deque[asyncio.Future[None]] | None = items
+        self._held: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> None:
+        held = self._held = asyncio.get_running_loop().create_future()
+        if self._items is not None:
+            self._items.append(held)  # not put(): that would wake the flusher
+
+    def __exit__(self, *exc: object) -> None:
+        nc, held, items, queue = self._nc, self._held, self._items, self._queue
+        assert held is not None
+        if items is not None and held in items:  # else the flusher took it (and wrote)
+            items.remove(held)
         write_now(nc)
         if queue is not None and nc._pending_data_size > 0:
             # not written (reconnecting, or a WebSocket): the flusher's turn, as nats-py's
