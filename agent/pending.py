@@ -119,7 +119,7 @@ class StepClock:
         #: the last step reported (None before the first), and when (monotonic seconds)
         self.step: int | None = None
         self.at = 0.0
-        #: the first step reported, and when: a rate as soon as a second step came
+        #: the first step reported, and when: an estimate as soon as a second step came
         self.first: tuple[int, float] | None = None
         self._base: tuple[int, float] | None = None
         self._rate = 0.0
@@ -146,8 +146,12 @@ class StepClock:
             return self._rate
         if step < base[0]:  # the program counts from the start again
             self._base = (step, at)
-        elif step > base[0] and at > base[1] and (not self._rate or at - base[1] >= RATE_WINDOW):
+        elif step > base[0] and at > base[1]:
             instant = (step - base[0]) / (at - base[1])
+            if at - base[1] < RATE_WINDOW:
+                # too short to keep (two steps a microsecond apart, then a slow one, would
+                # stick for many reads); before the first rate it is the best there is
+                return self._rate or instant
             self._rate = instant if not self._rate else 0.8 * self._rate + 0.2 * instant
             self._base = (step, at)
         return self._rate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from runctl.agent.pending import NEVER, RATE_WINDOW, PendingChanges, StepClock
 from runctl.bus import messages as m
 
@@ -83,3 +85,14 @@ def test_a_step_count_that_starts_again_keeps_a_rate() -> None:
     assert clock.rate == 100.0 and clock.step == 0
     clock.observe(50, now=13.0)
     assert clock.rate == 0.8 * 100.0 + 0.2 * 50.0
+
+
+def test_a_first_rate_over_a_few_microseconds_is_not_kept() -> None:
+    clock = StepClock()
+    clock.observe(0, now=100.0)
+    clock.observe(1, now=100.000001)  # two steps a microsecond apart, then a slow one
+    assert clock.rate > 100_000  # the best estimate there is, for now
+    clock.observe(21, now=100.0 + RATE_WINDOW)
+    assert clock.rate == pytest.approx(21 / RATE_WINDOW)  # over the window, from the first step
+    clock.observe(41, now=100.0 + 2 * RATE_WINDOW)
+    assert clock.rate == pytest.approx(0.8 * (21 / RATE_WINDOW) + 0.2 * (20 / RATE_WINDOW))
