@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field, field_validator
 
 from runctl.agent import Agent, Control, control
+from runctl.agent.state import LiveState
 from runctl.bus import Client, Gathered, NotFound, Result, ValidationRejected
 from runctl.bus import messages as m
 from runctl.bus.subjects import command_subject, event_subject, events_wildcard, state_subject
@@ -343,3 +344,32 @@ async def test_agents_can_share_the_callers_connection(nats_url: str, run_id: st
             assert (await client.rank(run_id, 0)).liveness == "exited"
     finally:
         await nc.close()
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_serialises_the_state_once(
+    nats_url: str, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dumps = 0
+    dump_json = LiveState.dump_json
+
+    def counted(self: LiveState[Any]) -> bytes:
+        nonlocal dumps
+        dumps += 1
+        return dump_json(self)
+
+    monkeypatch.setattr(LiveState, "dump_json", counted)
+    async with Agent(Cfg(), run=run_id, rank=0, url=nats_url, heartbeat=0.1):
+        nc = await nats.connect(nats_url)
+        try:
+            states = await Tap(nc, m.decode_state).start(state_subject(run_id, 0))
+            await states.wait(lambda s: s.cause == "heartbeat")
+            beats_before, dumps_before = len(states.items), dumps
+            await states.wait(lambda s: states.items.index(s) >= beats_before + 4)
+            beats, dumped = len(states.items) - beats_before, dumps - dumps_before
+        finally:
+            await nc.close()
+    # one serialisation per beat (two before: one to compare, one to publish); a beat may be
+    # under way as the count is taken
+    assert all(s.cause == "heartbeat" for s in states.items)
+    assert dumped <= beats + 1, (dumped, beats)
