@@ -100,8 +100,8 @@ class PendingChanges:
             ]
 
 
-#: the least time a rate is taken over once there is one: the agent reads it at any
-#: moment (a ping right after a heartbeat), and a rate over a few microseconds says nothing
+#: the least time a kept rate is taken over: the agent reads it at any moment (a ping right
+#: after a heartbeat), and a rate over a few microseconds says nothing
 RATE_WINDOW = 0.2
 
 
