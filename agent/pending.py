@@ -70,9 +70,8 @@ class PendingChanges:
             return before - len(self._items)
 
     def pop_due(self, step: int) -> list[Pending]:
-        """Take the changes due at ``step``, in the order they apply."""
-        if step < self.next_due:  # lock-free: usually nothing is due
-            return []
+        """Take the changes due at ``step``, in the order they apply (``sync`` first
+        compares ``step`` with :attr:`next_due`, without the lock)."""
         with self._lock:
             due = [p for p in self._items if p.at_step <= step]
             self._items = [p for p in self._items if p.at_step > step]
