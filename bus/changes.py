@@ -7,7 +7,6 @@ Used through :class:`runctl.bus.client.Client` (``client.history(...)``, ``clien
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -194,8 +193,7 @@ async def journal_run_stop(
         stored = False
     if gathered is not None:
         gathered.results = {
-            rank: dataclasses.replace(result, journaled=stored)
-            for rank, result in gathered.results.items()
+            rank: result.journaled_as(stored) for rank, result in gathered.results.items()
         }
         gathered.change_id = gathered.change_id or cmd.change_id
     return stored

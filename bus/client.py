@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -738,8 +737,7 @@ class Client:
             for change_id, ranks in by_change.items():
                 tasks.start_soon(check, change_id, ranks)
         return [
-            dataclasses.replace(r, journaled=(r.change_id, r.rank) in stored) if r.journaled else r
-            for r in results
+            r.journaled_as((r.change_id, r.rank) in stored) if r.journaled else r for r in results
         ]
 
     async def _registry_caught_up(self, run: str, versions: dict[str, int]) -> None:

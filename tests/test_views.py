@@ -89,3 +89,31 @@ def test_the_cli_never_loads_the_gateway_or_the_web_stack() -> None:
         env={"PYTHONPATH": str(ROOT), "PATH": ""},
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_journaled_as_keeps_every_other_field() -> None:
+    """A result marked journaled keeps everything else, including a field added later: each
+    field gets a value of its own, unlike its default and every other field's."""
+    import dataclasses
+
+    values: dict[str, object] = {}
+    for index, f in enumerate(dataclasses.fields(Result)):
+        kind = str(f.type)
+        if kind.startswith("str"):
+            values[f.name] = f"{f.name}-value"
+        elif kind.startswith("int"):
+            values[f.name] = 100 + index
+        elif kind.startswith("float"):
+            values[f.name] = index + 0.5
+        elif kind.startswith("bool"):
+            values[f.name] = True
+        else:
+            values[f.name] = {"field": f.name}
+    values["journaled"] = None
+    full = Result(**values)  # type: ignore[arg-type]  # built field by field on purpose
+    for journaled in (True, False):
+        copy = full.journaled_as(journaled)
+        assert copy.journaled is journaled
+        for f in dataclasses.fields(Result):
+            if f.name != "journaled":
+                assert getattr(copy, f.name) == values[f.name], f.name
