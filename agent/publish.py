@@ -153,15 +153,17 @@ class Publisher:
     async def beat(self) -> None:
         """The heartbeat: whether the program still advances (an event when that changed),
         the state (as ``changed`` if the program changed it since the last beat) and the
-        record, acknowledged within :data:`PUBLISH_TIMEOUT`."""
+        record. The record asks for no acknowledgement: it would wake this process a second
+        time per beat (a third of an idle agent's CPU), and a lost beat is made good by the
+        next; a failed write was only ever logged. Writes a caller waits for are acked."""
         await self.check_progress()
         live = self.rank.live
         dumped, changed = live.poll()
         if changed:
-            await self.wait(await self.state(dumped, cause="changed"))
+            await self.state(dumped, cause="changed", acked=False)
             await self.event("changed", version=live.version)
         else:
-            await self.wait(await self.state(dumped, cause="heartbeat"))
+            await self.state(dumped, cause="heartbeat", acked=False)
 
     async def check_progress(self) -> None:
         """Sample the program's progress marks; ``stalled`` / ``recovered`` events when
@@ -183,8 +185,11 @@ class Publisher:
 
     # --- the three things published -----------------------------------------------------
 
-    async def state(self, state: bytes, *, cause: str, ack_to: AckTo | None = None) -> list[Ack]:
-        """Publish ``state`` on the state subject and write the record; returns its ack."""
+    async def state(
+        self, state: bytes, *, cause: str, ack_to: AckTo | None = None, acked: bool = True
+    ) -> list[Ack]:
+        """Publish ``state`` on the state subject and write the record; returns its ack
+        (none with ``acked=False``: the server stores it without answering)."""
         nc, rank = self.nc, self.rank
         if nc is None or nc.is_closed:
             return []
@@ -208,12 +213,14 @@ class Publisher:
             await nc.publish(state_subject(rank.run, rank.rank), m.encode(msg))
         except Exception as exc:
             self.log.debug("state publish failed", error=str(exc))
-        return await self.record(state, ack_to)
+        return await self.record(state, ack_to, acked=acked)
 
-    async def record(self, state: bytes, ack_to: AckTo | None = None) -> list[Ack]:
+    async def record(
+        self, state: bytes, ack_to: AckTo | None = None, *, acked: bool = True
+    ) -> list[Ack]:
         """Send this rank's registry record with ``state``; returns the ack to await (none
-        without a registry, when the write could not be sent, or when its ack goes to the
-        writer's ``ack_to``)."""
+        without a registry, when the write could not be sent, when its ack goes to the
+        writer's ``ack_to``, or with ``acked=False``: no acknowledgement asked for)."""
         if self.registry is None or self._record_lock is None:
             return []
         rank = self.rank
@@ -249,6 +256,9 @@ class Publisher:
                 if ack_to is not None:
                     await self.registry.put_acked_to(record, ack_to.subject)
                     ack_to.sent += 1
+                    return []
+                if not acked:
+                    await self.registry.put_unacked(record)
                     return []
                 return [await self.registry.put_nowait(record)]
             except Exception as exc:

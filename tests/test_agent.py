@@ -373,3 +373,37 @@ async def test_a_heartbeat_serialises_the_state_once(
     # under way as the count is taken
     assert all(s.cause == "heartbeat" for s in states.items)
     assert dumped <= beats + 1, (dumped, beats)
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_record_asks_for_no_acknowledgement(nats_url: str, run_id: str) -> None:
+    """The server would answer an ack to every beat, waking the rank a second time per beat;
+    a write somebody waits for (here a set's) still asks for one."""
+    from runctl.bus.registry import KEY_PREFIX
+
+    writes: list[tuple[str, m.RankRecord]] = []
+    four_beats, acked_set = anyio.Event(), anyio.Event()
+
+    async def on_write(msg: Any) -> None:
+        record = m.decode_record(msg.data)
+        writes.append((msg.reply, record))
+        if sum(not reply for reply, _ in writes) >= 4:
+            four_beats.set()
+        if record.version >= 1 and msg.reply:
+            acked_set.set()
+
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.subscribe(f"{KEY_PREFIX}{run_id}.0", cb=on_write)
+        await nc.flush()
+        async with Agent(Cfg(), run=run_id, rank=0, url=nats_url, heartbeat=0.1):
+            with anyio.fail_after(10):
+                await four_beats.wait()
+            async with await Client.connect(nats_url) as client:
+                await client.set(run_id, 0, "x", 5)
+            with anyio.fail_after(10):
+                await acked_set.wait()
+    finally:
+        await nc.close()
+    beats = [record for reply, record in writes if not reply]
+    assert len(beats) >= 4 and all(b.status == "running" for b in beats)
