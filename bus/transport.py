@@ -1,11 +1,12 @@
 """How a command reaches its rank(s) and how the answers come back: one request to one
 rank, or one publish on the broadcast subject with the replies gathered (scatter-gather).
 
-nats-py has no request-many, so :meth:`Transport.gather` subscribes a fresh inbox,
-publishes once, reads the registry for the ranks it knows alive while the replies arrive,
-and stops when every one of them answered, or at the deadline (docs/protocol.md). No
-responders is ``NotFound`` at once; a rank the registry knows that stays silent is
-``missing`` (``Timeout`` when nobody answered at all).
+nats-py has no request-many, so :meth:`Transport.gather` opens a fresh reply subject on
+the client's inbox (one wildcard subscription per connection: no subscribe and unsubscribe
+per broadcast), publishes once, reads the registry for the ranks it knows alive while the
+replies arrive, and stops when every one of them answered, or at the deadline
+(docs/protocol.md). No responders is ``NotFound`` at once; a rank the registry knows that
+stays silent is ``missing`` (``Timeout`` when nobody answered at all).
 
 :class:`runctl.bus.client.Client` owns one ``Transport``; this module is its machinery.
 """
@@ -17,6 +18,7 @@ import math
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 import anyio
@@ -26,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from runctl.bus import messages as m
-from runctl.bus.direct import subscribe_now, write_now
+from runctl.bus.direct import written_at_once
 from runctl.bus.errors import NotFound, RunctlError, Timeout, from_code, map_nats_error
 from runctl.bus.inboxes import Inbox
 from runctl.bus.registry import ANSWERING, RankInfo, Registry
@@ -98,8 +100,8 @@ class Transport:
         try:
             inbox, reply = await self._replies.open(_reply_future, _complete)
             try:
-                await self.nc.publish(subject, payload, reply=inbox, headers=headers)
-                write_now(self.nc)  # not on the flusher's next turn
+                with written_at_once(self.nc):  # now, and no turn of the flusher for it
+                    await self.nc.publish(subject, payload, reply=inbox, headers=headers)
                 if not await _within(reply, min(timeout, REGISTRY_CHECK_AFTER)):
                     await self._wait_or_check(reply, run, rank, deadline - loop.time())
                 msg = reply.result()
@@ -154,10 +156,11 @@ class Transport:
         settle: Settle | None = None,
         headers: dict[str, str] | None = None,
     ) -> Gathered:
-        """One request on the broadcast subject; replies are collected on a fresh inbox
-        until every rank the registry knows alive has answered, or the deadline. The
-        registry is read while the replies come in (see :meth:`expected`). ``settle`` runs
-        on the results before the subscription ends (the client's read-your-writes wait)."""
+        """One request on the broadcast subject; replies are collected on a fresh reply
+        subject of the client's inbox until every rank the registry knows alive has
+        answered, or the deadline. The registry is read while the replies come in (see
+        :meth:`expected`). ``settle`` runs on the results before the reply subject is
+        closed (the client's read-your-writes wait)."""
         gathered = Gathered(run=run, verb=verb)
         answered: set[str] = set()
         expected: frozenset[str] = frozenset()
@@ -205,11 +208,10 @@ class Transport:
                     return not complete.is_set()
             return False
 
-        inbox = self.nc.new_inbox()
-        sub = await subscribe_now(self.nc, inbox, on_reply)
+        inbox, _ = await self._replies.open(_no_item, partial(_each_reply, on_reply))
         try:
-            await self.nc.publish(subject, payload, reply=inbox, headers=headers)
-            write_now(self.nc)
+            with written_at_once(self.nc):
+                await self.nc.publish(subject, payload, reply=inbox, headers=headers)
             deadline = anyio.current_time() + timeout
             #: the registry knows a rank of this run that has not exited (None: no registry)
             known: bool | None = None
@@ -258,8 +260,7 @@ class Transport:
         except Exception as exc:
             raise map_nats_error(exc, run=run) from exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+            self._replies.close(inbox)  # late replies are dropped
         if not gathered.results and not gathered.errors:
             if known is False:
                 raise NotFound(run)
@@ -293,6 +294,15 @@ class Transport:
                 self._expected_ranks.clear()
             self._expected_ranks[run] = (time.monotonic(), expected)
         return expected, any(info.liveness != "exited" for info in infos), False
+
+
+def _no_item(_subject: str) -> None:
+    """A broadcast's reply subject carries no item: its replies go to the gather's handler."""
+
+
+def _each_reply(on_reply: Callable[[Msg], None], _item: None, msg: Msg) -> bool:
+    on_reply(msg)
+    return False  # a broadcast takes replies until the gather closes its subject
 
 
 def _reply_future(_subject: str) -> asyncio.Future[Msg]:
