@@ -50,7 +50,6 @@ from runctl.bus.artifact_store import ArtifactInfo, ArtifactStore, Progress
 from runctl.bus.connection import close_quietly, connect
 from runctl.bus.credentials import NatsRole
 from runctl.bus.defaults import MAX_PAYLOAD
-from runctl.bus.direct import written_at_once
 from runctl.bus.errors import (
     BadRequest,
     NotFound,
@@ -562,8 +561,8 @@ class Client:
                 mode=cmd.mode,
                 grace=cmd.grace,
             )
-            with written_at_once(self.nc):  # now, and no turn of the flusher for it
-                return await registry.put_run_nowait(record)
+            # buffered: the broadcast's write sends it with the command, first
+            return await registry.put_run_nowait(record)
         except Exception:
             return None
 

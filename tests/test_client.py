@@ -3,6 +3,7 @@ ranks, oversize and badly named requests, and a broadcast to in-process ranks.""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import socket
@@ -62,6 +63,18 @@ def one(result: Result | Gathered) -> Result:
 def gathered(result: Result | Gathered) -> Gathered:
     assert isinstance(result, Gathered), result
     return result
+
+
+@contextlib.contextmanager
+def two_ranks(states: list[Cfg], nats_url: str, run_id: str) -> Iterator[None]:
+    """Ranks 0 and 1 of the test's run, in this process, serving ``states``; ready."""
+    with (
+        control(states[0], run=run_id, rank=0, url=nats_url) as c0,
+        control(states[1], run=run_id, rank=1, url=nats_url) as c1,
+    ):
+        c0.wait_ready()
+        c1.wait_ready()
+        yield
 
 
 # --- reads ------------------------------------------------------------------------------
@@ -295,12 +308,7 @@ async def test_bad_tokens_raise_before_anything_is_sent(nats_url: str, run: Any,
 @pytest.mark.anyio
 async def test_broadcast_to_in_process_ranks(nats_url: str, run_id: str) -> None:
     states = [Cfg(), Cfg()]
-    with (
-        control(states[0], run=run_id, rank=0, url=nats_url) as c0,
-        control(states[1], run=run_id, rank=1, url=nats_url) as c1,
-    ):
-        c0.wait_ready()
-        c1.wait_ready()
+    with two_ranks(states, nats_url, run_id):
         async with await Client.connect(nats_url) as client:
             res = gathered(await client.patch(run_id, "all", {"opt": {"lr": 0.3}}))
             assert res.acknowledged == ["0", "1"] and not res.missing and not res.errors
@@ -320,6 +328,31 @@ async def test_broadcast_to_in_process_ranks(nats_url: str, run_id: str) -> None
             cached = gathered(await client.get(run_id, "all", "opt.lr"))
             assert {r: x.value for r, x in cached.results.items()} == {"0": 0.3, "1": 0.3}
             assert cached.to_json()["ranks"]["0"]["status"] == "alive"
+
+
+@pytest.mark.anyio
+async def test_concurrent_broadcasts_on_one_client_each_get_their_own_replies(
+    nats_url: str, run_id: str
+) -> None:
+    """Broadcasts share the client's one reply subscription: each still gathers exactly
+    its own replies, every rank's, while others are in flight."""
+    with two_ranks([Cfg(epochs=3), Cfg(epochs=3)], nats_url, run_id):
+        async with await Client.connect(nats_url) as client:
+            answers: dict[int, Gathered] = {}
+
+            async def ask(i: int) -> None:
+                path = "epochs" if i % 2 else "opt.lr"
+                answers[i] = gathered(await client.get(run_id, "all", path, fresh=True))
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tasks:
+                    for i in range(24):
+                        tasks.start_soon(ask, i)
+            for i, res in answers.items():
+                assert res.acknowledged == ["0", "1"] and not res.missing, (i, res)
+                want = 3 if i % 2 else 0.1
+                assert {x.value for x in res.results.values()} == {want}, (i, res)
+            assert len(answers) == 24
 
 
 # --- no bus ---------------------------------------------------------------------------------
