@@ -190,7 +190,8 @@ async def test_torchrun_synchronised_lr_and_stop_from_the_cli(
             await anyio.sleep(0.1)
 
     stop = await cli(nats_url, "stop", run, "--reason", "cli")
-    assert stop["acknowledged"] == ["0", "1"] and stop["missing"] == []
+    ranks = [(i.record.rank, i.liveness, i.age) for i in await client.ranks(run)]
+    assert stop["acknowledged"] == ["0", "1"] and stop["missing"] == [], (stop, ranks)
     assert await job.exit_code() == 0, job.output
 
     (steps0, done0), (steps1, done1) = (read_log(tmp_path / f"rank{r}.jsonl") for r in (0, 1))
