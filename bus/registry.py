@@ -241,9 +241,9 @@ class Registry:
 
     async def put_unacked(self, record: RankRecord) -> None:
         """Send the write now and ask for no acknowledgement (a heartbeat's: the next one
-        makes good a lost one, and no ack wakes the rank for it)."""
-        subject = KEY_PREFIX + self.key(record.run, record.rank)
-        await self.nc.publish(subject, msgspec.json.encode(record))
+        makes good a lost one, and no ack wakes the rank for it): with no reply subject the
+        server answers nobody."""
+        await self.put_acked_to(record, reply="")
 
     async def put_schema(self, run: str, rank: str, schema: bytes) -> int:
         """Write the model's JSON schema of a rank (once, at start)."""
