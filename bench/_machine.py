@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from runctl.bus.server import find_binary
 
-__all__ = ["cpu_model", "nats_server_version", "package_version"]
+__all__ = ["cpu_model", "machine", "nats_server_version", "package_version"]
 
 
 def package_version(dist: str, default: str = "unknown") -> str:
@@ -35,3 +37,15 @@ def nats_server_version() -> str:
         ).stdout.strip()
     except Exception as exc:  # a benchmark still runs and says why the version is missing
         return f"unknown ({exc})"
+
+
+def machine() -> dict[str, object]:
+    """CPU, load, Python, nats-server and nats-py versions: a result file's ``machine``."""
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "load": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "nats_server": nats_server_version(),
+        "nats_py": package_version("nats-py"),
+    }

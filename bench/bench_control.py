@@ -89,7 +89,7 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
         cfg.rounds, cfg.window, cfg.settle, cfg.n, cfg.sets = 1, 0.25, 0.05, 20, 10
         cfg.startup_repeats, cfg.startup_settle, cfg.throughput_s = 1, 0.1, 0.3
         cfg.threads_pairs, cfg.threads_window, cfg.threads_settle = 2, 0.2, 0.05
-        cfg.threads_quiet = 0.1
+        cfg.threads_quiet, cfg.threads_restart_settle = 0.1, 0.05
         cfg.rate_pairs = 1
     for name in ("rounds", "window", "rate_pairs", "n", "sets", "startup_repeats", "threads_pairs"):
         if (value := getattr(args, name)) is not None:

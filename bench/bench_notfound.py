@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ from typing import Any, Final
 
 import httpx
 
-from bench._machine import cpu_model, nats_server_version, package_version
+from bench._machine import machine
 from runctl.bus.server import NatsServer
 from runctl.gateway.serve import GatewayThread
 from runctl.gateway.settings import Settings
@@ -109,14 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "notfound",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "quick": args.quick,
-        "machine": {
-            "cpu": cpu_model(),
-            "cpus": os.cpu_count(),
-            "load": os.getloadavg()[0],
-            "python": platform.python_version(),
-            "nats_server": nats_server_version(),
-            "nats_py": package_version("nats-py"),
-        },
+        "machine": machine(),
         "targets": {"p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS, "met": ok},
         "figures": figures,
     }

@@ -123,6 +123,34 @@ def test_control_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
         "set p50 vs Freak, hold loop",
     } - (set() if "freak" in tools else {"set p50 vs Freak, hold loop"})
     assert not doc["notes"], doc["notes"]  # no refused request, no write the loop missed
+    # the two-thread windows: the same process with its agent closed between runctl windows
+    # (2 runs of three runctl windows, each between two closed ones)
+    assert doc["figures"]["runctl.threads.restart"]["samples"] == 6
+    assert doc["figures"]["none.threads.rate"]["samples"] == 7
+    assert doc["figures"]["runctl.threads.sets_ratio"]["samples"] == 2
+
+
+@pytest.mark.slow
+def test_the_two_thread_bench_measures_runctl_and_the_floor_in_one_run(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_threads", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "| floor: bare nats-py thread |" in out.stdout and "budget: >= 98 %" in out.stdout
+    (written,) = tmp_path.glob("threads-quick-*.json")
+    doc = json.loads(written.read_text())
+    for name in ("floor", "runctl"):
+        fig = doc["figures"][name]
+        assert fig["errors"] == 0, name
+        assert fig["requests_per_s"]["n"] == 2 and fig["requests_per_s"]["median"] > 0, name
+        # the responder's threads were found and worked for the requests
+        assert fig["responder_cpu_ms_per_request"]["median"] > 0, name
+    assert doc["verdicts"]["budget_ms"] == pytest.approx(0.2)
 
 
 def test_freak_venv_holds_freaks_own_lock() -> None:

@@ -14,6 +14,7 @@ only, so the same code drives both tools. Operations:
   or as many GETs as one connection can (``rate`` -1)
 - ``throughput``: requests per second from ``concurrency`` threads, one connection each
 - ``mode``: set the program's work mode; ``fetch``: one request, status and body
+- ``agent``: close (``on`` false) or start again runctl's agent in the paused program
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.control.shm import Page
+from bench.control.shm import AGENT_OFF, AGENT_ON, Page
 
 __all__ = ["Http", "main"]
 
@@ -197,6 +198,19 @@ class Client:
     def fetch(self, base: str, method: str, path: str) -> dict[str, Any]:
         status, body = self.http(base).request(method, path)
         return {"status": status, "body": body.decode(errors="replace")}
+
+    def agent(self, on: bool, timeout: float = 30.0) -> dict[str, Any]:
+        """Close or start runctl's agent in the paused program; returns once it is done
+        (the agent ready again), with how long that took."""
+        want = AGENT_ON if on else AGENT_OFF
+        self.page.set_mode("pause")
+        self.page.want_agent(want)
+        started = time.monotonic()
+        while self.page.agent() != want:
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"the program did not turn its agent {'on' if on else 'off'}")
+            time.sleep(0.005)
+        return {"s": time.monotonic() - started}
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd.pop("op")

@@ -34,7 +34,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-from bench.control.shm import MODES, Page
+from bench.control.shm import AGENT_AS_STARTED, AGENT_ON, MODES, Page
 
 __all__ = ["HOLD_N", "Optimizer", "State", "main", "rss_kb"]
 
@@ -123,7 +123,41 @@ class Workers:
         return sum(self.counts)
 
 
-def loop(state: State, page: Page) -> int:
+class Tool:
+    """The tool in this process, started as the program starts; runctl's agent can be
+    closed and started again between measurements (``Page.want_agent``), so the program
+    with runctl can be compared with itself without it: two processes of one program differ
+    by several percent in speed, in either direction."""
+
+    def __init__(self, state: State, args: argparse.Namespace) -> None:
+        self.state, self.args = state, args
+        self.stop: Callable[[], None] = lambda: None
+        if args.tool == "freak":
+            self.stop = start_freak(state, args)
+        elif args.tool == "runctl":
+            self.stop = start_runctl(state, args)
+        self.on = args.tool == "runctl"
+
+    def follow(self, page: Page) -> None:
+        """Close or start runctl's agent as the page asks (called while paused)."""
+        wanted = page.agent_wanted()
+        if wanted == AGENT_AS_STARTED or self.args.tool != "runctl":
+            return
+        if (wanted == AGENT_ON) != self.on:
+            if self.on:
+                self.stop()
+                self.stop = lambda: None
+            else:
+                self.stop = start_runctl(self.state, self.args)
+            self.on = wanted == AGENT_ON
+        if page.agent() != wanted:
+            page.agent_is(wanted)
+
+    def close(self) -> None:
+        self.stop()
+
+
+def loop(state: State, page: Page, tool: Tool | None = None) -> int:
     pause, sleep, release, hold_mode, threads = (
         MODES.index(m) for m in ("pause", "sleep", "release", "hold", "threads")
     )
@@ -144,6 +178,8 @@ def loop(state: State, page: Page) -> int:
             hold()
         elif mode == pause:
             time.sleep(PAUSE_S)
+            if tool is not None:
+                tool.follow(page)
         elif mode == threads:
             time.sleep(SLEEP_S)
         else:
@@ -175,11 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     page = Page(args.shm)
     rss_before = rss_kb()
     started = time.perf_counter()
-    stop: Callable[[], None] = lambda: None  # noqa: E731
-    if args.tool == "freak":
-        stop = start_freak(state, args)
-    elif args.tool == "runctl":
-        stop = start_runctl(state, args)
+    tool = Tool(state, args)
     ready = {
         "tool": args.tool,
         "pid": os.getpid(),
@@ -193,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(ready))
     tmp.replace(args.ready)  # atomic: the runner never reads half a file
     try:
-        loop(state, page)
+        loop(state, page, tool)
     finally:
-        stop()
+        tool.close()
     return 0
 
 

@@ -51,11 +51,13 @@ class Config:
     throughput_s: float = 3.0
     #: program with two busy threads of its own, per round: runs of three runctl windows
     #: (idle, under 100 sets/s, idle after a quiet spell), each between two windows of the
-    #: program without a tool
+    #: same process with runctl's agent closed
     threads_pairs: int = 12
     #: seconds per window of the two-busy-threads program, and the pause before each
     threads_window: float = 0.5
     threads_settle: float = 0.1
+    #: seconds between starting the agent again and the window's start
+    threads_restart_settle: float = 0.3
     #: seconds both programs rest before a "burst" window: longer than the agent's heartbeat
     #: and window together, so the agent has seen the program quiet when its threads start
     threads_quiet: float = 1.5
@@ -99,7 +101,6 @@ class Run:
         started = time.monotonic()
         server = NatsServer(store_dir=workdir / "nats", die_with_parent=True).start()
         programs: dict[str, Program] = {}
-        bare: Program | None = None  # the same program without any tool
         gateway: Gateway | None = None
         try:
             run_id = f"bench-{os.getpid()}"
@@ -123,8 +124,6 @@ class Run:
                     ["--port", str(port)],
                     base=f"http://127.0.0.1:{port}",
                 ).start()
-            if "runctl" in cfg.tools and cfg.threads_pairs:
-                bare = Program("none", sys.executable, workdir, [], base="").start()
             for program in programs.values():
                 self.sanity(program)
             for rnd in range(cfg.rounds):
@@ -136,16 +135,12 @@ class Run:
                         self.measure(program, mode)
                 for program in order:
                     self.throughput(program)
-                if bare is not None:
-                    if rnd:
-                        # a fresh process each round: two processes of one program run a
-                        # few percent apart (memory layout); one per round spreads that
-                        # over the rounds instead of tilting all of them the same way
-                        bare.stop()
-                        bare.start()
-                    self.threads(programs["runctl"], bare)
+                if "runctl" in programs and cfg.threads_pairs:
+                    for program in order:  # one busy program at a time
+                        program.call("mode", mode="pause")
+                    self.threads(programs["runctl"])
                     for program in order:
-                        self.threads_set(program, bare)
+                        self.threads_set(program)
                 self.meta.setdefault("loadavg_rounds", []).append(os.getloadavg())
                 print(
                     f"  round {rnd + 1}/{cfg.rounds} done ({time.monotonic() - started:.0f}s, "
@@ -162,7 +157,7 @@ class Run:
                 print(f"gateway log:\n{tail(gateway.log)}", file=sys.stderr)
             raise
         finally:
-            for program in [*programs.values(), *([bare] if bare else [])]:
+            for program in programs.values():
                 program.stop()
             if gateway is not None:
                 gateway.stop()
@@ -240,71 +235,74 @@ class Run:
         self.fig(f"{t}.{mode}.land", "s").add_round(s["land"])
         p.call("mode", mode="pause")
 
-    def threads(self, p: Program, bare: Program) -> None:
+    def threads(self, p: Program) -> None:
         """A program with two busy threads of its own: its throughput with runctl, idle and
-        under a paced 100 sets/s, against the same program without any tool. "Burst"
-        windows are idle ones that start after a quiet spell longer than the agent's
-        heartbeat: the threads start working while runctl's interval at rest is low.
+        under a paced 100 sets/s, against the same program without runctl. "Burst" windows
+        are idle ones that start after a quiet spell longer than the agent's heartbeat: the
+        threads start working while runctl's interval at rest is low.
 
-        Short windows alternate between the two programs (bare, idle, bare, sets, bare, ...)
-        and each runctl window is divided by the mean of the bare windows on either side:
-        this machine's speed drifts by 15-20 % over seconds, and only neighbours a fraction
-        of a second apart see the same machine. Only the program measured works; the other
-        is paused. Every ratio is kept, so the target can be judged with its confidence
-        interval rather than by one median."""
+        "Without runctl" is the same process with its agent closed (``ctl.close()``), and
+        started again for the next runctl window: two processes of one program run up to
+        15-20 % apart on this machine, in either direction, far more than the effect
+        measured. Short windows alternate (closed, idle, closed, sets, closed, ...) and each
+        runctl window is divided by the mean of the closed windows on either side: this
+        machine's speed drifts by 15-20 % over seconds, and only neighbours a fraction of a
+        second apart see the same machine. Every ratio is kept, so the target can be judged
+        with its confidence interval rather than by one median."""
         cfg = self.cfg
         plan = [("idle", 0), ("sets", 100), ("burst", 0)] * cfg.threads_pairs
-        bare_rates: list[float] = []
-        runctl_rates: list[tuple[str, float]] = []
+        off_rates: list[float] = []
+        on_rates: list[tuple[str, float]] = []
+        restarts: list[float] = []
 
-        def window(prog: Program, rate: int, quiet: float = 0.0) -> float:
-            other = p if prog is bare else bare
-            other.call("mode", mode="pause")
-            if quiet:
-                prog.call("mode", mode="pause")
-                time.sleep(quiet)
-            prog.call("mode", mode="threads")
+        def window(agent: bool, rate: int, quiet: float = 0.0) -> float:
+            turned = p.call("agent", on=agent)  # pauses the program first
+            if agent:
+                restarts.append(float(turned["s"]))
+            # a started agent's first moments (its announcement, first heartbeat) are not
+            # what the window measures; a burst's quiet spell is longer than that already
+            time.sleep(quiet or (cfg.threads_restart_settle if agent else 0.0))
+            p.call("mode", mode="threads")
             time.sleep(cfg.threads_settle)
-            w = prog.call(
+            w = p.call(
                 "window",
-                base=prog.base,
+                base=p.base,
                 path=SET_PATH,
                 rate=rate,
                 duration=cfg.threads_window,
                 method="PUT",
                 first=self.next_marker(int(rate * cfg.threads_window) + 10),
             )
-            self._errors(prog.tool, "threads", f"window@{rate}", w)
+            self._errors(p.tool, "threads", f"window@{rate}", w)
             if rate:
                 self.fig("runctl.threads.sets_rate", "/s").add_round([w["request_rate"]])
             return float(w["loop_rate"])
 
-        bare_rates.append(window(bare, 0))
+        off_rates.append(window(False, 0))
         for key, rate in plan:
             quiet = cfg.threads_quiet if key == "burst" else 0.0
-            runctl_rates.append((key, window(p, rate, quiet)))
-            bare_rates.append(window(bare, 0))
-        for prog in (p, bare):
-            prog.call("mode", mode="pause")
+            on_rates.append((key, window(True, rate, quiet)))
+            off_rates.append(window(False, 0))
+        p.call("agent", on=True)
+        p.call("mode", mode="pause")
         ratios: dict[str, list[float]] = {"idle": [], "sets": [], "burst": []}
-        for i, (key, loop_rate) in enumerate(runctl_rates):
-            ratios[key].append(loop_rate / ((bare_rates[i] + bare_rates[i + 1]) / 2))
-        self.fig("none.threads.rate", "it/s").add_round(bare_rates)
+        for i, (key, loop_rate) in enumerate(on_rates):
+            ratios[key].append(loop_rate / ((off_rates[i] + off_rates[i + 1]) / 2))
+        self.fig("none.threads.rate", "it/s").add_round(off_rates)
+        self.fig("runctl.threads.restart", "s").add_round(restarts)
         for key, values in ratios.items():
             self.fig(f"runctl.threads.{key}_ratio", "ratio").add_round(values)
-        # the same process idle and loaded: free of the few percent by which two processes
-        # of one program differ (the ratios above carry that, in either direction)
+        # idle and loaded windows of the agent against each other
         idle = ratios["idle"]
         for key in ("sets", "burst"):
             paired = [w / i for i, w in zip(idle, ratios[key], strict=True) if i]
             self.fig(f"runctl.threads.{key}_vs_idle", "ratio").add_round(paired)
 
-    def threads_set(self, p: Program, bare: Program) -> None:
+    def threads_set(self, p: Program) -> None:
         """Set latency in the program with two busy threads of its own: the tool's thread
         competes for the GIL with two threads that hold it (pure Python, checking a
         ``threading.Event`` between steps)."""
         cfg = self.cfg
-        bare.call("mode", mode="pause")
         p.call("mode", mode="threads")
         time.sleep(cfg.settle + 1.0)  # a heartbeat: runctl sees the busy threads
         s = p.call(

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Final
 
-__all__ = ["MODES", "Page", "create"]
+__all__ = ["AGENT_AS_STARTED", "AGENT_OFF", "AGENT_ON", "MODES", "Page", "create"]
 
 #: main-loop modes; "pause" parks the loop between measurements, "exit" ends the program
 MODES: Final = ("pause", "sleep", "release", "hold", "exit", "threads")
@@ -22,6 +22,11 @@ SIZE: Final = 64
 _MODE = struct.Struct("<q")  # offset 0: the mode the loop should run (index in MODES)
 _LOOP = struct.Struct("<qd")  # offset 8: iterations, monotonic time at the last one
 _SEEN = struct.Struct("<qd")  # offset 24: last marker value the loop saw, when it saw it
+_AGENT = struct.Struct("<q")  # offset 40: the agent wanted; offset 48: the agent there
+#: runctl's agent: as the program started it (0), running (1), closed (2)
+AGENT_AS_STARTED: Final = 0
+AGENT_ON: Final = 1
+AGENT_OFF: Final = 2
 
 
 class Page:
@@ -42,10 +47,25 @@ class Page:
     def saw(self, marker: int, now: float) -> None:
         _SEEN.pack_into(self._mm, 24, marker, now)
 
+    def agent_wanted(self) -> int:
+        value: int = _AGENT.unpack_from(self._mm, 40)[0]
+        return value
+
+    def agent_is(self, value: int) -> None:
+        _AGENT.pack_into(self._mm, 48, value)
+
     # --- the client's side ----------------------------------------------------------------
 
     def set_mode(self, mode: str) -> None:
         _MODE.pack_into(self._mm, 0, MODES.index(mode))
+
+    def want_agent(self, value: int) -> None:
+        _AGENT.pack_into(self._mm, 40, value)
+
+    def agent(self) -> int:
+        """The agent there now, as the program last reported it."""
+        value: int = _AGENT.unpack_from(self._mm, 48)[0]
+        return value
 
     def loop(self) -> tuple[int, float]:
         """(iterations, time of the last one); re-read until two reads agree (no torn read)."""
