@@ -67,6 +67,9 @@ class Gathered:
     errors: dict[str, RunctlError] = field(default_factory=dict)
     #: ranks the registry knows alive that did not answer before the deadline
     missing: list[str] = field(default_factory=list)
+    #: ranks the registry showed stale (no heartbeat for three intervals: killed, frozen or
+    #: cut off) that did not answer in the short grace they get either; not ``missing``
+    stale: list[str] = field(default_factory=list)
     #: for a synchronised change: the step at which every rank applies it
     at_step: int | None = None
     change_id: str = ""
@@ -86,9 +89,10 @@ class Gathered:
         return sorted([*self.results, *self.errors], key=rank_key)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"run", "verb", "acknowledged", "missing", "ranks": {rank: outcome}}``; each
-        outcome is ``applied`` (or ``ok``, ``pending``, ``cancelled``), ``rejected`` with the
-        error's code, message and detail, or ``no_answer``."""
+        """``{"run", "verb", "acknowledged", "missing", "stale", "ranks": {rank: outcome}}``;
+        each outcome is ``applied`` (or ``ok``, ``pending``, ``cancelled``), ``rejected`` with
+        the error's code, message and detail, or ``no_answer`` (with ``"status": "stale"``
+        for a stale rank)."""
         ranks: dict[str, Any] = {}
         for rank, res in self.results.items():
             ranks[rank] = {
@@ -106,6 +110,8 @@ class Gathered:
             ranks[rank] = entry
         for rank in self.missing:
             ranks[rank] = {"outcome": "no_answer"}
+        for rank in self.stale:
+            ranks[rank] = {"outcome": "no_answer", "status": "stale"}
         for rank, report in self.checkpoints.items():
             ranks.setdefault(rank, {})["checkpoint"] = report
         for rank in self.no_checkpoint:
@@ -128,6 +134,7 @@ class Gathered:
             **sync,
             "acknowledged": self.acknowledged,
             "missing": sorted(self.missing, key=rank_key),
+            "stale": sorted(self.stale, key=rank_key),
             "ranks": dict(sorted(ranks.items(), key=lambda kv: rank_key(kv[0]))),
         }
 

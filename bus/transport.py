@@ -40,6 +40,7 @@ __all__ = [
     "QUIET_AFTER_LAST_REPLY",
     "RECHECK_CACHED_AFTER",
     "REGISTRY_CHECK_AFTER",
+    "STALE_GRACE",
     "Settle",
     "Transport",
     "decode_reply",
@@ -56,6 +57,9 @@ EXPECTED_TTL: Final = 0.25
 #: a broadcast that reused them reads the registry afresh once no reply came for this long
 #: while some of them have not answered (they may have left since: after a stop)
 RECHECK_CACHED_AFTER: Final = 0.025
+#: a rank the registry shows stale (no heartbeat for three intervals, not exited) gets this
+#: long from the broadcast's start to answer: a rank slowed down, not dead, still counts
+STALE_GRACE: Final = 0.25
 
 #: what runs on a broadcast's results before it returns: (run, results) -> results
 Settle = Callable[[str, list[Result]], Awaitable[list[Result]]]
@@ -69,8 +73,8 @@ class Transport:
     def __init__(self, nc: NATS, registry: Callable[[], Awaitable[Registry]], inbox: Inbox) -> None:
         self.nc = nc
         self._registry = registry
-        #: per run: when the registry was read, and the ranks it knew alive
-        self._expected_ranks: dict[str, tuple[float, frozenset[str]]] = {}
+        #: per run: when the registry was read, the ranks it knew alive, and those stale
+        self._expected_ranks: dict[str, tuple[float, frozenset[str], frozenset[str]]] = {}
         #: where single requests' replies arrive: one future per request
         self._replies = inbox
 
@@ -159,13 +163,18 @@ class Transport:
         """One request on the broadcast subject; replies are collected on a fresh reply
         subject of the client's inbox until every rank the registry knows alive has
         answered, or the deadline. The registry is read while the replies come in (see
-        :meth:`expected`). ``settle`` runs on the results before the reply subject is
-        closed (the client's read-your-writes wait)."""
+        :meth:`expected`). Ranks it shows stale (not exited) get :data:`STALE_GRACE` from
+        the start to answer too; those that stay silent are listed as ``stale``, not
+        ``missing``. ``settle`` runs on the results before the reply subject is closed (the
+        client's read-your-writes wait)."""
         gathered = Gathered(run=run, verb=verb)
         answered: set[str] = set()
         expected: frozenset[str] = frozenset()
         #: expected ranks that have not answered yet: each reply costs O(1), not O(ranks)
         waiting: set[str] = set()
+        stale: frozenset[str] = frozenset()
+        stale_waiting: set[str] = set()
+        stale_answered = anyio.Event()
         registry_read = False
         complete = anyio.Event()
         arrived = anyio.Event()
@@ -186,6 +195,10 @@ class Transport:
                 return
             answered.add(reply.rank)
             waiting.discard(reply.rank)
+            if reply.rank in stale_waiting:
+                stale_waiting.discard(reply.rank)
+                if not stale_waiting:
+                    stale_answered.set()
             if isinstance(reply, m.Err):
                 gathered.errors[reply.rank] = from_code(reply.code, reply.message, reply.detail)
             else:
@@ -212,13 +225,15 @@ class Transport:
         try:
             with written_at_once(self.nc):
                 await self.nc.publish(subject, payload, reply=inbox, headers=headers)
-            deadline = anyio.current_time() + timeout
+            sent_at = anyio.current_time()
+            deadline = sent_at + timeout
             #: the registry knows a rank of this run that has not exited (None: no registry)
             known: bool | None = None
             cached = False
             with anyio.move_on_after(timeout):
-                expected, known, cached = await self.expected(run)
+                expected, stale, known, cached = await self.expected(run)
             waiting = set(expected - answered)
+            stale_waiting.update(stale - answered)
             registry_read = True
             if expected and not waiting:
                 complete.set()
@@ -233,8 +248,10 @@ class Transport:
                     # the reused list still waits for ranks and the replies have stopped:
                     # some may have left since it was read (a stop), so read it afresh
                     self._expected_ranks.pop(run, None)
-                    expected, known, _ = await self.expected(run)
+                    expected, stale, known, _ = await self.expected(run)
                     waiting = set(expected - answered)
+                    stale_waiting.clear()
+                    stale_waiting.update(stale - answered)
                     if expected and not waiting:
                         complete.set()
                     if known is False and not answered:
@@ -242,11 +259,15 @@ class Transport:
                 with anyio.move_on_after(rest):
                     if expected:
                         await complete.wait()
+                        if stale_waiting:  # a slowed-down rank's answer still counts
+                            with anyio.move_on_after(sent_at + STALE_GRACE - anyio.current_time()):
+                                await stale_answered.wait()
                     # no live rank known: until quiet after a reply
                     await replies_pause(QUIET_AFTER_LAST_REPLY, before_the_first=math.inf)
             if no_responders:
                 raise NotFound(run)
             gathered.missing = sorted(expected - answered, key=rank_key)
+            gathered.stale = sorted(stale - answered, key=rank_key)
             if settle is not None:
                 settled = await settle(run, list(gathered.results.values()))
                 gathered.results = {res.rank: res for res in settled}
@@ -269,10 +290,11 @@ class Transport:
             raise Timeout(f"no rank of run {run!r} answered in {timeout:g}s", gathered.missing)
         return gathered
 
-    async def expected(self, run: str) -> tuple[frozenset[str], bool | None, bool]:
-        """The ranks of ``run`` the registry knows alive, whether it knows any rank that
-        has not exited (None: no registry, or it failed: wait until quiet instead), and
-        whether the first came from an earlier broadcast instead of the registry.
+    async def expected(self, run: str) -> tuple[frozenset[str], frozenset[str], bool | None, bool]:
+        """The ranks of ``run`` the registry knows alive, those it shows stale, whether it
+        knows any rank that has not exited (None: no registry, or it failed: wait until
+        quiet instead), and whether the first two came from an earlier broadcast instead of
+        the registry.
 
         Reused for ``EXPECTED_TTL`` seconds by the next broadcasts to the run, a stop's
         included: reading 64 records costs the client more CPU than handling 64 replies,
@@ -281,19 +303,20 @@ class Transport:
         registry itself is up to three heartbeats behind a dead rank anyway."""
         cached = self._expected_ranks.get(run)
         if cached is not None and time.monotonic() - cached[0] < EXPECTED_TTL:
-            return cached[1], True, True
+            return cached[1], cached[2], True, True
         try:
             registry = await self._registry()
             infos = [RankInfo.of(r) for r in await registry.records(run, states=False)]
         except Exception:
-            return frozenset(), None, False
+            return frozenset(), frozenset(), None, False
         # a stalled rank's program is stuck, but its agent answers
         expected = frozenset(info.record.rank for info in infos if info.liveness in ANSWERING)
+        stale = frozenset(info.record.rank for info in infos if info.liveness == "stale")
         if expected:
             if len(self._expected_ranks) > 1024:
                 self._expected_ranks.clear()
-            self._expected_ranks[run] = (time.monotonic(), expected)
-        return expected, any(info.liveness != "exited" for info in infos), False
+            self._expected_ranks[run] = (time.monotonic(), expected, stale)
+        return expected, stale, any(info.liveness != "exited" for info in infos), False
 
 
 def _no_item(_subject: str) -> None:

@@ -32,6 +32,8 @@ from runctl.cli.common import (
 __all__ = ["register", "render_ranks"]
 
 TARGET_HELP = "RUN (every rank) or RUN/RANK"
+#: a rank the registry shows stale that did not answer a command to every rank either
+STALE_NO_ANSWER = "no answer (stale: no heartbeat for three intervals)"
 
 
 def register(add: AddParser) -> None:
@@ -234,6 +236,8 @@ def get_command(args: argparse.Namespace) -> int:
     for r in result.missing:
         note(f"rank {r}: no answer")
         code = code or EXIT_UNAVAILABLE
+    for r in result.stale:
+        note(f"rank {r}: {STALE_NO_ANSWER}")
     return code
 
 
@@ -363,6 +367,8 @@ def report(args: argparse.Namespace, run: str, result: Result | Gathered) -> int
             print(f"rank {r}: rejected: {err.describe()}")
         for r in result.missing:
             print(f"rank {r}: no answer")
+        for r in result.stale:
+            print(f"rank {r}: {STALE_NO_ANSWER}")
     for _, err in by_rank(result.errors):
         return exit_code(err)
     return EXIT_UNAVAILABLE if result.missing else EXIT_OK

@@ -222,9 +222,9 @@ async def test_a_killed_rank_is_missing_then_stale_while_the_other_answers(
         stale = next(i for i in infos if i.record.rank == "1")
         assert stale.age > 0.6 and stale.record.state["epochs"] == 3  # last state readable
 
-        # a stale rank is no longer waited for; the live one keeps answering
+        # a stale rank gets a short grace, then is named stale; the live one keeps answering
         res = gathered(await client.patch(run_id, "all", {"epochs": 4}))
-        assert list(res.results) == ["0"] and not res.missing
+        assert list(res.results) == ["0"] and not res.missing and res.stale == ["1"]
         with pytest.raises(NotFound):
             await client.ping(run_id, 1)
         await client.stop(run_id, 0)

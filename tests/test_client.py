@@ -380,3 +380,61 @@ async def test_connecting_to_nothing_or_to_a_mute_port_is_unavailable(mute_port:
         await Client.connect(f"nats://127.0.0.1:{mute_port}", connect_timeout=0.3)
     assert str(mute_port) in str(mute.value)
     gc.collect()  # the half-open connection was closed, not left to the garbage collector
+
+
+@pytest.mark.anyio
+async def test_a_broadcast_counts_a_stale_rank_that_answers_and_names_a_silent_one(
+    nats_url: str, run_id: str
+) -> None:
+    """Three ranks in the registry: 0 alive, answering at once; 1 stale (its heartbeat 10 s
+    old, as when a loaded machine kept its agent from beating) but answering 50 ms later;
+    2 stale and silent (killed). The answer counts 1 as acknowledged and names 2 stale,
+    not missing: a dead rank does not make every broadcast to its run a partial one."""
+    import time
+
+    from runctl.bus.messages import RankRecord
+    from runctl.bus.registry import Registry
+
+    nc = await nats.connect(nats_url)
+    registry = await Registry.open(nc)
+    now = time.time()
+    for rank, beat in (("0", now), ("1", now - 10), ("2", now - 10)):
+        await registry.put(
+            RankRecord(
+                run=run_id,
+                rank=rank,
+                host="h",
+                pid=1,
+                started=now - 20,
+                heartbeat=beat,
+                heartbeat_interval=1.0,
+                version=0,
+                state={},
+            )
+        )
+
+    def answering(rank: str, delay: float) -> Callable[[Any], Awaitable[None]]:
+        async def on_ping(msg: Any) -> None:
+            await anyio.sleep(delay)
+            await msg.respond(m.encode(m.Ok(run=run_id, rank=rank, version=0)))
+
+        return on_ping
+
+    subject = command_subject(run_id, "all", "ping")
+    subs = [
+        await nc.subscribe(subject, cb=answering("0", 0.0)),
+        await nc.subscribe(subject, cb=answering("1", 0.05)),
+    ]
+    await nc.flush()
+    try:
+        async with await Client.connect(nats_url) as client:
+            res = await client.ping(run_id, "all")
+        assert isinstance(res, Gathered)
+        assert res.acknowledged == ["0", "1"] and res.missing == [] and res.stale == ["2"]
+        body = res.to_json()
+        assert body["stale"] == ["2"]
+        assert body["ranks"]["2"] == {"outcome": "no_answer", "status": "stale"}
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        await nc.close()

@@ -8,8 +8,10 @@ escalation (only when asked for), and the recorded run-wide stop seen by a late 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -196,7 +198,7 @@ async def test_four_ranks_are_listed_then_all_acknowledge_a_stop_and_exit(
 
 @pytest.mark.anyio
 async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
-    ranks: Ranks, client: Client, run_id: str
+    ranks: Ranks, client: Client, run_id: str, nats_url: str
 ) -> None:
     for n in range(4):
         ranks.start(n)
@@ -215,9 +217,18 @@ async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
         "2": "stale",
         "3": "alive",
     }
-    # the others keep serving, and a broadcast does not wait for the stale rank
+    # the others keep serving; a broadcast gives the stale rank a short grace, then names
+    # it stale (not missing: a dead rank does not make every answer a partial one)
     res = gathered(await client.set(run_id, "all", "flag", True))
-    assert res.acknowledged == ["0", "1", "3"] and not res.missing
+    assert res.acknowledged == ["0", "1", "3"] and not res.missing and res.stale == ["2"]
+    printed = await anyio.run_process(
+        [sys.executable, "-m", "runctl", "get", run_id, "flag", "--fresh"],
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "RUNCTL_NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
+    )
+    assert printed.returncode == 0, printed.stderr.decode()
+    assert "rank 2: no answer (stale: no heartbeat for three intervals)" in printed.stderr.decode()
     fresh = gathered(await client.get(run_id, "all", "flag", fresh=True))
     assert {r: x.value for r, x in fresh.results.items()} == dict.fromkeys(["0", "1", "3"], True)
     # the stale rank's last state stays readable from the registry
@@ -226,7 +237,7 @@ async def test_a_sigkilled_rank_is_stale_in_ls_while_the_others_keep_serving(
     assert cached.results["2"].value is False
 
     stop = gathered(await client.stop(run_id, "all"))
-    assert stop.acknowledged == ["0", "1", "3"]
+    assert stop.acknowledged == ["0", "1", "3"] and stop.stale == ["2"]
     for rank in ("0", "1", "3"):
         assert await ranks.exit_code(rank) == 0
 
