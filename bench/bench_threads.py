@@ -43,6 +43,15 @@ import nats
 
 from bench._machine import machine
 from bench.control import shm
+from bench.control.procs import (
+    REPO,
+    BenchError,
+    child_env,
+    die_with_parent,
+    read_ready,
+    tail,
+    wait_or_kill,
+)
 from bench.control.report import median_interval
 from bench.threads_program import FLOOR_SUBJECT
 from runctl.bus.client import Client
@@ -51,7 +60,6 @@ from runctl.bus.server import NatsServer
 __all__ = ["TARGET_PCT", "main"]
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
-ROOT: Final = Path(__file__).resolve().parent.parent
 #: the busy threads keep this share of their iterations under the paced sets (%)
 TARGET_PCT: Final = 98.0
 RESPONDERS: Final = ("floor", "runctl")
@@ -124,30 +132,23 @@ class Program:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 argv,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                cwd=REPO,
+                env=child_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         self.ready: dict[str, list[int]] = {}
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.ready_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"{self.responder} program did not start:\n{self.output()}")
-            time.sleep(0.02)
-        self.ready = json.loads(self.ready_path.read_text())
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        what = f"{self.responder} program"
+        self.ready = read_ready(self.proc, self.ready_path, self.log, what, timeout)
 
     def sample(self) -> tuple[int, int, int, float]:
         """(iterations, threads' CPU ns, responder's CPU ns, when)."""
         if self.proc.poll() is not None:
-            raise SystemExit(f"{self.responder} program exited:\n{self.output()}")
+            raise BenchError(f"{self.responder} program exited:\n{tail(self.log)}")
         iterations, _ = self.page.loop()
         pid = self.proc.pid
         threads = cpu_ns(pid, self.ready["workers"])
@@ -155,11 +156,7 @@ class Program:
 
     def stop(self) -> None:
         self.page.set_mode("exit")
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        wait_or_kill(self.proc, 10)
         self.page.close()
 
 
@@ -246,9 +243,8 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "ci90": [lo, hi], "n": len(values)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(list(sys.argv[1:] if argv is None else argv))
-    results = {name: Figures() for name in RESPONDERS}
+def measure_rounds(args: argparse.Namespace, results: dict[str, Figures]) -> None:
+    """Every round: each responder's program in turn (the order alternates), measured."""
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp, NatsServer() as server:
         for rnd in range(args.rounds):
             order = RESPONDERS if rnd % 2 == 0 else tuple(reversed(RESPONDERS))
@@ -264,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     program.stop()
             print(f"  round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    results = {name: Figures() for name in RESPONDERS}
+    try:
+        measure_rounds(args, results)
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
 
     figures: dict[str, dict[str, Any]] = {
         name: {

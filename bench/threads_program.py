@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from bench.control.program import hold
+from bench.control.program import hold, write_ready
 from bench.control.shm import MODES, Page
 
 __all__ = ["FLOOR_SUBJECT", "State", "main"]
@@ -98,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if t.name.startswith(("runctl", "floor")) and t.native_id is not None
     ]
     ready = {"workers": [t.native_id for t in workers], "responder": responder}
-    tmp = Path(args.ready + ".tmp")
-    tmp.write_text(json.dumps(ready))
-    tmp.replace(args.ready)
+    write_ready(args.ready, ready)
     try:
         done = MODES.index("exit")
         while page.mode() != done:

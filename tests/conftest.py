@@ -133,6 +133,15 @@ async def wait_exit(proc: subprocess.Popen[Any], timeout: float, what: str = "pr
 async def register_silent_rank(url: str, run: str, rank: str) -> None:
     """Put a live-looking record in the registry for a rank that will never answer
     (tests of Timeout/504: the client only waits for ranks the registry knows)."""
+    await register_rank(url, run, rank)
+
+
+async def register_rank(
+    url: str, run: str, rank: str, *, heartbeat_age: float = 0.0, heartbeat_interval: float = 60.0
+) -> None:
+    """Put a registry record for ``rank`` whose last heartbeat was ``heartbeat_age``
+    seconds ago (stale once that is over three ``heartbeat_interval``s, at least 1.5 s),
+    with no agent behind it: the test answers for the rank, or not."""
     import time as _time
 
     import nats
@@ -150,9 +159,9 @@ async def register_silent_rank(url: str, run: str, rank: str) -> None:
                 rank=rank,
                 host="silent",
                 pid=0,
-                started=now,
-                heartbeat=now,
-                heartbeat_interval=60.0,
+                started=now - heartbeat_age,
+                heartbeat=now - heartbeat_age,
+                heartbeat_interval=heartbeat_interval,
                 version=0,
                 state={},
             )

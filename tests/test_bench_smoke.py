@@ -19,6 +19,22 @@ from bench.control.report import Figure, Target, evaluate, median_interval, perc
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_quick(
+    module: str, out: Path, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``python -m <module> --quick --out <out> ...`` in the repo; it must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
 def test_percentile_interpolates_like_numpy() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
@@ -88,24 +104,7 @@ def test_bench_runner_discovers_every_bench_module() -> None:
 @pytest.mark.slow
 def test_control_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     tools = "freak,runctl" if freakenv.is_ready() else "runctl"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bench_control",
-            "--quick",
-            "--tools",
-            tools,
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = run_quick("bench.bench_control", tmp_path, "--tools", tools, timeout=55)
     assert "| GET full state (ms) | hold |" in out.stdout
     files = list(tmp_path.glob("control-quick-*.json"))
     assert len(files) == 1
@@ -132,15 +131,7 @@ def test_control_bench_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_two_thread_bench_measures_runctl_and_the_floor_in_one_run(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.bench_threads", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = run_quick("bench.bench_threads", tmp_path, timeout=60)
     assert "| floor: bare nats-py thread |" in out.stdout and "budget: >= 98 %" in out.stdout
     (written,) = tmp_path.glob("threads-quick-*.json")
     doc = json.loads(written.read_text())

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import anyio
 import nats
 import pytest
-from conftest import register_silent_rank
+from conftest import register_rank, register_silent_rank
 from pydantic import BaseModel, Field
 
 from runctl.agent import Control, control
@@ -390,28 +390,9 @@ async def test_a_broadcast_counts_a_stale_rank_that_answers_and_names_a_silent_o
     old, as when a loaded machine kept its agent from beating) but answering 50 ms later;
     2 stale and silent (killed). The answer counts 1 as acknowledged and names 2 stale,
     not missing: a dead rank does not make every broadcast to its run a partial one."""
-    import time
-
-    from runctl.bus.messages import RankRecord
-    from runctl.bus.registry import Registry
-
+    for rank, age in (("0", 0.0), ("1", 10.0), ("2", 10.0)):
+        await register_rank(nats_url, run_id, rank, heartbeat_age=age, heartbeat_interval=1.0)
     nc = await nats.connect(nats_url)
-    registry = await Registry.open(nc)
-    now = time.time()
-    for rank, beat in (("0", now), ("1", now - 10), ("2", now - 10)):
-        await registry.put(
-            RankRecord(
-                run=run_id,
-                rank=rank,
-                host="h",
-                pid=1,
-                started=now - 20,
-                heartbeat=beat,
-                heartbeat_interval=1.0,
-                version=0,
-                state={},
-            )
-        )
 
     def answering(rank: str, delay: float) -> Callable[[Any], Awaitable[None]]:
         async def on_ping(msg: Any) -> None:

@@ -18,7 +18,18 @@ from typing import Any
 
 from bench.control import shm
 
-__all__ = ["REPO", "BenchError", "Gateway", "Program", "free_port", "tail"]
+__all__ = [
+    "REPO",
+    "BenchError",
+    "Gateway",
+    "Program",
+    "child_env",
+    "die_with_parent",
+    "free_port",
+    "read_ready",
+    "tail",
+    "wait_or_kill",
+]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -41,7 +52,8 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a benchmark's child process: unbuffered, the repo importable."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     # the repo root first: `bench.control.*` must import from Freak's venv too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -68,7 +80,7 @@ class Program:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.args = args
         self.base = base
-        self.env = _env(env)
+        self.env = child_env(env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: subprocess.Popen[str] | None = None
         self.ready: dict[str, Any] = {}
@@ -101,14 +113,9 @@ class Program:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
-        deadline = time.monotonic() + timeout
-        while not ready_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"{self.tool} program did not start:\n{tail(self.log)}")
-            time.sleep(0.02)
-        self.ready = json.loads(ready_path.read_text())
+        self.ready = read_ready(self.proc, ready_path, self.log, f"{self.tool} program", timeout)
         with (self.dir / "client.log").open("wb") as log:
             self.client = subprocess.Popen(
                 [sys.executable, "-m", "bench.control.client", "--shm", str(page_path)],
@@ -118,7 +125,7 @@ class Program:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         return self
 
@@ -149,11 +156,11 @@ class Program:
             with contextlib.suppress(OSError):
                 self.client.stdin.write('{"op": "quit"}\n')
                 self.client.stdin.close()
-            _wait_or_kill(self.client, 5)
+            wait_or_kill(self.client, 5)
         if self.page is not None:
             self.page.set_mode("exit")
         if self.proc is not None:
-            _wait_or_kill(self.proc, 10)
+            wait_or_kill(self.proc, 10)
         if self.page is not None:
             self.page.close()
             self.page = None
@@ -172,7 +179,7 @@ class Gateway:
             "--host", "127.0.0.1", "--port", str(self.port), "--run", run, "--rank", rank,
         ]  # fmt: skip
         self.log = workdir / "gateway.log"
-        self.env = _env(env)
+        self.env = child_env(env)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, probe: str, timeout: float = 30.0) -> Gateway:
@@ -185,7 +192,7 @@ class Gateway:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         last = ""
@@ -205,10 +212,24 @@ class Gateway:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            _wait_or_kill(self.proc, 10)
+            wait_or_kill(self.proc, 10)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def read_ready(
+    proc: subprocess.Popen[Any], path: Path, log: Path, what: str, timeout: float
+) -> dict[str, Any]:
+    """The JSON a child writes (atomically) to ``path`` once it is ready; BenchError with
+    the end of its ``log`` if it exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{what} did not start:\n{tail(log)}")
+        time.sleep(0.02)
+    ready: dict[str, Any] = json.loads(path.read_text())
+    return ready
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: SIGTERM when the runner dies, so an interrupted run leaves no busy loop."""
     with contextlib.suppress(Exception):
         import ctypes
@@ -216,7 +237,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _wait_or_kill(proc: subprocess.Popen[Any], timeout: float) -> None:
+def wait_or_kill(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait for ``proc`` to exit; kill it after ``timeout`` seconds."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

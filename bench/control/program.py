@@ -30,13 +30,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field
 
 from bench.control.shm import AGENT_AS_STARTED, AGENT_ON, MODES, Page
 
-__all__ = ["HOLD_N", "Optimizer", "State", "main", "rss_kb"]
+__all__ = ["HOLD_N", "Optimizer", "State", "main", "rss_kb", "write_ready"]
 
 #: pure-Python iterations of one "hold" step (~0.4 ms on the reference machine)
 HOLD_N = 8000
@@ -194,6 +194,13 @@ def loop(state: State, page: Page, tool: Tool | None = None) -> int:
         page.tick(workers.total if mode == threads else n, now)
 
 
+def write_ready(path: str, ready: dict[str, Any]) -> None:
+    """Write the READY JSON atomically: the runner never reads half a file."""
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(ready))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tool", choices=("freak", "runctl", "none"), required=True)
@@ -221,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "pydantic": pydantic.VERSION,
     }
-    tmp = Path(args.ready + ".tmp")
-    tmp.write_text(json.dumps(ready))
-    tmp.replace(args.ready)  # atomic: the runner never reads half a file
+    write_ready(args.ready, ready)
     try:
         loop(state, page, tool)
     finally:
